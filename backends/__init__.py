@@ -2,3 +2,34 @@
 
 Knows nothing of slivers, the codec or FUSE (import-linter enforces it).
 """
+
+from backends.base import NodeStore
+from backends.errors import (
+    InvalidKey,
+    KeyNotFound,
+    NodeDown,
+    NodeError,
+    NodeFull,
+    NodeIOError,
+    NodePermissionError,
+    NodeTimeout,
+    map_os_error,
+)
+from backends.local import LocalStore
+from backends.remote import RemoteMountStore, is_mountpoint
+
+__all__ = [
+    "InvalidKey",
+    "KeyNotFound",
+    "LocalStore",
+    "NodeDown",
+    "NodeError",
+    "NodeFull",
+    "NodeIOError",
+    "NodePermissionError",
+    "NodeStore",
+    "NodeTimeout",
+    "RemoteMountStore",
+    "is_mountpoint",
+    "map_os_error",
+]

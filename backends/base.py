@@ -1,0 +1,96 @@
+"""NodeStore: the interface every node backend implements (opaque bytes by key).
+
+A node store keeps immutable byte strings under keys (see ``backends.keys`` for the
+grammar) in one node directory. It promises:
+
+* ``put`` is atomic: a reader sees the old value or the new one, never a mix or a prefix;
+  with ``durable=True`` the new value survives a crash once ``put`` returns.
+* Readers and listings never see temp files.
+* Every failure is a ``NodeError`` (or ``InvalidKey`` for a malformed key, raised before
+  any disk access). What to do about a failing node (retry, mark down, repair) is the
+  caller's policy (nodeset/blobstore), never the store's.
+
+Must not import: codec, walrusfs, pyfuse3.
+
+Thread/task safety: implementations must allow any number of concurrent calls from tasks
+of one trio run; a store is not shared across trio runs.
+"""
+
+from __future__ import annotations
+
+import abc
+
+Buffer = bytes | bytearray | memoryview
+
+
+class NodeStore(abc.ABC):
+    """One node directory seen as a key -> bytes store; all I/O methods are trio-async."""
+
+    #: The node directory.
+    path: str
+    #: A short name for logs (defaults to the path).
+    name: str
+
+    def __init__(self, path: str, *, name: str | None = None) -> None:
+        self.path = path
+        self.name = path if name is None else name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r})"
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: Buffer, *, durable: bool = True) -> None:
+        """Store ``data`` under ``key`` atomically, replacing any old value.
+
+        Raises InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        """
+
+    @abc.abstractmethod
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read ``length`` bytes (default: to the end) from ``offset``; fewer if the file is short.
+
+        Raises InvalidKey, ValueError (negative offset/length), KeyNotFound, NodeDown,
+        NodeTimeout, NodePermissionError, NodeIOError.
+        """
+
+    @abc.abstractmethod
+    async def size(self, key: str) -> int:
+        """Return the stored length of ``key`` in bytes.
+
+        Raises InvalidKey, KeyNotFound, NodeDown, NodeTimeout, NodeIOError.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error.
+
+        Raises InvalidKey, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        """
+
+    @abc.abstractmethod
+    async def list_keys(self, prefix: str = "") -> list[str]:
+        """Return every key under the key directory ``prefix`` ("" = all), sorted.
+
+        Raises InvalidKey, NodeDown, NodeTimeout, NodePermissionError, NodeIOError.
+        """
+
+    @abc.abstractmethod
+    async def free_space(self) -> tuple[int, int]:
+        """Return (bytes available to an unprivileged writer, total bytes) of the node.
+
+        Raises NodeDown, NodeTimeout, NodeIOError.
+        """
+
+    @abc.abstractmethod
+    async def probe(self) -> float:
+        """Write, read back and delete a tiny probe file; return the seconds it took.
+
+        Raises NodeDown, NodeFull, NodePermissionError, NodeTimeout, NodeIOError.
+        """
+
+    @abc.abstractmethod
+    async def cleanup_temps(self, older_than: float = 3600.0) -> int:
+        """Remove temp files older than ``older_than`` seconds; return how many went.
+
+        Raises NodeDown, NodeTimeout, NodePermissionError, NodeIOError.
+        """

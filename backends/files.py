@@ -1,0 +1,367 @@
+"""Blocking file operations on one node directory, relative to an open directory fd.
+
+These are the plain synchronous functions that ``LocalStore`` runs in worker threads;
+nothing here may be called from a trio task directly (every call can block in the kernel,
+e.g. on a hung NFS server or a FIFO).
+
+Symlink safety: every path is resolved one component at a time with ``dir_fd`` and
+``O_NOFOLLOW``, starting from the node directory's fd, so a symlink planted anywhere
+inside a node (at a key or at a key directory) is refused, never followed, and no race
+between a check and a use can redirect us outside the node. The node directory itself
+may be a symlink: that is the operator's configuration, not the node's content.
+
+Files are created 0600 and directories 0700 (minus the umask): slivers are private data.
+
+Errors: these functions raise ``NodeError`` where the context decides the class (a
+missing node directory is NodeDown, a missing key directory is KeyNotFound, a symlink is
+refused) and let any other ``OSError`` propagate for the caller to pass through
+``map_os_error``.
+
+Must not import: codec, walrusfs, pyfuse3, trio.
+
+Thread safety: stateless; any number of threads may run these on the same node at once
+(temp names are random, renames are atomic, concurrent mkdirs of one directory are fine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+import time
+from collections.abc import Generator
+
+from backends.errors import KeyNotFound, NodeDown, NodeIOError
+from backends.keys import MAX_KEY_BYTES, is_key_component, is_temp_name, new_temp_name
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# No O_NONBLOCK: opening must block exactly as a hung remote filesystem would, and the
+# deadline in LocalStore is what bounds it.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_root(node: str) -> int:
+    """Open the node directory itself and return its fd.
+
+    Raises NodeDown if it is missing or not a directory; OSError otherwise.
+    """
+    try:
+        return os.open(node, _ROOT_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise NodeDown(
+                "node directory is missing or not a directory", path=node, os_errno=exc.errno
+            ) from exc
+        raise
+
+
+def _refuse_symlink(node: str, key: str, rel: str) -> NodeIOError:
+    return NodeIOError(
+        f"refusing to follow the symlink at {rel!r} inside the node directory",
+        path=node,
+        key=key,
+        os_errno=errno.ELOOP,
+    )
+
+
+def _is_symlink(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def open_key_dir(
+    root_fd: int, node: str, key: str, parts: tuple[str, ...], *, create: bool, durable: bool
+) -> int:
+    """Open the directory ``parts`` under the node root (creating it if ``create``); return its fd.
+
+    Raises KeyNotFound (missing, or a file in the way, when not creating), NodeIOError (a
+    symlink in the way, or a file in the way when creating), OSError.
+    """
+    fd = os.dup(root_fd)
+    try:
+        for depth, name in enumerate(parts):
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise KeyNotFound("no such key directory", path=node, key=key) from None
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, DIR_MODE, dir_fd=fd)
+                if durable:
+                    # The new entry must be durable before anything inside it is; sync
+                    # even if a concurrent writer won the mkdir, as its fsync may be pending.
+                    os.fsync(fd)
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except NotADirectoryError:
+                rel = "/".join(parts[: depth + 1])
+                if _is_symlink(fd, name):
+                    raise _refuse_symlink(node, key, rel) from None
+                if not create:
+                    raise KeyNotFound(f"{rel!r} is not a directory", path=node, key=key) from None
+                raise NodeIOError(
+                    f"cannot create key directory {rel!r}: a non-directory is in the way",
+                    path=node,
+                    key=key,
+                    os_errno=errno.ENOTDIR,
+                ) from None
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_atomic(
+    root_fd: int, node: str, key: str, parts: tuple[str, ...], data: bytes, *, durable: bool
+) -> None:
+    """Write ``data`` to a temp file beside the key, fsync, rename over the key, fsync the dir.
+
+    On any failure the temp file is removed (best effort) and the key keeps its old value.
+    Raises NodeIOError (symlink or file where a key directory belongs), OSError.
+    """
+    dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=True, durable=durable)
+    try:
+        tmp = new_temp_name()
+        fd = os.open(tmp, _CREATE_FLAGS, FILE_MODE, dir_fd=dir_fd)
+        try:
+            try:
+                _write_all(fd, data)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                # NFS reports deferred write errors at close; they must fail the put.
+                os.close(fd)
+            # rename() replaces a symlink at the key instead of following it: safe.
+            os.rename(tmp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        if durable:
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _open_key_file(root_fd: int, node: str, key: str, parts: tuple[str, ...]) -> int:
+    dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=False, durable=False)
+    try:
+        return os.open(parts[-1], _READ_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise KeyNotFound("no such key", path=node, key=key) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse_symlink(node, key, key) from None
+        raise
+    finally:
+        os.close(dir_fd)
+
+
+def _check_regular(mode: int, node: str, key: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise KeyNotFound("is a key directory, not a key", path=node, key=key)
+    if stat.S_ISLNK(mode):
+        raise _refuse_symlink(node, key, key)
+    raise NodeIOError("not a regular file", path=node, key=key)
+
+
+def read_range(
+    root_fd: int, node: str, key: str, parts: tuple[str, ...], offset: int, length: int | None
+) -> bytes:
+    """Read up to ``length`` bytes at ``offset`` (to EOF if None); short if the file is.
+
+    Raises KeyNotFound, NodeIOError (symlink, not a regular file), OSError.
+    """
+    fd = _open_key_file(root_fd, node, key, parts)
+    try:
+        st = os.fstat(fd)
+        _check_regular(st.st_mode, node, key)
+        # Clamp to the file size: a caller asking for "a lot" must not make us allocate it.
+        want = max(0, st.st_size - offset)
+        if length is not None:
+            want = min(want, length)
+        if want == 0:
+            return b""
+        first = os.pread(fd, want, offset)
+        if len(first) == want or not first:
+            return first
+        # Short reads happen on network filesystems; keep going until EOF.
+        chunks = [first]
+        got = len(first)
+        while got < want:
+            chunk = os.pread(fd, want - got, offset + got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def key_size(root_fd: int, node: str, key: str, parts: tuple[str, ...]) -> int:
+    """Return the size of the key's file without opening it.
+
+    Raises KeyNotFound, NodeIOError (symlink, not a regular file), OSError.
+    """
+    dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=False, durable=False)
+    try:
+        st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise KeyNotFound("no such key", path=node, key=key) from None
+    finally:
+        os.close(dir_fd)
+    _check_regular(st.st_mode, node, key)
+    return st.st_size
+
+
+def delete_key(root_fd: int, node: str, key: str, parts: tuple[str, ...]) -> None:
+    """Unlink the key's file (a symlink there is unlinked, not followed); missing is fine.
+
+    Raises NodeIOError (symlinked key directory), OSError.
+    """
+    try:
+        dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=False, durable=False)
+    except KeyNotFound:
+        return
+    try:
+        os.unlink(parts[-1], dir_fd=dir_fd)
+    except (FileNotFoundError, IsADirectoryError):
+        # A key directory is not a key, so there is no key to delete.
+        return
+    finally:
+        os.close(dir_fd)
+
+
+def _scan(dir_fd: int, rel: str) -> Generator[tuple[int, str, os.DirEntry[str]], None, None]:
+    """Yield (fd of the entry's directory, key-relative dir path, entry) for a whole subtree.
+
+    Only descends into real directories named like key components; takes ownership of
+    ``dir_fd`` and closes every fd it opens, even if the consumer stops early.
+    """
+    stack = [(dir_fd, rel)]
+    try:
+        while stack:
+            fd, here = stack.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    subdirs: list[str] = []
+                    for entry in entries:
+                        yield fd, here, entry
+                        if is_key_component(entry.name) and entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.name)
+                for name in subdirs:
+                    child_rel = f"{here}/{name}" if here else name
+                    if len(child_rel) >= MAX_KEY_BYTES:
+                        continue  # nothing below could be a valid key
+                    try:
+                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue  # removed or swapped for a symlink since listed
+                    stack.append((child, child_rel))
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+
+
+def list_tree(root_fd: int, node: str, prefix: str, parts: tuple[str, ...]) -> list[str]:
+    """Return all keys (regular files with key names) under ``parts``, sorted.
+
+    Raises NodeIOError (symlinked prefix directory), OSError.
+    """
+    try:
+        fd = open_key_dir(root_fd, node, prefix, parts, create=False, durable=False)
+    except KeyNotFound:
+        return []
+    keys: list[str] = []
+    with contextlib.closing(_scan(fd, prefix)) as walk:
+        for _, here, entry in walk:
+            if is_key_component(entry.name) and entry.is_file(follow_symlinks=False):
+                key = f"{here}/{entry.name}" if here else entry.name
+                if len(key) <= MAX_KEY_BYTES:
+                    keys.append(key)
+    keys.sort()
+    return keys
+
+
+def remove_stale_temps(root_fd: int, older_than: float) -> int:
+    """Unlink temp files whose mtime is more than ``older_than`` seconds ago; return the count.
+
+    Raises OSError.
+    """
+    # mtime is wall-clock time stamped by the (maybe remote) filesystem, so compare with
+    # the wall clock, not a monotonic one.
+    cutoff = time.time() - older_than
+    removed = 0
+    with contextlib.closing(_scan(os.dup(root_fd), "")) as walk:
+        for fd, _, entry in walk:
+            if not is_temp_name(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue
+                os.unlink(entry.name, dir_fd=fd)
+            except FileNotFoundError:
+                continue  # its writer renamed or removed it meanwhile
+            removed += 1
+    return removed
+
+
+def free_space(root_fd: int) -> tuple[int, int]:
+    """Return (bytes available to unprivileged writers, total bytes) of the node's filesystem.
+
+    Raises OSError.
+    """
+    st = os.fstatvfs(root_fd)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def probe(root_fd: int, node: str) -> None:
+    """Check the node really stores bytes: statvfs, write+fsync, read back, delete a temp.
+
+    Raises NodeIOError (read back differs), OSError (ENOSPC, EROFS, EACCES, ...).
+    """
+    os.fstatvfs(root_fd)
+    name = new_temp_name("probe-")
+    payload = secrets.token_bytes(32)
+    fd = os.open(name, _CREATE_FLAGS, FILE_MODE, dir_fd=root_fd)
+    try:
+        try:
+            _write_all(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(name, _READ_FLAGS, dir_fd=root_fd)
+        try:
+            echoed = os.pread(fd, len(payload) + 1, 0)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=root_fd)
+    if echoed != payload:
+        raise NodeIOError(
+            f"probe file read back {len(echoed)} bytes that differ from the {len(payload)} written",
+            path=node,
+        )

@@ -1,0 +1,204 @@
+"""LocalStore: a node store in a directory, every blocking call in a worker thread under a deadline.
+
+Each call validates its key first (InvalidKey never touches disk), then runs one plain
+function from ``backends.files`` through ``trio.to_thread.run_sync`` with this store's own
+``CapacityLimiter`` inside ``trio.fail_after(timeout)``. A call that overruns is
+abandoned and raises NodeTimeout. The abandoned thread keeps its limiter token until the
+kernel lets it go, so a hung node fills only its own limiter: later calls on that node
+wait for a token under their own deadline and time out too, while calls on other nodes
+never notice. ``busy_threads`` shows how many tokens are held, i.e. how stuck a node is.
+
+An abandoned ``put`` may still complete after its caller saw NodeTimeout. That is safe
+because the rename is atomic and keys are content-derived (a late rename writes the same
+bytes), and because ``put`` hands the thread its own immutable copy of the data.
+
+The node directory is never created here: a missing one is NodeDown, because creating it
+could paper over a dropped mount or a mistyped path.
+
+Must not import: codec, walrusfs, pyfuse3.
+
+Thread/task safety: any number of trio tasks of one run may call a store concurrently;
+the store has no mutable state besides its limiter. Do not share a store across runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from backends import files
+from backends.base import Buffer, NodeStore
+from backends.errors import NodeTimeout, map_os_error
+from backends.keys import check_key, check_prefix
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class LocalStore(NodeStore):
+    """A node directory on a local (or already-mounted) filesystem."""
+
+    timeout: float
+    max_threads: int
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 10.0,
+        max_threads: int = 4,
+        name: str | None = None,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0, not {timeout!r}")
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, not {max_threads!r}")
+        # abspath does no I/O; a relative path would silently change meaning with the cwd.
+        super().__init__(os.path.abspath(os.fspath(path)), name=name)
+        self.timeout = timeout
+        self.max_threads = max_threads
+        self._limiter = trio.CapacityLimiter(max_threads)
+
+    @property
+    def busy_threads(self) -> int:
+        """How many worker threads hold this node's limiter (abandoned ones included)."""
+        return int(self._limiter.borrowed_tokens)
+
+    def _open_root(self) -> int:
+        """Open the node directory for one operation (worker thread only).
+
+        Raises NodeDown, OSError. Subclasses add checks here; it runs under the deadline.
+        """
+        return files.open_root(self.path)
+
+    async def _run(self, op: str, key: str | None, fn: Callable[[int], T]) -> T:
+        """Run ``fn(root_fd)`` in a worker thread under the deadline, mapping OSErrors.
+
+        Raises NodeTimeout, NodeError.
+        """
+
+        def work() -> T:
+            try:
+                root = self._open_root()
+                try:
+                    return fn(root)
+                finally:
+                    os.close(root)
+            except OSError as exc:
+                raise map_os_error(exc, self.path, key=key) from exc
+
+        try:
+            with trio.fail_after(self.timeout):
+                return await trio.to_thread.run_sync(
+                    work, abandon_on_cancel=True, limiter=self._limiter
+                )
+        except trio.TooSlowError:
+            busy = self.busy_threads
+            stuck = (
+                f"; all {self.max_threads} worker threads of this node are busy, earlier "
+                "calls may be hung"
+                if busy >= self.max_threads
+                else ""
+            )
+            log.debug(
+                "%s: %s timed out after %ss (%d threads busy)", self.name, op, self.timeout, busy
+            )
+            raise NodeTimeout(
+                f"{op} did not finish within {self.timeout:g}s and was abandoned{stuck}",
+                path=self.path,
+                key=key,
+            ) from None
+
+    async def put(self, key: str, data: Buffer, *, durable: bool = True) -> None:
+        """Store ``data`` under ``key`` atomically (durably unless ``durable=False``).
+
+        Raises InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        """
+        parts = check_key(key)
+        # The thread may outlive this call (abandoned on timeout); a caller reusing its
+        # buffer must not be able to change what the late rename publishes.
+        payload = data if type(data) is bytes else bytes(data)
+        await self._run(
+            "put",
+            key,
+            lambda root: files.write_atomic(root, self.path, key, parts, payload, durable=durable),
+        )
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read a byte range of ``key``; fewer bytes if the file is short.
+
+        Raises InvalidKey, ValueError, KeyNotFound, NodeDown, NodeTimeout,
+        NodePermissionError, NodeIOError.
+        """
+        parts = check_key(key)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, not {offset}")
+        if length is not None and length < 0:
+            raise ValueError(f"length must be >= 0 or None, not {length}")
+        return await self._run(
+            "get",
+            key,
+            lambda root: files.read_range(root, self.path, key, parts, offset, length),
+        )
+
+    async def size(self, key: str) -> int:
+        """Return the stored length of ``key``.
+
+        Raises InvalidKey, KeyNotFound, NodeDown, NodeTimeout, NodeIOError.
+        """
+        parts = check_key(key)
+        return await self._run(
+            "size", key, lambda root: files.key_size(root, self.path, key, parts)
+        )
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` if present.
+
+        Raises InvalidKey, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        """
+        parts = check_key(key)
+        await self._run("delete", key, lambda root: files.delete_key(root, self.path, key, parts))
+
+    async def list_keys(self, prefix: str = "") -> list[str]:
+        """Return the sorted keys under the key directory ``prefix``.
+
+        Raises InvalidKey, NodeDown, NodeTimeout, NodePermissionError, NodeIOError.
+        """
+        parts = check_prefix(prefix)
+        return await self._run(
+            "list_keys",
+            prefix or None,
+            lambda root: files.list_tree(root, self.path, prefix, parts),
+        )
+
+    async def free_space(self) -> tuple[int, int]:
+        """Return (available bytes for an unprivileged writer, total bytes).
+
+        Raises NodeDown, NodeTimeout, NodeIOError.
+        """
+        return await self._run("free_space", None, files.free_space)
+
+    async def probe(self) -> float:
+        """Round-trip a tiny temp file through the node; return the seconds it took.
+
+        The time includes waiting for a worker thread: a node whose threads are all busy
+        is slow for its callers too. Raises NodeDown, NodeFull, NodePermissionError,
+        NodeTimeout, NodeIOError.
+        """
+        start = trio.current_time()
+        await self._run("probe", None, lambda root: files.probe(root, self.path))
+        return trio.current_time() - start
+
+    async def cleanup_temps(self, older_than: float = 3600.0) -> int:
+        """Remove temp files older than ``older_than`` seconds; return how many.
+
+        Raises NodeDown, NodeTimeout, NodePermissionError, NodeIOError.
+        """
+        return await self._run(
+            "cleanup_temps", None, lambda root: files.remove_stale_temps(root, older_than)
+        )
