@@ -1,0 +1,586 @@
+"""SQLite metadata of a walrusfs volume: the namespace, attributes and block map.
+
+Role: the schema (written down once, below, with a comment per column) and the only code
+that runs SQL. Reads are plain methods; every mutation is one method and one transaction,
+and all of them pass through `Metadata._commit`, the single point where a journal of
+changes to the nodes will be appended before COMMIT. POSIX rules (may this rename happen?)
+live in walrusfs.fs; this module records what fs decided, keeping link counts, times of
+the parents and blob reference counts consistent inside each transaction.
+
+Blobs are reference counted by the block rows naming them. A mutation that drops a blob's
+count to zero deletes its row and returns it as a `FreedBlob`: the caller deletes it from
+the nodes only after the commit, so a crash leaves garbage, never a dangling reference.
+
+Must not import pyfuse3, trio, or the blob store.
+
+Thread/task safety: one `Metadata` belongs to one thread (the trio thread); calls never
+yield, so a check in fs followed by a mutation here is atomic for trio tasks. Calls do
+block on SQLite, on purpose: they are short, hit the page cache, and WAL with
+synchronous=NORMAL does not fsync on commit; a thread hop per call would cost more than
+the call. The one slow operation, `checkpoint`, opens its own connection and is meant to
+run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import stat
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from walrusfs.errors import Exists, FSError, Invalid, NoData, NotFound
+
+SCHEMA_VERSION = 1
+ROOT_INODE = 1
+
+# The on-disk format, version SCHEMA_VERSION. Foreign keys are documented, not enforced
+# (enforcement costs a lookup per row; the Metadata methods keep them true).
+_SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,      -- 'schema_version' | 'block_size'
+    value INTEGER NOT NULL
+);
+
+CREATE TABLE inodes (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+                                 -- inode number; AUTOINCREMENT never reuses one, so
+                                 -- generation can stay 0 and stale handles stay stale
+    mode       INTEGER NOT NULL, -- st_mode: file type and permission bits
+    uid        INTEGER NOT NULL, -- owner
+    gid        INTEGER NOT NULL, -- group
+    size       INTEGER NOT NULL, -- bytes as of the last flush (dirty data may be longer);
+                                 -- symlinks: length of the target
+    atime_ns   INTEGER NOT NULL, -- times in nanoseconds since the epoch, kept exact
+    mtime_ns   INTEGER NOT NULL,
+    ctime_ns   INTEGER NOT NULL,
+    rdev       INTEGER NOT NULL, -- device number of character and block special files
+    nlink      INTEGER NOT NULL, -- names of a file; 2 + subdirectories of a directory;
+                                 -- 0: unlinked, kept until the kernel forgets it
+    generation INTEGER NOT NULL  -- NFS generation number (see id)
+);
+CREATE INDEX inodes_orphans ON inodes(nlink) WHERE nlink = 0;
+
+CREATE TABLE dentries (
+    cookie INTEGER PRIMARY KEY AUTOINCREMENT,
+                                 -- stable readdir position: unique, never reused, kept
+                                 -- across rename, so offsets survive concurrent changes
+    parent INTEGER NOT NULL,     -- directory inode (inodes.id)
+    name   BLOB NOT NULL,        -- raw bytes, 1-255 of them, no '/' or NUL
+    inode  INTEGER NOT NULL,     -- inodes.id the name refers to
+    UNIQUE (parent, name)
+);
+CREATE INDEX dentries_by_parent ON dentries(parent, cookie);
+CREATE INDEX dentries_by_inode ON dentries(inode);
+
+CREATE TABLE symlinks (
+    inode  INTEGER PRIMARY KEY,  -- inodes.id of a symbolic link
+    target BLOB NOT NULL         -- the link's target, raw bytes
+);
+
+CREATE TABLE xattrs (
+    inode INTEGER NOT NULL,      -- inodes.id
+    name  BLOB NOT NULL,         -- full name including the namespace, e.g. b'user.x'
+    value BLOB NOT NULL,         -- up to 64 KiB
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
+
+CREATE TABLE blobs (
+    blob_id  BLOB PRIMARY KEY,   -- 32-byte content-derived id given by the blob store
+    meta     BLOB NOT NULL,      -- the blob's serialized codec metadata (opaque here)
+    refcount INTEGER NOT NULL    -- number of blocks rows naming this blob; >= 1
+) WITHOUT ROWID;
+
+CREATE TABLE blocks (
+    inode       INTEGER NOT NULL, -- inodes.id of a regular file
+    block_index INTEGER NOT NULL, -- file offset // block_size; a missing row is a hole
+    blob_id     BLOB NOT NULL,    -- blobs.blob_id holding the block's bytes
+    length      INTEGER NOT NULL, -- bytes of the blob that belong to the block; the rest
+                                  -- of the block reads as zeros (truncate only lowers it)
+    PRIMARY KEY (inode, block_index)
+) WITHOUT ROWID;
+"""
+
+_INODE_COLUMNS = "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, generation"
+_SETTABLE = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "rdev"})
+
+
+@dataclass(slots=True)
+class InodeRow:
+    """One row of `inodes`."""
+
+    id: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+    nlink: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    """Where one block of a file lives: `length` bytes at the start of a blob."""
+
+    blob_id: bytes
+    meta: bytes
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class FreedBlob:
+    """A blob no block names any more; delete it from the nodes after the commit."""
+
+    blob_id: bytes
+    meta: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One committed mutation: the method name and its arguments (for the journal)."""
+
+    op: str
+    args: Mapping[str, Any]
+
+
+class Metadata:
+    """The volume's SQLite database. Opening creates it (with the root) if missing.
+
+    Raises Invalid if the file has another schema version or block size.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        block_size: int | None = None,
+        root_uid: int = 0,
+        root_gid: int = 0,
+        root_mode: int = 0o755,
+        now_ns: int = 0,
+    ) -> None:
+        self.path = os.fspath(path)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per mutation.
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA busy_timeout = 5000")
+        created = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if created is None:
+            if block_size is None or block_size <= 0:
+                self._db.close()
+                raise Invalid("a new volume needs a positive block_size")
+            self._create(block_size, root_uid, root_gid, root_mode, now_ns)
+        values = dict(self._db.execute("SELECT key, value FROM meta"))
+        if values.get("schema_version") != SCHEMA_VERSION:
+            self._db.close()
+            raise Invalid(f"{self.path}: schema version {values.get('schema_version')}, "
+                          f"this walrusfs reads {SCHEMA_VERSION}")
+        self.block_size: int = values["block_size"]
+        if block_size is not None and block_size != self.block_size:
+            self._db.close()
+            raise Invalid(f"{self.path}: volume block size is {self.block_size}, not {block_size}")
+
+    def _create(self, block_size: int, uid: int, gid: int, mode: int, now_ns: int) -> None:
+        self._db.executescript("BEGIN;" + _SCHEMA)
+        self._db.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?)",
+            [("schema_version", SCHEMA_VERSION), ("block_size", block_size)],
+        )
+        self._db.execute(
+            f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (?, ?, ?, ?, 0, ?, ?, ?, 0, 2, 0)",
+            (ROOT_INODE, stat.S_IFDIR | (mode & 0o7777), uid, gid, now_ns, now_ns, now_ns),
+        )
+        self._commit(Change("mkfs", {"block_size": block_size}))
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- transactions -------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, op: str, **args: Any) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._commit(Change(op, args))
+
+    def _commit(self, change: Change) -> None:
+        """End the open transaction. THE hook: a journal appends `change` here, first."""
+        del change  # no journal yet
+        self._db.execute("COMMIT")
+
+    def checkpoint(self) -> None:
+        """Make every committed transaction durable (fsync). Blocking: run it in a thread."""
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout = 5000")
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get_inode(self, ino: int) -> InodeRow:
+        """The inode's row. Raises NotFound."""
+        row = self._db.execute(
+            f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id = ?", (ino,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"inode {ino}")
+        return InodeRow(*row)
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        row = self._db.execute(
+            "SELECT inode FROM dentries WHERE parent = ? AND name = ?", (parent, name)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def parent_of(self, dir_ino: int) -> int:
+        """The directory holding `dir_ino` (the root is its own parent)."""
+        row = self._db.execute(
+            "SELECT parent FROM dentries WHERE inode = ? LIMIT 1", (dir_ino,)
+        ).fetchone()
+        return ROOT_INODE if row is None else int(row[0])
+
+    def readdir(
+        self, parent: int, after_cookie: int, limit: int
+    ) -> list[tuple[int, bytes, InodeRow]]:
+        """Up to `limit` entries of `parent` with cookie > `after_cookie`, by cookie."""
+        cols = ", ".join(f"i.{c.strip()}" for c in _INODE_COLUMNS.split(","))
+        rows = self._db.execute(
+            f"SELECT d.cookie, d.name, {cols} FROM dentries d JOIN inodes i ON i.id = d.inode"
+            " WHERE d.parent = ? AND d.cookie > ? ORDER BY d.cookie LIMIT ?",
+            (parent, after_cookie, limit),
+        ).fetchall()
+        return [(r[0], bytes(r[1]), InodeRow(*r[2:])) for r in rows]
+
+    def has_entries(self, dir_ino: int) -> bool:
+        row = self._db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (dir_ino,))
+        return row.fetchone() is not None
+
+    def readlink(self, ino: int) -> bytes:
+        row = self._db.execute("SELECT target FROM symlinks WHERE inode = ?", (ino,)).fetchone()
+        if row is None:
+            raise Invalid(f"inode {ino} is not a symbolic link")
+        return bytes(row[0])
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes:
+        """Raises NoData."""
+        row = self._db.execute(
+            "SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name)
+        ).fetchone()
+        if row is None:
+            raise NoData(name.decode(errors="replace"))
+        return bytes(row[0])
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        rows = self._db.execute("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,))
+        return [bytes(r[0]) for r in rows]
+
+    def block(self, ino: int, index: int) -> BlockRef | None:
+        """Where block `index` of `ino` lives; None for a hole."""
+        row = self._db.execute(
+            "SELECT b.blob_id, o.meta, b.length FROM blocks b JOIN blobs o USING (blob_id)"
+            " WHERE b.inode = ? AND b.block_index = ?",
+            (ino, index),
+        ).fetchone()
+        return None if row is None else BlockRef(bytes(row[0]), bytes(row[1]), row[2])
+
+    def block_indexes(self, ino: int) -> list[int]:
+        rows = self._db.execute(
+            "SELECT block_index FROM blocks WHERE inode = ? ORDER BY block_index", (ino,)
+        )
+        return [r[0] for r in rows]
+
+    def blob_refcount(self, blob_id: bytes) -> int:
+        row = self._db.execute(
+            "SELECT refcount FROM blobs WHERE blob_id = ?", (blob_id,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def blob_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0])
+
+    def inode_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0])
+
+    def orphans(self) -> list[int]:
+        """Inodes with no name left (unlinked while open when the volume last stopped)."""
+        return [r[0] for r in self._db.execute("SELECT id FROM inodes WHERE nlink = 0")]
+
+    # -- mutations: each one transaction ------------------------------------------------
+
+    def create(
+        self,
+        parent: int,
+        name: bytes,
+        *,
+        mode: int,
+        uid: int,
+        gid: int,
+        now_ns: int,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> InodeRow:
+        """Make a new inode named `name` in `parent` (a symlink if `target` is given)."""
+        is_dir = stat.S_ISDIR(mode)
+        size = len(target) if target is not None else 0
+        with self._transaction("create", parent=parent, name=name, mode=mode, uid=uid,
+                               gid=gid, rdev=rdev, target=target, now_ns=now_ns) as db:
+            cur = db.execute(
+                f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                (mode, uid, gid, size, now_ns, now_ns, now_ns, rdev, 2 if is_dir else 1),
+            )
+            ino = int(cur.lastrowid or 0)
+            self._add_name(db, parent, name, ino)
+            if target is not None:
+                db.execute("INSERT INTO symlinks(inode, target) VALUES (?, ?)", (ino, target))
+            self._touch_dir(db, parent, now_ns, nlink_delta=1 if is_dir else 0)
+        return self.get_inode(ino)
+
+    def link(self, ino: int, parent: int, name: bytes, *, now_ns: int) -> None:
+        """Add the name `name` in `parent` for the existing non-directory `ino`."""
+        with self._transaction("link", ino=ino, parent=parent, name=name, now_ns=now_ns) as db:
+            self._add_name(db, parent, name, ino)
+            db.execute(
+                "UPDATE inodes SET nlink = nlink + 1, ctime_ns = ? WHERE id = ?", (now_ns, ino)
+            )
+            self._touch_dir(db, parent, now_ns)
+
+    def unlink(self, parent: int, name: bytes, *, now_ns: int) -> int:
+        """Remove the name (of a file, or of an empty directory); return its inode."""
+        with self._transaction("unlink", parent=parent, name=name, now_ns=now_ns) as db:
+            ino = self._drop_name(db, parent, name, now_ns)
+            self._touch_dir(db, parent, now_ns)
+        return ino
+
+    def rename(
+        self,
+        src_parent: int,
+        src_name: bytes,
+        dst_parent: int,
+        dst_name: bytes,
+        *,
+        now_ns: int,
+        exchange: bool = False,
+    ) -> int | None:
+        """Move a name, replacing the destination (validated by the caller) or swapping
+        with it if `exchange`. Returns the replaced inode, if any."""
+        with self._transaction("rename", src_parent=src_parent, src_name=src_name,
+                               dst_parent=dst_parent, dst_name=dst_name, now_ns=now_ns,
+                               exchange=exchange) as db:
+            src = self._lookup_or_raise(src_parent, src_name)
+            dst = self.lookup(dst_parent, dst_name)
+            replaced = None
+            if exchange:
+                if dst is None:
+                    raise NotFound(dst_name.decode(errors="replace"))
+                for ino, parent, name in ((dst, src_parent, src_name), (src, dst_parent, dst_name)):
+                    db.execute(
+                        "UPDATE dentries SET inode = ? WHERE parent = ? AND name = ?",
+                        (ino, parent, name),
+                    )
+                moves = [(src, src_parent, dst_parent), (dst, dst_parent, src_parent)]
+            else:
+                if dst is not None:
+                    replaced = self._drop_name(db, dst_parent, dst_name, now_ns)
+                # Keep the row (and so its cookie): readdirs in progress stay consistent.
+                db.execute(
+                    "UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?",
+                    (dst_parent, dst_name, src_parent, src_name),
+                )
+                moves = [(src, src_parent, dst_parent)]
+            for ino, old_parent, new_parent in moves:
+                # Linux updates the ctime of renamed inodes; a moved directory's '..'
+                # changes parent, which moves one link between the parents.
+                db.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (now_ns, ino))
+                if old_parent != new_parent and self._is_dir(ino):
+                    self._add_nlink(db, old_parent, -1)
+                    self._add_nlink(db, new_parent, +1)
+            self._touch_dir(db, src_parent, now_ns)
+            if dst_parent != src_parent:
+                self._touch_dir(db, dst_parent, now_ns)
+        return replaced
+
+    def set_attrs(self, ino: int, **fields: int) -> InodeRow:
+        """Set some of mode, uid, gid, atime_ns, mtime_ns, ctime_ns, rdev."""
+        unknown = set(fields) - _SETTABLE
+        if unknown:
+            raise TypeError(f"not settable: {sorted(unknown)}")
+        if fields:
+            names = sorted(fields)
+            with self._transaction("set_attrs", ino=ino, **fields) as db:
+                db.execute(
+                    f"UPDATE inodes SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+                    [*(fields[n] for n in names), ino],
+                )
+        return self.get_inode(ino)
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes, *, now_ns: int) -> None:
+        with self._transaction("set_xattr", ino=ino, name=name, value=value,
+                               now_ns=now_ns) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO xattrs(inode, name, value) VALUES (?, ?, ?)",
+                (ino, name, value),
+            )
+            db.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (now_ns, ino))
+
+    def remove_xattr(self, ino: int, name: bytes, *, now_ns: int) -> None:
+        """Raises NoData."""
+        with self._transaction("remove_xattr", ino=ino, name=name, now_ns=now_ns) as db:
+            cur = db.execute("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name))
+            if cur.rowcount == 0:
+                raise NoData(name.decode(errors="replace"))
+            db.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (now_ns, ino))
+
+    def truncate(self, ino: int, size: int, *, mtime_ns: int, ctime_ns: int) -> list[FreedBlob]:
+        """Set the size; blocks wholly past it go, the block across it is cut short."""
+        bs = self.block_size
+        freed: list[FreedBlob] = []
+        with self._transaction("truncate", ino=ino, size=size, mtime_ns=mtime_ns,
+                               ctime_ns=ctime_ns) as db:
+            first_gone = -(-size // bs)
+            gone = db.execute(
+                "DELETE FROM blocks WHERE inode = ? AND block_index >= ? RETURNING blob_id",
+                (ino, first_gone),
+            ).fetchall()
+            for (blob_id,) in gone:
+                self._unref(db, bytes(blob_id), freed)
+            if size % bs:
+                # Lowering `length` is enough: bytes past it read as zeros, so the blob
+                # needs no rewrite and re-extending the file shows zeros, not old data.
+                db.execute(
+                    "UPDATE blocks SET length = MIN(length, ?) WHERE inode = ? AND block_index = ?",
+                    (size % bs, ino, size // bs),
+                )
+            db.execute(
+                "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+                (size, mtime_ns, ctime_ns, ino),
+            )
+        return freed
+
+    def set_blocks(
+        self,
+        ino: int,
+        blocks: Mapping[int, BlockRef | None],
+        *,
+        size: int,
+        mtime_ns: int,
+        ctime_ns: int,
+    ) -> list[FreedBlob]:
+        """Point blocks at new blobs (None: make it a hole) and set size and times."""
+        freed: list[FreedBlob] = []
+        with self._transaction("set_blocks", ino=ino, blocks=dict(blocks), size=size,
+                               mtime_ns=mtime_ns, ctime_ns=ctime_ns) as db:
+            cur = db.execute(
+                "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+                (size, mtime_ns, ctime_ns, ino),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"inode {ino}")
+            # Take the new references before dropping the old ones, so a block rewritten
+            # with identical content never sees its blob's count touch zero.
+            for ref in blocks.values():
+                if ref is not None:
+                    db.execute(
+                        "INSERT INTO blobs(blob_id, meta, refcount) VALUES (?, ?, 1)"
+                        " ON CONFLICT(blob_id) DO UPDATE SET refcount = refcount + 1",
+                        (ref.blob_id, ref.meta),
+                    )
+            for index, ref in blocks.items():
+                old = db.execute(
+                    "DELETE FROM blocks WHERE inode = ? AND block_index = ? RETURNING blob_id",
+                    (ino, index),
+                ).fetchone()
+                if ref is not None:
+                    db.execute(
+                        "INSERT INTO blocks(inode, block_index, blob_id, length)"
+                        " VALUES (?, ?, ?, ?)",
+                        (ino, index, ref.blob_id, ref.length),
+                    )
+                if old is not None:
+                    self._unref(db, bytes(old[0]), freed)
+        return freed
+
+    def delete_inode(self, ino: int) -> list[FreedBlob]:
+        """Remove an inode without names, with its blocks, xattrs and symlink target."""
+        freed: list[FreedBlob] = []
+        with self._transaction("delete_inode", ino=ino) as db:
+            gone = db.execute(
+                "DELETE FROM blocks WHERE inode = ? RETURNING blob_id", (ino,)
+            ).fetchall()
+            for (blob_id,) in gone:
+                self._unref(db, bytes(blob_id), freed)
+            db.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
+            db.execute("DELETE FROM symlinks WHERE inode = ?", (ino,))
+            db.execute("DELETE FROM inodes WHERE id = ?", (ino,))
+        return freed
+
+    # -- helpers inside a transaction ---------------------------------------------------
+
+    def _lookup_or_raise(self, parent: int, name: bytes) -> int:
+        ino = self.lookup(parent, name)
+        if ino is None:
+            raise NotFound(name.decode(errors="replace"))
+        return ino
+
+    @staticmethod
+    def _add_name(db: sqlite3.Connection, parent: int, name: bytes, ino: int) -> None:
+        try:
+            db.execute(
+                "INSERT INTO dentries(parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
+            )
+        except sqlite3.IntegrityError:
+            raise Exists(name.decode(errors="replace")) from None
+
+    def _is_dir(self, ino: int) -> bool:
+        return stat.S_ISDIR(self.get_inode(ino).mode)
+
+    def _drop_name(self, db: sqlite3.Connection, parent: int, name: bytes, now_ns: int) -> int:
+        ino = self._lookup_or_raise(parent, name)
+        db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+        if self._is_dir(ino):
+            # An empty directory loses its name and its '.': nothing links to it any more.
+            db.execute("UPDATE inodes SET nlink = 0, ctime_ns = ? WHERE id = ?", (now_ns, ino))
+            self._add_nlink(db, parent, -1)
+        else:
+            db.execute(
+                "UPDATE inodes SET nlink = nlink - 1, ctime_ns = ? WHERE id = ?", (now_ns, ino)
+            )
+        return ino
+
+    @staticmethod
+    def _add_nlink(db: sqlite3.Connection, ino: int, delta: int) -> None:
+        db.execute("UPDATE inodes SET nlink = nlink + ? WHERE id = ?", (delta, ino))
+
+    @staticmethod
+    def _touch_dir(db: sqlite3.Connection, ino: int, now_ns: int, nlink_delta: int = 0) -> None:
+        db.execute(
+            "UPDATE inodes SET mtime_ns = ?, ctime_ns = ?, nlink = nlink + ? WHERE id = ?",
+            (now_ns, now_ns, nlink_delta, ino),
+        )
+
+    @staticmethod
+    def _unref(db: sqlite3.Connection, blob_id: bytes, freed: list[FreedBlob]) -> None:
+        row = db.execute(
+            "UPDATE blobs SET refcount = refcount - 1 WHERE blob_id = ? RETURNING refcount, meta",
+            (blob_id,),
+        ).fetchone()
+        if row is None:
+            raise FSError(errno.EIO, f"blob {blob_id.hex()} is named by a block but not counted")
+        if row[0] <= 0:
+            db.execute("DELETE FROM blobs WHERE blob_id = ?", (blob_id,))
+            freed.append(FreedBlob(blob_id, bytes(row[1])))
