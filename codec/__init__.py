@@ -4,3 +4,56 @@ Pure and synchronous: imports numpy, blake3 and the standard library only; no I/
 nothing else of walrusfs. Every function is safe to call from any thread; none keeps
 global mutable state except read-only caches of coding matrices and XOR schedules.
 """
+
+from codec.config import Params
+from codec.decoder import RangePiece, decode_primaries, decode_secondaries, range_plan
+from codec.encoder import EncodedBlob, SliverPair, encode, expand
+from codec.errors import (
+    CodecError,
+    FormatError,
+    InconsistentEncoding,
+    NotEnoughSlivers,
+    ParameterError,
+    VerificationError,
+)
+from codec.metadata import BlobMetadata
+from codec.recovery import expand_sliver, is_stored, rebuild, recovery_symbol
+from codec.sliver import (
+    PRIMARY,
+    SECONDARY,
+    Sliver,
+    sliver_size,
+    verify_leaves,
+    verify_sliver,
+    verify_symbol,
+)
+
+__all__ = [
+    "PRIMARY",
+    "SECONDARY",
+    "BlobMetadata",
+    "CodecError",
+    "EncodedBlob",
+    "FormatError",
+    "InconsistentEncoding",
+    "NotEnoughSlivers",
+    "Params",
+    "ParameterError",
+    "RangePiece",
+    "Sliver",
+    "SliverPair",
+    "VerificationError",
+    "decode_primaries",
+    "decode_secondaries",
+    "encode",
+    "expand",
+    "expand_sliver",
+    "is_stored",
+    "range_plan",
+    "rebuild",
+    "recovery_symbol",
+    "sliver_size",
+    "verify_leaves",
+    "verify_sliver",
+    "verify_symbol",
+]
