@@ -7,6 +7,7 @@ import os
 import random
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -84,9 +85,7 @@ RANGES = [
 
 
 @pytest.mark.parametrize(("offset", "length"), RANGES)
-async def test_get_ranges_match_slicing(
-    store: LocalStore, offset: int, length: int | None
-) -> None:
+async def test_get_ranges_match_slicing(store: LocalStore, offset: int, length: int | None) -> None:
     data = bytes(range(100))
     await store.put("r", data)
     expected = data[offset:] if length is None else data[offset : offset + length]
@@ -269,14 +268,16 @@ async def test_cleanup_temps_removes_only_stale_temps(store: LocalStore, node: P
         lambda s: s.cleanup_temps(),
     ],
 )
-async def test_missing_node_directory_is_node_down(tmp_path: Path, call: object) -> None:
+async def test_missing_node_directory_is_node_down(
+    tmp_path: Path, call: Callable[[LocalStore], Awaitable[object]]
+) -> None:
     missing = tmp_path / "gone"
     a_file = tmp_path / "file"
     a_file.write_bytes(b"")
     for path in [missing, a_file]:
         store = LocalStore(path)
         with pytest.raises(NodeDown) as info:
-            await call(store)  # type: ignore[operator]
+            await call(store)
         assert info.value.errno == errno.ENODEV
         assert str(path) in str(info.value)
     assert not missing.exists()  # the store never creates its node directory

@@ -102,9 +102,7 @@ def hostile(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("key", ["key", "dirlink/secret", "a/b/secret"])
-async def test_symlinks_are_not_followed_for_reads(
-    hostile: tuple[Path, Path], key: str
-) -> None:
+async def test_symlinks_are_not_followed_for_reads(hostile: tuple[Path, Path], key: str) -> None:
     node, _ = hostile
     store = LocalStore(node)
     with pytest.raises(NodeIOError, match="symlink") as info:
