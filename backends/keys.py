@@ -68,16 +68,25 @@ def _check_parts(key: str) -> tuple[str, ...]:
 
 
 def is_key_component(name: str) -> bool:
-    """Tell whether a directory entry name could be a key component (so is not ours)."""
+    """Tell whether a directory entry name could be a key component (so is not ours).
+
+    Raises nothing.
+    """
     return len(name) <= MAX_COMPONENT_BYTES and _COMPONENT.fullmatch(name) is not None
 
 
 def is_temp_name(name: str) -> bool:
-    """Tell whether a directory entry name is one of our temp files."""
+    """Tell whether a directory entry name is one of our temp files.
+
+    Raises nothing.
+    """
     return name.startswith(TEMP_PREFIX)
 
 
 def new_temp_name(tag: str = "") -> str:
-    """Return a fresh temp file name (unique enough to need no coordination)."""
+    """Return a fresh temp file name (unique enough to need no coordination).
+
+    Raises nothing.
+    """
     # 128 random bits: two writers (even on two hosts sharing a mount) never collide.
     return f"{TEMP_PREFIX}{tag}{secrets.token_hex(16)}"

@@ -110,7 +110,12 @@ class RemoteMountStore(LocalStore):
 
         Raises NodeDown, OSError.
         """
-        root = super()._open_root()
+        try:
+            root = super()._open_root()
+        except NodeDown:
+            # A dropped mount often takes the node directory with it; say so if that is why.
+            self._verify_mounted()
+            raise
         try:
             dev = os.fstat(root).st_dev
             now = time.monotonic()
@@ -127,8 +132,8 @@ class RemoteMountStore(LocalStore):
             raise
         return root
 
-    def _verify(self, dev: int) -> None:
-        """Full check: the mountpoint is mounted and ``dev`` is its device.
+    def _verify_mounted(self) -> str:
+        """Check the mountpoint is listed in mountinfo; return its resolved path.
 
         Raises NodeDown, OSError.
         """
@@ -142,6 +147,14 @@ class RemoteMountStore(LocalStore):
                 "directory underneath",
                 path=self.path,
             )
+        return real
+
+    def _verify(self, dev: int) -> None:
+        """Full check: the mountpoint is mounted and ``dev`` is its device.
+
+        Raises NodeDown, OSError.
+        """
+        real = self._verify_mounted()
         if os.stat(real).st_dev != dev:
             raise NodeDown(
                 f"node directory is not on the filesystem mounted at {self.mountpoint} (the "

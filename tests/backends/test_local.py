@@ -153,6 +153,14 @@ async def test_put_below_a_file_is_refused(store: LocalStore, node: Path) -> Non
     assert files_in(node) == ["d"]
 
 
+async def test_put_over_a_key_directory_is_refused(store: LocalStore, node: Path) -> None:
+    await store.put("d/k", b"v")
+    with pytest.raises(NodeIOError) as info:
+        await store.put("d", b"would replace a whole directory")
+    assert info.value.os_errno == errno.EISDIR
+    assert files_in(node) == ["d/k"]  # and its temp file is gone
+
+
 async def test_list_keys(store: LocalStore, node: Path) -> None:
     keys = ["top", "slivers/ab/1", "slivers/ab/2", "slivers/cd/1", "meta/x.json"]
     for key in keys:

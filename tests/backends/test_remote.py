@@ -122,6 +122,18 @@ async def test_a_new_mount_in_its_place_is_accepted(tmpfs: Callable[..., Path]) 
     assert await store.get("k") == b"second filesystem"
 
 
+async def test_a_node_directory_gone_with_its_mount_says_the_mount_dropped(
+    tmpfs: Callable[..., Path],
+) -> None:
+    mnt = tmpfs("mnt", size="1m")
+    (mnt / "node").mkdir()
+    store = RemoteMountStore(mnt / "node", mountpoint=mnt, timeout=20.0)
+    await store.put("k", b"v")
+    await umount(mnt)
+    with pytest.raises(NodeDown, match="has dropped"):
+        await store.get("k")
+
+
 async def test_a_plain_directory_is_not_a_mount(tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()
