@@ -106,7 +106,9 @@ def solve_program(n: int, k: int, known: tuple[int, ...], wanted: tuple[int, ...
     return matrix_program(mat_mul(tuple(g[i] for i in wanted), mat_inv(tuple(g[i] for i in known))))
 
 
-def cheapest_known(n: int, k: int, available: tuple[int, ...], wanted: tuple[int, ...]) -> tuple[int, ...]:
+def cheapest_known(
+    n: int, k: int, available: tuple[int, ...], wanted: tuple[int, ...]
+) -> tuple[int, ...]:
     """Choose k of `available` positions that make computing `wanted` cheapest.
 
     Systematic positions are preferred (they are the data itself); among the remaining
@@ -121,5 +123,7 @@ def cheapest_known(n: int, k: int, available: tuple[int, ...], wanted: tuple[int
     options = list(combinations(parity, need))
     if len(options) > 20:
         options = options[:1]
-    best = min(options, key=lambda extra: solve_program(n, k, tuple(systematic) + extra, wanted).xors)
+    best = min(
+        options, key=lambda extra: solve_program(n, k, tuple(systematic) + extra, wanted).xors
+    )
     return tuple(systematic) + best

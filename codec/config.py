@@ -37,12 +37,12 @@ class Params:
         return cls(n, (n - 1) // 3 if f is None else f)
 
     @property
-    def R(self) -> int:  # noqa: N802 - the paper's name
+    def R(self) -> int:
         """Rows of the blob matrix = symbols per secondary sliver = primaries needed."""
         return self.n - 2 * self.f
 
     @property
-    def C(self) -> int:  # noqa: N802 - the paper's name
+    def C(self) -> int:
         """Columns of the blob matrix = symbols per primary sliver = secondaries needed."""
         return self.n - self.f
 

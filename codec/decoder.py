@@ -24,7 +24,9 @@ from codec.sliver import Buffer
 from codec.xorsched import run
 
 
-def _check(meta: BlobMetadata, slivers: Mapping[int, Buffer], need: int, size: int, axis: str) -> None:
+def _check(
+    meta: BlobMetadata, slivers: Mapping[int, Buffer], need: int, size: int, axis: str
+) -> None:
     bad = [i for i in slivers if not 0 <= i < meta.n]
     if bad:
         raise ParameterError(f"{axis} sliver indices {bad} out of range for n={meta.n}")
@@ -71,7 +73,7 @@ def decode_primaries(
     for i in range(p.R):
         if i in slivers:
             m[i] = np.frombuffer(slivers[i], dtype=np.uint8).reshape(p.C, s)
-    return memoryview(m.reshape(-1))[: meta.length]
+    return m.reshape(-1).data[: meta.length]
 
 
 def decode_secondaries(
@@ -96,7 +98,7 @@ def decode_secondaries(
     for j in range(p.C):
         if j in slivers:
             m[:, j] = np.frombuffer(slivers[j], dtype=np.uint8).reshape(p.R, s)
-    return memoryview(m.reshape(-1))[: meta.length]
+    return m.reshape(-1).data[: meta.length]
 
 
 @dataclass(frozen=True)

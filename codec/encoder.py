@@ -95,7 +95,9 @@ def encode(params: Params, blob: Buffer, out: U8Array | None = None) -> EncodedB
     col_leaves = [b"".join(leaves[i][j] for i in range(n)) for j in range(n)]
     prim_roots = tuple(root_of_leaves(row) for row in leaves)
     col_roots = [root_of_leaves([leaves[i][j] for i in range(n)]) for j in range(n)]
-    meta = BlobMetadata(params, len(blob), prim_roots, tuple(col_roots[n - 1 - p] for p in range(n)))
+    meta = BlobMetadata(
+        params, len(blob), prim_roots, tuple(col_roots[n - 1 - p] for p in range(n))
+    )
     secondary = np.empty((n, r, s), dtype=np.uint8)
     secondary[...] = m[:r].transpose(1, 0, 2)
     pairs = []
@@ -104,8 +106,8 @@ def encode(params: Params, blob: Buffer, out: U8Array | None = None) -> EncodedB
         pairs.append(
             SliverPair(
                 p,
-                Sliver(PRIMARY, p, memoryview(m[p, :c].reshape(-1)), row_leaves[p]),
-                Sliver(SECONDARY, j, memoryview(secondary[j].reshape(-1)), col_leaves[j]),
+                Sliver(PRIMARY, p, m[p, :c].reshape(-1).data, row_leaves[p]),
+                Sliver(SECONDARY, j, secondary[j].reshape(-1).data, col_leaves[j]),
             )
         )
     return EncodedBlob(meta, tuple(pairs))

@@ -90,7 +90,9 @@ class BlobMetadata:
     def to_bytes(self) -> bytes:
         """Serialize (format version 1)."""
         head = _HEAD.pack(MAGIC, VERSION, self.params.n, self.params.f, self.length)
-        roots = b"".join(p + s for p, s in zip(self.primary_roots, self.secondary_roots, strict=True))
+        roots = b"".join(
+            p + s for p, s in zip(self.primary_roots, self.secondary_roots, strict=True)
+        )
         return head + roots
 
     @classmethod
@@ -103,7 +105,9 @@ class BlobMetadata:
         if magic != MAGIC:
             raise FormatError("not blob metadata (bad magic)")
         if version != VERSION:
-            raise FormatError(f"unknown blob metadata version {version} (this build reads {VERSION})")
+            raise FormatError(
+                f"unknown blob metadata version {version} (this build reads {VERSION})"
+            )
         try:
             params = Params(n, f)
         except ParameterError as exc:

@@ -75,7 +75,9 @@ def rebuild(meta: BlobMetadata, axis: str, index: int, symbols: Mapping[int, Buf
     if axis not in (PRIMARY, SECONDARY) or not 0 <= index < p.n:
         raise ParameterError(f"no {axis} sliver {index} for n={p.n}")
     if len(symbols) < k:
-        raise NotEnoughSlivers(f"rebuilding {axis} sliver {index} needs {k} symbols, got {len(symbols)}")
+        raise NotEnoughSlivers(
+            f"rebuilding {axis} sliver {index} needs {k} symbols, got {len(symbols)}"
+        )
     for j, sym in symbols.items():
         if not 0 <= j < p.n or len(sym) != s:
             raise ParameterError(f"recovery symbol from {_other(axis)} sliver {j} is malformed")

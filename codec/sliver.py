@@ -53,10 +53,16 @@ def sliver_size(meta: BlobMetadata, axis: str) -> int:
 def verify_leaves(meta: BlobMetadata, axis: str, index: int, leaves: bytes) -> None:
     """Check a sliver's leaf hashes against its root; raises VerificationError."""
     if len(leaves) != DIGEST * meta.n:
-        raise VerificationError(f"{axis} sliver {index}: {len(leaves)} bytes of leaf hashes", (axis, index))
+        raise VerificationError(
+            f"{axis} sliver {index}: {len(leaves)} bytes of leaf hashes", (axis, index)
+        )
     packed = memoryview(leaves)
-    if root_of_leaves([bytes(packed[i : i + DIGEST]) for i in range(0, len(leaves), DIGEST)]) != meta.root(axis, index):
-        raise VerificationError(f"{axis} sliver {index}: leaf hashes do not match its root", (axis, index))
+    if root_of_leaves(
+        [bytes(packed[i : i + DIGEST]) for i in range(0, len(leaves), DIGEST)]
+    ) != meta.root(axis, index):
+        raise VerificationError(
+            f"{axis} sliver {index}: leaf hashes do not match its root", (axis, index)
+        )
 
 
 def verify_symbol(
@@ -65,9 +71,13 @@ def verify_symbol(
     """Check one symbol against its (already verified) leaf; raises VerificationError."""
     s = meta.symbol_size
     if len(data) != s:
-        raise VerificationError(f"{axis} sliver {index} symbol {position}: {len(data)} bytes, not {s}", (axis, index))
+        raise VerificationError(
+            f"{axis} sliver {index} symbol {position}: {len(data)} bytes, not {s}", (axis, index)
+        )
     if leaf_hash(data) != leaves[DIGEST * position : DIGEST * (position + 1)]:
-        raise VerificationError(f"{axis} sliver {index} symbol {position}: bytes do not match", (axis, index))
+        raise VerificationError(
+            f"{axis} sliver {index} symbol {position}: bytes do not match", (axis, index)
+        )
 
 
 def verify_sliver(meta: BlobMetadata, sliver: Sliver) -> None:
@@ -80,7 +90,9 @@ def verify_sliver(meta: BlobMetadata, sliver: Sliver) -> None:
         raise VerificationError(f"{axis} sliver index {index} out of range", (axis, index))
     expected = sliver_size(meta, axis)
     if len(sliver.data) != expected:
-        raise VerificationError(f"{axis} sliver {index}: {len(sliver.data)} bytes, expected {expected}", (axis, index))
+        raise VerificationError(
+            f"{axis} sliver {index}: {len(sliver.data)} bytes, expected {expected}", (axis, index)
+        )
     verify_leaves(meta, axis, index, sliver.leaves)
     s = meta.symbol_size
     for position in range(symbols_per_sliver(meta, axis)):

@@ -58,9 +58,7 @@ class Program:
         return sum(1 for op in self.ops if op[2] >= 0)
 
 
-def _allocate(
-    n_in: int, ssa: list[tuple[int, int]], outputs: list[int]
-) -> Program:
+def _allocate(n_in: int, ssa: list[tuple[int, int]], outputs: list[int]) -> Program:
     """Map SSA values to registers, reusing temps once their last reader has run."""
     last_use: dict[int, int] = {}
     for idx, (a, b) in enumerate(ssa):

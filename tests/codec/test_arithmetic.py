@@ -1,0 +1,112 @@
+"""GF(2^8), the chosen codes and the XOR programs, checked against an independent model."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from codec import gf256
+from codec.codes import generator, horner_betas, parity_matrix, parity_program, solve_program
+from codec.errors import ParameterError
+from codec.xorsched import matrix_program, run
+from tests.codec import reference
+
+
+def test_field_matches_reference_tables() -> None:
+    for a in range(256):
+        for b in range(0, 256, 7):
+            assert gf256.mul(a, b) == reference.MUL[a, b]
+    for a in range(1, 256):
+        assert gf256.mul(a, gf256.inv(a)) == 1
+    with pytest.raises(ZeroDivisionError):
+        gf256.inv(0)
+
+
+def test_bitmatrix_is_multiplication() -> None:
+    for e in range(256):
+        rows = gf256.bitmatrix(e)
+        for x in (1, 2, 0x80, 0x5A, 0xFF):
+            y = sum((bin(rows[i] & x).count("1") & 1) << i for i in range(8))
+            assert y == gf256.mul(e, x)
+
+
+def test_matrix_inverse() -> None:
+    rng = random.Random(3)
+    for k in (1, 2, 5):
+        while True:
+            m = tuple(tuple(rng.randrange(256) for _ in range(k)) for _ in range(k))
+            try:
+                inv = gf256.mat_inv(m)
+                break
+            except ValueError:
+                continue
+        ident = tuple(tuple(int(i == j) for j in range(k)) for i in range(k))
+        assert gf256.mat_mul(m, inv) == ident
+
+
+@pytest.mark.parametrize("n", range(4, 14))
+def test_every_k_rows_of_each_generator_are_invertible(n: int) -> None:
+    """MDS: any k of the n codeword positions determine the rest, for both codes."""
+    for f in range(1, (n - 1) // 3 + 1):
+        for k in (n - 2 * f, n - f):
+            g = generator(n, k)
+            subsets = list(itertools.combinations(range(n), k))
+            for rows in random.Random(n * 31 + k).sample(subsets, min(len(subsets), 200)):
+                gf256.mat_inv(tuple(g[i] for i in rows))
+
+
+def test_horner_codes_are_used_for_small_n_and_cauchy_for_large() -> None:
+    assert horner_betas(7, 3) == (1, 2, 142, 4)
+    assert horner_betas(7, 5) == (1, 2)
+    assert horner_betas(40, 14) is None
+    assert parity_matrix(40, 14)[0] == (1,) * 14  # normalised Cauchy: XOR parity first
+
+
+def test_code_parameters_out_of_range() -> None:
+    with pytest.raises(ParameterError):
+        parity_matrix(4, 4)
+    with pytest.raises(ParameterError):
+        parity_matrix(300, 10)
+    with pytest.raises(ParameterError):
+        solve_program(7, 3, (0, 0, 1), (2,))
+
+
+def _symbols(rng: np.random.Generator, count: int, s: int) -> list[bytes]:
+    return [rng.integers(0, 256, s, dtype=np.uint8).tobytes() for _ in range(count)]
+
+
+def _run(program_inputs: list[bytes], n_out: int, program, s: int) -> list[bytes]:
+    ins = [np.frombuffer(x, dtype=np.uint64).reshape(1, -1).copy() for x in program_inputs]
+    outs = [np.empty((1, s // 8), dtype=np.uint64) for _ in range(n_out)]
+    run(program, ins, outs, chunk_words=3)  # tiny chunks exercise the chunk loop too
+    return [o.tobytes() for o in outs]
+
+
+@pytest.mark.parametrize(("n", "k"), [(4, 2), (7, 3), (7, 5), (10, 4), (13, 9), (20, 8)])
+def test_parity_programs_match_the_reference(n: int, k: int) -> None:
+    rng = np.random.default_rng(n * 100 + k)
+    s = 128
+    src = _symbols(rng, k, s)
+    expected = reference.apply(parity_matrix(n, k), src)
+    assert _run(src, n - k, parity_program(n, k), s) == expected
+
+
+def test_dense_matrix_program_matches_the_reference() -> None:
+    rng = np.random.default_rng(5)
+    py = random.Random(5)
+    for rows, cols in [(1, 1), (3, 3), (2, 7), (6, 4)]:
+        m = tuple(tuple(py.randrange(1, 256) for _ in range(cols)) for _ in range(rows))
+        src = _symbols(rng, cols, 64)
+        assert _run(src, rows, matrix_program(m), 64) == reference.apply(m, src)
+
+
+def test_run_rejects_mismatched_buffers() -> None:
+    prog = parity_program(7, 3)
+    a = np.zeros((1, 8), dtype=np.uint64)
+    with pytest.raises(ValueError):
+        run(prog, [a, a], [a] * 4)
+    with pytest.raises(ValueError):
+        run(prog, [a, a, np.zeros((1, 16), dtype=np.uint64)], [a] * 4)
