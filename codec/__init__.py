@@ -7,7 +7,7 @@ global mutable state except read-only caches of coding matrices and XOR schedule
 
 from codec.config import Params
 from codec.decoder import RangePiece, decode_primaries, decode_secondaries, range_plan
-from codec.encoder import EncodedBlob, SliverPair, encode, expand
+from codec.encoder import EncodedBlob, SliverPair, Workspace, encode, expand
 from codec.errors import (
     CodecError,
     FormatError,
@@ -43,6 +43,7 @@ __all__ = [
     "Sliver",
     "SliverPair",
     "VerificationError",
+    "Workspace",
     "decode_primaries",
     "decode_secondaries",
     "encode",

@@ -6,7 +6,7 @@ code (about 4n/3 one-dimensional encodings rather than 5n/3 the other way round)
 one of the n*n symbols is hashed once; its leaf serves both its row tree and its column
 tree.
 
-Pure; thread-safe as long as callers do not share an `out` workspace between threads.
+Pure; thread-safe as long as callers do not share a Workspace between threads.
 """
 
 from __future__ import annotations
@@ -47,20 +47,31 @@ class EncodedBlob:
         return self.metadata.blob_id
 
 
-def workspace_size(params: Params, length: int) -> int:
-    """Bytes of the `out` workspace `expand` needs for a blob of `length` bytes."""
-    return params.n * params.n * params.symbol_size(length)
+class Workspace:
+    """Reusable encoder buffers: fresh large allocations cost page faults worth a copy.
 
-
-def expand(params: Params, blob: Buffer, out: U8Array | None = None) -> U8Array:
-    """The full n x n x s symbol matrix of `blob` (no hashing): parity computation only.
-
-    `out`, if given, is a reusable uint8 workspace of at least workspace_size() bytes.
+    An EncodedBlob made with a workspace holds views into it, so reuse the workspace only
+    after the previous result is no longer needed. Not thread-safe: one per thread.
     """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, U8Array] = {}
+
+    def get(self, name: str, size: int) -> U8Array:
+        """A uint8 buffer of `size` bytes, grown if needed; contents undefined."""
+        buf = self._bufs.get(name)
+        if buf is None or len(buf) < size:
+            buf = np.empty(size, dtype=np.uint8)
+            self._bufs[name] = buf
+        return buf[:size]
+
+
+def expand(params: Params, blob: Buffer, workspace: Workspace | None = None) -> U8Array:
+    """The full n x n x s symbol matrix of `blob` (no hashing): parity computation only."""
     n, r, c = params.n, params.R, params.C
     s = params.symbol_size(len(blob))
     size = n * n * s
-    buf = np.empty(size, dtype=np.uint8) if out is None else out[:size]
+    buf = np.empty(size, dtype=np.uint8) if workspace is None else workspace.get("matrix", size)
     m = buf.reshape(n, n, s)
     src = np.frombuffer(blob, dtype=np.uint8)
     row_bytes = c * s
@@ -81,14 +92,13 @@ def leaf_table(matrix: U8Array) -> list[list[bytes]]:
     return [[leaf_hash(matrix[i, j].data) for j in range(n)] for i in range(n)]
 
 
-def encode(params: Params, blob: Buffer, out: U8Array | None = None) -> EncodedBlob:
+def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> EncodedBlob:
     """Encode `blob` into n sliver pairs and its metadata.
 
-    `out` is an optional reusable workspace (see expand); the result's primary slivers are
-    views into it, so it must not be reused while the result is in use.
+    With a `workspace`, the result's slivers are views into it (see Workspace).
     """
     n, r, c = params.n, params.R, params.C
-    m = expand(params, blob, out)
+    m = expand(params, blob, workspace)
     s = m.shape[2]
     leaves = leaf_table(m)
     row_leaves = [b"".join(row) for row in leaves]
@@ -98,7 +108,9 @@ def encode(params: Params, blob: Buffer, out: U8Array | None = None) -> EncodedB
     meta = BlobMetadata(
         params, len(blob), prim_roots, tuple(col_roots[n - 1 - p] for p in range(n))
     )
-    secondary = np.empty((n, r, s), dtype=np.uint8)
+    size = n * r * s
+    sec_buf = np.empty(size, dtype=np.uint8) if workspace is None else workspace.get("secondary", size)
+    secondary = sec_buf.reshape(n, r, s)
     secondary[...] = m[:r].transpose(1, 0, 2)
     pairs = []
     for p in range(n):
