@@ -1,0 +1,475 @@
+"""The blob store: put, get and delete blobs across the n node directories.
+
+put_blob encodes in a worker thread, writes the n sliver files in parallel and succeeds once
+n-f nodes have stored theirs (Walrus's write quorum); stragglers get a short grace period,
+then whoever missed the blob is reported so repair can fill it in. Below the quorum the put
+fails as a whole and what was written is removed again.
+
+get_blob reads only the R systematic primary slivers when they are healthy: no arithmetic,
+one copy. Every byte is verified (header against the blob id, leaves against their roots,
+each symbol against its leaf) before use. A node that is down, slow past the hedge delay,
+or returns bad bytes is replaced by another sliver; with fewer than R good primaries the
+blob is decoded from secondaries. More than f bad nodes: StorageUnavailable, never a hang
+and never unverified bytes.
+
+Bounded memory: at most `max_puts` puts are in flight, each holding about 7x its blob.
+Runs in trio tasks (not thread-safe); encoding, decoding and hashing of large slivers are
+offloaded to worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import trio
+
+from backends import NodeError, NodeFull
+from codec import (
+    PRIMARY,
+    SECONDARY,
+    BlobMetadata,
+    CodecError,
+    Params,
+    Workspace,
+    decode_primaries,
+    decode_secondaries,
+    encode,
+    range_plan,
+    verify_symbol,
+)
+from walrusfs.errors import NoSpace, StorageUnavailable
+from walrusfs.nodeset import NodeSet, NodeState
+from walrusfs.sliverfile import (
+    Header,
+    SliverFileError,
+    build,
+    header_size,
+    parse_header,
+    sliver_key,
+)
+
+log = logging.getLogger(__name__)
+
+# Slivers larger than this are verified in a worker thread, not on the event loop.
+_OFFLOAD_BYTES = 256 << 10
+
+
+class PutResult(NamedTuple):
+    """A stored blob: its id, serialized metadata, and the nodes that missed their pair."""
+
+    blob_id: bytes
+    meta: bytes
+    missed: tuple[int, ...]
+
+
+class _BadSliver(Exception):
+    """A sliver could not be used: node error, missing, or failed verification."""
+
+
+@dataclass
+class BlobStats:
+    """Counters for `status`."""
+
+    puts: int = 0
+    put_bytes: int = 0
+    gets: int = 0
+    get_bytes: int = 0
+    degraded_reads: int = 0
+    corrupt_slivers: int = 0
+    missed_pairs: int = 0
+    failed_puts: int = 0
+    failed_gets: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _encode_files(
+    params: Params, data: bytes, ws: Workspace
+) -> tuple[BlobMetadata, dict[int, tuple[str, bytes]]]:
+    """Encode and lay out one sliver file per node (runs in a worker thread)."""
+    enc = encode(params, data, ws)
+    meta = enc.metadata
+    files = {
+        meta.node_of_pair(pair.pair): (
+            sliver_key(meta.blob_id, pair.pair),
+            b"".join(build(meta, pair)),
+        )
+        for pair in enc.pairs
+    }
+    return meta, files
+
+
+def _verify_symbols(
+    meta: BlobMetadata, axis: str, index: int, leaves: bytes, data: memoryview, first: int
+) -> None:
+    s = meta.symbol_size
+    for k in range(len(data) // s):
+        verify_symbol(meta, axis, index, leaves, first + k, data[k * s : (k + 1) * s])
+
+
+class BlobStore:
+    """Blobs over a NodeSet. See the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        nodes: NodeSet,
+        params: Params,
+        *,
+        encode_threads: int = 2,
+        max_puts: int = 4,
+        grace: float = 0.5,
+        hedge_after: float = 0.5,
+    ) -> None:
+        if len(nodes) != params.n:
+            raise ValueError(f"{len(nodes)} node stores for n={params.n}")
+        self.nodes = nodes
+        self.params = params
+        self.grace = grace
+        self.hedge_after = hedge_after
+        self.stats = BlobStats()
+        self._encode_limiter = trio.CapacityLimiter(encode_threads)
+        self._cpu_limiter = trio.CapacityLimiter(2)
+        self._puts = trio.Semaphore(max_puts)
+        self._workspaces: list[Workspace] = []
+        self._headers: OrderedDict[tuple[bytes, int], Header] = OrderedDict()
+
+    # -- metadata -------------------------------------------------------------------------
+
+    def metadata(self, blob_id: bytes, meta: bytes | BlobMetadata) -> BlobMetadata:
+        """Parsed metadata, checked against the blob id; raises StorageUnavailable."""
+        try:
+            parsed = meta if isinstance(meta, BlobMetadata) else BlobMetadata.from_bytes(meta)
+        except CodecError as exc:
+            raise StorageUnavailable(
+                f"blob {blob_id.hex()[:16]}: damaged metadata ({exc})"
+            ) from exc
+        if parsed.blob_id != blob_id:
+            raise StorageUnavailable(f"blob {blob_id.hex()[:16]}: metadata belongs to another blob")
+        return parsed
+
+    # -- put ------------------------------------------------------------------------------
+
+    async def put_blob(
+        self, data: bytes | bytearray | memoryview, *, durable: bool = True
+    ) -> PutResult:
+        """Store a blob on at least n-f nodes.
+
+        Raises StorageUnavailable (or NoSpace when nodes are full) below the quorum.
+        """
+        data = bytes(data)
+        async with self._puts:
+            ws = self._workspaces.pop() if self._workspaces else Workspace()
+            try:
+                meta, files = await trio.to_thread.run_sync(
+                    _encode_files, self.params, data, ws, limiter=self._encode_limiter
+                )
+            finally:
+                self._workspaces.append(ws)
+            stored, errors = await self._store_files(files, durable)
+        quorum = self.params.n - self.params.f
+        if len(stored) < quorum:
+            self.stats.failed_puts += 1
+            await self._remove(meta.blob_id, {node: files[node][0] for node in stored})
+            detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
+            full = sum(1 for e in errors.values() if isinstance(e, NodeFull))
+            cls = NoSpace if full > self.params.f else StorageUnavailable
+            raise cls(
+                f"blob stored on only {len(stored)} of {self.params.n} nodes, need {quorum}: {detail}"
+            )
+        missed = tuple(sorted(set(range(self.params.n)) - stored))
+        self.stats.puts += 1
+        self.stats.put_bytes += len(data)
+        self.stats.missed_pairs += len(missed)
+        return PutResult(meta.blob_id, meta.to_bytes(), missed)
+
+    async def _store_files(
+        self, files: dict[int, tuple[str, bytes]], durable: bool
+    ) -> tuple[set[int], dict[int, Exception | str]]:
+        """Write each node's file; return once a quorum (plus grace) or all have answered."""
+        quorum = self.params.n - self.params.f
+        writable = self.nodes.writable()
+        errors: dict[int, Exception | str] = {
+            i: f"skipped: node is {self.nodes.state(i).value}" for i in files if i not in writable
+        }
+        pending = [i for i in files if i in writable]
+        stored: set[int] = set()
+        if len(pending) < quorum:
+            return stored, errors
+        left = len(pending)
+        settled, all_done = trio.Event(), trio.Event()
+
+        async def write(i: int) -> None:
+            nonlocal left
+            key, payload = files[i]
+            try:
+                await self.nodes.call(i, lambda st: st.put(key, payload, durable=durable))
+                stored.add(i)
+            except NodeError as exc:
+                errors[i] = exc
+            left -= 1
+            if len(stored) >= quorum or left == 0 or len(stored) + left < quorum:
+                settled.set()
+            if left == 0:
+                all_done.set()
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for i in pending:
+                nursery.start_soon(write, i)
+            await settled.wait()
+            if len(stored) >= quorum and left:
+                # A slow node gets a little longer; a hung one is left to repair.
+                with trio.move_on_after(max(self.grace, trio.current_time() - t0)):
+                    await all_done.wait()
+            nursery.cancel_scope.cancel()
+        for i in pending:
+            if i not in stored and i not in errors:
+                errors[i] = "too slow: left for repair"
+        return stored, errors
+
+    async def _remove(self, blob_id: bytes, keys: dict[int, str]) -> list[int]:
+        failed: list[int] = []
+
+        async def one(i: int, key: str) -> None:
+            try:
+                await self.nodes.call(i, lambda st: st.delete(key))
+            except NodeError:
+                failed.append(i)
+
+        async with trio.open_nursery() as nursery:
+            for i, key in keys.items():
+                nursery.start_soon(one, i, key)
+        for pair in range(self.params.n):
+            self._headers.pop((blob_id, pair), None)
+        return failed
+
+    async def delete_blob(self, blob_id: bytes, meta: bytes | BlobMetadata) -> list[int]:
+        """Delete a blob's slivers from every reachable node; returns nodes that could not.
+
+        What a down node still holds is an orphan for scrub to remove later.
+        """
+        parsed = self.metadata(blob_id, meta)
+        readable = self.nodes.readable()
+        keys = {
+            parsed.node_of_pair(p): sliver_key(blob_id, p)
+            for p in range(parsed.n)
+            if parsed.node_of_pair(p) in readable
+        }
+        failed = await self._remove(blob_id, keys)
+        return sorted(failed + [i for i in range(parsed.n) if i not in readable])
+
+    # -- get ------------------------------------------------------------------------------
+
+    async def _header(
+        self, meta: BlobMetadata, pair: int, node: int, raw: bytes | None = None
+    ) -> Header:
+        cached = self._headers.get((meta.blob_id, pair))
+        if cached is not None:
+            self._headers.move_to_end((meta.blob_id, pair))
+            return cached
+        key = sliver_key(meta.blob_id, pair)
+        if raw is None:
+            raw = await self.nodes.call(node, lambda st: st.get(key, 0, header_size(meta.n)))
+        head = parse_header(raw[: header_size(meta.n)], meta.blob_id, pair, f"node {node} {key}")
+        if head.meta != meta:
+            raise SliverFileError(f"node {node} {key}: metadata differs from the volume's")
+        self._headers[(meta.blob_id, pair)] = head
+        if len(self._headers) > 4096:
+            self._headers.popitem(last=False)
+        return head
+
+    async def _verify(
+        self, meta: BlobMetadata, axis: str, index: int, leaves: bytes, data: memoryview, first: int
+    ) -> None:
+        if len(data) > _OFFLOAD_BYTES:
+            await trio.to_thread.run_sync(
+                _verify_symbols, meta, axis, index, leaves, data, first, limiter=self._cpu_limiter
+            )
+        else:
+            _verify_symbols(meta, axis, index, leaves, data, first)
+
+    async def _read_sliver(self, meta: BlobMetadata, axis: str, index: int) -> memoryview:
+        """One verified sliver's bytes; raises _BadSliver."""
+        pair = index if axis == PRIMARY else meta.n - 1 - index
+        node = meta.node_of_pair(pair)
+        key = sliver_key(meta.blob_id, pair)
+        hsize = header_size(meta.n)
+        s, p = meta.symbol_size, meta.params
+        start = hsize if axis == PRIMARY else hsize + p.C * s
+        size = (p.C if axis == PRIMARY else p.R) * s
+        try:
+            if axis == PRIMARY:
+                raw = await self.nodes.call(node, lambda st: st.get(key, 0, start + size))
+                head = await self._header(meta, pair, node, raw)
+                data = memoryview(raw)[start : start + size]
+            else:
+                head = await self._header(meta, pair, node)
+                data = memoryview(await self.nodes.call(node, lambda st: st.get(key, start, size)))
+            if len(data) != size:
+                raise SliverFileError(f"node {node} {key}: sliver file truncated")
+            leaves = head.primary_leaves if axis == PRIMARY else head.secondary_leaves
+            await self._verify(meta, axis, index, leaves, data, 0)
+        except NodeError as exc:
+            raise _BadSliver(str(exc)) from exc
+        except (SliverFileError, CodecError) as exc:
+            self._headers.pop((meta.blob_id, pair), None)
+            self.stats.corrupt_slivers += 1
+            self.nodes.note_corrupt(node, str(exc))
+            raise _BadSliver(str(exc)) from exc
+        return data
+
+    async def _gather(self, meta: BlobMetadata, axis: str, need: int) -> dict[int, memoryview]:
+        """Read and verify `need` slivers of `axis`, replacing failed or slow ones."""
+        n = meta.n
+        k_sys = meta.params.R if axis == PRIMARY else meta.params.C
+
+        def node_of(i: int) -> int:
+            return meta.node_of_pair(i if axis == PRIMARY else n - 1 - i)
+
+        readable = self.nodes.readable()
+        order = sorted(
+            (i for i in range(n) if node_of(i) in readable),
+            key=lambda i: (self.nodes.rank(node_of(i)), i >= k_sys, i),
+        )
+        got: dict[int, memoryview] = {}
+        cursor = 0
+
+        async with trio.open_nursery() as nursery:
+
+            def launch() -> None:
+                nonlocal cursor
+                if cursor < len(order) and len(got) < need:
+                    nursery.start_soon(attempt, order[cursor])
+                    cursor += 1
+
+            async def attempt(i: int) -> None:
+                finished = trio.Event()
+
+                async def hedge() -> None:
+                    with trio.move_on_after(self.hedge_after):
+                        await finished.wait()
+                        return
+                    launch()
+
+                nursery.start_soon(hedge)
+                t0 = trio.current_time()
+                try:
+                    got[i] = await self._read_sliver(meta, axis, i)
+                except _BadSliver as exc:
+                    log.debug(
+                        "blob %s: %s sliver %d unusable: %s", meta.blob_id.hex()[:16], axis, i, exc
+                    )
+                    launch()
+                except trio.Cancelled:
+                    if trio.current_time() - t0 > self.hedge_after:
+                        self.nodes.set_state(
+                            node_of(i), NodeState.SUSPECT, "slower than the hedge delay"
+                        )
+                    raise
+                finally:
+                    finished.set()
+                if len(got) >= need:
+                    nursery.cancel_scope.cancel()
+
+            for _ in range(need):
+                launch()
+        return got
+
+    async def get_blob(self, blob_id: bytes, meta: bytes | BlobMetadata) -> memoryview:
+        """The whole blob (a read-only view), every byte verified. Raises StorageUnavailable."""
+        parsed = self.metadata(blob_id, meta)
+        p = parsed.params
+        out = bytearray(p.R * p.C * parsed.symbol_size)
+        primaries = await self._gather(parsed, PRIMARY, p.R)
+        if len(primaries) >= p.R:
+            decode: Callable[..., object] = decode_primaries
+            slivers = primaries
+        else:
+            secondaries = await self._gather(parsed, SECONDARY, p.C)
+            if len(secondaries) < p.C:
+                self.stats.failed_gets += 1
+                raise StorageUnavailable(
+                    f"blob {blob_id.hex()[:16]}: only {len(primaries)} of {p.R} primary and "
+                    f"{len(secondaries)} of {p.C} secondary slivers readable"
+                )
+            decode, slivers = decode_secondaries, secondaries
+        if decode is not decode_primaries or any(i >= p.R for i in slivers):
+            self.stats.degraded_reads += 1
+        await _maybe_offload(
+            lambda: decode(parsed, slivers, out), len(out) > _OFFLOAD_BYTES, self._cpu_limiter
+        )
+        self.stats.gets += 1
+        self.stats.get_bytes += parsed.length
+        return memoryview(out).toreadonly()[: parsed.length]
+
+    async def get_range(
+        self, blob_id: bytes, meta: bytes | BlobMetadata, offset: int, length: int
+    ) -> bytes:
+        """Bytes [offset, offset+length) of a blob (clipped to it), verified.
+
+        Reads only the symbols holding the range when their nodes are healthy; otherwise
+        falls back to get_blob. Raises StorageUnavailable.
+        """
+        parsed = self.metadata(blob_id, meta)
+        if offset >= parsed.length or length <= 0:
+            return b""
+        if length * 2 >= parsed.length:
+            blob = await self.get_blob(blob_id, parsed)
+            return bytes(blob[offset : offset + length])
+        pieces = range_plan(parsed, offset, length)
+        parts: list[bytes] = [b""] * len(pieces)
+        s, hsize = parsed.symbol_size, header_size(parsed.n)
+
+        async def piece(k: int) -> None:
+            pc = pieces[k]
+            node = parsed.node_of_pair(pc.sliver)
+            if self.nodes.rank(node) != 0:
+                raise _BadSliver("node not healthy")
+            syms = pc.symbols(s)
+            key = sliver_key(blob_id, pc.sliver)
+            try:
+                head = await self._header(parsed, pc.sliver, node)
+                raw = await self.nodes.call(
+                    node, lambda st: st.get(key, hsize + syms.start * s, len(syms) * s)
+                )
+                if len(raw) != len(syms) * s:
+                    raise SliverFileError(f"node {node} {key}: sliver file truncated")
+                await self._verify(
+                    parsed, PRIMARY, pc.sliver, head.primary_leaves, memoryview(raw), syms.start
+                )
+            except NodeError as exc:
+                raise _BadSliver(str(exc)) from exc
+            except (SliverFileError, CodecError) as exc:
+                self.stats.corrupt_slivers += 1
+                self.nodes.note_corrupt(node, str(exc))
+                raise _BadSliver(str(exc)) from exc
+            base = syms.start * s
+            parts[k] = raw[pc.start - base : pc.stop - base]
+
+        fallback = False
+        try:
+            with trio.move_on_after(self.hedge_after * 4) as slow:
+                async with trio.open_nursery() as nursery:
+                    for k in range(len(pieces)):
+                        nursery.start_soon(piece, k)
+            fallback = slow.cancelled_caught
+        except* _BadSliver:
+            fallback = True
+        if fallback:
+            blob = await self.get_blob(blob_id, parsed)
+            return bytes(blob[offset : offset + length])
+        self.stats.gets += 1
+        self.stats.get_bytes += sum(len(x) for x in parts)
+        return b"".join(parts)
+
+
+async def _maybe_offload(
+    fn: Callable[[], object], offload: bool, limiter: trio.CapacityLimiter
+) -> None:
+    if offload:
+        await trio.to_thread.run_sync(fn, limiter=limiter)
+    else:
+        fn()

@@ -1,0 +1,203 @@
+"""The node set: n node stores, each with a health state kept up to date from every call.
+
+States: up (answering), suspect (one recent failure or timeout: still used, but last),
+down (unreachable, hung, dropped mount, foreign directory: skipped until a probe succeeds),
+full (answers reads, refuses writes). A state change is logged once, at WARNING when a
+node gets worse and at INFO when it recovers; requests are logged at DEBUG only.
+
+This is where node failure policy lives: callers run node operations through `call`, which
+records the outcome; the blob store asks `readable()`/`writable()` which nodes to use.
+
+Runs in the trio task that owns the mount; not thread-safe (trio tasks only).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import trio
+
+from backends import KeyNotFound, NodeDown, NodeError, NodeFull, NodeStore, NodeTimeout
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class NodeState(enum.Enum):
+    UP = "up"
+    SUSPECT = "suspect"
+    DOWN = "down"
+    FULL = "full"
+
+
+# Lower ranks are preferred when choosing which nodes to read from.
+_RANK = {NodeState.UP: 0, NodeState.FULL: 0, NodeState.SUSPECT: 1, NodeState.DOWN: 2}
+
+
+@dataclass
+class Node:
+    """One node: its store and what we know of its health."""
+
+    index: int
+    store: NodeStore
+    state: NodeState = NodeState.UP
+    reason: str = ""
+    latency: float = 0.0
+    failures: int = 0
+    calls: int = 0
+    errors: int = 0
+    corrupt: int = 0
+    free: int | None = None
+    total: int | None = None
+    since: float = field(default=0.0)
+
+
+class NodeSet:
+    """The volume's n nodes and their states.
+
+    `identity_check`, if given, is awaited by probes before a down node is trusted again
+    (a directory that came back may be another volume's).
+    """
+
+    def __init__(
+        self,
+        stores: list[NodeStore],
+        identity_check: Callable[[int, NodeStore], Awaitable[None]] | None = None,
+    ) -> None:
+        self.nodes = [Node(i, s) for i, s in enumerate(stores)]
+        self._identity_check = identity_check
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def state(self, index: int) -> NodeState:
+        return self.nodes[index].state
+
+    def rank(self, index: int) -> int:
+        """Preference when reading: 0 healthy, 1 suspect, 2 down."""
+        return _RANK[self.nodes[index].state]
+
+    def readable(self) -> set[int]:
+        return {n.index for n in self.nodes if n.state is not NodeState.DOWN}
+
+    def writable(self) -> set[int]:
+        return {n.index for n in self.nodes if n.state in (NodeState.UP, NodeState.SUSPECT)}
+
+    def set_state(self, index: int, state: NodeState, reason: str = "") -> None:
+        """Change a node's state, logging only actual changes."""
+        node = self.nodes[index]
+        if node.state is state:
+            node.reason = reason or node.reason
+            return
+        old, node.state, node.reason = node.state, state, reason
+        node.since = trio.current_time() if _in_trio() else 0.0
+        name = f"node {index} ({node.store.path})"
+        if state is NodeState.UP:
+            log.info("%s is back up (was %s)", name, old.value)
+        else:
+            log.warning("%s is %s: %s", name, state.value, reason or "no reason given")
+
+    def note_corrupt(self, index: int, what: str) -> None:
+        """Record that a node returned bytes that failed verification."""
+        node = self.nodes[index]
+        node.corrupt += 1
+        log.warning("node %d (%s): corrupt data: %s", index, node.store.path, what)
+
+    def _ok(self, node: Node, elapsed: float) -> None:
+        node.failures = 0
+        node.latency = elapsed if node.latency == 0 else 0.8 * node.latency + 0.2 * elapsed
+        if node.state in (NodeState.SUSPECT, NodeState.DOWN):
+            self.set_state(node.index, NodeState.UP)
+
+    def _failed(self, node: Node, exc: NodeError) -> None:
+        node.errors += 1
+        node.failures += 1
+        if isinstance(exc, NodeFull):
+            self.set_state(node.index, NodeState.FULL, str(exc))
+        elif isinstance(exc, NodeDown) or node.failures >= 2:
+            self.set_state(node.index, NodeState.DOWN, str(exc))
+        elif isinstance(exc, NodeTimeout | NodeError) and node.state is not NodeState.DOWN:
+            self.set_state(node.index, NodeState.SUSPECT, str(exc))
+
+    async def call(self, index: int, op: Callable[[NodeStore], Awaitable[T]]) -> T:
+        """Run one node operation and record its outcome; re-raises NodeError.
+
+        A missing key is not a node fault: the node answered.
+        """
+        node = self.nodes[index]
+        node.calls += 1
+        t0 = trio.current_time()
+        try:
+            result = await op(node.store)
+        except KeyNotFound:
+            self._ok(node, trio.current_time() - t0)
+            raise
+        except NodeError as exc:
+            self._failed(node, exc)
+            raise
+        self._ok(node, trio.current_time() - t0)
+        return result
+
+    async def probe(self, index: int) -> None:
+        """Probe one node: health, identity (if it was down) and free space."""
+        node = self.nodes[index]
+        try:
+            if node.state is NodeState.DOWN and self._identity_check is not None:
+                await self._identity_check(index, node.store)
+            latency = await node.store.probe()
+            node.free, node.total = await node.store.free_space()
+        except NodeFull as exc:
+            self.set_state(index, NodeState.FULL, str(exc))
+            return
+        except NodeError as exc:
+            node.failures += 1
+            self.set_state(index, NodeState.DOWN, str(exc))
+            return
+        except Exception as exc:  # identity refused: the directory is not this node
+            self.set_state(index, NodeState.DOWN, str(exc))
+            return
+        still_full = node.free is not None and node.free < max(64 << 20, (node.total or 0) // 100)
+        if node.state is NodeState.FULL and still_full:
+            return
+        self._ok(node, latency)
+
+    async def probe_all(self) -> None:
+        """Probe every node concurrently."""
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self.nodes)):
+                nursery.start_soon(self.probe, i)
+
+    async def probe_forever(self, interval: float = 5.0) -> None:
+        """Background task: keep states and free space current. Runs until cancelled."""
+        while True:
+            await self.probe_all()
+            await trio.sleep(interval)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Per-node state for `status`."""
+        return [
+            {
+                "index": n.index,
+                "path": n.store.path,
+                "state": n.state.value,
+                "reason": n.reason,
+                "latency_ms": round(n.latency * 1000, 2),
+                "free": n.free,
+                "total": n.total,
+                "errors": n.errors,
+                "corrupt": n.corrupt,
+            }
+            for n in self.nodes
+        ]
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True

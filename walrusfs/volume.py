@@ -1,0 +1,156 @@
+"""Creating a volume over n node directories, and opening one from any of its nodes.
+
+create_volume refuses non-empty and foreign directories and records, for each node, the
+mount point it lives on (if it is not on the root filesystem), so that a node whose mount
+has dropped is treated as down instead of written into the bare directory underneath.
+
+open_volume reads the identity of the given node, finds the others from it (with
+overrides for paths that moved), checks every node's identity, and builds the NodeSet and
+BlobStore. A node that is missing or foreign is down, with the reason; more than f such
+nodes is the caller's decision (the filesystem refuses to mount).
+
+Runs in trio tasks; blocking filesystem checks go through worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import trio
+
+from backends import LocalStore, NodeError, NodeStore, RemoteMountStore, is_mountpoint
+from codec import ParameterError, Params
+from walrusfs.blobstore import BlobStore
+from walrusfs.identity import (
+    IdentityError,
+    NodeIdentity,
+    check_identity,
+    new_volume_id,
+    read_identity,
+    write_identity,
+)
+from walrusfs.nodeset import NodeSet, NodeState
+
+DEFAULT_BLOB_SIZE = 4 << 20
+
+
+class VolumeError(Exception):
+    """The volume cannot be created or opened; the message says why."""
+
+
+def _mount_of(path: str) -> str:
+    """The mount point `path` lives on, or "" for the root filesystem."""
+    p = os.path.realpath(path)
+    while p != "/" and not is_mountpoint(p):
+        p = os.path.dirname(p)
+    return "" if p == "/" else p
+
+
+def _check_empty(path: str) -> None:
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise VolumeError(f"{path}: exists and is not a directory")
+    if os.path.isdir(path):
+        entries = [e for e in os.listdir(path) if e != "lost+found"]
+        if entries:
+            what = (
+                "another walrusfs volume's node" if "walrusfs-node.json" in entries else "not empty"
+            )
+            raise VolumeError(f"{path}: {what}; refusing to create a node there")
+    else:
+        os.makedirs(path, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+def make_store(path: str, mount: str, *, timeout: float = 10.0) -> NodeStore:
+    """The right store for a node: remote-mount checking if it must live on a mount."""
+    if mount:
+        return RemoteMountStore(path, mountpoint=mount, timeout=timeout)
+    return LocalStore(path, timeout=timeout)
+
+
+async def create_volume(
+    paths: list[str], f: int | None = None, blob_size: int = DEFAULT_BLOB_SIZE
+) -> str:
+    """Create a volume over `paths`; returns its volume id. Raises VolumeError."""
+    try:
+        params = Params.for_nodes(len(paths), f)
+    except ParameterError as exc:
+        raise VolumeError(str(exc)) from exc
+    if blob_size < 4096 or blob_size > 256 << 20:
+        raise VolumeError(f"blob size {blob_size}: must be between 4 KiB and 256 MiB")
+    paths = await trio.to_thread.run_sync(lambda: [os.path.abspath(p) for p in paths])
+    real = await trio.to_thread.run_sync(lambda: {os.path.realpath(p) for p in paths})
+    if len(real) != len(paths):
+        raise VolumeError("the same directory is named twice")
+    for p in paths:
+        await trio.to_thread.run_sync(_check_empty, p)
+    mounts = tuple([await trio.to_thread.run_sync(_mount_of, p) for p in paths])
+    volume_id = new_volume_id()
+    for i, p in enumerate(paths):
+        ident = NodeIdentity(volume_id, i, params.n, params.f, blob_size, tuple(paths), mounts)
+        try:
+            await write_identity(make_store(p, mounts[i]), ident)
+        except NodeError as exc:
+            raise VolumeError(f"{p}: cannot write the node identity: {exc}") from exc
+    return volume_id
+
+
+@dataclass
+class Volume:
+    """An opened volume: its identity, node set and blob store."""
+
+    identity: NodeIdentity
+    nodes: NodeSet
+    blobs: BlobStore
+
+    @property
+    def params(self) -> Params:
+        return self.identity.params
+
+
+async def open_volume(
+    path: str,
+    overrides: dict[int, str] | None = None,
+    *,
+    node_timeout: float = 10.0,
+    **blobstore_opts: float,
+) -> Volume:
+    """Open the volume that node directory `path` belongs to. Raises VolumeError.
+
+    `node_timeout` is the deadline of every node call; `blobstore_opts` go to BlobStore.
+    """
+    overrides = overrides or {}
+    path, moved = await trio.to_thread.run_sync(
+        lambda: (os.path.abspath(path), {i: os.path.abspath(p) for i, p in overrides.items()})
+    )
+    first = LocalStore(path, timeout=node_timeout)
+    try:
+        ident = await read_identity(first)
+    except (IdentityError, NodeError) as exc:
+        raise VolumeError(str(exc)) from exc
+    paths = list(ident.nodes)
+    paths[ident.index] = path
+    for i, p in moved.items():
+        if not 0 <= i < ident.n:
+            raise VolumeError(f"--node {i}: no such node (n={ident.n})")
+        paths[i] = p
+    stores = [make_store(p, ident.mounts[i], timeout=node_timeout) for i, p in enumerate(paths)]
+
+    async def identity_check(i: int, store: NodeStore) -> None:
+        await check_identity(store, ident.volume_id, i)
+
+    nodes = NodeSet(stores, identity_check)
+
+    async def check(i: int) -> None:
+        try:
+            await identity_check(i, stores[i])
+        except (IdentityError, NodeError) as exc:
+            nodes.set_state(i, NodeState.DOWN, str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(ident.n):
+            nursery.start_soon(check, i)
+    ident = ident.with_nodes(tuple(paths), ident.mounts)
+    blobs = BlobStore(nodes, ident.params, **blobstore_opts)  # type: ignore[arg-type]
+    return Volume(ident, nodes, blobs)
