@@ -183,8 +183,10 @@ class Metadata:
         values = dict(self._db.execute("SELECT key, value FROM meta"))
         if values.get("schema_version") != SCHEMA_VERSION:
             self._db.close()
-            raise Invalid(f"{self.path}: schema version {values.get('schema_version')}, "
-                          f"this walrusfs reads {SCHEMA_VERSION}")
+            raise Invalid(
+                f"{self.path}: schema version {values.get('schema_version')}, "
+                f"this walrusfs reads {SCHEMA_VERSION}"
+            )
         self.block_size: int = values["block_size"]
         if block_size is not None and block_size != self.block_size:
             self._db.close()
@@ -338,8 +340,17 @@ class Metadata:
         """Make a new inode named `name` in `parent` (a symlink if `target` is given)."""
         is_dir = stat.S_ISDIR(mode)
         size = len(target) if target is not None else 0
-        with self._transaction("create", parent=parent, name=name, mode=mode, uid=uid,
-                               gid=gid, rdev=rdev, target=target, now_ns=now_ns) as db:
+        with self._transaction(
+            "create",
+            parent=parent,
+            name=name,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            rdev=rdev,
+            target=target,
+            now_ns=now_ns,
+        ) as db:
             cur = db.execute(
                 f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
                 (mode, uid, gid, size, now_ns, now_ns, now_ns, rdev, 2 if is_dir else 1),
@@ -379,9 +390,15 @@ class Metadata:
     ) -> int | None:
         """Move a name, replacing the destination (validated by the caller) or swapping
         with it if `exchange`. Returns the replaced inode, if any."""
-        with self._transaction("rename", src_parent=src_parent, src_name=src_name,
-                               dst_parent=dst_parent, dst_name=dst_name, now_ns=now_ns,
-                               exchange=exchange) as db:
+        with self._transaction(
+            "rename",
+            src_parent=src_parent,
+            src_name=src_name,
+            dst_parent=dst_parent,
+            dst_name=dst_name,
+            now_ns=now_ns,
+            exchange=exchange,
+        ) as db:
             src = self._lookup_or_raise(src_parent, src_name)
             dst = self.lookup(dst_parent, dst_name)
             replaced = None
@@ -430,8 +447,7 @@ class Metadata:
         return self.get_inode(ino)
 
     def set_xattr(self, ino: int, name: bytes, value: bytes, *, now_ns: int) -> None:
-        with self._transaction("set_xattr", ino=ino, name=name, value=value,
-                               now_ns=now_ns) as db:
+        with self._transaction("set_xattr", ino=ino, name=name, value=value, now_ns=now_ns) as db:
             db.execute(
                 "INSERT OR REPLACE INTO xattrs(inode, name, value) VALUES (?, ?, ?)",
                 (ino, name, value),
@@ -450,8 +466,9 @@ class Metadata:
         """Set the size; blocks wholly past it go, the block across it is cut short."""
         bs = self.block_size
         freed: list[FreedBlob] = []
-        with self._transaction("truncate", ino=ino, size=size, mtime_ns=mtime_ns,
-                               ctime_ns=ctime_ns) as db:
+        with self._transaction(
+            "truncate", ino=ino, size=size, mtime_ns=mtime_ns, ctime_ns=ctime_ns
+        ) as db:
             first_gone = -(-size // bs)
             gone = db.execute(
                 "DELETE FROM blocks WHERE inode = ? AND block_index >= ? RETURNING blob_id",
@@ -483,8 +500,14 @@ class Metadata:
     ) -> list[FreedBlob]:
         """Point blocks at new blobs (None: make it a hole) and set size and times."""
         freed: list[FreedBlob] = []
-        with self._transaction("set_blocks", ino=ino, blocks=dict(blocks), size=size,
-                               mtime_ns=mtime_ns, ctime_ns=ctime_ns) as db:
+        with self._transaction(
+            "set_blocks",
+            ino=ino,
+            blocks=dict(blocks),
+            size=size,
+            mtime_ns=mtime_ns,
+            ctime_ns=ctime_ns,
+        ) as db:
             cur = db.execute(
                 "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
                 (size, mtime_ns, ctime_ns, ino),

@@ -81,8 +81,9 @@ def test_reopen_keeps_data_and_checks_format(tmp_path: Path) -> None:
 def test_create_names_and_link_counts(meta: Recording) -> None:
     d = mkdir(meta, ROOT_INODE, b"d", now=200)
     f = mkfile(meta, d, b"f", now=300)
-    s = meta.create(d, b"s", mode=stat.S_IFLNK | 0o777, uid=0, gid=0, now_ns=300,
-                    target=b"../elsewhere").id
+    s = meta.create(
+        d, b"s", mode=stat.S_IFLNK | 0o777, uid=0, gid=0, now_ns=300, target=b"../elsewhere"
+    ).id
     assert meta.get_inode(ROOT_INODE).nlink == 3  # 2 + one subdirectory
     assert meta.get_inode(d).nlink == 2 and meta.get_inode(f).nlink == 1
     assert meta.get_inode(d).mtime_ns == 300  # parents' times follow their entries
@@ -190,8 +191,9 @@ def test_xattrs(meta: Recording) -> None:
 def test_set_blocks_counts_blob_references(meta: Recording) -> None:
     f = mkfile(meta, ROOT_INODE, b"f")
     g = mkfile(meta, ROOT_INODE, b"g")
-    freed = meta.set_blocks(f, {0: ref(b"A"), 1: ref(b"B", 10)}, size=BS + 10,
-                            mtime_ns=5, ctime_ns=6)
+    freed = meta.set_blocks(
+        f, {0: ref(b"A"), 1: ref(b"B", 10)}, size=BS + 10, mtime_ns=5, ctime_ns=6
+    )
     assert freed == []
     assert meta.set_blocks(g, {3: ref(b"A")}, size=4 * BS, mtime_ns=5, ctime_ns=6) == []
     assert meta.blob_refcount(ref(b"A").blob_id) == 2
@@ -213,8 +215,7 @@ def test_set_blocks_counts_blob_references(meta: Recording) -> None:
 
 def test_truncate_drops_and_trims_blocks(meta: Recording) -> None:
     f = mkfile(meta, ROOT_INODE, b"f")
-    meta.set_blocks(f, {i: ref(b"%d" % i) for i in range(4)}, size=4 * BS, mtime_ns=1,
-                    ctime_ns=1)
+    meta.set_blocks(f, {i: ref(b"%d" % i) for i in range(4)}, size=4 * BS, mtime_ns=1, ctime_ns=1)
     freed = meta.truncate(f, BS + 100, mtime_ns=2, ctime_ns=3)
     assert sorted(b.meta for b in freed) == [b"meta-2", b"meta-3"]
     assert meta.block_indexes(f) == [0, 1]
@@ -236,7 +237,14 @@ def test_each_mutation_is_one_committed_change(meta: Recording) -> None:
     meta.truncate(f, 0, mtime_ns=6, ctime_ns=6)
     meta.unlink(ROOT_INODE, b"h", now_ns=7)
     assert [c.op for c in meta.changes] == [
-        "create", "link", "set_attrs", "set_xattr", "rename", "truncate", "unlink"]
+        "create",
+        "link",
+        "set_attrs",
+        "set_xattr",
+        "rename",
+        "truncate",
+        "unlink",
+    ]
     assert meta.changes[2].args == {"ino": f, "mode": FILE | 0o4000, "mtime_ns": 3}
     with pytest.raises(TypeError):
         meta.set_attrs(f, size=3)

@@ -1,0 +1,69 @@
+"""An honest in-memory blob store implementing walrusfs.filedata.BlobStoreProtocol.
+
+Content addressed with blake3 like the real store, so identical blocks share a blob; it
+counts puts, gets and deletes, and can fail or hold operations so tests can prove blobs
+are freed, errors surface as EIO and races between flushes are handled. Tests only: the
+lead's walrusfs.blobstore replaces it.
+"""
+
+from __future__ import annotations
+
+import blake3
+import trio
+
+from walrusfs.errors import StorageUnavailable
+
+
+class MemBlobStore:
+    def __init__(self) -> None:
+        self.blobs: dict[bytes, bytes] = {}
+        self.puts = 0
+        self.gets = 0
+        self.deletes = 0
+        self.fail_puts = False
+        self.fail_gets = False
+        # While set, operations wait for the event: lets a test interleave tasks.
+        self.put_gate: trio.Event | None = None
+        self.gate_prefix = b""  # only puts of content starting with this wait
+        self.delete_gate: trio.Event | None = None
+        self.puts_waiting = 0
+
+    @staticmethod
+    def _meta(blob_id: bytes, length: int) -> bytes:
+        return b"mem1" + length.to_bytes(8, "big") + blob_id[:4]
+
+    async def put_blob(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+        content = bytes(data)  # copy now: the caller's buffer is only borrowed
+        await trio.lowlevel.checkpoint()
+        if self.fail_puts:
+            raise StorageUnavailable("memblobs: puts are failing")
+        blob_id = blake3.blake3(content).digest()
+        self.blobs[blob_id] = content
+        self.puts += 1
+        if self.put_gate is not None and content.startswith(self.gate_prefix):
+            # Stored but not yet acknowledged, like slivers written before the reply.
+            self.puts_waiting += 1
+            try:
+                await self.put_gate.wait()
+            finally:
+                self.puts_waiting -= 1
+        return blob_id, self._meta(blob_id, len(content))
+
+    async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        self.gets += 1
+        if self.fail_gets:
+            raise StorageUnavailable("memblobs: gets are failing")
+        content = self.blobs.get(blob_id)
+        if content is None:
+            raise StorageUnavailable(f"memblobs: blob {blob_id.hex()[:16]} is gone")
+        assert meta == self._meta(blob_id, len(content)), "metadata does not match the blob"
+        assert offset >= 0 and offset + length <= len(content), "range outside the blob"
+        return content[offset : offset + length]
+
+    async def delete_blob(self, blob_id: bytes, meta: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.delete_gate is not None:
+            await self.delete_gate.wait()
+        self.deletes += 1
+        self.blobs.pop(blob_id, None)

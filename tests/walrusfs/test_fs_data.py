@@ -1,0 +1,369 @@
+"""File content without a mount: blocks, holes, truncation, flushing, caching, failures."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import random
+import stat
+
+import blake3
+import pytest
+import trio
+
+from tests.walrusfs.conftest import BS, FakeClock, fake_space
+from tests.walrusfs.memblobs import MemBlobStore
+from walrusfs.errors import errno_of
+from walrusfs.fs import FileSystem
+from walrusfs.metadata import ROOT_INODE, Metadata
+
+R = ROOT_INODE
+SIZES = [0, 1, 4095, 4096, 4097, BS - 1, BS, BS + 1, 3 * BS + 7]
+
+
+async def new_file(fs: FileSystem, name: bytes = b"f", flags: int = os.O_RDWR) -> tuple[int, int]:
+    fh, attrs = await fs.create(R, name, 0o644, flags, 0, 0)
+    return attrs.ino, fh
+
+
+async def read_all(fs: FileSystem, fh: int, size: int) -> bytes:
+    return await fs.read(fh, 0, size + 10)
+
+
+def assert_no_leaks(fs: FileSystem, store: MemBlobStore) -> None:
+    """Every stored blob is named by some block, and every named blob is stored."""
+    db = fs.meta._db
+    named = {bytes(r[0]) for r in db.execute("SELECT blob_id FROM blobs")}
+    assert named == set(store.blobs)
+    counts = dict(db.execute("SELECT blob_id, COUNT(*) FROM blocks GROUP BY blob_id"))
+    assert counts == dict(db.execute("SELECT blob_id, refcount FROM blobs"))
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_roundtrip_sizes_and_reopen(
+    size: int, fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    data = random.Random(size).randbytes(size)
+    ino, fh = await new_file(fs)
+    for pos in range(0, size, 40_000):  # writes that straddle block boundaries
+        assert await fs.write(fh, pos, data[pos : pos + 40_000]) == len(data[pos : pos + 40_000])
+    await fs.flush(fh)
+    assert await read_all(fs, fh, size) == data
+    await fs.release(fh)
+    assert len(meta.block_indexes(ino)) == -(-size // BS)
+    assert meta.get_inode(ino).size == size
+    # A fresh FileSystem on the same volume reads it back from the store.
+    fs2 = FileSystem(meta, store)
+    fh2 = await fs2.open(ino, os.O_RDONLY, 0)
+    assert await read_all(fs2, fh2, size) == data
+    attrs = await fs2.getattr(ino)
+    assert attrs.size == size and attrs.blocks == -(-size // 512)
+    assert_no_leaks(fs, store)
+
+
+async def test_random_io_matches_a_plain_file(fs: FileSystem, store: MemBlobStore) -> None:
+    rng = random.Random(20240601)
+    model = bytearray()
+    ino, fh = await new_file(fs)
+    limit = 6 * BS
+    for step in range(400):
+        op = rng.random()
+        if op < 0.5:
+            off = rng.randrange(0, limit)
+            data = rng.randbytes(rng.choice([1, 100, 4096, BS - 3, BS, 2 * BS + 5]))
+            await fs.write(fh, off, data)
+            if off > len(model):
+                model.extend(bytes(off - len(model)))
+            model[off : off + len(data)] = data
+        elif op < 0.6:
+            size = rng.randrange(0, limit)
+            await fs.setattr(ino, size=size)
+            del model[size:]
+            model.extend(bytes(size - len(model)))
+        elif op < 0.7:
+            await fs.flush(fh)
+        else:
+            off = rng.randrange(0, limit + BS)
+            n = rng.randrange(0, 3 * BS)
+            assert await fs.read(fh, off, n) == bytes(model[off : off + n]), step
+        assert (await fs.getattr(ino)).size == len(model)
+    await fs.release(fh)
+    fh = await fs.open(ino, os.O_RDONLY, 0)
+    assert await read_all(fs, fh, len(model)) == bytes(model)
+    assert fs.meta.get_inode(ino).size == len(model)
+    assert_no_leaks(fs, store)
+    assert fs.data.dirty_bytes == 0
+
+
+async def test_sparse_file_at_10_gib_stores_one_block(fs: FileSystem, store: MemBlobStore) -> None:
+    ino, fh = await new_file(fs)
+    far = 10 * 2**30
+    await fs.write(fh, far, b"tail")
+    await fs.write(fh, 5, b"head")
+    await fs.flush(fh)
+    assert (await fs.getattr(ino)).size == far + 4
+    assert fs.meta.block_indexes(ino) == [0, far // BS]
+    assert store.puts == 2
+    assert await fs.read(fh, far - 3, 10) == b"\0\0\0tail"
+    assert await fs.read(fh, 5 * 2**30, 8) == bytes(8)  # a hole reads as zeros
+    assert await fs.read(fh, 0, 12) == b"\0" * 5 + b"head\0\0\0"
+    await fs.setattr(ino, size=far // 2)  # truncating a huge sparse file drops one block
+    assert fs.meta.block_indexes(ino) == [0] and store.deletes == 1
+
+
+async def test_truncate_down_then_up_reads_zeros(fs: FileSystem) -> None:
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"x" * (2 * BS))
+    await fs.flush(fh)
+    await fs.setattr(ino, size=BS + 10)  # cuts the stored block short
+    await fs.write(fh, 0, b"y")  # dirty block 0; block 1 stays stored
+    await fs.setattr(ino, size=3)  # cuts the dirty block
+    await fs.setattr(ino, size=2 * BS)
+    assert await fs.read(fh, 0, 2 * BS) == b"yxx" + bytes(2 * BS - 3)
+    await fs.flush(fh)
+    assert await fs.read(fh, 0, 2 * BS) == b"yxx" + bytes(2 * BS - 3)
+
+
+async def test_append_and_o_trunc(fs: FileSystem, clock: FakeClock) -> None:
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"0123456789")
+    await fs.release(fh)
+    fh = await fs.open(ino, os.O_WRONLY | os.O_APPEND, 0)
+    await fs.write(fh, 0, b"ab")  # the offset is ignored: appends
+    await fs.write(fh, 3, b"cd")
+    await fs.release(fh)
+    rd = await fs.open(ino, os.O_RDONLY, 0)
+    assert await fs.read(rd, 0, 100) == b"0123456789abcd"
+    before = await fs.getattr(ino)
+    fh = await fs.open(ino, os.O_WRONLY | os.O_TRUNC, 0)
+    after = await fs.getattr(ino)
+    assert after.size == 0 and after.mtime_ns > before.mtime_ns
+    assert await fs.read(rd, 0, 100) == b""
+    for h in (fh, rd):
+        await fs.release(h)
+
+
+async def test_identical_blocks_share_one_blob(fs: FileSystem, store: MemBlobStore) -> None:
+    data = random.Random(1).randbytes(2 * BS)
+    inos = []
+    for name in (b"a", b"b"):
+        ino, fh = await new_file(fs, name)
+        await fs.write(fh, 0, data)
+        await fs.release(fh)
+        inos.append(ino)
+    assert len(store.blobs) == 2 and fs.meta.blob_count() == 2
+    await fs.unlink(R, b"a")
+    await fs.forget([(inos[0], 1)])
+    assert store.deletes == 0 and len(store.blobs) == 2
+    await fs.unlink(R, b"b")
+    await fs.forget([(inos[1], 1)])
+    assert store.deletes == 2 and not store.blobs and fs.meta.blob_count() == 0
+
+
+async def test_zero_blocks_become_holes(fs: FileSystem, store: MemBlobStore) -> None:
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, bytes(3 * BS))
+    await fs.write(fh, 3 * BS, b"end")
+    await fs.release(fh)
+    assert fs.meta.block_indexes(ino) == [3] and store.puts == 1
+    rd = await fs.open(ino, os.O_RDONLY, 0)
+    assert await fs.read(rd, BS, 4) == bytes(4)
+    await fs.release(rd)
+
+
+async def test_overwrite_frees_the_old_blob(fs: FileSystem, store: MemBlobStore) -> None:
+    _ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"a" * BS)
+    await fs.flush(fh)
+    await fs.write(fh, 10, b"b")  # read-modify-write of the stored block
+    await fs.flush(fh)
+    assert store.deletes == 1 and len(store.blobs) == 1
+    assert await fs.read(fh, 8, 4) == b"aaba"
+    await fs.release(fh)
+    assert_no_leaks(fs, store)
+
+
+async def test_failed_flush_keeps_data_and_retries(fs: FileSystem, store: MemBlobStore) -> None:
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"precious" * 1000)
+    store.fail_puts = True
+    with pytest.raises(Exception) as info:
+        await fs.flush(fh)
+    assert errno_of(info.value) == errno.EIO
+    assert await fs.read(fh, 0, 8) == b"precious"  # still served from memory
+    assert fs.meta.get_inode(ino).size == 0 and (await fs.getattr(ino)).size == 8000
+    store.fail_puts = False
+    await fs.flush(fh)
+    assert fs.meta.get_inode(ino).size == 8000 and fs.data.dirty_bytes == 0
+    await fs.release(fh)
+
+
+async def test_unreadable_blob_is_eio(fs: FileSystem, store: MemBlobStore, meta: Metadata) -> None:
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"z" * 100)
+    await fs.release(fh)
+    fresh = FileSystem(meta, store)  # nothing cached
+    store.fail_gets = True
+    fh = await fresh.open(ino, os.O_RDONLY, 0)
+    with pytest.raises(Exception) as info:
+        await fresh.read(fh, 0, 10)
+    assert errno_of(info.value) == errno.EIO
+    store.fail_gets = False
+    assert await fresh.read(fh, 0, 3) == b"zzz"
+
+
+async def test_read_cache_and_read_ahead(meta: Metadata, store: MemBlobStore) -> None:
+    fs = FileSystem(meta, store, cache_bytes=4 * BS)
+    ino, fh = await new_file(fs)
+    data = random.Random(7).randbytes(6 * BS)
+    await fs.write(fh, 0, data)
+    await fs.release(fh)
+    fresh = FileSystem(meta, store, cache_bytes=4 * BS)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fresh.run_background)
+        fh = await fresh.open(ino, os.O_RDONLY, 0)
+        gets = store.gets
+        assert await fresh.read(fh, 0, 4096) == data[:4096]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.gets == gets + 2  # block 0 and, ahead of the reader, block 1
+        assert await fresh.read(fh, 4096, BS) == data[4096 : 4096 + BS]
+        assert await fresh.read(fh, 0, 10) == data[:10]  # cached
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.gets == gets + 3  # block 2 read ahead; nothing fetched twice
+        nursery.cancel_scope.cancel()
+
+
+async def test_dirty_memory_is_bounded(meta: Metadata, store: MemBlobStore) -> None:
+    fs = FileSystem(meta, store, dirty_limit=4 * BS)
+    ino, fh = await new_file(fs)
+    peak = 0
+    data = random.Random(3).randbytes(40 * BS)
+    for pos in range(0, len(data), 16384):
+        await fs.write(fh, pos, data[pos : pos + 16384])
+        peak = max(peak, fs.data.dirty_bytes)
+    assert peak <= 4 * BS + 16384
+    assert store.puts >= 36  # written out along the way, whole blocks only
+    await fs.release(fh)
+    assert store.puts == 40  # no partial block was stored twice
+    assert fs.meta.get_inode(ino).size == len(data)
+
+
+async def test_background_flusher_writes_old_dirty_data(
+    fs: FileSystem, store: MemBlobStore, autojump_clock: object
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        ino, fh = await new_file(fs)
+        await fs.write(fh, 0, b"later")
+        await trio.sleep(1)
+        assert store.puts == 0  # young dirty data waits
+        await trio.sleep(10)
+        assert store.puts == 1 and fs.meta.get_inode(ino).size == 5
+        assert fs.data.live(ino) is None  # clean: attributes come from the row again
+        nursery.cancel_scope.cancel()
+
+
+async def test_put_racing_a_delete_of_the_same_blob(fs: FileSystem, store: MemBlobStore) -> None:
+    content = b"shared" * 100
+    a, fa = await new_file(fs, b"a")
+    await fs.write(fa, 0, content)
+    await fs.flush(fa)  # blob X is stored, named by a
+    b, fb = await new_file(fs, b"b")
+    await fs.write(fb, 0, content)
+    store.put_gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.flush, fb)  # stores X again, not yet acknowledged
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.puts_waiting == 1
+        await fs.setattr(a, size=0)  # drops the last name of X: X is deleted
+        assert store.deletes == 1 and not store.blobs
+        store.put_gate.set()  # the put now returns X, whose slivers are gone...
+        store.put_gate = None
+    # ...so the flush put it again before naming it.
+    assert len(store.blobs) == 1
+    rd = FileSystem(fs.meta, store)
+    fh = await rd.open(b, os.O_RDONLY, 0)
+    assert await rd.read(fh, 0, 1000) == content
+    assert_no_leaks(fs, store)
+
+
+async def test_delete_racing_a_put_of_the_same_blob(fs: FileSystem, store: MemBlobStore) -> None:
+    content = b"again" * 100
+    a, fa = await new_file(fs, b"a")
+    await fs.write(fa, 0, content)
+    await fs.flush(fa)
+    _b, fb = await new_file(fs, b"b")
+    await fs.write(fb, 0, content)
+    store.delete_gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(fs.setattr, a, size=0))  # delete of X is held
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(fs.flush, fb)  # puts X while its delete is under way
+        await trio.testing.wait_all_tasks_blocked()
+        store.delete_gate.set()
+    assert len(store.blobs) == 1 and store.puts == 3  # put again after the delete
+    assert_no_leaks(fs, store)
+
+
+async def test_blob_named_by_a_flush_under_way_is_not_deleted(
+    fs: FileSystem, store: MemBlobStore
+) -> None:
+    shared = b"S" * BS
+    a, fa = await new_file(fs, b"a")
+    await fs.write(fa, 0, shared)
+    await fs.flush(fa)  # blob X named by a
+    _b, fb = await new_file(fs, b"b")
+    await fs.write(fb, 0, shared)  # block 0: X again, stored at once
+    await fs.write(fb, BS, b"slow" * 10)  # block 1: its put is held
+    store.put_gate, store.gate_prefix = trio.Event(), b"slow"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.flush, fb)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.puts_waiting == 1  # X is back from the store, not yet committed
+        await fs.setattr(a, size=0)  # the last committed name of X goes
+        assert store.deletes == 0  # ...but b's flush is about to name it
+        store.put_gate.set()
+    assert fs.meta.blob_refcount(blake3.blake3(shared).digest()) == 1
+    assert_no_leaks(fs, store)
+
+
+async def test_shutdown_flushes_and_removes_orphans(meta: Metadata, store: MemBlobStore) -> None:
+    fs = FileSystem(meta, store, space=fake_space)
+    keep, fk = await new_file(fs, b"keep")
+    _gone, fg = await new_file(fs, b"gone")
+    await fs.write(fk, 0, b"k" * 10)
+    await fs.write(fg, 0, b"g" * 10)
+    await fs.flush(fg)
+    await fs.unlink(R, b"gone")  # still open and looked up when the kernel goes away
+    await fs.shutdown()
+    assert meta.get_inode(keep).size == 10 and meta.orphans() == []
+    assert list(store.blobs.values()) == [b"k" * 10]
+
+
+async def test_orphans_of_an_unclean_stop_are_removed_at_start(
+    meta: Metadata, store: MemBlobStore, autojump_clock: object
+) -> None:
+    fs = FileSystem(meta, store)
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"o" * 10)
+    await fs.flush(fh)
+    await fs.unlink(R, b"f")  # ...and the process dies here
+    assert meta.orphans() == [ino]
+    fs2 = FileSystem(meta, store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs2.run_background)
+        assert meta.orphans() == [] and not store.blobs
+        nursery.cancel_scope.cancel()
+
+
+async def test_special_file_handles_refuse_data(fs: FileSystem) -> None:
+    d = await fs.mkdir(R, b"d", 0o755, 0, 0)
+    with pytest.raises(Exception) as info:
+        await fs.open(d.ino, os.O_RDONLY, 0)
+    assert errno_of(info.value) == errno.EISDIR
+    f = await fs.mknod(R, b"f", stat.S_IFREG | 0o644, 0, 0, 0)
+    with pytest.raises(Exception) as info2:
+        await fs.setattr(d.ino, size=0)
+    assert errno_of(info2.value) == errno.EISDIR
+    assert (await fs.setattr(f.ino, size=100)).size == 100

@@ -1,0 +1,555 @@
+"""File bytes <-> blocks <-> blobs: dirty buffers, the read cache, flushing.
+
+Role: a file's content is a sequence of blocks of the volume's block size; block k holds
+bytes [k*bs, (k+1)*bs) and is stored as one immutable, content-addressed blob (a missing
+block is a hole and reads as zeros). Writes patch in-memory *dirty* copies of blocks
+(read-modify-write: a partly written block is loaded first). A flush puts dirty blocks
+as blobs in parallel, then switches the file's block map, size and times in ONE metadata
+transaction, then deletes the blobs nothing names any more. Reads look at dirty and
+in-flight blocks first, then at an LRU cache of blob bytes keyed by blob_id (content
+addressed, so it is never stale), then at the store, with read-ahead of the next block.
+
+While a file has unflushed changes its live size and times are kept here (`live`); the
+metadata row has the values of the last flush. Dirty memory is bounded: a writer over
+the limit flushes (full blocks first) before its write is accepted. A background flusher,
+run in the mount's nursery, writes out files dirty for longer than `flush_age` seconds.
+
+Must not import pyfuse3. Talks to the blob store only through `BlobStoreProtocol`.
+
+Thread/task safety: trio tasks of one thread. Per file, `write_lock` orders writes and
+truncates (a block load awaits the store) and `flush_lock` keeps one flush or truncate at
+a time. A put and a delete of the same blob_id may race (content addressing makes two
+files share blobs); `_put` and `free` make that safe, see there.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import trio
+
+from walrusfs.errors import FSError, errno_of, is_known
+from walrusfs.metadata import BlockRef, FreedBlob, Metadata
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+
+
+class BlobStoreProtocol(Protocol):
+    """What filedata needs from the blob store (walrusfs.blobstore implements it)."""
+
+    async def put_blob(self, data: Buffer) -> tuple[bytes, bytes]:
+        """Store `data`; return (blob_id, metadata). Same content, same blob_id."""
+        ...
+
+    async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> bytes:
+        """Verified bytes of the blob. Raises an FSError (EIO) if they cannot be read."""
+        ...
+
+    async def delete_blob(self, blob_id: bytes, meta: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """Attributes of a file whose newest state is still in memory."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class _File:
+    """In-memory state of one file with unflushed changes (or an operation under way)."""
+
+    def __init__(self, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
+        self.inode = inode
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.ctime_ns = ctime_ns
+        self.attrs_dirty = False  # size/times differ from the metadata row
+        self.dirty: dict[int, bytearray] = {}  # block index -> block bytes (may be short)
+        self.inflight: dict[int, bytearray] = {}  # being flushed; never mutated
+        self.dirty_since: float | None = None  # trio time of the oldest unflushed change
+        self.write_lock = trio.Lock()
+        self.flush_lock = trio.Lock()
+        self.users = 0  # operations holding this object; evicted only at 0
+
+    def is_clean(self) -> bool:
+        return not (self.dirty or self.inflight or self.attrs_dirty)
+
+
+class _BlobCache:
+    """LRU of blob bytes by blob_id, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._items: OrderedDict[bytes, Buffer] = OrderedDict()
+
+    def get(self, blob_id: bytes, length: int) -> Buffer | None:
+        data = self._items.get(blob_id)
+        if data is None or len(data) < length:  # a shorter copy cannot serve this read
+            return None
+        self._items.move_to_end(blob_id)
+        return data
+
+    def put(self, blob_id: bytes, data: Buffer) -> None:
+        self.discard(blob_id)
+        if len(data) > self.capacity:
+            return
+        self._items[blob_id] = data
+        self.used += len(data)
+        while self.used > self.capacity:
+            _, old = self._items.popitem(last=False)
+            self.used -= len(old)
+
+    def discard(self, blob_id: bytes) -> None:
+        old = self._items.pop(blob_id, None)
+        if old is not None:
+            self.used -= len(old)
+
+    def __contains__(self, blob_id: bytes) -> bool:
+        return blob_id in self._items
+
+
+def _is_zero(buf: bytearray) -> bool:
+    if not buf:
+        return True
+    if buf[0] or buf[-1]:
+        return False
+    return not bool(np.frombuffer(buf, dtype=np.uint8).any())
+
+
+def _piece(data: Buffer, limit: int, offset: int, n: int) -> bytes:
+    """`n` bytes of `data[:limit]` from `offset`, zero-padded."""
+    with memoryview(data) as view:
+        out = view[offset : min(offset + n, limit)].tobytes()
+    return out if len(out) == n else out + bytes(n - len(out))
+
+
+class FileData:
+    """Reads and writes file content through dirty buffers, a cache and the blob store."""
+
+    def __init__(
+        self,
+        meta: Metadata,
+        store: BlobStoreProtocol,
+        *,
+        cache_bytes: int = 64 << 20,
+        dirty_limit: int = 128 << 20,
+        flush_age: float = 5.0,
+        max_parallel: int = 4,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._meta = meta
+        self._store = store
+        self.block_size = meta.block_size
+        self._cache = _BlobCache(cache_bytes)
+        # Two blocks at least, or a writer could never make room for a partial block.
+        self._dirty_limit = max(dirty_limit, 2 * self.block_size)
+        self._flush_age = flush_age
+        self._limiter = trio.CapacityLimiter(max_parallel)
+        self._clock_ns = clock_ns
+        self._files: dict[int, _File] = {}
+        self.dirty_bytes = 0  # dirty + in-flight block bytes, all files
+        self._progress = trio.Event()  # set (and replaced) whenever a flush ends
+        self._fetching: dict[bytes, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None  # for read-ahead, while the flusher runs
+        self._flush_failing = False
+        # put/delete race guards, see _put and free.
+        self._pinned: Counter[bytes] = Counter()
+        self._deleting: dict[bytes, trio.Event] = {}
+        self._watchers: dict[object, set[bytes]] = {}
+
+    # -- state --------------------------------------------------------------------------
+
+    @contextmanager
+    def _use(self, inode: int) -> Iterator[_File]:
+        f = self._files.get(inode)
+        if f is None:
+            row = self._meta.get_inode(inode)
+            f = self._files[inode] = _File(inode, row.size, row.mtime_ns, row.ctime_ns)
+        f.users += 1
+        try:
+            yield f
+        finally:
+            f.users -= 1
+            if f.users == 0 and f.is_clean() and self._files.get(inode) is f:
+                del self._files[inode]
+
+    def live(self, inode: int) -> Live | None:
+        """Size and times of `inode` if newer than its metadata row, else None."""
+        f = self._files.get(inode)
+        return None if f is None else Live(f.size, f.mtime_ns, f.ctime_ns)
+
+    def set_times(
+        self, inode: int, *, mtime_ns: int | None = None, ctime_ns: int | None = None
+    ) -> None:
+        """Times just written to the metadata row: make a later flush keep them."""
+        f = self._files.get(inode)
+        if f is not None:
+            f.mtime_ns = f.mtime_ns if mtime_ns is None else mtime_ns
+            f.ctime_ns = f.ctime_ns if ctime_ns is None else ctime_ns
+
+    def _mark_dirty(self, f: _File) -> None:
+        f.attrs_dirty = True
+        if f.dirty_since is None:
+            f.dirty_since = trio.current_time()
+
+    # -- read ---------------------------------------------------------------------------
+
+    async def read(self, inode: int, offset: int, length: int, *, readahead: bool = False) -> bytes:
+        """Up to `length` bytes at `offset` (short only at end of file). Raises FSError."""
+        f = self._files.get(inode)
+        size = f.size if f is not None else self._meta.get_inode(inode).size
+        end = min(size, offset + length)
+        if end <= offset:
+            return b""
+        bs = self.block_size
+        pieces = []
+        pos = offset
+        while pos < end:
+            index, start = divmod(pos, bs)
+            n = min(bs - start, end - pos)
+            pieces.append(await self._read_block(inode, index, start, n))
+            pos += n
+        if readahead and (end - 1) // bs + 1 < -(-size // bs):
+            self._prefetch(inode, (end - 1) // bs + 1)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def _read_block(self, inode: int, index: int, start: int, n: int) -> bytes:
+        for _attempt in range(3):
+            f = self._files.get(inode)
+            if f is not None:
+                buf = f.dirty.get(index)
+                if buf is None:
+                    buf = f.inflight.get(index)
+                if buf is not None:
+                    return _piece(buf, len(buf), start, n)
+            ref = self._meta.block(inode, index)
+            if ref is None:
+                return bytes(n)
+            try:
+                data = await self._fetch(ref)
+            except FSError:
+                # A flush or truncate may have replaced the block and deleted its blob
+                # while we read it: then read the new version instead of failing.
+                if self._meta.block(inode, index) == ref:
+                    raise
+                continue
+            return _piece(data, ref.length, start, n)
+        raise FSError(errno.EIO, f"block {index} of inode {inode} keeps changing under a read")
+
+    async def _fetch(self, ref: BlockRef) -> Buffer:
+        while True:
+            data = self._cache.get(ref.blob_id, ref.length)
+            if data is not None:
+                return data
+            pending = self._fetching.get(ref.blob_id)
+            if pending is None:
+                break
+            await pending.wait()  # someone (read-ahead) is fetching it; then retry
+        done = self._fetching[ref.blob_id] = trio.Event()
+        try:
+            data = await self._store.get_range(ref.blob_id, ref.meta, 0, ref.length)
+            self._cache.put(ref.blob_id, data)
+            return data
+        finally:
+            del self._fetching[ref.blob_id]
+            done.set()
+
+    def _prefetch(self, inode: int, index: int) -> None:
+        if self._nursery is None:
+            return
+        f = self._files.get(inode)
+        if f is not None and (index in f.dirty or index in f.inflight):
+            return
+        ref = self._meta.block(inode, index)
+        if ref is None or ref.blob_id in self._cache or ref.blob_id in self._fetching:
+            return
+        self._nursery.start_soon(self._prefetch_one, ref)
+
+    async def _prefetch_one(self, ref: BlockRef) -> None:
+        try:
+            await self._fetch(ref)
+        except Exception as exc:  # the read that needs it will report it
+            log.debug("read-ahead of blob %s failed: %s", ref.blob_id.hex(), exc)
+
+    # -- write and truncate -------------------------------------------------------------
+
+    async def write(self, inode: int, offset: int, data: Buffer) -> None:
+        """Write all of `data` at `offset`; sets mtime and ctime. Raises FSError."""
+        if not len(data):
+            return
+        await self._make_room(inode)
+        now = self._clock_ns()
+        with self._use(inode) as f:
+            async with f.write_lock:
+                bs = self.block_size
+                end = offset + len(data)
+                pos = offset
+                with memoryview(data) as src:
+                    while pos < end:
+                        index, start = divmod(pos, bs)
+                        n = min(bs - start, end - pos)
+                        buf = await self._writable_block(f, index, start, n)
+                        old_len = len(buf)
+                        if start > old_len:
+                            buf.extend(bytes(start - old_len))
+                        buf[start : start + n] = src[pos - offset : pos - offset + n]
+                        self.dirty_bytes += len(buf) - old_len
+                        pos += n
+                f.size = max(f.size, end)
+                f.mtime_ns = f.ctime_ns = now
+                self._mark_dirty(f)
+
+    async def _writable_block(self, f: _File, index: int, start: int, n: int) -> bytearray:
+        buf = f.dirty.get(index)
+        if buf is not None:
+            return buf
+        base = f.inflight.get(index)
+        if base is not None:
+            buf = bytearray(base)  # in-flight buffers are being stored: copy
+        else:
+            ref = self._meta.block(f.inode, index)
+            if ref is None or (start == 0 and n >= ref.length):
+                buf = bytearray()  # nothing stored, or all of it is being overwritten
+            else:
+                data = await self._fetch(ref)
+                buf = bytearray(memoryview(data)[: ref.length])
+        f.dirty[index] = buf
+        self.dirty_bytes += len(buf)
+        return buf
+
+    async def truncate(self, inode: int, size: int, *, now_ns: int) -> None:
+        """Set the size; bytes past it are gone (zeros if extended again)."""
+        with self._use(inode) as f:
+            async with f.write_lock, f.flush_lock:
+                freed = self._meta.truncate(inode, size, mtime_ns=now_ns, ctime_ns=now_ns)
+                bs = self.block_size
+                for index in [i for i in f.dirty if i * bs >= size]:
+                    self.dirty_bytes -= len(f.dirty.pop(index))
+                buf = f.dirty.get(size // bs)
+                if buf is not None and len(buf) > size % bs:
+                    self.dirty_bytes -= len(buf) - size % bs
+                    del buf[size % bs :]
+                f.size, f.mtime_ns, f.ctime_ns = size, now_ns, now_ns
+                f.attrs_dirty = False  # the row has just been written
+                if not f.dirty:
+                    f.dirty_since = None
+        await self.free(freed)
+
+    async def discard(self, inode: int) -> None:
+        """Forget a deleted file's unflushed data (waits for a flush under way)."""
+        f = self._files.get(inode)
+        if f is None:
+            return
+        async with f.write_lock, f.flush_lock:
+            for buf in f.dirty.values():
+                self.dirty_bytes -= len(buf)
+            f.dirty.clear()
+            f.attrs_dirty = False
+            f.dirty_since = None
+        if self._files.get(inode) is f and f.users == 0:
+            del self._files[inode]
+
+    # -- flush --------------------------------------------------------------------------
+
+    async def flush(self, inode: int, *, full_only: bool = False) -> None:
+        """Store the file's dirty blocks (only whole ones if `full_only`) and commit them.
+
+        On failure the blocks stay dirty for a later attempt. Raises FSError.
+        """
+        if inode not in self._files:
+            return
+        with self._use(inode) as f:
+            async with f.flush_lock:
+                await self._flush_locked(f, full_only)
+
+    async def flush_all(self) -> None:
+        """Flush every file with unflushed changes."""
+        for inode in list(self._files):
+            await self.flush(inode)
+
+    async def _flush_locked(self, f: _File, full_only: bool) -> None:
+        bs = self.block_size
+        picked = {k: b for k, b in f.dirty.items() if not full_only or len(b) == bs}
+        if not picked and (full_only or not f.attrs_dirty):
+            return
+        for index, buf in picked.items():
+            del f.dirty[index]
+            f.inflight[index] = buf
+        snapshot = (f.size, f.mtime_ns, f.ctime_ns)
+        complete = not f.dirty
+        if complete:
+            f.dirty_since = None
+        refs: dict[int, BlockRef | None] = {}
+        pinned: list[bytes] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                for index, buf in picked.items():
+                    if _is_zero(buf):
+                        refs[index] = None  # an all-zero block is stored as a hole
+                    else:
+                        nursery.start_soon(self._put_block, index, buf, refs, pinned)
+            size = snapshot[0]
+            if not complete:
+                # Blocks left dirty may lie below: do not claim bytes not yet stored.
+                stored_end = max((k * bs + len(b) for k, b in picked.items()), default=0)
+                size = min(size, max(self._meta.get_inode(f.inode).size, stored_end))
+            freed = self._meta.set_blocks(
+                f.inode, refs, size=size, mtime_ns=snapshot[1], ctime_ns=snapshot[2]
+            )
+        except BaseException:
+            for index, buf in picked.items():
+                del f.inflight[index]
+                if index in f.dirty:  # rewritten meanwhile: the newer copy wins
+                    self.dirty_bytes -= len(buf)
+                else:
+                    f.dirty[index] = buf
+            self._mark_dirty(f)
+            raise
+        finally:
+            self._pinned.subtract(pinned)
+            self._pinned += Counter()  # drop zero counts
+            self._progress.set()
+            self._progress = trio.Event()
+        for index, buf in picked.items():
+            del f.inflight[index]
+            self.dirty_bytes -= len(buf)
+            ref = refs[index]
+            if ref is not None:
+                self._cache.put(ref.blob_id, buf)
+        if complete and not f.dirty and snapshot == (f.size, f.mtime_ns, f.ctime_ns):
+            f.attrs_dirty = False
+        await self.free(freed)
+
+    async def _put_block(
+        self, index: int, buf: bytearray, refs: dict[int, BlockRef | None], pinned: list[bytes]
+    ) -> None:
+        blob_id, meta = await self._put(buf)
+        pinned.append(blob_id)
+        refs[index] = BlockRef(blob_id, meta, len(buf))
+
+    async def _put(self, buf: bytearray) -> tuple[bytes, bytes]:
+        """put_blob, safe against a concurrent delete of the same blob_id.
+
+        The blob_id is only known when the put returns. If a delete of that id started
+        while we were putting, our slivers may be among those deleted: wait for the
+        delete and put again. Once returned, the id is pinned until our commit, and
+        `free` leaves pinned ids alone.
+        """
+        while True:
+            token = object()
+            seen: set[bytes] = set()
+            self._watchers[token] = seen
+            try:
+                async with self._limiter:
+                    blob_id, meta = await self._store.put_blob(buf)
+            finally:
+                del self._watchers[token]
+            deleting = self._deleting.get(blob_id)
+            if deleting is not None:
+                await deleting.wait()
+            elif blob_id not in seen:
+                self._pinned[blob_id] += 1
+                return blob_id, meta
+
+    async def free(self, freed: list[FreedBlob]) -> None:
+        """Delete blobs whose last reference was just committed away (unless named again)."""
+        victims = []
+        for blob in freed:
+            if (
+                self._pinned[blob.blob_id]
+                or blob.blob_id in self._deleting
+                or self._meta.blob_refcount(blob.blob_id)
+            ):
+                continue  # named again (or about to be) since the commit
+            self._deleting[blob.blob_id] = trio.Event()
+            for seen in self._watchers.values():
+                seen.add(blob.blob_id)
+            self._cache.discard(blob.blob_id)
+            victims.append(blob)
+        if victims:
+            async with trio.open_nursery() as nursery:
+                for blob in victims:
+                    nursery.start_soon(self._delete_one, blob)
+
+    async def _delete_one(self, blob: FreedBlob) -> None:
+        try:
+            async with self._limiter:
+                await self._store.delete_blob(blob.blob_id, blob.meta)
+        except Exception as exc:
+            # Garbage on the nodes, not a user-visible error: a scrub collects it.
+            log.warning("blob %s not deleted: %s", blob.blob_id.hex(), exc)
+        finally:
+            self._deleting.pop(blob.blob_id).set()
+
+    # -- memory pressure and the background flusher -------------------------------------
+
+    async def _make_room(self, inode: int) -> None:
+        while self.dirty_bytes > self._dirty_limit:
+            victim = self._pick_victim(inode)
+            if victim is None:
+                await self._progress.wait()  # all of it is in flight: wait for a flush
+            else:
+                await self.flush(victim.inode, full_only=self._has_full(victim))
+
+    def _has_full(self, f: _File) -> bool:
+        return any(len(b) == self.block_size for b in f.dirty.values())
+
+    def _pick_victim(self, inode: int) -> _File | None:
+        """Whole blocks first (the writer's own, then the biggest), else the biggest file."""
+        own = self._files.get(inode)
+        if own is not None and self._has_full(own):
+            return own
+        dirty = [f for f in self._files.values() if f.dirty]
+        full = [f for f in dirty if self._has_full(f)]
+        pool = full or dirty
+        return max(pool, key=lambda f: sum(map(len, f.dirty.values())), default=None)
+
+    async def run_flusher(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Flush files dirty for `flush_age` seconds, until cancelled; hosts read-ahead."""
+        tick = max(0.05, min(1.0, self._flush_age / 2))
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                while True:
+                    await trio.sleep(tick)
+                    await self._flush_old()
+            finally:
+                self._nursery = None
+
+    async def _flush_old(self) -> None:
+        cutoff = trio.current_time() - self._flush_age
+        for f in list(self._files.values()):
+            if f.dirty_since is None or f.dirty_since > cutoff:
+                continue
+            try:
+                await self.flush(f.inode)
+            except Exception as exc:
+                # Kept dirty; the next round retries. Said once, not every round.
+                if not self._flush_failing:
+                    log.warning(
+                        "background flush failing (%s), data stays in memory",
+                        os.strerror(errno_of(exc)),
+                        exc_info=not is_known(exc),
+                    )
+                self._flush_failing = True
+            else:
+                if self._flush_failing:
+                    log.info("background flush works again")
+                self._flush_failing = False

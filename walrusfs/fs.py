@@ -1,0 +1,635 @@
+"""POSIX semantics of walrusfs, with no FUSE in sight.
+
+Role: `FileSystem` has one async method per filesystem operation (lookup, mkdir,
+rename, read, ...). It decides what POSIX and Linux allow (errno choices follow Linux),
+keeps the kernel's lookup counts and the open handles, and defers removing an unlinked
+inode until the last lookup reference and the last open handle are gone. Namespace and
+attributes go to walrusfs.metadata; file content to walrusfs.filedata. The FUSE adapter
+(walrusfs.fuse_ops) only translates arguments; tests call this class directly.
+
+Permissions: mounts use `default_permissions`, so the kernel checks mode bits, ownership
+for chmod/chown/utimens, and sticky directories before a request reaches us (it knows the
+caller's supplementary groups, we would have to guess them). `access` implements the same
+owner/group/other rule with the root bypass for access(2) calls and for tests; no other
+method checks permissions. What the kernel leaves to us (FUSE_HANDLE_KILLPRIV): chown
+clears set-user-ID and set-group-ID (the latter only with group execute, as Linux), and
+a write or truncate by a non-root caller clears them too.
+
+Times: nanoseconds, exact. atime changes only when asked (setattr), as with `noatime`.
+
+Must not import pyfuse3.
+
+Thread/task safety: trio tasks of one thread; metadata calls never yield, so each check
+and the mutation that follows it are atomic with respect to other requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from walrusfs.errors import (
+    Exists,
+    Invalid,
+    IsADir,
+    NameTooLong,
+    NoData,
+    NotADir,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    NotSupported,
+    PermissionDenied,
+    Range,
+    TooBig,
+)
+from walrusfs.filedata import BlobStoreProtocol, FileData
+from walrusfs.metadata import ROOT_INODE, InodeRow, Metadata
+
+NAME_MAX = 255
+PATH_MAX = 4096
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 64 * 1024
+XATTR_CREATE, XATTR_REPLACE = 1, 2  # <sys/xattr.h>
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # <linux/fs.h>
+_NODE_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+
+
+@dataclass(frozen=True, slots=True)
+class Attrs:
+    """What stat(2) shows for an inode."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int  # 512-byte units
+    blksize: int  # preferred I/O size: the volume's block size
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """Raw capacity of the nodes and the bytes stored per byte of file data."""
+
+    total_bytes: int
+    free_bytes: int
+    overhead: float  # e.g. 3.7 for Red Stuff at n=7
+
+
+@dataclass(frozen=True, slots=True)
+class StatFs:
+    """statvfs(3) of the volume; block counts in units of `frsize`."""
+
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int
+
+
+SpaceFn = Callable[[], Awaitable[Space]]
+# readdir calls it per entry: (name, attributes, offset of the next entry) -> accepted?
+ReplyFn = Callable[[bytes, Attrs, int], bool]
+
+
+@dataclass(slots=True)
+class _Handle:
+    inode: int
+    flags: int
+    uid: int  # opener: writes by non-root clear set-ID bits
+    next_read: int = 0  # where a sequential reader reads next (read-ahead)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise NameTooLong(repr(name[:40]))
+    if not name or b"/" in name or b"\0" in name:
+        raise Invalid(f"bad name {name!r}")
+
+
+def _killpriv(mode: int) -> int:
+    """Mode after a change that must drop set-ID bits (setgid only with group exec)."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
+class FileSystem:
+    """A walrusfs volume: metadata plus file content through a blob store."""
+
+    def __init__(
+        self,
+        meta: Metadata,
+        store: BlobStoreProtocol,
+        *,
+        space: SpaceFn | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+        **filedata_options: Any,
+    ) -> None:
+        self.meta = meta
+        self.data = FileData(meta, store, clock_ns=clock_ns, **filedata_options)
+        self.block_size = meta.block_size
+        self._space = space
+        self._now = clock_ns
+        self._lookups: Counter[int] = Counter()
+        self._opens: Counter[int] = Counter()
+        self._handles: dict[int, _Handle] = {}
+        self._dirs: dict[int, int] = {}
+        self._fh = itertools.count(1)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run_background(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Remove orphans of an unclean stop, then run the flusher until cancelled."""
+        for ino in self.meta.orphans():
+            await self._maybe_delete(ino)
+        await self.data.run_flusher(task_status=task_status)
+
+    async def shutdown(self) -> None:
+        """After the kernel is gone: drop its references, remove orphans, flush all."""
+        self._lookups.clear()
+        self._opens.clear()
+        self._handles.clear()
+        self._dirs.clear()
+        for ino in self.meta.orphans():
+            await self._maybe_delete(ino)
+        await self.data.flush_all()
+
+    # -- attributes ---------------------------------------------------------------------
+
+    def _attrs(self, row: InodeRow) -> Attrs:
+        size, mtime, ctime = row.size, row.mtime_ns, row.ctime_ns
+        live = self.data.live(row.id) if stat.S_ISREG(row.mode) else None
+        if live is not None:
+            size, mtime, ctime = live.size, live.mtime_ns, live.ctime_ns
+        return Attrs(
+            row.id,
+            row.mode,
+            row.nlink,
+            row.uid,
+            row.gid,
+            row.rdev,
+            size,
+            -(-size // 512),
+            self.block_size,
+            row.atime_ns,
+            mtime,
+            ctime,
+            row.generation,
+        )
+
+    async def getattr(self, ino: int) -> Attrs:
+        return self._attrs(self.meta.get_inode(ino))
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+        caller_uid: int = 0,
+    ) -> Attrs:
+        """Change exactly the given fields; ctime becomes now unless given."""
+        row = self.meta.get_inode(ino)
+        now = self._now()
+        fields: dict[str, int] = {}
+        new_mode = row.mode
+        if size is not None:
+            if stat.S_ISDIR(row.mode):
+                raise IsADir(f"inode {ino}")
+            if not stat.S_ISREG(row.mode) or size < 0:
+                raise Invalid(f"cannot truncate inode {ino} to {size}")
+            await self.data.truncate(ino, size, now_ns=now)
+            if caller_uid != 0:
+                new_mode = _killpriv(new_mode)
+        if (uid is not None or gid is not None) and not stat.S_ISDIR(row.mode):
+            new_mode = _killpriv(new_mode)
+        if mode is not None:
+            new_mode = stat.S_IFMT(row.mode) | stat.S_IMODE(mode)
+        for name, value in (
+            ("uid", uid),
+            ("gid", gid),
+            ("atime_ns", atime_ns),
+            ("mtime_ns", mtime_ns),
+        ):
+            if value is not None:
+                fields[name] = value
+        if new_mode != row.mode:
+            fields["mode"] = new_mode
+        if fields or size is not None or ctime_ns is not None:
+            fields["ctime_ns"] = now if ctime_ns is None else ctime_ns
+            self.meta.set_attrs(ino, **fields)
+            self.data.set_times(ino, mtime_ns=mtime_ns, ctime_ns=fields["ctime_ns"])
+        return await self.getattr(ino)
+
+    async def access(
+        self, ino: int, mode: int, uid: int, gid: int, groups: Collection[int] = ()
+    ) -> None:
+        """Check R_OK/W_OK/X_OK as the kernel does. Raises PermissionDenied."""
+        row = self.meta.get_inode(ino)
+        want = mode & (os.R_OK | os.W_OK | os.X_OK)
+        if uid == 0:
+            # Root reads and writes anything; executes only what someone may execute.
+            if want & os.X_OK and not stat.S_ISDIR(row.mode) and not row.mode & 0o111:
+                raise PermissionDenied(f"inode {ino} is not executable")
+            return
+        if uid == row.uid:
+            bits = (row.mode >> 6) & 7
+        elif gid == row.gid or row.gid in groups:
+            bits = (row.mode >> 3) & 7
+        else:
+            bits = row.mode & 7
+        if want & ~bits:
+            raise PermissionDenied(f"inode {ino}: mode {stat.filemode(row.mode)}")
+
+    async def statfs(self) -> StatFs:
+        space = await self._space() if self._space is not None else Space(0, 0, 1.0)
+        frsize = 4096
+        overhead = max(space.overhead, 1.0)
+        blocks = int(space.total_bytes / overhead) // frsize
+        bfree = min(blocks, int(space.free_bytes / overhead) // frsize)
+        files = self.meta.inode_count()
+        ffree = max(0, 2**32 - files)  # inodes are rows: limited by space, not a table
+        return StatFs(self.block_size, frsize, blocks, bfree, bfree, files + ffree, ffree, NAME_MAX)
+
+    # -- names --------------------------------------------------------------------------
+
+    def _dir(self, ino: int) -> InodeRow:
+        row = self.meta.get_inode(ino)
+        if not stat.S_ISDIR(row.mode):
+            raise NotADir(f"inode {ino}")
+        return row
+
+    def _new_entry_parent(self, parent: int, name: bytes) -> InodeRow:
+        _check_name(name)
+        row = self._dir(parent)
+        if row.nlink == 0:
+            raise NotFound(f"directory {parent} was removed")
+        if name in (b".", b"..") or self.meta.lookup(parent, name) is not None:
+            raise Exists(repr(name))
+        return row
+
+    def _child(self, parent: int, name: bytes) -> int:
+        _check_name(name)
+        self._dir(parent)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return self.meta.parent_of(parent)
+        ino = self.meta.lookup(parent, name)
+        if ino is None:
+            raise NotFound(repr(name))
+        return ino
+
+    def _remember(self, row: InodeRow) -> Attrs:
+        """Hand the kernel a reference to `row` (returned by forget)."""
+        self._lookups[row.id] += 1
+        return self._attrs(row)
+
+    async def lookup(self, parent: int, name: bytes) -> Attrs:
+        """Attributes of `name` in `parent`; adds a lookup reference. Raises NotFound."""
+        return self._remember(self.meta.get_inode(self._child(parent, name)))
+
+    async def forget(self, items: Collection[tuple[int, int]]) -> None:
+        """The kernel dropped `n` references to each inode."""
+        for ino, n in items:
+            left = self._lookups[ino] - n
+            if left > 0:
+                self._lookups[ino] = left
+            else:
+                self._lookups.pop(ino, None)
+                await self._maybe_delete(ino)
+
+    async def _maybe_delete(self, ino: int) -> None:
+        """Remove an inode once it has no name, no lookup reference and no open handle."""
+        if ino == ROOT_INODE or self._lookups[ino] or self._opens[ino]:
+            return
+        try:
+            row = self.meta.get_inode(ino)
+        except NotFound:
+            return
+        if row.nlink > 0:
+            return
+        await self.data.discard(ino)
+        await self.data.free(self.meta.delete_inode(ino))
+
+    async def _create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> InodeRow:
+        prow = self._new_entry_parent(parent, name)
+        if prow.mode & stat.S_ISGID:
+            # BSD group semantics in a set-group-ID directory, inherited by subdirectories.
+            gid = prow.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return self.meta.create(
+            parent, name, mode=mode, uid=uid, gid=gid, rdev=rdev, target=target, now_ns=self._now()
+        )
+
+    async def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Attrs:
+        """Create a regular file, FIFO, socket or device node."""
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in _NODE_TYPES:
+            raise Invalid(f"mknod of file type {kind:o}")
+        keep_rdev = rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        row = await self._create(parent, name, kind | stat.S_IMODE(mode), uid, gid, keep_rdev)
+        return self._remember(row)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attrs:
+        row = await self._create(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        return self._remember(row)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attrs:
+        if not target:
+            raise NotFound("empty symlink target")
+        if len(target) >= PATH_MAX:
+            raise NameTooLong("symlink target")
+        if b"\0" in target:
+            raise Invalid("NUL in symlink target")
+        row = await self._create(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+        return self._remember(row)
+
+    async def readlink(self, ino: int) -> bytes:
+        return self.meta.readlink(ino)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attrs:
+        """Another name for a non-directory. Raises NotPermitted for directories."""
+        row = self.meta.get_inode(ino)
+        if stat.S_ISDIR(row.mode):
+            raise NotPermitted("hard link to a directory")
+        if row.nlink == 0:
+            raise NotFound(f"inode {ino} has been removed")
+        self._new_entry_parent(new_parent, new_name)
+        now = self._now()
+        self.meta.link(ino, new_parent, new_name, now_ns=now)
+        self.data.set_times(ino, ctime_ns=now)
+        return self._remember(self.meta.get_inode(ino))
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        """Remove a non-directory name. Raises IsADir for directories."""
+        ino = self._child(parent, name)
+        if stat.S_ISDIR(self.meta.get_inode(ino).mode):
+            raise IsADir(repr(name))
+        now = self._now()
+        self.meta.unlink(parent, name, now_ns=now)
+        self.data.set_times(ino, ctime_ns=now)
+        await self._maybe_delete(ino)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        if name == b".":
+            raise Invalid("rmdir of '.'")
+        if name == b"..":
+            raise NotEmpty("rmdir of '..'")
+        ino = self._child(parent, name)
+        self._dir(ino)
+        if self.meta.has_entries(ino):
+            raise NotEmpty(repr(name))
+        self.meta.unlink(parent, name, now_ns=self._now())
+        await self._maybe_delete(ino)
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """Is `anc` the directory `ino` or one above it?"""
+        while True:
+            if ino == anc:
+                return True
+            if ino == ROOT_INODE:
+                return False
+            ino = self.meta.parent_of(ino)
+
+    async def rename(
+        self, src_parent: int, src_name: bytes, dst_parent: int, dst_name: bytes, flags: int = 0
+    ) -> None:
+        """rename(2)/renameat2(2) with RENAME_NOREPLACE and RENAME_EXCHANGE."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
+            raise Invalid(f"rename flags {flags:#x}")
+        for name in (src_name, dst_name):
+            _check_name(name)
+            if name in (b".", b".."):
+                raise Invalid("rename of '.' or '..'")
+        src = self._child(src_parent, src_name)
+        dst_dir = self._dir(dst_parent)
+        dst = self.meta.lookup(dst_parent, dst_name)
+        src_is_dir = stat.S_ISDIR(self.meta.get_inode(src).mode)
+        dst_is_dir = dst is not None and stat.S_ISDIR(self.meta.get_inode(dst).mode)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise NotFound(repr(dst_name))
+            if src == dst:
+                return
+            if (src_is_dir and self._is_ancestor(src, dst_parent)) or (
+                dst_is_dir and self._is_ancestor(dst, src_parent)
+            ):
+                raise Invalid("a directory cannot move into itself")
+        else:
+            if dst is not None and flags & RENAME_NOREPLACE:
+                raise Exists(repr(dst_name))
+            if src == dst:
+                return  # two names of one inode (or the same name): nothing to do
+            if dst_dir.nlink == 0:
+                raise NotFound(f"directory {dst_parent} was removed")
+            if src_is_dir:
+                if self._is_ancestor(src, dst_parent):
+                    raise Invalid("a directory cannot move into itself")
+                if dst is not None and not dst_is_dir:
+                    raise NotADir(repr(dst_name))
+                if dst is not None and self.meta.has_entries(dst):
+                    raise NotEmpty(repr(dst_name))
+            elif dst_is_dir:
+                raise IsADir(repr(dst_name))
+        now = self._now()
+        replaced = self.meta.rename(
+            src_parent,
+            src_name,
+            dst_parent,
+            dst_name,
+            now_ns=now,
+            exchange=bool(flags & RENAME_EXCHANGE),
+        )
+        for ino in (src, dst):
+            if ino is not None:
+                self.data.set_times(ino, ctime_ns=now)
+        if replaced is not None:
+            await self._maybe_delete(replaced)
+
+    async def opendir(self, ino: int) -> int:
+        self._dir(ino)
+        fh = next(self._fh)
+        self._dirs[fh] = ino
+        return fh
+
+    async def readdir(self, fh: int, offset: int, reply: ReplyFn) -> None:
+        """Entries from `offset` (0: the start) while `reply` accepts them.
+
+        Offsets: 1 after '.', 2 after '..', cookie + 2 after an entry; cookies are stable,
+        so a listing stays right while entries come and go. Accepted entries other than
+        '.' and '..' add a lookup reference (READDIRPLUS).
+        """
+        ino = self._dirs[fh]
+        if offset < 1 and not reply(b".", await self.getattr(ino), 1):
+            return
+        if offset < 2 and not reply(b"..", await self.getattr(self.meta.parent_of(ino)), 2):
+            return
+        after = max(0, offset - 2)
+        while batch := self.meta.readdir(ino, after, 128):
+            for cookie, name, row in batch:
+                if not reply(name, self._attrs(row), cookie + 2):
+                    return
+                self._lookups[row.id] += 1
+                after = cookie
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- file content -------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int, uid: int) -> int:
+        """Open a regular file; O_TRUNC truncates. Returns a handle."""
+        row = self.meta.get_inode(ino)
+        if stat.S_ISDIR(row.mode):
+            raise IsADir(f"inode {ino}")
+        if not stat.S_ISREG(row.mode):
+            raise Invalid(f"inode {ino} is not a regular file")
+        if flags & os.O_TRUNC:
+            await self.setattr(ino, size=0, caller_uid=uid)
+        fh = next(self._fh)
+        self._handles[fh] = _Handle(ino, flags, uid)
+        self._opens[ino] += 1
+        return fh
+
+    async def create(
+        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[int, Attrs]:
+        """Create and open a regular file; adds a lookup reference."""
+        row = await self._create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+        attrs = self._remember(row)
+        return await self.open(row.id, flags & ~os.O_TRUNC, uid), attrs
+
+    def _handle(self, fh: int) -> _Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise Invalid(f"no open file handle {fh}") from None
+
+    async def read(self, fh: int, offset: int, length: int) -> bytes:
+        h = self._handle(fh)
+        data = await self.data.read(h.inode, offset, length, readahead=offset == h.next_read)
+        h.next_read = offset + len(data)
+        return data
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        """Write all of `data`; O_APPEND handles write at the end. Returns len(data)."""
+        h = self._handle(fh)
+        if h.flags & os.O_APPEND:
+            offset = (await self.getattr(h.inode)).size
+        if h.uid != 0:
+            row = self.meta.get_inode(h.inode)
+            if _killpriv(row.mode) != row.mode:
+                await self.setattr(h.inode, mode=_killpriv(row.mode))
+        await self.data.write(h.inode, offset, data)
+        return len(data)
+
+    async def flush(self, fh: int) -> None:
+        """close(2) of one descriptor: store the file's dirty data."""
+        await self.data.flush(self._handle(fh).inode)
+
+    async def fsync(self, fh: int, datasync: bool = False) -> None:
+        """Store the file's data and make the metadata durable."""
+        await self.data.flush(self._handle(fh).inode)
+        await trio.to_thread.run_sync(self.meta.checkpoint)
+
+    async def fsyncdir(self, fh: int, datasync: bool = False) -> None:
+        await trio.to_thread.run_sync(self.meta.checkpoint)
+
+    async def release(self, fh: int) -> None:
+        """Last close of an open: flush (writes may follow flush under mmap), then drop."""
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        try:
+            await self.data.flush(h.inode)
+        finally:
+            self._opens[h.inode] -= 1
+            if self._opens[h.inode] <= 0:
+                del self._opens[h.inode]
+                await self._maybe_delete(h.inode)
+
+    # -- extended attributes ------------------------------------------------------------
+
+    def _xattr_target(self, ino: int, name: bytes, *, write: bool) -> None:
+        row = self.meta.get_inode(ino)
+        if not name.startswith(b"user."):
+            raise NotSupported(f"xattr namespace of {name!r}")
+        if len(name) > XATTR_NAME_MAX:
+            raise Range("xattr name longer than 255 bytes")
+        if name == b"user.":
+            raise Invalid("empty xattr name")
+        if not (stat.S_ISREG(row.mode) or stat.S_ISDIR(row.mode)):
+            # Linux keeps user.* to files and directories (see xattr(7)).
+            raise NotPermitted("user xattr on a special file") if write else NoData(repr(name))
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        """Raises NoData if missing, NotSupported outside the user namespace."""
+        self._xattr_target(ino, name, write=False)
+        return self.meta.get_xattr(ino, name)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        """XATTR_CREATE: Exists if present; XATTR_REPLACE: NoData if missing."""
+        self._xattr_target(ino, name, write=True)
+        if len(value) > XATTR_SIZE_MAX:
+            raise TooBig("xattr value over 64 KiB")
+        if flags & (XATTR_CREATE | XATTR_REPLACE):
+            present = name in self.meta.list_xattrs(ino)
+            if flags & XATTR_CREATE and present:
+                raise Exists(repr(name))
+            if flags & XATTR_REPLACE and not present:
+                raise NoData(repr(name))
+        now = self._now()
+        self.meta.set_xattr(ino, name, value, now_ns=now)
+        self.data.set_times(ino, ctime_ns=now)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        self.meta.get_inode(ino)
+        return self.meta.list_xattrs(ino)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        self._xattr_target(ino, name, write=True)
+        now = self._now()
+        self.meta.remove_xattr(ino, name, now_ns=now)
+        self.data.set_times(ino, ctime_ns=now)
