@@ -199,7 +199,7 @@ class BlobStore:
         if len(pending) < quorum:
             return stored, errors
         left = len(pending)
-        settled, all_done = trio.Event(), trio.Event()
+        settled, all_done = trio.Event(), trio.Event()  # quorum or all answered; all answered
 
         async def write(i: int) -> None:
             nonlocal left
@@ -210,7 +210,10 @@ class BlobStore:
             except NodeError as exc:
                 errors[i] = exc
             left -= 1
-            if len(stored) >= quorum or left == 0 or len(stored) + left < quorum:
+            # When the quorum becomes impossible, in-flight writes still run to their end
+            # (bounded by the node deadline): a cancelled write's thread could land its
+            # file after the cleanup and leave an orphan.
+            if len(stored) >= quorum or left == 0:
                 settled.set()
             if left == 0:
                 all_done.set()

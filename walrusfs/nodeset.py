@@ -59,8 +59,8 @@ class Node:
 class NodeSet:
     """The volume's n nodes and their states.
 
-    `identity_check`, if given, is awaited by probes before a down node is trusted again
-    (a directory that came back may be another volume's).
+    `identity_check`, if given, is awaited by every probe: a directory that came back, or
+    was swapped under a running mount, may be another volume's.
     """
 
     def __init__(
@@ -146,7 +146,8 @@ class NodeSet:
         """Probe one node: health, identity (if it was down) and free space."""
         node = self.nodes[index]
         try:
-            if node.state is NodeState.DOWN and self._identity_check is not None:
+            # Always: a directory swapped under a healthy node must stop receiving writes.
+            if self._identity_check is not None:
                 await self._identity_check(index, node.store)
             latency = await node.store.probe()
             node.free, node.total = await node.store.free_space()

@@ -133,6 +133,8 @@ def parse_header(raw: bytes, blob_id: bytes, pair: int, where: str = "") -> Head
             f"{where}: holds pair {got_pair} of blob {got_id.hex()[:16]}, not the one asked for"
         )
     end = _FIXED.size + meta_len
+    if len(raw) < end:
+        raise SliverFileError(f"{where}: sliver file truncated in its metadata")
     try:
         meta = BlobMetadata.from_bytes(raw[_FIXED.size : end])
     except CodecError as exc:

@@ -84,7 +84,10 @@ async def create_volume(
     if len(real) != len(paths):
         raise VolumeError("the same directory is named twice")
     for p in paths:
-        await trio.to_thread.run_sync(_check_empty, p)
+        try:
+            await trio.to_thread.run_sync(_check_empty, p)
+        except OSError as exc:
+            raise VolumeError(f"{p}: cannot prepare the node directory: {exc.strerror}") from exc
     mounts = tuple([await trio.to_thread.run_sync(_mount_of, p) for p in paths])
     volume_id = new_volume_id()
     for i, p in enumerate(paths):

@@ -1,0 +1,235 @@
+"""The blob store over real node directories: healthy, degraded, corrupt, hung, full, beyond f."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+
+from codec import BlobMetadata
+from tests.walrusfs.volumes import flip_byte, node_paths, sliver_file, sliver_files, tmpfs
+from walrusfs.errors import StorageUnavailable
+from walrusfs.sliverfile import header_size
+from walrusfs.volume import Volume, create_volume, open_volume
+
+N = 7
+OPTS = {"node_timeout": 3.0, "hedge_after": 0.3, "grace": 0.3}
+
+
+async def make_volume(root: Path, n: int = N, blob_size: int = 1 << 20) -> tuple[Volume, list[str]]:
+    paths = node_paths(root, n)
+    await create_volume(paths, blob_size=blob_size)
+    return await open_volume(paths[0], **OPTS), paths
+
+
+def states(vol: Volume) -> list[str]:
+    return [str(n["state"]) for n in vol.nodes.snapshot()]
+
+
+def systematic_nodes(vol: Volume, meta: bytes) -> list[int]:
+    """The nodes holding the blob's systematic primary slivers (the ones healthy reads use)."""
+    m = BlobMetadata.from_bytes(meta)
+    return [m.node_of_pair(p) for p in range(vol.params.R)]
+
+
+async def test_roundtrip_of_many_sizes_and_ranges(tmp_path: Path) -> None:
+    vol, _ = await make_volume(tmp_path)
+    rng = random.Random(1)
+    for size in (0, 1, 63, 64, 4095, 4097, 15 * 64 + 1, 1 << 20, (1 << 20) + 1):
+        data = rng.randbytes(size)
+        r = await vol.blobs.put_blob(data)
+        assert r.missed == ()
+        assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+        for _ in range(5):
+            off, length = rng.randrange(size + 1), rng.randrange(size + 10)
+            assert await vol.blobs.get_range(r.blob_id, r.meta, off, length) == data[off : off + length]
+    assert states(vol) == ["up"] * N
+
+
+async def test_identical_content_is_stored_once(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    a = await vol.blobs.put_blob(b"same bytes" * 1000)
+    b = await vol.blobs.put_blob(bytearray(b"same bytes" * 1000))
+    assert a.blob_id == b.blob_id
+    assert all(len(sliver_files(p)) == 1 for p in paths)
+
+
+async def test_range_reads_touch_only_the_node_holding_them(tmp_path: Path) -> None:
+    vol, _ = await make_volume(tmp_path)
+    data = os.urandom(600_000)
+    r = await vol.blobs.put_blob(data)
+    meta = vol.blobs.metadata(r.blob_id, r.meta)
+    row = vol.params.C * meta.symbol_size
+    before = [n.calls for n in vol.nodes.nodes]
+    assert await vol.blobs.get_range(r.blob_id, r.meta, row + 10, 100) == data[row + 10 : row + 110]
+    touched = [i for i, n in enumerate(vol.nodes.nodes) if n.calls != before[i]]
+    assert touched == [meta.node_of_pair(1)]
+
+
+async def test_f_nodes_removed_reads_and_writes_go_on(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(900_000)
+    r = await vol.blobs.put_blob(data)
+    gone = systematic_nodes(vol, r.meta)[:2]  # the worst case: two systematic slivers lost
+    for i in gone:
+        shutil.rmtree(paths[i])
+    assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+    r2 = await vol.blobs.put_blob(data[::-1])
+    assert set(r2.missed) == set(gone)
+    assert bytes(await vol.blobs.get_blob(r2.blob_id, r2.meta)) == data[::-1]
+    assert [s for i, s in enumerate(states(vol)) if i in gone] == ["down", "down"]
+    assert vol.blobs.stats.degraded_reads >= 1
+
+
+async def test_more_than_f_nodes_lost_is_a_clean_error_and_recovers(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(300_000)
+    r = await vol.blobs.put_blob(data)
+    # f+1 nodes lost: writes need n-f = 5 nodes and fail; reads need only R = 3 primaries.
+    away = [0, 1, 2]
+    for i in away:
+        os.rename(paths[i], paths[i] + ".away")
+    with trio.fail_after(20):
+        with pytest.raises(StorageUnavailable, match="need 5"):
+            await vol.blobs.put_blob(b"new data")
+    # Nothing of the failed put is left on the nodes that took it.
+    assert all(len(sliver_files(p)) == 1 for i, p in enumerate(paths) if i not in away)
+    assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+    # n-R+1 = 5 nodes lost: fewer than R slivers of either kind remain; a clean error, no hang.
+    away += [3, 4]
+    for i in (3, 4):
+        os.rename(paths[i], paths[i] + ".away")
+    with trio.fail_after(20), pytest.raises(StorageUnavailable, match="readable"):
+        await vol.blobs.get_blob(r.blob_id, r.meta)
+    for i in away:
+        os.rename(paths[i] + ".away", paths[i])
+    await vol.nodes.probe_all()
+    assert states(vol) == ["up"] * N
+    assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+
+
+@pytest.mark.parametrize("where", ["data", "header"])
+async def test_flipped_bytes_in_any_sliver_are_caught(tmp_path: Path, where: str) -> None:
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(500_000)
+    r = await vol.blobs.put_blob(data)
+    rng = random.Random(where)
+    for victim in range(N):
+        vol2 = await open_volume(paths[0], **OPTS)  # fresh: no cached headers
+        path = sliver_file(paths[victim], r.blob_id)
+        size = path.stat().st_size
+        hsize = header_size(N)
+        offset = rng.randrange(hsize, size) if where == "data" else rng.randrange(44, hsize - 64)
+        original = path.read_bytes()
+        flip_byte(path, offset)
+        got = await vol2.blobs.get_blob(r.blob_id, r.meta)
+        assert bytes(got) == data
+        path.write_bytes(original)
+
+
+async def test_f_corrupt_nodes_at_once_are_survived_and_reported(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(700_000)
+    r = await vol.blobs.put_blob(data)
+    bad = systematic_nodes(vol, r.meta)[:2]
+    for i in bad:
+        flip_byte(sliver_file(paths[i], r.blob_id), header_size(N) + 100)
+    assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+    assert [vol.nodes.nodes[i].corrupt for i in bad] == [1, 1]
+    assert vol.blobs.stats.corrupt_slivers == 2
+
+
+async def test_a_hung_node_does_not_stall_reads(tmp_path: Path) -> None:
+    """A FIFO in place of a sliver file blocks open() in the kernel, as a hung mount does."""
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(400_000)
+    r = await vol.blobs.put_blob(data)
+    hung = systematic_nodes(vol, r.meta)[0]
+    path = sliver_file(paths[hung], r.blob_id)
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        with trio.fail_after(OPTS["node_timeout"]):  # well before the hung read would time out
+            assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+        assert states(vol)[hung] == "suspect"
+    finally:
+        # Unblock the abandoned reader thread so nothing is left behind.
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+
+
+async def test_a_full_node_misses_writes_and_is_reported_full(tmp_path: Path) -> None:
+    paths = node_paths(tmp_path, N)
+    with tmpfs(paths[3], "1m"):
+        await create_volume(paths, blob_size=4 << 20)
+        vol = await open_volume(paths[0], **OPTS)
+        data = os.urandom(4 << 20)
+        r = await vol.blobs.put_blob(data)
+        assert r.missed == (3,)
+        assert states(vol)[3] == "full"
+        leftovers = await trio.to_thread.run_sync(lambda: list(Path(paths[3]).rglob(".tmp-*")))
+        assert leftovers == []  # no partial files left behind
+        assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+
+
+async def test_a_node_of_another_volume_is_refused(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path / "a")
+    other = node_paths(tmp_path / "b", N)
+    await create_volume(other)
+    data = os.urandom(100_000)
+    r = await vol.blobs.put_blob(data)
+    # Swap node 4 for the other volume's node 4 under the running store.
+    os.rename(paths[4], paths[4] + ".mine")
+    os.rename(other[4], paths[4])
+    await vol.nodes.probe_all()
+    assert states(vol)[4] == "down"
+    assert "another volume" in str(vol.nodes.snapshot()[4]["reason"])
+    assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+    r2 = await vol.blobs.put_blob(b"not for the other volume")
+    assert 4 in r2.missed and sliver_files(paths[4]) == []
+    # Opening afresh refuses it too, with the reason.
+    vol2 = await open_volume(paths[0], **OPTS)
+    assert states(vol2)[4] == "down"
+
+
+async def test_puts_racing_a_node_going_down(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    blobs = [os.urandom(200_000 + i) for i in range(8)]
+    results = []
+
+    async def put(data: bytes) -> None:
+        results.append((data, await vol.blobs.put_blob(data)))
+
+    async with trio.open_nursery() as nursery:
+        for data in blobs:
+            nursery.start_soon(put, data)
+        await trio.lowlevel.checkpoint()
+        await trio.to_thread.run_sync(os.rename, paths[5], paths[5] + ".gone")
+    assert len(results) == len(blobs)
+    for data, r in results:
+        assert set(r.missed) <= {5}
+        assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+
+
+async def test_delete_removes_every_sliver(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    r = await vol.blobs.put_blob(b"short-lived" * 999)
+    assert await vol.blobs.delete_blob(r.blob_id, r.meta) == []
+    assert all(sliver_files(p) == [] for p in paths)
+    with pytest.raises(StorageUnavailable):
+        await vol.blobs.get_blob(r.blob_id, r.meta)
+
+
+async def test_metadata_of_another_blob_is_refused(tmp_path: Path) -> None:
+    vol, _ = await make_volume(tmp_path)
+    a = await vol.blobs.put_blob(b"a" * 100)
+    b = await vol.blobs.put_blob(b"b" * 100)
+    with pytest.raises(StorageUnavailable, match="another blob"):
+        await vol.blobs.get_blob(a.blob_id, b.meta)
+    with pytest.raises(StorageUnavailable, match="damaged"):
+        await vol.blobs.get_blob(a.blob_id, b"garbage")

@@ -1,0 +1,138 @@
+"""Creating and opening volumes: refusals with clear messages, identity checks, overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from codec import Params, encode
+from tests.walrusfs.volumes import node_paths
+from walrusfs.identity import IDENTITY_KEY
+from walrusfs.sliverfile import (
+    SliverFileError,
+    build,
+    header_size,
+    parse_header,
+    parse_key,
+    sliver_key,
+)
+from walrusfs.volume import VolumeError, create_volume, open_volume
+
+
+async def test_create_refuses_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(VolumeError, match="n=3"):
+        await create_volume(node_paths(tmp_path / "a", 3))
+    with pytest.raises(VolumeError, match="f=3"):
+        await create_volume(node_paths(tmp_path / "b", 7), f=3)
+    busy = node_paths(tmp_path / "c", 4)
+    os.makedirs(busy[2])
+    Path(busy[2], "precious.txt").write_text("keep me")
+    with pytest.raises(VolumeError, match="not empty"):
+        await create_volume(busy)
+    assert Path(busy[2], "precious.txt").read_text() == "keep me"
+    taken = node_paths(tmp_path / "d", 4)
+    await create_volume(taken)
+    with pytest.raises(VolumeError, match="another walrusfs volume"):
+        await create_volume(taken)
+    with pytest.raises(VolumeError, match="twice"):
+        await create_volume([str(tmp_path / "e")] * 4)
+
+
+async def test_node_directories_are_private(tmp_path: Path) -> None:
+    paths = node_paths(tmp_path, 4)
+    await create_volume(paths)
+    vol = await open_volume(paths[0])
+    r = await vol.blobs.put_blob(b"secret" * 100)
+    for p in paths:
+        assert os.stat(p).st_mode & 0o777 == 0o700
+        for f in Path(p).rglob("*"):
+            assert f.stat().st_mode & 0o077 == 0, f
+    assert r.missed == ()
+
+
+async def test_open_finds_the_other_nodes_and_checks_them(tmp_path: Path) -> None:
+    paths = node_paths(tmp_path, 5)
+    vol_id = await create_volume(paths, f=1, blob_size=1 << 16)
+    vol = await open_volume(paths[3])
+    assert vol.identity.volume_id == vol_id and vol.identity.index == 3
+    assert (vol.params.n, vol.params.f, vol.identity.blob_size) == (5, 1, 1 << 16)
+    assert [n["state"] for n in vol.nodes.snapshot()] == ["up"] * 5
+    # A node that moved is found again with an override; without it, it is down.
+    os.rename(paths[1], str(tmp_path / "moved"))
+    vol = await open_volume(paths[0])
+    assert vol.nodes.snapshot()[1]["state"] == "down"
+    vol = await open_volume(paths[0], {1: str(tmp_path / "moved")})
+    assert vol.nodes.snapshot()[1]["state"] == "up"
+    # Pointing an override at the wrong node is refused with the reason.
+    vol = await open_volume(paths[0], {1: paths[2]})
+    assert "is node 2 of this volume, not node 1" in str(vol.nodes.snapshot()[1]["reason"])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x00\xffgarbage", "not valid JSON"),
+        (b'{"format": "something-else"}', "not a walrusfs node"),
+        (b'{"format": "walrusfs-node", "version": 99}', "version 99 is not supported"),
+        (b'{"format": "walrusfs-node", "version": 1, "index": 0}', "damaged identity"),
+    ],
+)
+async def test_open_refuses_damaged_identity(tmp_path: Path, content: bytes, message: str) -> None:
+    paths = node_paths(tmp_path, 4)
+    await create_volume(paths)
+    Path(paths[0], IDENTITY_KEY).write_bytes(content)
+    with pytest.raises(VolumeError, match=message):
+        await open_volume(paths[0])
+
+
+async def test_open_refuses_a_plain_directory(tmp_path: Path) -> None:
+    with pytest.raises(VolumeError, match="not a walrusfs node directory"):
+        await open_volume(str(tmp_path))
+    with pytest.raises(VolumeError, match="missing"):
+        await open_volume(str(tmp_path / "nope"))
+
+
+async def test_identity_file_format(tmp_path: Path) -> None:
+    paths = node_paths(tmp_path, 4)
+    await create_volume(paths)
+    doc = json.loads(Path(paths[2], IDENTITY_KEY).read_text())
+    assert doc["format"] == "walrusfs-node" and doc["version"] == 1
+    assert doc["index"] == 2 and doc["nodes"] == paths and doc["mounts"] == [""] * 4
+
+
+def test_sliver_file_roundtrip_and_tampering() -> None:
+    params = Params.for_nodes(7)
+    enc = encode(params, b"sliver file" * 500)
+    meta = enc.metadata
+    pair = enc.pairs[2]
+    raw = b"".join(build(meta, pair))
+    head = parse_header(raw, meta.blob_id, 2)
+    assert head.meta == meta and head.primary_offset == header_size(7)
+    assert raw[head.primary_offset : head.secondary_offset] == bytes(pair.primary.data)
+    assert raw[head.secondary_offset : head.file_size] == bytes(pair.secondary.data)
+    assert head.file_size == len(raw)
+    with pytest.raises(SliverFileError, match="not the one asked for"):
+        parse_header(raw, meta.blob_id, 3)
+    with pytest.raises(SliverFileError, match="not a sliver file"):
+        parse_header(b"XXXX" + raw[4:], meta.blob_id, 2)
+    with pytest.raises(SliverFileError, match="version"):
+        parse_header(raw[:4] + b"\x07" + raw[5:], meta.blob_id, 2)
+    for offset in (50, 44 + 17 + 5, 44 + 17 + 7 * 64 + 3, 44 + 17 + 7 * 64 + 7 * 32 + 1):
+        bad = bytearray(raw)
+        bad[offset] ^= 1
+        with pytest.raises(SliverFileError):
+            parse_header(bytes(bad), meta.blob_id, 2)
+    with pytest.raises(SliverFileError, match="truncated"):
+        parse_header(raw[:100], meta.blob_id, 2)
+
+
+def test_sliver_keys() -> None:
+    blob_id = bytes(range(32))
+    key = sliver_key(blob_id, 5)
+    assert key == f"slivers/00/01/{blob_id.hex()}.p5"
+    assert parse_key(key) == (blob_id, 5)
+    for other in ("walrusfs-node.json", "slivers/00/01/xyz.p1", f"slivers/00/01/{blob_id.hex()}.q1"):
+        assert parse_key(other) is None

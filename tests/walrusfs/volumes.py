@@ -1,0 +1,49 @@
+"""Helpers for tests that need real volumes over temporary node directories."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from walrusfs.sliverfile import parse_key
+
+
+def node_paths(root: Path, n: int) -> list[str]:
+    return [str(root / f"node{i}") for i in range(n)]
+
+
+def sliver_files(node_dir: str) -> list[Path]:
+    """Every sliver file in a node directory (temp files excluded)."""
+    base = Path(node_dir)
+    return sorted(
+        p for p in base.rglob("*.p*") if p.is_file() and parse_key(str(p.relative_to(base))) is not None
+    )
+
+
+def sliver_file(node_dir: str, blob_id: bytes) -> Path:
+    (found,) = [p for p in sliver_files(node_dir) if p.name.startswith(blob_id.hex())]
+    return found
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset % len(raw)] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+@contextlib.contextmanager
+def tmpfs(path: str, size: str) -> Iterator[None]:
+    """A small real tmpfs at `path` (root only); always lazily unmounted afterwards."""
+    os.makedirs(path, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path], capture_output=True)
+    if res.returncode:
+        import pytest
+
+        pytest.skip(f"cannot mount tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
