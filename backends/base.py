@@ -19,6 +19,7 @@ of one trio run; a store is not shared across trio runs.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 Buffer = bytes | bytearray | memoryview
 
@@ -46,8 +47,19 @@ class NodeStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    async def get(
+        self,
+        key: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        check: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         """Read ``length`` bytes (default: to the end) from ``offset``; fewer if the file is short.
+
+        ``check``, if given, is called on the bytes in the same worker thread before they
+        are returned (callers verify there instead of paying a second thread hand-off);
+        whatever it raises propagates unchanged.
 
         Raises InvalidKey, ValueError (negative offset/length), KeyNotFound, NodeDown,
         NodeTimeout, NodePermissionError, NodeIOError.

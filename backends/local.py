@@ -129,7 +129,14 @@ class LocalStore(NodeStore):
             lambda root: files.write_atomic(root, self.path, key, parts, payload, durable=durable),
         )
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    async def get(
+        self,
+        key: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        check: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         """Read a byte range of ``key``; fewer bytes if the file is short.
 
         Raises InvalidKey, ValueError, KeyNotFound, NodeDown, NodeTimeout,
@@ -140,11 +147,14 @@ class LocalStore(NodeStore):
             raise ValueError(f"offset must be >= 0, not {offset}")
         if length is not None and length < 0:
             raise ValueError(f"length must be >= 0 or None, not {length}")
-        return await self._run(
-            "get",
-            key,
-            lambda root: files.read_range(root, self.path, key, parts, offset, length),
-        )
+
+        def read(root: int) -> bytes:
+            data = files.read_range(root, self.path, key, parts, offset, length)
+            if check is not None:
+                check(data)
+            return data
+
+        return await self._run("get", key, read)
 
     async def size(self, key: str) -> int:
         """Return the stored length of ``key``.

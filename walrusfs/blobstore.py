@@ -54,8 +54,6 @@ from walrusfs.sliverfile import (
 
 log = logging.getLogger(__name__)
 
-# Slivers larger than this are verified in a worker thread, not on the event loop.
-_OFFLOAD_BYTES = 256 << 10
 
 
 class PutResult(NamedTuple):
@@ -100,6 +98,14 @@ def _encode_files(
         for pair in enc.pairs
     }
     return meta, files
+
+
+def _parse(meta: BlobMetadata, pair: int, raw: bytes, where: str) -> Header:
+    """Parse a header and insist its metadata is the volume's record of the blob."""
+    head = parse_header(raw[: header_size(meta.n)], meta.blob_id, pair, where)
+    if head.meta != meta:
+        raise SliverFileError(f"{where}: metadata differs from the volume's")
+    return head
 
 
 def _verify_symbols(
@@ -266,55 +272,56 @@ class BlobStore:
 
     # -- get ------------------------------------------------------------------------------
 
-    async def _header(
-        self, meta: BlobMetadata, pair: int, node: int, raw: bytes | None = None
-    ) -> Header:
-        cached = self._headers.get((meta.blob_id, pair))
-        if cached is not None:
-            self._headers.move_to_end((meta.blob_id, pair))
-            return cached
-        key = sliver_key(meta.blob_id, pair)
-        if raw is None:
-            raw = await self.nodes.call(node, lambda st: st.get(key, 0, header_size(meta.n)))
-        head = parse_header(raw[: header_size(meta.n)], meta.blob_id, pair, f"node {node} {key}")
-        if head.meta != meta:
-            raise SliverFileError(f"node {node} {key}: metadata differs from the volume's")
-        self._headers[(meta.blob_id, pair)] = head
-        if len(self._headers) > 4096:
-            self._headers.popitem(last=False)
+    def _cached_header(self, blob_id: bytes, pair: int) -> Header | None:
+        head = self._headers.get((blob_id, pair))
+        if head is not None:
+            self._headers.move_to_end((blob_id, pair))
         return head
 
-    async def _verify(
-        self, meta: BlobMetadata, axis: str, index: int, leaves: bytes, data: memoryview, first: int
-    ) -> None:
-        if len(data) > _OFFLOAD_BYTES:
-            await trio.to_thread.run_sync(
-                _verify_symbols, meta, axis, index, leaves, data, first, limiter=self._cpu_limiter
-            )
-        else:
-            _verify_symbols(meta, axis, index, leaves, data, first)
+    def _remember(self, head: Header) -> None:
+        self._headers[(head.meta.blob_id, head.pair)] = head
+        if len(self._headers) > 4096:
+            self._headers.popitem(last=False)
+
+    async def _header(self, meta: BlobMetadata, pair: int, node: int) -> Header:
+        """A verified sliver file header, from the cache or the node."""
+        head = self._cached_header(meta.blob_id, pair)
+        if head is None:
+            key = sliver_key(meta.blob_id, pair)
+            raw = await self.nodes.call(node, lambda st: st.get(key, 0, header_size(meta.n)))
+            head = _parse(meta, pair, raw, f"node {node} {key}")
+            self._remember(head)
+        return head
 
     async def _read_sliver(self, meta: BlobMetadata, axis: str, index: int) -> memoryview:
-        """One verified sliver's bytes; raises _BadSliver."""
+        """One verified sliver's bytes; raises _BadSliver.
+
+        The header check and symbol verification run in the read's own worker thread.
+        """
         pair = index if axis == PRIMARY else meta.n - 1 - index
         node = meta.node_of_pair(pair)
         key = sliver_key(meta.blob_id, pair)
-        hsize = header_size(meta.n)
+        where = f"node {node} {key}"
         s, p = meta.symbol_size, meta.params
+        hsize = header_size(meta.n)
         start = hsize if axis == PRIMARY else hsize + p.C * s
         size = (p.C if axis == PRIMARY else p.R) * s
-        try:
-            if axis == PRIMARY:
-                raw = await self.nodes.call(node, lambda st: st.get(key, 0, start + size))
-                head = await self._header(meta, pair, node, raw)
-                data = memoryview(raw)[start : start + size]
-            else:
-                head = await self._header(meta, pair, node)
-                data = memoryview(await self.nodes.call(node, lambda st: st.get(key, start, size)))
+        cached = self._cached_header(meta.blob_id, pair)
+        heads: list[Header] = []
+
+        def check(raw: bytes) -> None:
+            head = cached or _parse(meta, pair, raw, where)
+            data = memoryview(raw)[start : start + size]
             if len(data) != size:
-                raise SliverFileError(f"node {node} {key}: sliver file truncated")
+                raise SliverFileError(f"{where}: sliver file truncated")
             leaves = head.primary_leaves if axis == PRIMARY else head.secondary_leaves
-            await self._verify(meta, axis, index, leaves, data, 0)
+            _verify_symbols(meta, axis, index, leaves, data, 0)
+            heads.append(head)
+
+        # Secondary reads are rare (fewer than R good primaries): read the whole file.
+        length = start + size if axis == PRIMARY else None
+        try:
+            raw = await self.nodes.call(node, lambda st: st.get(key, 0, length, check=check))
         except NodeError as exc:
             raise _BadSliver(str(exc)) from exc
         except (SliverFileError, CodecError) as exc:
@@ -322,7 +329,13 @@ class BlobStore:
             self.stats.corrupt_slivers += 1
             self.nodes.note_corrupt(node, str(exc))
             raise _BadSliver(str(exc)) from exc
-        return data
+        if cached is None:
+            self._remember(heads[0])
+        return memoryview(raw)[start : start + size]
+
+    def _hedge_delay(self, node: int) -> float:
+        """How long to wait for a read before asking another node as well."""
+        return min(self.hedge_after, max(0.05, 4 * self.nodes.nodes[node].latency))
 
     async def _gather(self, meta: BlobMetadata, axis: str, need: int) -> dict[int, memoryview]:
         """Read and verify `need` slivers of `axis`, replacing failed or slow ones."""
@@ -352,7 +365,7 @@ class BlobStore:
                 finished = trio.Event()
 
                 async def hedge() -> None:
-                    with trio.move_on_after(self.hedge_after):
+                    with trio.move_on_after(self._hedge_delay(node_of(i))):
                         await finished.wait()
                         return
                     launch()
@@ -367,7 +380,7 @@ class BlobStore:
                     )
                     launch()
                 except trio.Cancelled:
-                    if trio.current_time() - t0 > self.hedge_after:
+                    if trio.current_time() - t0 > self._hedge_delay(node_of(i)):
                         self.nodes.set_state(
                             node_of(i), NodeState.SUSPECT, "slower than the hedge delay"
                         )
@@ -399,11 +412,11 @@ class BlobStore:
                     f"{len(secondaries)} of {p.C} secondary slivers readable"
                 )
             decode, slivers = decode_secondaries, secondaries
-        if decode is not decode_primaries or any(i >= p.R for i in slivers):
+        degraded = decode is not decode_primaries or any(i >= p.R for i in slivers)
+        if degraded:
             self.stats.degraded_reads += 1
-        await _maybe_offload(
-            lambda: decode(parsed, slivers, out), len(out) > _OFFLOAD_BYTES, self._cpu_limiter
-        )
+        # The healthy path is one copy: cheaper on the loop than a thread hand-off.
+        await _maybe_offload(lambda: decode(parsed, slivers, out), degraded, self._cpu_limiter)
         self.stats.gets += 1
         self.stats.get_bytes += parsed.length
         return memoryview(out).toreadonly()[: parsed.length]
@@ -435,13 +448,16 @@ class BlobStore:
             key = sliver_key(blob_id, pc.sliver)
             try:
                 head = await self._header(parsed, pc.sliver, node)
+
+                def check(raw: bytes) -> None:
+                    if len(raw) != len(syms) * s:
+                        raise SliverFileError(f"node {node} {key}: sliver file truncated")
+                    _verify_symbols(
+                        parsed, PRIMARY, pc.sliver, head.primary_leaves, memoryview(raw), syms.start
+                    )
+
                 raw = await self.nodes.call(
-                    node, lambda st: st.get(key, hsize + syms.start * s, len(syms) * s)
-                )
-                if len(raw) != len(syms) * s:
-                    raise SliverFileError(f"node {node} {key}: sliver file truncated")
-                await self._verify(
-                    parsed, PRIMARY, pc.sliver, head.primary_leaves, memoryview(raw), syms.start
+                    node, lambda st: st.get(key, hsize + syms.start * s, len(syms) * s, check=check)
                 )
             except NodeError as exc:
                 raise _BadSliver(str(exc)) from exc

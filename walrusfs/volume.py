@@ -31,6 +31,7 @@ from walrusfs.identity import (
     write_identity,
 )
 from walrusfs.nodeset import NodeSet, NodeState
+from walrusfs.tuning import tune_malloc
 
 DEFAULT_BLOB_SIZE = 4 << 20
 
@@ -123,6 +124,7 @@ async def open_volume(
 
     `node_timeout` is the deadline of every node call; `blobstore_opts` go to BlobStore.
     """
+    tune_malloc()
     overrides = overrides or {}
     path, moved = await trio.to_thread.run_sync(
         lambda: (os.path.abspath(path), {i: os.path.abspath(p) for i, p in overrides.items()})
