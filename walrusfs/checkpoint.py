@@ -1,0 +1,299 @@
+"""Checkpoints of the metadata database, the superblock that names them, and recovery.
+
+A checkpoint is a consistent snapshot of the SQLite database stored as ordinary blobs
+(erasure coded and verified like file data). The superblock, a small replicated file on
+every node, names the newest checkpoint and where the journal continues after it.
+Recovery, on a machine with no local state, takes the newest superblock that f+1 nodes
+agree on, restores its snapshot, and replays the journal segments that f+1 nodes hold
+identically and that chain from it. A committed superblock or segment is on n-f nodes,
+so with at most f bad nodes f+1 honest copies always exist and a lone damaged or hostile
+node cannot substitute its own.
+
+Superblock, key `superblock.json`: JSON, then a line with the blake3 of the JSON.
+
+| field         | meaning                                                           |
+|---------------|-------------------------------------------------------------------|
+| format        | "walrusfs-superblock"                                             |
+| version       | 1                                                                 |
+| volume_id     | the volume's id                                                   |
+| epoch         | mount session that wrote it; journal segments are per epoch       |
+| seq           | last journal record contained in the snapshot                     |
+| chain_seq     | last record of the last segment written before the snapshot       |
+| chain_hash    | hash the next segment chains to (hex)                             |
+| blobs         | the snapshot: [[blob id hex, blob metadata hex, length], ...]     |
+| size, digest  | snapshot length and blake3 (hex)                                  |
+| previous      | blob ids of the checkpoint before (kept until the next one)       |
+| created_ns    | wall-clock time of writing                                        |
+
+Runs in trio tasks; SQLite snapshots are taken in worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import trio
+from blake3 import blake3
+
+from backends import NodeError
+from walrusfs.errors import StorageUnavailable
+from walrusfs.journal import (
+    JournalError,
+    Segment,
+    decode_change,
+    read_segment,
+    segment_hash,
+    segment_key,
+)
+from walrusfs.metadata import Change
+from walrusfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+SUPERBLOCK_KEY = "superblock.json"
+FORMAT = "walrusfs-superblock"
+VERSION = 1
+
+
+class RecoveryError(Exception):
+    """The metadata cannot be recovered from the nodes; the message says why."""
+
+
+@dataclass(frozen=True)
+class Superblock:
+    volume_id: str
+    epoch: int
+    seq: int
+    chain_seq: int
+    chain_hash: str
+    blobs: tuple[tuple[str, str, int], ...]
+    size: int
+    digest: str
+    previous: tuple[str, ...]
+    created_ns: int
+
+    def to_bytes(self) -> bytes:
+        doc = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        body = json.dumps(doc, sort_keys=True).encode()
+        return body + b"\n" + blake3(body).hexdigest().encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Superblock:
+        """Parse and check; raises ValueError."""
+        body, sep, rest = raw.rstrip(b"\n").rpartition(b"\n")
+        if not sep or blake3(body).hexdigest().encode() != rest:
+            raise ValueError("superblock checksum mismatch")
+        doc = json.loads(body)
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise ValueError(
+                f"unknown superblock format {doc.get('format')!r} v{doc.get('version')!r}"
+            )
+        return cls(
+            volume_id=str(doc["volume_id"]),
+            epoch=int(doc["epoch"]),
+            seq=int(doc["seq"]),
+            chain_seq=int(doc["chain_seq"]),
+            chain_hash=str(doc["chain_hash"]),
+            blobs=tuple((str(b), str(m), int(n)) for b, m, n in doc["blobs"]),
+            size=int(doc["size"]),
+            digest=str(doc["digest"]),
+            previous=tuple(str(b) for b in doc["previous"]),
+            created_ns=int(doc["created_ns"]),
+        )
+
+
+def snapshot(db_path: str) -> tuple[bytes, int]:
+    """A consistent copy of the database and the journal seq it contains (blocking)."""
+    src = sqlite3.connect(db_path)
+    tmp = db_path + ".snapshot"
+    try:
+        dst = sqlite3.connect(tmp)
+        try:
+            src.backup(dst)  # one step: a single read transaction, so consistent
+            row = dst.execute("SELECT value FROM meta WHERE key = 'journal_seq'").fetchone()
+        finally:
+            dst.close()
+        with open(tmp, "rb") as f:
+            data = f.read()
+    finally:
+        src.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return data, int(row[0]) if row else 0
+
+
+def install(db_path: str, data: bytes) -> None:
+    """Replace the local database with a restored snapshot, atomically (blocking)."""
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(db_path + suffix):
+            os.unlink(db_path + suffix)
+    tmp = db_path + ".restore"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, db_path)
+
+
+async def write_superblock(vol: Volume, sb: Superblock) -> None:
+    """Store the superblock durably on every writable node; raises StorageUnavailable below n-f."""
+    raw = sb.to_bytes()
+    ok: list[int] = []
+
+    async def one(i: int) -> None:
+        try:
+            await vol.nodes.call(i, lambda st: st.put(SUPERBLOCK_KEY, raw, durable=True))
+            ok.append(i)
+        except NodeError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for i in sorted(vol.nodes.writable()):
+            nursery.start_soon(one, i)
+    quorum = vol.params.n - vol.params.f
+    if len(ok) < quorum:
+        raise StorageUnavailable(f"superblock stored on only {len(ok)} nodes, need {quorum}")
+
+
+async def read_superblock(vol: Volume) -> Superblock | None:
+    """The newest superblock that f+1 nodes hold identically; None if no node has one.
+
+    Raises RecoveryError when superblocks exist but none is agreed on by f+1 nodes.
+    """
+    copies: dict[bytes, int] = {}
+    seen = 0
+
+    async def one(i: int) -> None:
+        nonlocal seen
+        try:
+            raw = await vol.nodes.call(i, lambda st: st.get(SUPERBLOCK_KEY))
+        except NodeError:
+            return
+        seen += 1
+        try:
+            sb = Superblock.from_bytes(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("node %d: damaged superblock ignored: %s", i, exc)
+            return
+        if sb.volume_id != vol.identity.volume_id:
+            log.warning("node %d: superblock of another volume ignored", i)
+            return
+        copies[raw] = copies.get(raw, 0) + 1
+
+    async with trio.open_nursery() as nursery:
+        for i in sorted(vol.nodes.readable()):
+            nursery.start_soon(one, i)
+    agreed = [
+        Superblock.from_bytes(raw) for raw, count in copies.items() if count >= vol.params.f + 1
+    ]
+    if not agreed:
+        if seen == 0:
+            return None
+        raise RecoveryError(
+            f"no superblock is held identically by {vol.params.f + 1} nodes "
+            f"({seen} nodes answered); too many nodes missing or damaged"
+        )
+    return max(agreed, key=lambda sb: (sb.epoch, sb.seq, sb.created_ns))
+
+
+async def write_checkpoint(
+    vol: Volume,
+    db_path: str,
+    *,
+    epoch: int,
+    chain_seq: int,
+    chain_hash: bytes,
+    previous: Superblock | None,
+) -> Superblock:
+    """Snapshot the database into blobs and publish a superblock naming it.
+
+    `chain_seq`/`chain_hash` are the journal position at the last sync before the
+    snapshot (the snapshot itself may contain later records). Raises StorageUnavailable.
+    """
+    data, seq = await trio.to_thread.run_sync(snapshot, db_path)
+    size = vol.identity.blob_size
+    blobs = []
+    for off in range(0, max(len(data), 1), size):
+        r = await vol.blobs.put_blob(data[off : off + size], durable=True)
+        blobs.append((r.blob_id.hex(), r.meta.hex(), len(data[off : off + size])))
+    sb = Superblock(
+        volume_id=vol.identity.volume_id,
+        epoch=epoch,
+        seq=seq,
+        chain_seq=chain_seq,
+        chain_hash=chain_hash.hex(),
+        blobs=tuple(blobs),
+        size=len(data),
+        digest=blake3(data).hexdigest(),
+        previous=tuple(b for b, _, _ in previous.blobs) if previous else (),
+        created_ns=time.time_ns(),
+    )
+    await write_superblock(vol, sb)
+    if previous is not None:
+        await _drop_old(
+            vol, previous, keep={b for b, _, _ in sb.blobs} | {b for b, _, _ in previous.blobs}
+        )
+    return sb
+
+
+async def _drop_old(vol: Volume, previous: Superblock, keep: set[str]) -> None:
+    """Delete the checkpoint before `previous`: the newest two stay recoverable."""
+    for b in previous.previous:
+        if b in keep:
+            continue
+        try:
+            await vol.blobs.delete_keys(bytes.fromhex(b))
+        except StorageUnavailable:
+            log.debug("old checkpoint blob %s not deleted now", b[:16])
+
+
+async def restore(vol: Volume, sb: Superblock, db_path: str) -> None:
+    """Install the snapshot a superblock names as the local database. Raises RecoveryError."""
+    parts: list[bytes] = []
+    try:
+        for blob_id, meta, length in sb.blobs:
+            part = await vol.blobs.get_blob(bytes.fromhex(blob_id), bytes.fromhex(meta))
+            if len(part) != length:
+                raise RecoveryError(f"checkpoint blob {blob_id[:16]} has the wrong length")
+            parts.append(bytes(part))
+    except StorageUnavailable as exc:
+        raise RecoveryError(f"metadata checkpoint unreadable: {exc}") from exc
+    data = b"".join(parts)
+    if blake3(data).hexdigest() != sb.digest or len(data) != sb.size:
+        raise RecoveryError("metadata checkpoint does not match its digest")
+    await trio.to_thread.run_sync(install, db_path, data)
+
+
+async def replay(vol: Volume, sb: Superblock, apply: Callable[[Change], None]) -> tuple[int, bytes]:
+    """Apply the journal after the checkpoint; returns (last seq, chain hash).
+
+    Stops at the first segment that f+1 nodes do not hold identically (the uncommitted
+    tail of a crashed session) or that does not chain; records already in the snapshot
+    are skipped. Raises RecoveryError for a damaged record in an agreed segment.
+    """
+    seq, prev = sb.chain_seq, bytes.fromhex(sb.chain_hash)
+    applied = sb.seq
+    while True:
+        key = segment_key(sb.epoch, seq + 1)
+        raw = await read_segment(vol.nodes, key, vol.params.f + 1)
+        if raw is None:
+            break
+        seg = Segment.from_bytes(raw, key)
+        if seg.prev != prev or seg.first_seq != seq + 1 or seg.epoch != sb.epoch:
+            log.warning("journal segment %s does not chain; recovery stops before it", key)
+            break
+        for offset, record in enumerate(seg.records):
+            if seg.first_seq + offset > applied:
+                try:
+                    apply(decode_change(record))
+                except JournalError as exc:
+                    raise RecoveryError(f"{key}: {exc}") from exc
+                applied = seg.first_seq + offset
+        seq, prev = seg.last_seq, segment_hash(raw)
+    return max(applied, seq), prev

@@ -1,0 +1,271 @@
+"""The metadata journal: every committed change, replicated to the nodes in segments.
+
+Metadata is never held in one place only. Each committed SQLite transaction appends its
+change (the mutation's name and arguments) here; `sync` packs the pending changes into one
+segment and writes it to every writable node, and counts it committed once n-f nodes have
+it (the same quorum as blobs). close() and fsync() wait for a sync; other changes are
+synced in the background within a second. Segments are small, so they are replicated,
+not erasure coded.
+
+Segment file, key `journal/e<epoch>/<first seq, 16 digits>`, format version 1:
+
+| offset | size | field                                                              |
+|-------:|-----:|--------------------------------------------------------------------|
+|      0 |    4 | magic b"WSJS"                                                      |
+|      4 |    1 | format version (1)                                                 |
+|      5 |    8 | epoch (u64 LE): one per mount session                              |
+|     13 |    8 | seq of the first record (u64 LE); records are numbered from 1     |
+|     21 |    4 | record count (u32 LE)                                              |
+|     25 |   32 | hash of the previous segment of this epoch, or of the checkpoint   |
+|     57 |    4 | body length L (u32 LE)                                             |
+|     61 |    L | body: one JSON record per line, {"op": name, "args": {...}}        |
+| 61 + L |   32 | blake3 of everything before it                                     |
+
+JSON cannot hold bytes or the block map's types, so values are tagged: {"$b": base64} for
+bytes, {"$ref": [blob_id, meta, length]} for a BlockRef, {"$map": [[k, v], ...]} for a dict
+with integer keys. Nothing read from a node is ever unpickled or evaluated.
+
+Runs in trio tasks (append is synchronous and never yields); not thread-safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from blake3 import blake3
+
+from backends import NodeError
+from walrusfs.errors import StorageUnavailable
+from walrusfs.metadata import BlockRef, Change
+from walrusfs.nodeset import NodeSet
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"WSJS"
+VERSION = 1
+_HEAD = struct.Struct("<4sBQQI32sI")
+PREFIX = "journal"
+
+
+class JournalError(Exception):
+    """A segment is damaged, out of order, or of an unknown version."""
+
+
+def segment_key(epoch: int, first_seq: int) -> str:
+    return f"{PREFIX}/e{epoch}/{first_seq:016d}"
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$b": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, BlockRef):
+        return {"$ref": [_encode(value.blob_id), _encode(value.meta), value.length]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v) for k, v in value.items()}
+        return {"$map": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if isinstance(value, list | tuple):
+        return [_encode(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot journal a {type(value).__name__}")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "$b" in value:
+            return base64.b64decode(value["$b"], validate=True)
+        if "$ref" in value:
+            blob_id, meta, length = value["$ref"]
+            return BlockRef(_decode(blob_id), _decode(meta), int(length))
+        if "$map" in value:
+            return {_decode(k): _decode(v) for k, v in value["$map"]}
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def encode_change(change: Change) -> bytes:
+    """One journal record: a line of JSON."""
+    return json.dumps(
+        {"op": change.op, "args": _encode(dict(change.args))}, separators=(",", ":")
+    ).encode()
+
+
+def decode_change(line: bytes) -> Change:
+    """Parse one record; raises JournalError."""
+    try:
+        doc = json.loads(line)
+        return Change(str(doc["op"]), _decode(doc["args"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise JournalError(f"damaged journal record: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Segment:
+    epoch: int
+    first_seq: int
+    prev: bytes
+    records: tuple[bytes, ...]
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.records) - 1
+
+    def to_bytes(self) -> bytes:
+        body = b"\n".join(self.records)
+        head = _HEAD.pack(
+            MAGIC, VERSION, self.epoch, self.first_seq, len(self.records), self.prev, len(body)
+        )
+        raw = head + body
+        return raw + blake3(raw).digest()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: str = "") -> Segment:
+        """Parse and check a segment; raises JournalError."""
+        if len(raw) < _HEAD.size + 32:
+            raise JournalError(f"{where}: journal segment truncated")
+        if blake3(raw[:-32]).digest() != raw[-32:]:
+            raise JournalError(f"{where}: journal segment checksum mismatch")
+        magic, version, epoch, first, count, prev, length = _HEAD.unpack_from(raw)
+        if magic != MAGIC:
+            raise JournalError(f"{where}: not a journal segment")
+        if version != VERSION:
+            raise JournalError(f"{where}: journal segment version {version} unknown")
+        body = raw[_HEAD.size : len(raw) - 32]
+        if len(body) != length:
+            raise JournalError(f"{where}: journal segment length mismatch")
+        records = tuple(body.split(b"\n")) if count else ()
+        if len(records) != count:
+            raise JournalError(f"{where}: journal segment record count mismatch")
+        return cls(epoch, first, prev, records)
+
+
+def segment_hash(raw: bytes) -> bytes:
+    return blake3(raw).digest()
+
+
+class Journal:
+    """The pending tail of committed changes and the writer of segments.
+
+    `seq` is the number of the last appended record, `committed` of the last one stored on
+    a quorum of nodes. `prev` is the hash that the next segment chains to.
+    """
+
+    def __init__(self, nodes: NodeSet, quorum: int, epoch: int, seq: int, prev: bytes) -> None:
+        self.nodes = nodes
+        self.quorum = quorum
+        self.epoch = epoch
+        self.seq = seq
+        self.committed = seq
+        self.prev = prev
+        self.on_commit: Callable[[int], None] | None = None
+        self._pending: list[bytes] = []
+        self._undurable: list[tuple[str, bytes]] = []
+        self._lock = trio.Lock()
+        self.segments_written = 0
+
+    def append(self, change: Change) -> int:
+        """Record one committed change (synchronous); returns its seq."""
+        self._pending.append(encode_change(change))
+        self.seq += 1
+        return self.seq
+
+    @property
+    def lag(self) -> int:
+        """Changes committed locally but not yet on a quorum of nodes."""
+        return self.seq - self.committed
+
+    async def sync(self, *, durable: bool = False) -> None:
+        """Store every change appended so far on a quorum of nodes.
+
+        Concurrent callers share one write (group commit). With `durable`, the segment and
+        any earlier ones written without fsync are fsynced on the nodes first, so a durable
+        sync never depends on a segment that is only in a page cache. Raises
+        StorageUnavailable when fewer than n-f nodes take it; the changes stay pending.
+        """
+        target = self.seq
+        async with self._lock:
+            if self.committed >= target and not (durable and self._undurable):
+                return
+            writes: list[tuple[str, bytes]] = list(self._undurable) if durable else []
+            new: tuple[bytes, Segment] | None = None
+            if self._pending:
+                seg = Segment(self.epoch, self.committed + 1, self.prev, tuple(self._pending))
+                raw = seg.to_bytes()
+                new = (raw, seg)
+                writes.append((segment_key(self.epoch, seg.first_seq), raw))
+            await self._write(writes, durable)
+            if new is not None:
+                raw, seg = new
+                del self._pending[: len(seg.records)]
+                self.prev = segment_hash(raw)
+                self.committed = seg.last_seq
+                self.segments_written += 1
+                if not durable:
+                    self._undurable.append((segment_key(self.epoch, seg.first_seq), raw))
+            if durable:
+                self._undurable.clear()
+            if self.on_commit is not None:
+                self.on_commit(self.committed)
+
+    def forget_undurable(self) -> None:
+        """After a checkpoint, earlier segments no longer matter for recovery."""
+        self._undurable.clear()
+
+    async def _write(self, writes: list[tuple[str, bytes]], durable: bool) -> None:
+        if not writes:
+            return
+        writable = sorted(self.nodes.writable())
+        ok: list[int] = []
+        errors: dict[int, str] = {}
+
+        async def put(i: int, key: str, raw: bytes) -> None:
+            await self.nodes.call(i, lambda st: st.put(key, raw, durable=durable))
+
+        async def one(i: int) -> None:
+            try:
+                for key, raw in writes:
+                    await put(i, key, raw)
+                ok.append(i)
+            except NodeError as exc:
+                errors[i] = str(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in writable:
+                nursery.start_soon(one, i)
+        if len(ok) < self.quorum:
+            detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
+            raise StorageUnavailable(
+                f"metadata journal stored on only {len(ok)} nodes, need {self.quorum}: {detail or 'too many nodes down'}"
+            )
+
+
+async def read_segment(nodes: NodeSet, key: str, agree: int) -> bytes | None:
+    """A segment that at least `agree` nodes hold identically (and intact), or None.
+
+    A committed segment is on n-f nodes, so with at most f of them bad, f+1 agree.
+    """
+    copies: dict[bytes, int] = {}
+
+    async def one(i: int) -> None:
+        try:
+            raw = await nodes.call(i, lambda st: st.get(key))
+            Segment.from_bytes(raw, f"node {i} {key}")
+        except (NodeError, JournalError):
+            return
+        copies[raw] = copies.get(raw, 0) + 1
+
+    async with trio.open_nursery() as nursery:
+        for i in sorted(nodes.readable()):
+            nursery.start_soon(one, i)
+    best = max(copies.items(), key=lambda kv: kv[1], default=None)
+    return best[0] if best is not None and best[1] >= agree else None

@@ -1,0 +1,176 @@
+"""One mount of a volume at a time: a lease kept on the nodes, renewed by a heartbeat.
+
+The lock file (key `mount.lock`, JSON: token, host, pid, boot_id, started_ns, heartbeat_ns)
+is written to every writable node; acquiring needs n-f of them. A lock is live while its
+heartbeat is younger than the lease. A lock left by a crashed mount is taken over safely:
+on the same machine at once when its process is gone (or the machine rebooted), from
+another machine once its lease has run out. Two mounts racing for a free volume both write
+and then read back; the lower token keeps it and the other backs off.
+
+Runs in trio tasks; not thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import asdict, dataclass
+
+import trio
+
+from backends import NodeError
+from walrusfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "mount.lock"
+LEASE_S = 30.0
+
+
+class MountLockError(Exception):
+    """The volume is mounted elsewhere (or the lock cannot be taken); says by whom."""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class LockRecord:
+    token: str
+    host: str
+    pid: int
+    boot_id: str
+    started_ns: int
+    heartbeat_ns: int
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> LockRecord:
+        doc = json.loads(raw)
+        return cls(
+            str(doc["token"]),
+            str(doc["host"]),
+            int(doc["pid"]),
+            str(doc["boot_id"]),
+            int(doc["started_ns"]),
+            int(doc["heartbeat_ns"]),
+        )
+
+    def live(self, lease: float) -> bool:
+        """Could the holder still be running? (Blocking only on /proc reads.)"""
+        if self.host == socket.gethostname():
+            return self.boot_id == _boot_id() and _pid_alive(self.pid)
+        return time.time_ns() - self.heartbeat_ns < lease * 1e9
+
+    def describe(self) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_ns / 1e9))
+        return f"pid {self.pid} on {self.host} (since {since})"
+
+
+class MountLock:
+    """This mount's hold on the volume."""
+
+    def __init__(self, vol: Volume, lease: float = LEASE_S) -> None:
+        self.vol = vol
+        self.lease = lease
+        now = time.time_ns()
+        self.record = LockRecord(secrets.token_hex(8), socket.gethostname(), os.getpid(), _boot_id(), now, now)
+
+    async def _read_all(self) -> dict[int, LockRecord]:
+        found: dict[int, LockRecord] = {}
+
+        async def one(i: int) -> None:
+            try:
+                raw = await self.vol.nodes.call(i, lambda st: st.get(LOCK_KEY))
+                found[i] = LockRecord.from_bytes(raw)
+            except NodeError:
+                return
+            except (ValueError, KeyError, TypeError):
+                log.warning("node %d: damaged mount lock ignored", i)
+
+        async with trio.open_nursery() as nursery:
+            for i in sorted(self.vol.nodes.readable()):
+                nursery.start_soon(one, i)
+        return found
+
+    async def _write_all(self) -> int:
+        raw = self.record.to_bytes()
+        ok = 0
+
+        async def one(i: int) -> None:
+            nonlocal ok
+            try:
+                await self.vol.nodes.call(i, lambda st: st.put(LOCK_KEY, raw, durable=True))
+                ok += 1
+            except NodeError:
+                return
+
+        async with trio.open_nursery() as nursery:
+            for i in sorted(self.vol.nodes.writable()):
+                nursery.start_soon(one, i)
+        return ok
+
+    async def acquire(self) -> None:
+        """Take the lock; raises MountLockError naming the holder if it is live."""
+        for other in (await self._read_all()).values():
+            if other.token != self.record.token and other.live(self.lease):
+                raise MountLockError(
+                    f"volume {self.vol.identity.volume_id} is already mounted by {other.describe()}; "
+                    f"unmount it first (a crashed mount's lock expires {self.lease:g}s after its last heartbeat)"
+                )
+            if other.token != self.record.token:
+                log.warning("taking over the lock of a mount that is gone: %s", other.describe())
+        quorum = self.vol.params.n - self.vol.params.f
+        if await self._write_all() < quorum:
+            raise MountLockError(f"could not write the mount lock to {quorum} nodes")
+        await trio.sleep(0.2)
+        rivals = [
+            o
+            for o in (await self._read_all()).values()
+            if o.token != self.record.token and o.live(self.lease) and o.token < self.record.token
+        ]
+        if rivals:
+            await self.release()
+            raise MountLockError(f"volume is being mounted at the same time by {rivals[0].describe()}")
+
+    async def heartbeat_forever(self) -> None:
+        """Renew the lease until cancelled."""
+        while True:
+            await trio.sleep(self.lease / 3)
+            self.record = LockRecord(**{**asdict(self.record), "heartbeat_ns": time.time_ns()})
+            await self._write_all()
+
+    async def release(self) -> None:
+        """Remove our lock where it is still ours."""
+        mine = [i for i, rec in (await self._read_all()).items() if rec.token == self.record.token]
+
+        async def one(i: int) -> None:
+            try:
+                await self.vol.nodes.call(i, lambda st: st.delete(LOCK_KEY))
+            except NodeError:
+                return
+
+        async with trio.open_nursery() as nursery:
+            for i in mine:
+                nursery.start_soon(one, i)
