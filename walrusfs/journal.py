@@ -179,6 +179,13 @@ class Journal:
         self.seq += 1
         return self.seq
 
+    def retract(self, seq: int) -> None:
+        """Withdraw the last appended change (its local COMMIT failed)."""
+        if seq != self.seq or not self._pending:
+            raise ValueError(f"can only retract the last change ({self.seq}), not {seq}")
+        self._pending.pop()
+        self.seq -= 1
+
     @property
     def lag(self) -> int:
         """Changes committed locally but not yet on a quorum of nodes."""

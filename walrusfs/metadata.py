@@ -30,7 +30,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from walrusfs.errors import Exists, FSError, Invalid, NoData, NotFound
 
@@ -41,7 +41,8 @@ ROOT_INODE = 1
 # (enforcement costs a lookup per row; the Metadata methods keep them true).
 _SCHEMA = """
 CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,      -- 'schema_version' | 'block_size'
+    key   TEXT PRIMARY KEY,      -- 'schema_version' | 'block_size' | 'journal_seq' (the
+                                 -- last journal record this database contains)
     value INTEGER NOT NULL
 );
 
@@ -142,6 +143,32 @@ class FreedBlob:
     meta: bytes
 
 
+# The mutations a journal may replay, by name. "mkfs" is not one: recovery always starts
+# from a checkpoint, and a new volume's first checkpoint is written by mkfs.
+_REPLAYABLE = frozenset(
+    {
+        "create",
+        "link",
+        "unlink",
+        "rename",
+        "set_attrs",
+        "set_xattr",
+        "remove_xattr",
+        "truncate",
+        "set_blocks",
+        "delete_inode",
+    }
+)
+
+
+class JournalSink(Protocol):
+    """Where committed changes go (walrusfs.journal.Journal)."""
+
+    def append(self, change: Change) -> int: ...
+
+    def retract(self, seq: int) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One committed mutation: the method name and its arguments (for the journal)."""
@@ -167,6 +194,7 @@ class Metadata:
         now_ns: int = 0,
     ) -> None:
         self.path = os.fspath(path)
+        self.journal: JournalSink | None = None
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per mutation.
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -196,7 +224,7 @@ class Metadata:
         self._db.executescript("BEGIN;" + _SCHEMA)
         self._db.executemany(
             "INSERT INTO meta(key, value) VALUES (?, ?)",
-            [("schema_version", SCHEMA_VERSION), ("block_size", block_size)],
+            [("schema_version", SCHEMA_VERSION), ("block_size", block_size), ("journal_seq", 0)],
         )
         self._db.execute(
             f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (?, ?, ?, ?, 0, ?, ?, ?, 0, 2, 0)",
@@ -214,15 +242,42 @@ class Metadata:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._commit(Change(op, args))
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._commit(Change(op, args))
+
+    def attach_journal(self, journal: JournalSink | None) -> None:
+        """From now on, every committed change is also appended to `journal`."""
+        self.journal = journal
+
+    def journal_seq(self) -> int:
+        """The journal seq of the last change this database contains."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'journal_seq'").fetchone()
+        return int(row[0]) if row else 0
+
+    def apply(self, change: Change) -> None:
+        """Replay a journalled change (recovery). Raises FSError if it does not apply."""
+        if change.op not in _REPLAYABLE:
+            raise Invalid(f"journal record of unknown kind {change.op!r}")
+        getattr(self, change.op)(**change.args)
 
     def _commit(self, change: Change) -> None:
-        """End the open transaction. THE hook: a journal appends `change` here, first."""
-        del change  # no journal yet
-        self._db.execute("COMMIT")
+        """End the open transaction. THE hook: the change goes to the journal first, and the
+        database records the journal position in the same transaction, so a snapshot says
+        exactly which changes it contains."""
+        journal = self.journal
+        if journal is not None:
+            seq = journal.append(change)
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'journal_seq'", (seq,))
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                journal.retract(seq)
+                raise
+        else:
+            self._db.execute("COMMIT")
 
     def checkpoint(self) -> None:
         """Make every committed transaction durable (fsync). Blocking: run it in a thread."""
