@@ -257,6 +257,10 @@ class Metadata:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'journal_seq'").fetchone()
         return int(row[0]) if row else 0
 
+    def set_journal_seq(self, seq: int) -> None:
+        """Record the journal position after a replay (replayed changes are not re-journalled)."""
+        self._db.execute("UPDATE meta SET value = ? WHERE key = 'journal_seq'", (seq,))
+
     def apply(self, change: Change) -> None:
         """Replay a journalled change (recovery). Raises FSError if it does not apply."""
         if change.op not in _REPLAYABLE:

@@ -1,0 +1,195 @@
+"""Metadata on the nodes: journal, checkpoints, recovery from nothing, and the mount lock."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.walrusfs.volumes import node_paths
+from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError
+from walrusfs.errors import StorageUnavailable
+from walrusfs.journal import Segment, segment_key
+from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
+from walrusfs.metadata import ROOT_INODE, BlockRef
+from walrusfs.metastore import MetaStore, db_path, format_metadata
+from walrusfs.volume import Volume, create_volume, open_volume
+
+OPTS = {"node_timeout": 3.0, "hedge_after": 0.3, "grace": 0.3}
+FILE = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
+
+
+async def new_volume(root: Path) -> tuple[Volume, list[str]]:
+    paths = node_paths(root / "nodes", 7)
+    await create_volume(paths, blob_size=1 << 16)
+    vol = await open_volume(paths[0], **OPTS)
+    await format_metadata(vol, str(root / "state0"), uid=0, gid=0)
+    return vol, paths
+
+
+def dump(path: str) -> dict[str, list[tuple[object, ...]]]:
+    """Every table's rows, for comparing two databases."""
+    db = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {
+            t: sorted(db.execute(f"SELECT * FROM {t}").fetchall(), key=repr)
+            for t in tables
+            if t not in ("meta", "sqlite_sequence")
+        }
+    finally:
+        db.close()
+
+
+async def make_changes(ms: MetaStore, vol: Volume, tag: bytes) -> None:
+    md = ms.metadata
+    d = md.create(ROOT_INODE, b"dir-" + tag, mode=DIR, uid=1, gid=2, now_ns=10)
+    f = md.create(d.id, b"file", mode=FILE, uid=1, gid=2, now_ns=11)
+    r = await vol.blobs.put_blob(b"content " + tag)
+    md.set_blocks(f.id, {0: BlockRef(r.blob_id, r.meta, 9 + len(tag))}, size=9 + len(tag), mtime_ns=12, ctime_ns=12)
+    md.set_xattr(f.id, b"user.tag", tag, now_ns=13)
+    md.link(f.id, ROOT_INODE, b"link-" + tag, now_ns=14)
+    md.rename(d.id, b"file", ROOT_INODE, b"moved-" + tag, now_ns=15)
+    md.set_attrs(f.id, mode=FILE | 0o600, ctime_ns=16)
+
+
+async def test_a_fresh_machine_recovers_the_same_tree(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    await make_changes(ms, vol, b"a")
+    await ms.sync()
+    await make_changes(ms, vol, b"b")
+    await ms.sync()
+    expected = dump(ms.metadata.path)
+    ms.metadata.close()  # a crash: no final checkpoint, the local state is then lost
+    shutil.rmtree(tmp_path / "state1")
+    fresh = await open_volume(paths[3], **OPTS)
+    ms2 = await MetaStore.open(fresh, str(tmp_path / "state2"))
+    assert dump(ms2.metadata.path) == expected
+    assert ms2.journal.epoch == ms.journal.epoch + 1
+    await ms2.close()
+
+
+async def test_recovery_with_f_nodes_gone_and_a_corrupt_copy(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    await make_changes(ms, vol, b"x")
+    await ms.sync()
+    expected = dump(ms.metadata.path)
+    ms.metadata.close()
+    shutil.rmtree(paths[1])
+    shutil.rmtree(paths[5])
+    # A damaged copy of the segment on one more node is outvoted, not trusted.
+    key = Path(paths[2]) / segment_key(ms.journal.epoch, 1)
+    raw = bytearray(key.read_bytes())
+    raw[70] ^= 0xFF
+    key.write_bytes(bytes(raw))
+    ms2 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state2"))
+    assert dump(ms2.metadata.path) == expected
+    ms2.metadata.close()
+
+
+async def test_unsynced_changes_are_not_on_the_nodes(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    await make_changes(ms, vol, b"kept")
+    await ms.sync()
+    kept = dump(ms.metadata.path)
+    await make_changes(ms, vol, b"lost")  # committed locally only: a crash may lose it
+    assert ms.journal.lag > 0
+    ms.metadata.close()
+    ms2 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state2"))
+    assert dump(ms2.metadata.path) == kept
+    ms2.metadata.close()
+
+
+async def test_checkpoints_mid_session_and_replay_after_them(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    await make_changes(ms, vol, b"1")
+    await ms.checkpoint()
+    await make_changes(ms, vol, b"2")  # lands in the snapshot's database before its segment
+    await ms.checkpoint()
+    await make_changes(ms, vol, b"3")
+    await ms.sync(durable=True)
+    expected = dump(ms.metadata.path)
+    ms.metadata.close()
+    ms2 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state2"))
+    assert dump(ms2.metadata.path) == expected
+    # Only the newest two checkpoints' blobs stay on the nodes.
+    await ms2.close()
+    ms3 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state3"))
+    assert dump(ms3.metadata.path) == expected
+    ms3.metadata.close()
+
+
+async def test_a_journal_below_quorum_fails_and_keeps_its_changes(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    for i in (0, 1, 2):
+        os.rename(paths[i], paths[i] + ".away")
+    ms.metadata.create(ROOT_INODE, b"pending", mode=DIR, uid=0, gid=0, now_ns=1)
+    with pytest.raises(StorageUnavailable, match="need 5"):
+        await ms.sync()
+    assert ms.journal.lag == 1
+    for i in (0, 1, 2):
+        os.rename(paths[i] + ".away", paths[i])
+    await vol.nodes.probe_all()
+    await ms.sync()
+    assert ms.journal.lag == 0
+    ms.metadata.close()
+
+
+async def test_an_unformatted_volume_and_garbage_superblocks_are_refused(tmp_path: Path) -> None:
+    paths = node_paths(tmp_path / "nodes", 4)
+    await create_volume(paths)
+    vol = await open_volume(paths[0], **OPTS)
+    with pytest.raises(RecoveryError, match="mkfs"):
+        await MetaStore.open(vol, str(tmp_path / "s"))
+    for p in paths:
+        Path(p, SUPERBLOCK_KEY).write_bytes(b"{}\nnot a checksum\n")
+    with pytest.raises(RecoveryError, match="held identically"):
+        await MetaStore.open(vol, str(tmp_path / "s"))
+
+
+def test_segments_detect_damage() -> None:
+    seg = Segment(3, 10, bytes(32), (b'{"op":"x","args":{}}', b'{"op":"y","args":{}}'))
+    raw = seg.to_bytes()
+    assert Segment.from_bytes(raw) == seg
+    for pos in (0, 6, 30, 70, len(raw) - 1):
+        bad = bytearray(raw)
+        bad[pos] ^= 1
+        with pytest.raises(Exception, match="segment"):
+            Segment.from_bytes(bytes(bad))
+
+
+async def test_one_mount_at_a_time_and_stale_locks_are_taken_over(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    first = MountLock(vol)
+    await first.acquire()
+    second = MountLock(await open_volume(paths[0], **OPTS))
+    with pytest.raises(MountLockError, match=f"already mounted by pid {os.getpid()}"):
+        await second.acquire()
+    await first.release()
+    await second.acquire()  # free again
+    await second.release()
+    # A lock left by a process that is gone (same machine) is taken over at once.
+    dead = LockRecord("0" * 16, first.record.host, 2**22 + 12345, first.record.boot_id, 1, 1)
+    for p in paths:
+        Path(p, LOCK_KEY).write_bytes(dead.to_bytes())
+    third = MountLock(vol)
+    with trio.fail_after(10):
+        await third.acquire()
+    assert all(LockRecord.from_bytes(Path(p, LOCK_KEY).read_bytes()).token == third.record.token for p in paths)
+    await third.release()
+    assert not any(Path(p, LOCK_KEY).exists() for p in paths)
+
+
+def test_db_path_is_inside_the_state_dir(tmp_path: Path) -> None:
+    assert db_path(str(tmp_path)) == str(tmp_path / "metadata.db")

@@ -1,0 +1,148 @@
+"""The metadata's life on the nodes: format, recover at mount, journal, checkpoint, close.
+
+The local SQLite file is a working copy. Opening always recovers it from the nodes (the
+newest agreed checkpoint plus the journal after it), so a machine with an empty state
+directory, or with a stale one, mounts the same tree. Each mount is a new epoch that
+starts with a checkpoint of what it recovered; from then on changes are journalled.
+
+Runs in trio tasks; not thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import trio
+
+from walrusfs.checkpoint import (
+    RecoveryError,
+    Superblock,
+    read_superblock,
+    replay,
+    restore,
+    write_checkpoint,
+)
+from walrusfs.journal import Journal
+from walrusfs.metadata import Metadata
+from walrusfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "metadata.db"
+# Checkpoint when this many changes have been journalled since the last one.
+CHECKPOINT_EVERY = 20_000
+
+
+def db_path(state_dir: str) -> str:
+    return os.path.join(state_dir, DB_NAME)
+
+
+async def format_metadata(
+    vol: Volume, state_dir: str, *, uid: int, gid: int, mode: int = 0o755
+) -> Superblock:
+    """Create the empty filesystem and its first checkpoint (mkfs). Raises StorageUnavailable."""
+    await trio.to_thread.run_sync(lambda: os.makedirs(state_dir, mode=0o700, exist_ok=True))
+    path = db_path(state_dir)
+    for suffix in ("", "-wal", "-shm"):
+        if await trio.to_thread.run_sync(os.path.exists, path + suffix):
+            await trio.to_thread.run_sync(os.unlink, path + suffix)
+    md = Metadata(
+        path,
+        block_size=vol.identity.blob_size,
+        root_uid=uid,
+        root_gid=gid,
+        root_mode=mode,
+        now_ns=time.time_ns(),
+    )
+    md.close()
+    return await write_checkpoint(
+        vol, path, epoch=1, chain_seq=0, chain_hash=bytes(32), previous=None
+    )
+
+
+class MetaStore:
+    """An open volume's metadata: the database, its journal, and checkpoint bookkeeping."""
+
+    def __init__(
+        self, vol: Volume, metadata: Metadata, journal: Journal, superblock: Superblock
+    ) -> None:
+        self.vol = vol
+        self.metadata = metadata
+        self.journal = journal
+        self.superblock = superblock
+        self._checkpointing = trio.Lock()
+
+    @classmethod
+    async def open(cls, vol: Volume, state_dir: str) -> MetaStore:
+        """Recover the metadata from the nodes into `state_dir` and start a new epoch.
+
+        Raises RecoveryError (never formatted, or not recoverable) or StorageUnavailable.
+        """
+        sb = await read_superblock(vol)
+        if sb is None:
+            raise RecoveryError(
+                "this volume has no metadata yet: was it created with `walrusfs mkfs`?"
+            )
+        await trio.to_thread.run_sync(lambda: os.makedirs(state_dir, mode=0o700, exist_ok=True))
+        path = db_path(state_dir)
+        await restore(vol, sb, path)
+        md = Metadata(path)
+        try:
+            seq, prev = await replay(vol, sb, md.apply)
+            md.set_journal_seq(seq)
+            epoch = sb.epoch + 1
+            new = await write_checkpoint(
+                vol, path, epoch=epoch, chain_seq=seq, chain_hash=prev, previous=sb
+            )
+        except BaseException:
+            md.close()
+            raise
+        if seq > sb.seq:
+            log.info("recovered %d journalled changes after the checkpoint", seq - sb.seq)
+        journal = Journal(vol.nodes, vol.params.n - vol.params.f, epoch, seq, prev)
+        md.attach_journal(journal)
+        return cls(vol, md, journal, new)
+
+    async def sync(self, *, durable: bool = False) -> None:
+        """Make every committed change survive the loss of this machine (see Journal.sync)."""
+        await self.journal.sync(durable=durable)
+
+    async def checkpoint(self) -> None:
+        """Write a new checkpoint; the journal before it is then only history."""
+        async with self._checkpointing:
+            await self.journal.sync()
+            chain_seq, chain_hash = self.journal.committed, self.journal.prev
+            self.superblock = await write_checkpoint(
+                self.vol,
+                self.metadata.path,
+                epoch=self.journal.epoch,
+                chain_seq=chain_seq,
+                chain_hash=chain_hash,
+                previous=self.superblock,
+            )
+            self.journal.forget_undurable()
+
+    def checkpoint_due(self) -> bool:
+        return self.journal.seq - self.superblock.seq >= CHECKPOINT_EVERY
+
+    async def run_background(self, interval: float = 1.0) -> None:
+        """Sync the journal every `interval` seconds and checkpoint when due; until cancelled."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                if self.journal.lag:
+                    await self.journal.sync()
+                if self.checkpoint_due():
+                    await self.checkpoint()
+            except Exception as exc:  # nodes missing: retried on the next round, shown in status
+                log.debug("background metadata sync failed: %s", exc)
+
+    async def close(self) -> None:
+        """Final durable sync and checkpoint, then close the database."""
+        try:
+            await self.journal.sync(durable=True)
+            await self.checkpoint()
+        finally:
+            self.metadata.close()
