@@ -106,6 +106,9 @@ class StatFs:
 
 
 SpaceFn = Callable[[], Awaitable[Space]]
+# Called after close/fsync: returns once committed metadata is stored beyond this machine
+# (durable: also on stable storage there). walrusfs.metastore.MetaStore.sync fits.
+CommitFn = Callable[..., Awaitable[None]]
 # readdir calls it per entry: (name, attributes, offset of the next entry) -> accepted?
 ReplyFn = Callable[[bytes, Attrs, int], bool]
 
@@ -142,10 +145,12 @@ class FileSystem:
         store: BlobStoreProtocol,
         *,
         space: SpaceFn | None = None,
+        commit: CommitFn | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         **filedata_options: Any,
     ) -> None:
         self.meta = meta
+        self._commit = commit
         self.data = FileData(meta, store, clock_ns=clock_ns, **filedata_options)
         self.block_size = meta.block_size
         self._space = space
@@ -565,17 +570,25 @@ class FileSystem:
         await self.data.write(h.inode, offset, data)
         return len(data)
 
+    async def _committed(self, durable: bool) -> None:
+        """Wait until committed metadata survives this machine (the `commit` hook)."""
+        if self._commit is not None:
+            await self._commit(durable)
+        elif durable:
+            await trio.to_thread.run_sync(self.meta.checkpoint)
+
     async def flush(self, fh: int) -> None:
-        """close(2) of one descriptor: store the file's dirty data."""
+        """close(2) of one descriptor: store the file's dirty data and its metadata."""
         await self.data.flush(self._handle(fh).inode)
+        await self._committed(False)
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
         """Store the file's data and make the metadata durable."""
         await self.data.flush(self._handle(fh).inode)
-        await trio.to_thread.run_sync(self.meta.checkpoint)
+        await self._committed(True)
 
     async def fsyncdir(self, fh: int, datasync: bool = False) -> None:
-        await trio.to_thread.run_sync(self.meta.checkpoint)
+        await self._committed(True)
 
     async def release(self, fh: int) -> None:
         """Last close of an open: flush (writes may follow flush under mmap), then drop."""
