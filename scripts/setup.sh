@@ -35,3 +35,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
+
+# mount(8) looks for /sbin/mount.TYPE: this makes `mount -t walrusfs` and fstab lines work.
+if [ "$(id -u)" -eq 0 ] && [ -d /sbin ]; then
+  target="$(pwd)/.venv/bin/mount.walrusfs"
+  current="$(readlink /sbin/mount.walrusfs 2>/dev/null || true)"
+  if [ -x "$target" ] && { [ -z "$current" ] || [[ "$current" == */.venv/bin/mount.walrusfs ]]; }; then
+    ln -sf "$target" /sbin/mount.walrusfs
+  fi
+fi

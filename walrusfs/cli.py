@@ -1,14 +1,52 @@
-"""The `walrusfs` command line. Thin: parses arguments and calls into the core.
+"""The `walrusfs` command line (and `mount.walrusfs`, for mount(8) and /etc/fstab).
 
-Must not import pyfuse3 (only the mount lifecycle does).
+Thin: parses arguments, sets up logging, and calls into the core. `mount` without
+--foreground starts the server as a child process and returns once the mount is ready,
+or fails with the child's own error message if it cannot be.
+
+Must not import pyfuse3 (only the mount lifecycle does, in the server process).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import re
+import subprocess
 import sys
+import time
+
+import trio
 
 from walrusfs import __version__
+
+log = logging.getLogger("walrusfs")
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'4M', '4MiB', '65536' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4M or 1048576)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_node(text: str) -> tuple[int, str]:
+    index, sep, path = text.partition("=")
+    if not sep or not index.isdigit() or not path:
+        raise argparse.ArgumentTypeError(f"--node takes INDEX=DIR, not {text!r}")
+    return int(index), path
+
+
+def default_state_dir(volume_id: str) -> str:
+    if os.geteuid() == 0:
+        return os.path.join("/var/lib/walrusfs", volume_id)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "walrusfs", volume_id)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,20 +55,291 @@ def build_parser() -> argparse.ArgumentParser:
         description="An erasure-coded filesystem over n node directories (Red Stuff encoding).",
     )
     parser.add_argument("--version", action="version", version=f"walrusfs {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("demo", help="encode, lose and decode a sample blob (a codec demo)")
+
+    p = sub.add_parser("mkfs", help="create a volume over n node directories")
+    p.add_argument(
+        "--faults", "-f", type=int, default=None, help="nodes that may fail (default (n-1)//3)"
+    )
+    p.add_argument(
+        "--blob-size", type=parse_size, default=4 << 20, help="file data per blob (default 4M)"
+    )
+    p.add_argument("nodes", nargs="+", metavar="NODE_DIR")
+
+    p = sub.add_parser("mount", help="mount the volume a node directory belongs to")
+    p.add_argument(
+        "--foreground", action="store_true", help="serve in this process until unmounted"
+    )
+    p.add_argument(
+        "--node",
+        action="append",
+        type=parse_node,
+        default=[],
+        metavar="INDEX=DIR",
+        help="where a node moved to",
+    )
+    p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    p.add_argument("--state-dir", default=None, help="local working copy of the metadata")
+    p.add_argument(
+        "--node-timeout", type=float, default=10.0, help="seconds before a node call is abandoned"
+    )
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("node_dir", metavar="NODE_DIR")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    p = sub.add_parser("umount", help="unmount, returning once everything is stored")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--timeout", type=float, default=600.0)
+
+    p = sub.add_parser("status", help="node states, space, dirty data and degraded blobs")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="mount a demo volume under ./demo (or --codec: a codec demo)")
+    p.add_argument("--codec", action="store_true", help="show the erasure code on one blob instead")
     return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def cmd_mkfs(args: argparse.Namespace) -> int:
+    from walrusfs.metastore import format_metadata
+    from walrusfs.volume import create_volume, open_volume
+
+    async def run() -> tuple[str, str]:
+        volume_id = await create_volume(args.nodes, args.faults, args.blob_size)
+        vol = await open_volume(args.nodes[0])
+        state = default_state_dir(volume_id)
+        await format_metadata(vol, state, uid=os.getuid(), gid=os.getgid())
+        p = vol.params
+        return (
+            volume_id,
+            f"n={p.n} nodes, f={p.f}, R={p.R}, C={p.C}, blob size {vol.identity.blob_size}",
+        )
+
+    volume_id, summary = trio.run(run)
+    print(f"created volume {volume_id}: {summary}")
+    print(f"mount it with: walrusfs mount {args.nodes[0]} MOUNTPOINT")
+    return 0
+
+
+def _mount_foreground(args: argparse.Namespace) -> int:
+    from walrusfs.service import MountOptions, run_mount
+    from walrusfs.volume import open_volume
+
+    ready_fd = args.ready_fd
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+
+    mountpoint = os.path.abspath(args.mountpoint)
+
+    async def run() -> None:
+        ident = (await open_volume(args.node_dir)).identity
+        opts = MountOptions(
+            node_dir=args.node_dir,
+            mountpoint=mountpoint,
+            state_dir=args.state_dir or default_state_dir(ident.volume_id),
+            overrides=dict(args.node),
+            allow_other=args.allow_other,
+            node_timeout=args.node_timeout,
+        )
+        await run_mount(opts, ready)
+
+    try:
+        trio.run(run)
+    except BaseException as exc:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, f"error: {_message(exc)}\n".encode())
+            except OSError:
+                pass
+        raise
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.mountpoint):
+        raise SystemExit(f"walrusfs: error: mountpoint {args.mountpoint}: not a directory")
+    if args.foreground:
+        return _mount_foreground(args)
+    read_fd, write_fd = os.pipe()
+    argv = (
+        [sys.executable, "-m", "walrusfs.cli"]
+        + ["-v"] * args.verbose
+        + ["mount", "--foreground", "--ready-fd", str(write_fd)]
+    )
+    for index, path in args.node:
+        argv += ["--node", f"{index}={path}"]
+    if args.allow_other:
+        argv.append("--allow-other")
+    if args.state_dir:
+        argv += ["--state-dir", args.state_dir]
+    argv += ["--node-timeout", str(args.node_timeout), args.node_dir, args.mountpoint]
+    log_path = (
+        os.path.join(os.path.expanduser("~"), ".walrusfs-mount.log")
+        if os.geteuid()
+        else "/var/log/walrusfs.log"
+    )
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen(
+            argv,
+            pass_fds=[write_fd],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        answer = pipe.readline().decode().strip()
+    if answer == "ok":
+        print(f"mounted at {args.mountpoint} (server pid {child.pid}, log {log_path})")
+        return 0
+    child.wait(timeout=30)
+    raise SystemExit(
+        f"walrusfs: error: mount failed: {answer.removeprefix('error: ') or f'server exited ({child.returncode}), see {log_path}'}"
+    )
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from walrusfs.control import ControlError, query
+
+    try:
+        pid = int(str(query(args.mountpoint)["pid"]))
+    except ControlError:
+        pid = None
+    res = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"walrusfs: error: {res.stderr.strip() or 'fusermount3 failed'}")
+    if pid is not None:
+        deadline = time.monotonic() + args.timeout
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split(") ")[-1].startswith("Z"):
+                        break  # exited, not yet reaped by its parent
+            except OSError:
+                break
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}") and time.monotonic() >= deadline:
+            raise SystemExit(
+                f"walrusfs: error: the server (pid {pid}) is still storing data after {args.timeout:g}s"
+            )
+    print(f"unmounted {args.mountpoint}: all data and metadata stored")
+    return 0
+
+
+def _human(n: object) -> str:
+    if not isinstance(n, int):
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return str(n)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from walrusfs.control import query
+
+    st = query(args.mountpoint)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(
+        f"walrusfs at {st['mountpoint']} (volume {st['volume_id']}, n={st['n']}, f={st['f']}, pid {st['pid']})"
+    )
+    nodes = st["nodes"]
+    assert isinstance(nodes, list)
+    for n in nodes:
+        reason = f"  {n['reason']}" if n["state"] != "up" and n["reason"] else ""
+        print(
+            f"  node {n['index']}: {n['state']:8s} free {_human(n['free']):>10s} of {_human(n['total']):>10s}"
+            f"  {n['latency_ms']:7.2f} ms  errors {n['errors']} corrupt {n['corrupt']}  {n['path']}{reason}"
+        )
+    print(
+        f"  files {st['files']}, blobs {st['blobs']}, dirty {_human(st['dirty_bytes'])}, journal lag {st['journal_lag']}"
+    )
+    print(f"  degraded blobs (a node missed its pair): {st['degraded_blobs']}")
+    return 0
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        return _message(exc.exceptions[0])
+    return str(exc) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    handlers = {"mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status}
     if args.command == "demo":
+        if args.codec:
+            from walrusfs import codec_demo
+
+            return codec_demo.main()
         from walrusfs import demo
 
         return demo.main()
-    parser.print_help(sys.stderr)
-    return 2
+    if args.command not in handlers:
+        parser.print_help(sys.stderr)
+        return 2
+    from walrusfs.checkpoint import RecoveryError
+    from walrusfs.control import ControlError
+    from walrusfs.errors import FSError
+    from walrusfs.lock import MountLockError
+    from walrusfs.volume import VolumeError
+
+    expected = (VolumeError, MountLockError, RecoveryError, ControlError, FSError, OSError)
+    try:
+        return handlers[args.command](args)
+    except expected as exc:
+        print(f"walrusfs: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        first = group.exceptions[0] if group.exceptions else group
+        if isinstance(first, expected):
+            print(f"walrusfs: error: {_message(first)}", file=sys.stderr)
+            return 1
+        raise
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """`mount.walrusfs NODE_DIR MOUNTPOINT [-o opt,...]`, as mount(8) calls it.
+
+    Options: node=INDEX=DIR (repeatable), allow_other, state_dir=DIR, node_timeout=S;
+    generic ones mount(8) passes (rw, defaults, _netdev, ...) are ignored.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        print("usage: mount.walrusfs NODE_DIR MOUNTPOINT [-o options]", file=sys.stderr)
+        return 2
+    node_dir, mountpoint, rest = argv[0], argv[1], argv[2:]
+    cli = ["mount"]
+    while rest:
+        flag = rest.pop(0)
+        if flag == "-o" and rest:
+            for opt in rest.pop(0).split(","):
+                key, _, value = opt.partition("=")
+                if key == "node":
+                    cli += ["--node", value]
+                elif key == "allow_other":
+                    cli.append("--allow-other")
+                elif key == "state_dir":
+                    cli += ["--state-dir", value]
+                elif key == "node_timeout":
+                    cli += ["--node-timeout", value]
+    return main([*cli, node_dir, mountpoint])
 
 
 if __name__ == "__main__":

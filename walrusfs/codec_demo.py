@@ -1,8 +1,8 @@
-"""`make demo`: show Red Stuff at work on a sample blob (the codec demo).
+"""`walrusfs demo --codec`: show Red Stuff at work on one sample blob.
 
 Encodes a blob for 7 nodes, loses f of them, decodes from what is left, catches a flipped
-bit, and rebuilds a lost sliver from one symbol of each of the others. Becomes a demo
-mount once the filesystem lands. No I/O beyond printing.
+bit, and rebuilds a lost sliver from one symbol of each of the others. No I/O beyond
+printing.
 """
 
 from __future__ import annotations

@@ -1,0 +1,114 @@
+"""The control socket of a running mount: how `walrusfs status MOUNTPOINT` reaches it.
+
+One Unix socket per mount, at a path derived from the mountpoint's real path, under
+/run/walrusfs (root) or $XDG_RUNTIME_DIR/walrusfs (or /tmp/walrusfs-UID), mode 0600 so
+only the mounting user can ask. Protocol: the client sends one JSON line {"cmd": ...},
+the server answers one JSON line and closes. Commands: "status".
+
+The server runs in the mount's trio nursery; the client is plain blocking code for the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+class ControlError(Exception):
+    """No mount answers at that mountpoint."""
+
+
+def socket_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/walrusfs"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "walrusfs") if runtime else f"/tmp/walrusfs-{os.geteuid()}"
+
+
+def socket_path(mountpoint: str) -> str:
+    """Where the mount at `mountpoint` listens (blocking: resolves the path)."""
+    digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:20]
+    return os.path.join(socket_dir(), f"{digest}.sock")
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def _prepare(path: str) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)  # left by a crashed mount: the lock already told us it is gone
+
+
+async def serve_control(
+    mountpoint: str,
+    status: Callable[[], dict[str, object]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer control requests until cancelled."""
+    path = await trio.to_thread.run_sync(socket_path, mountpoint)
+    await trio.to_thread.run_sync(_prepare, path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    await trio.to_thread.run_sync(os.chmod, path, 0o600)
+    sock.listen(8)
+    listener = trio.SocketListener(sock)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                with trio.move_on_after(5):
+                    raw = await stream.receive_some(4096)
+                    request = json.loads(raw or b"{}")
+                    if request.get("cmd") == "status":
+                        reply: dict[str, object] = {"ok": True, "status": status()}
+                    else:
+                        reply = {"ok": False, "error": f"unknown command {request.get('cmd')!r}"}
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+            except (trio.BrokenResourceError, ValueError) as exc:
+                log.debug("control request failed: %s", exc)
+
+    try:
+        async with listener:
+            task_status.started()
+            await trio.serve_listeners(handle, [listener])
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_remove, path)
+
+
+def query(mountpoint: str, cmd: str = "status", timeout: float = 10.0) -> dict[str, object]:
+    """Ask the mount at `mountpoint`; raises ControlError if none answers."""
+    path = socket_path(mountpoint)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise ControlError(f"{mountpoint}: no walrusfs mount answers there") from exc
+    except OSError as exc:
+        raise ControlError(
+            f"{mountpoint}: the mount did not answer ({exc.strerror or exc})"
+        ) from exc
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error")))
+    return dict(reply["status"])

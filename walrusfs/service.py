@@ -1,0 +1,170 @@
+"""A mounted volume, start to finish: open, lock, recover, serve, and stop cleanly.
+
+`run_mount` is what `walrusfs mount` runs (in the foreground, or in the child process
+it starts): it opens the volume, refuses to mount with more than f nodes unusable, takes
+the mount lock, recovers the metadata from the nodes, serves the filesystem, and answers
+`status` on a control socket. On unmount it flushes every file, syncs the journal
+durably, writes a checkpoint and releases the lock, so `walrusfs umount` returning means
+everything is stored.
+
+Data blobs are written durably (fsynced) at every flush, so fsync() only has to make the
+journal durable; close() waits until the journal holds the change on n-f nodes. A blob is
+deleted from the nodes only after the change that freed it is in the journal there.
+
+Only walrusfs.mount imports pyfuse3; this module stays importable without a mount.
+Runs in trio tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from walrusfs.blobstore import BlobStore
+from walrusfs.control import serve_control
+from walrusfs.fs import Space, SpaceFn
+from walrusfs.lock import MountLock
+from walrusfs.metastore import MetaStore
+from walrusfs.nodeset import NodeState
+from walrusfs.volume import Volume, VolumeError, open_volume
+
+log = logging.getLogger(__name__)
+
+
+class FsBlobs:
+    """The blob store as the filesystem sees it (walrusfs.filedata.BlobStoreProtocol)."""
+
+    def __init__(self, blobs: BlobStore, metastore: MetaStore) -> None:
+        self.blobs = blobs
+        self.metastore = metastore
+        self.missed: dict[bytes, tuple[int, ...]] = {}
+
+    async def put_blob(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+        r = await self.blobs.put_blob(data, durable=True)
+        if r.missed:
+            self.missed[r.blob_id] = r.missed  # for repair to fill in
+        return r.blob_id, r.meta
+
+    async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> bytes:
+        return await self.blobs.get_range(blob_id, meta, offset, length)
+
+    async def delete_blob(self, blob_id: bytes, meta: bytes) -> None:
+        # The change that freed the blob must be on the nodes first: a crash before that
+        # recovers a state that still names the blob.
+        await self.metastore.sync()
+        self.missed.pop(blob_id, None)
+        await self.blobs.delete_blob(blob_id, meta)
+
+
+def space_of(vol: Volume) -> SpaceFn:
+    """statfs numbers from the nodes' real free space, as of the last probe."""
+    p = vol.params
+    overhead = p.n * (p.R + p.C) / (p.R * p.C)
+
+    async def space() -> Space:
+        nodes = [n for n in vol.nodes.nodes if n.total]
+        if not nodes:
+            return Space(0, 0, overhead)
+        # Every blob puts 1/n of its encoded bytes on each node: the fullest node limits.
+        return Space(
+            total_bytes=min(n.total or 0 for n in nodes) * p.n,
+            free_bytes=min(n.free or 0 for n in nodes) * p.n,
+            overhead=overhead,
+        )
+
+    return space
+
+
+@dataclass
+class MountOptions:
+    node_dir: str
+    mountpoint: str
+    state_dir: str
+    overrides: dict[int, str]
+    allow_other: bool = False
+    node_timeout: float = 10.0
+
+
+class Mounted:
+    """The live parts of a mount, for status."""
+
+    def __init__(
+        self, vol: Volume, metastore: MetaStore, fs: object, blobs: FsBlobs, opts: MountOptions
+    ) -> None:
+        self.vol = vol
+        self.metastore = metastore
+        self.fs = fs
+        self.blobs = blobs
+        self.opts = opts
+
+    def status(self) -> dict[str, object]:
+        vol, md = self.vol, self.metastore.metadata
+        stats = vol.blobs.stats
+        data = getattr(self.fs, "data", None)
+        return {
+            "mountpoint": self.opts.mountpoint,
+            "pid": os.getpid(),
+            "volume_id": vol.identity.volume_id,
+            "n": vol.params.n,
+            "f": vol.params.f,
+            "blob_size": vol.identity.blob_size,
+            "nodes": vol.nodes.snapshot(),
+            "files": md.inode_count(),
+            "blobs": md.blob_count(),
+            "dirty_bytes": getattr(data, "dirty_bytes", 0),
+            "journal_lag": self.metastore.journal.lag,
+            "degraded_blobs": len(self.blobs.missed),
+            "stats": {k: v for k, v in vars(stats).items() if k != "extra"},
+        }
+
+
+async def open_for_mount(opts: MountOptions) -> Volume:
+    """Open the volume and refuse when more than f nodes are unusable. Raises VolumeError."""
+    vol = await open_volume(opts.node_dir, opts.overrides, node_timeout=opts.node_timeout)
+    bad = [n for n in vol.nodes.nodes if n.state is NodeState.DOWN]
+    if len(bad) > vol.params.f:
+        lines = "\n".join(f"  node {n.index} ({n.store.path}): {n.reason}" for n in bad)
+        raise VolumeError(
+            f"{len(bad)} of {vol.params.n} nodes are unusable; at most f={vol.params.f} may be:\n{lines}"
+        )
+    for n in bad:
+        log.warning("mounting without node %d (%s): %s", n.index, n.store.path, n.reason)
+    return vol
+
+
+async def run_mount(opts: MountOptions, ready: Callable[[], object] | None = None) -> None:
+    """Mount and serve until unmounted; raises VolumeError, MountLockError, RecoveryError."""
+    from walrusfs.fs import FileSystem
+    from walrusfs.mount import serve
+
+    vol = await open_for_mount(opts)
+    lock = MountLock(vol)
+    await lock.acquire()
+    try:
+        metastore = await MetaStore.open(vol, opts.state_dir)
+        blobs = FsBlobs(vol.blobs, metastore)
+        fs = FileSystem(
+            metastore.metadata,
+            blobs,
+            space=space_of(vol),
+            commit=lambda durable: metastore.sync(durable=durable),
+        )
+        mounted = Mounted(vol, metastore, fs, blobs, opts)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lock.heartbeat_forever)
+                nursery.start_soon(metastore.run_background)
+                nursery.start_soon(vol.nodes.probe_forever)
+                await nursery.start(serve_control, opts.mountpoint, mounted.status)
+                await serve(fs, opts.mountpoint, allow_other=opts.allow_other, ready=ready)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await metastore.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await lock.release()
