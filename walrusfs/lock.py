@@ -44,13 +44,16 @@ def _boot_id() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Is `pid` a running walrusfs process? A zombie (a killed daemon whose new parent does
+    not reap it) or a reused pid is not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b") ", 1)[1][:1]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state not in (b"Z", b"X") and b"walrusfs" in cmdline
 
 
 @dataclass(frozen=True)
