@@ -151,6 +151,10 @@ class FileSystem:
     ) -> None:
         self.meta = meta
         self._commit = commit
+        # With the FUSE writeback cache the kernel places O_APPEND writes itself and may
+        # resend whole pages at explicit offsets; appending those again at our EOF would
+        # misplace data. The mount sets this; direct callers keep O_APPEND semantics.
+        self.kernel_handles_append = False
         self.data = FileData(meta, store, clock_ns=clock_ns, **filedata_options)
         self.block_size = meta.block_size
         self._space = space
@@ -561,7 +565,7 @@ class FileSystem:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         """Write all of `data`; O_APPEND handles write at the end. Returns len(data)."""
         h = self._handle(fh)
-        if h.flags & os.O_APPEND:
+        if h.flags & os.O_APPEND and not self.kernel_handles_append:
             offset = (await self.getattr(h.inode)).size
         if h.uid != 0:
             row = self.meta.get_inode(h.inode)

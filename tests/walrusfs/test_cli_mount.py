@@ -167,8 +167,16 @@ def test_kill_9_during_writes_keeps_fsynced_files(vol: Vol) -> None:
     closed = os.urandom(300_000)
     (vol.mnt / "closed.bin").write_bytes(closed)
     pid = server_pid(vol.mnt)
+    # Chunk k is 100,000 bytes of value k % 251, appended and closed one at a time, so
+    # whatever survives can be checked exactly.
+    appender = (
+        "import itertools, sys\n"
+        "for k in itertools.count():\n"
+        "    with open(sys.argv[1], 'ab') as f:\n"
+        "        f.write(bytes([k % 251]) * 100_000)\n"
+    )
     writer = subprocess.Popen(
-        ["sh", "-c", f"while true; do head -c 100000 /dev/urandom >> {vol.mnt}/busy.bin; done"]
+        [sys.executable, "-c", appender, str(vol.mnt / "busy.bin")], stderr=subprocess.DEVNULL
     )
     time.sleep(0.5)
     os.kill(pid, signal.SIGKILL)
