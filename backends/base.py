@@ -94,6 +94,14 @@ class NodeStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def syncfs(self) -> None:
+        """Flush everything written to the node's filesystem to stable storage (syncfs(2)).
+
+        What `put(..., durable=False)` left in the page cache becomes durable. Raises
+        NodeDown, NodeTimeout, NodeIOError.
+        """
+
+    @abc.abstractmethod
     async def probe(self) -> float:
         """Write, read back and delete a tiny probe file; return the seconds it took.
 

@@ -26,12 +26,14 @@ Thread safety: stateless; any number of threads may run these on the same node a
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import secrets
 import stat
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 from backends.errors import KeyNotFound, NodeDown, NodeIOError
 from backends.keys import MAX_KEY_BYTES, is_key_component, is_temp_name, new_temp_name
@@ -326,6 +328,28 @@ def remove_stale_temps(root_fd: int, older_than: float) -> int:
                 continue  # its writer renamed or removed it meanwhile
             removed += 1
     return removed
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+
+
+def syncfs(root_fd: int) -> None:
+    """syncfs(2) on the node directory's filesystem; os.sync() where unavailable."""
+    if _SYNCFS is None:
+        os.sync()
+        return
+    if _SYNCFS(root_fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def free_space(root_fd: int) -> tuple[int, int]:

@@ -193,6 +193,13 @@ class LocalStore(NodeStore):
         """
         return await self._run("free_space", None, files.free_space)
 
+    async def syncfs(self) -> None:
+        """Flush the node's filesystem to stable storage.
+
+        Raises NodeDown, NodeTimeout, NodeIOError.
+        """
+        await self._run("syncfs", None, files.syncfs)
+
     async def probe(self) -> float:
         """Round-trip a tiny temp file through the node; return the seconds it took.
 

@@ -3,8 +3,8 @@
 Metadata is never held in one place only. Each committed SQLite transaction appends its
 change (the mutation's name and arguments) here; `sync` packs the pending changes into one
 segment and writes it to every writable node, and counts it committed once n-f nodes have
-it (the same quorum as blobs). close() and fsync() wait for a sync; other changes are
-synced in the background within a second. Segments are small, so they are replicated,
+it (the same quorum as blobs). close() waits for a sync and fsync() for a durable one (the
+nodes flush to stable storage); other changes are synced in the background within a second. Segments are small, so they are replicated,
 not erasure coded.
 
 Segment file, key `journal/e<epoch>/<first seq, 16 digits>`, format version 1:
@@ -34,14 +34,14 @@ import base64
 import json
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 from blake3 import blake3
 
-from backends import NodeError
+from backends import NodeError, NodeStore
 from walrusfs.errors import StorageUnavailable
 from walrusfs.metadata import BlockRef, Change
 from walrusfs.nodeset import NodeSet
@@ -169,7 +169,6 @@ class Journal:
         self.prev = prev
         self.on_commit: Callable[[int], None] | None = None
         self._pending: list[bytes] = []
-        self._undurable: list[tuple[str, bytes]] = []
         self._lock = trio.Lock()
         self.segments_written = 0
 
@@ -194,65 +193,46 @@ class Journal:
     async def sync(self, *, durable: bool = False) -> None:
         """Store every change appended so far on a quorum of nodes.
 
-        Concurrent callers share one write (group commit). With `durable`, the segment and
-        any earlier ones written without fsync are fsynced on the nodes first, so a durable
-        sync never depends on a segment that is only in a page cache. Raises
+        Concurrent callers share one write (group commit). With `durable`, the nodes then
+        flush their filesystems (syncfs), which also makes the data blobs and earlier
+        segments written since durable: fsync() needs exactly that. Raises
         StorageUnavailable when fewer than n-f nodes take it; the changes stay pending.
         """
         target = self.seq
         async with self._lock:
-            if self.committed >= target and not (durable and self._undurable):
-                return
-            writes: list[tuple[str, bytes]] = list(self._undurable) if durable else []
-            new: tuple[bytes, Segment] | None = None
-            if self._pending:
+            if self.committed < target and self._pending:
                 seg = Segment(self.epoch, self.committed + 1, self.prev, tuple(self._pending))
                 raw = seg.to_bytes()
-                new = (raw, seg)
-                writes.append((segment_key(self.epoch, seg.first_seq), raw))
-            await self._write(writes, durable)
-            if new is not None:
-                raw, seg = new
+                key = segment_key(self.epoch, seg.first_seq)
+                await self._quorum(f"metadata journal segment {key}", lambda st: st.put(key, raw, durable=False))
                 del self._pending[: len(seg.records)]
                 self.prev = segment_hash(raw)
                 self.committed = seg.last_seq
                 self.segments_written += 1
-                if not durable:
-                    self._undurable.append((segment_key(self.epoch, seg.first_seq), raw))
             if durable:
-                self._undurable.clear()
+                await self._quorum("flushing the nodes to stable storage", lambda st: st.syncfs())
             if self.on_commit is not None:
                 self.on_commit(self.committed)
 
-    def forget_undurable(self) -> None:
-        """After a checkpoint, earlier segments no longer matter for recovery."""
-        self._undurable.clear()
-
-    async def _write(self, writes: list[tuple[str, bytes]], durable: bool) -> None:
-        if not writes:
-            return
-        writable = sorted(self.nodes.writable())
+    async def _quorum(self, what: str, op: Callable[[NodeStore], Awaitable[None]]) -> None:
+        """Run `op` on every writable node; raises StorageUnavailable below the quorum."""
         ok: list[int] = []
         errors: dict[int, str] = {}
 
-        async def put(i: int, key: str, raw: bytes) -> None:
-            await self.nodes.call(i, lambda st: st.put(key, raw, durable=durable))
-
         async def one(i: int) -> None:
             try:
-                for key, raw in writes:
-                    await put(i, key, raw)
+                await self.nodes.call(i, op)
                 ok.append(i)
             except NodeError as exc:
                 errors[i] = str(exc)
 
         async with trio.open_nursery() as nursery:
-            for i in writable:
+            for i in sorted(self.nodes.writable()):
                 nursery.start_soon(one, i)
         if len(ok) < self.quorum:
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
             raise StorageUnavailable(
-                f"metadata journal stored on only {len(ok)} nodes, need {self.quorum}: {detail or 'too many nodes down'}"
+                f"{what}: done on only {len(ok)} nodes, need {self.quorum}: {detail or 'too many nodes down'}"
             )
 
 

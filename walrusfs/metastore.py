@@ -122,7 +122,6 @@ class MetaStore:
                 chain_hash=chain_hash,
                 previous=self.superblock,
             )
-            self.journal.forget_undurable()
 
     def checkpoint_due(self) -> bool:
         return self.journal.seq - self.superblock.seq >= CHECKPOINT_EVERY

@@ -7,9 +7,10 @@ the mount lock, recovers the metadata from the nodes, serves the filesystem, and
 durably, writes a checkpoint and releases the lock, so `walrusfs umount` returning means
 everything is stored.
 
-Data blobs are written durably (fsynced) at every flush, so fsync() only has to make the
-journal durable; close() waits until the journal holds the change on n-f nodes. A blob is
-deleted from the nodes only after the change that freed it is in the journal there.
+close() returns once a file's blobs and the journal record naming them are on n-f nodes
+(in their page caches: a crash of this process or machine loses nothing); fsync() also
+makes the nodes flush to stable storage. A blob is deleted from the nodes only after the
+change that freed it is in the journal there.
 
 Only walrusfs.mount imports pyfuse3; this module stays importable without a mount.
 Runs in trio tasks.
@@ -44,7 +45,9 @@ class FsBlobs:
         self.missed: dict[bytes, tuple[int, ...]] = {}
 
     async def put_blob(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
-        r = await self.blobs.put_blob(data, durable=True)
+        # Into the nodes' page cache: close() needs n-f nodes to hold the data, fsync()
+        # then flushes the nodes (MetaStore.sync(durable=True) runs syncfs on them).
+        r = await self.blobs.put_blob(data, durable=False)
         if r.missed:
             self.missed[r.blob_id] = r.missed  # for repair to fill in
         return r.blob_id, r.meta
