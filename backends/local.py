@@ -10,7 +10,8 @@ never notice. ``busy_threads`` shows how many tokens are held, i.e. how stuck a 
 
 An abandoned ``put`` may still complete after its caller saw NodeTimeout. That is safe
 because the rename is atomic and keys are content-derived (a late rename writes the same
-bytes), and because ``put`` hands the thread its own immutable copy of the data.
+bytes), and because ``put`` hands the thread immutable data: bytes or a read-only view
+(promised never to change), else its own copy.
 
 The node directory is never created here: a missing one is NodeDown, because creating it
 could paper over a dropped mount or a mistyped path.
@@ -121,8 +122,14 @@ class LocalStore(NodeStore):
         """
         parts = check_key(key)
         # The thread may outlive this call (abandoned on timeout); a caller reusing its
-        # buffer must not be able to change what the late rename publishes.
-        payload = data if type(data) is bytes else bytes(data)
+        # buffer must not be able to change what the late rename publishes. Read-only
+        # views are taken as a promise that nobody writes the buffer (the blob store
+        # hands over fresh read-only arrays): copying megabytes here would hold the GIL.
+        payload: bytes | memoryview
+        if type(data) is bytes or (isinstance(data, memoryview) and data.readonly):
+            payload = data
+        else:
+            payload = bytes(data)
         await self._run(
             "put",
             key,

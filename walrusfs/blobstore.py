@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import trio
 
 from backends import NodeError, NodeFull
@@ -84,18 +85,26 @@ class BlobStats:
 
 
 def _encode_files(
-    params: Params, data: bytes, ws: Workspace
-) -> tuple[BlobMetadata, dict[int, tuple[str, bytes]]]:
-    """Encode and lay out one sliver file per node (runs in a worker thread)."""
+    params: Params, data: bytes | bytearray | memoryview, ws: Workspace
+) -> tuple[BlobMetadata, dict[int, tuple[str, memoryview]]]:
+    """Encode and lay out one sliver file per node (runs in a worker thread).
+
+    Each file is a fresh read-only array, never reused, so the workspace can serve the
+    next encode at once and a late write by an abandoned thread still sees its bytes;
+    numpy copies release the GIL, bytes.join would not.
+    """
     enc = encode(params, data, ws)
     meta = enc.metadata
-    files = {
-        meta.node_of_pair(pair.pair): (
-            sliver_key(meta.blob_id, pair.pair),
-            b"".join(build(meta, pair)),
-        )
-        for pair in enc.pairs
-    }
+    files: dict[int, tuple[str, memoryview]] = {}
+    for pair in enc.pairs:
+        pieces = build(meta, pair)
+        out = np.empty(sum(len(p) for p in pieces), dtype=np.uint8)
+        pos = 0
+        for piece in pieces:
+            out[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+            pos += len(piece)
+        out.flags.writeable = False
+        files[meta.node_of_pair(pair.pair)] = (sliver_key(meta.blob_id, pair.pair), out.data)
     return meta, files
 
 
@@ -164,7 +173,6 @@ class BlobStore:
 
         Raises StorageUnavailable (or NoSpace when nodes are full) below the quorum.
         """
-        data = bytes(data)
         async with self._puts:
             ws = self._workspaces.pop() if self._workspaces else Workspace()
             try:
@@ -191,7 +199,7 @@ class BlobStore:
         return PutResult(meta.blob_id, meta.to_bytes(), missed)
 
     async def _store_files(
-        self, files: dict[int, tuple[str, bytes]], durable: bool
+        self, files: dict[int, tuple[str, memoryview]], durable: bool
     ) -> tuple[set[int], dict[int, Exception | str]]:
         """Write each node's file; return once a quorum (plus grace) or all have answered."""
         quorum = self.params.n - self.params.f

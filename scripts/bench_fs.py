@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Benchmark the mounted filesystem (n=7) against a plain directory on the same disk.
+
+In one run: 1 GiB of random data written (then fsynced) and read back cold through a
+walrusfs mount and through a plain directory; the same read with 2 node directories taken
+away; extracting a tar of 2,000 small files (1-64 KiB); and the write again with the node
+directories on tmpfs. Reads are cold: the filesystem is remounted (its own cache empty)
+and the page cache dropped. Everything runs the real `walrusfs` command. Last line:
+`fs n=7: write X MB/s (plain P), read Y MB/s (plain Q), degraded read Z MB/s, small files T s (plain U s)`
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MIB = 1 << 20
+CHUNK = MIB
+
+
+def walrusfs(*args: object) -> None:
+    res = subprocess.run([sys.executable, "-m", "walrusfs.cli", *map(str, args)], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"walrusfs {' '.join(map(str, args))}: {res.stderr.strip()}")
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def write_file(path: Path, data: memoryview) -> float:
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for off in range(0, len(data), CHUNK):
+            f.write(data[off : off + CHUNK])
+        os.fsync(f.fileno())
+    return len(data) / (time.perf_counter() - t0) / 1e6
+
+
+def read_file(path: Path, expect: memoryview) -> float:
+    buf = bytearray(CHUNK)
+    pos = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            if buf[:n] != expect[pos : pos + n]:
+                raise SystemExit(f"{path}: WRONG data at offset {pos}")
+            pos += n
+    elapsed = time.perf_counter() - t0
+    if pos != len(expect):
+        raise SystemExit(f"{path}: read {pos} bytes, expected {len(expect)}")
+    return pos / elapsed / 1e6
+
+
+def small_tar(path: Path, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            data = rng.randbytes(rng.randint(1024, 64 * 1024))
+            info = tarfile.TarInfo(f"d{i // 100:02d}/f{i:04d}.bin")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def extract(tar: Path, dest: Path) -> float:
+    dest.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run(["tar", "-xf", str(tar), "-C", str(dest)], check=True)
+    return time.perf_counter() - t0
+
+
+class Volume:
+    def __init__(self, base: Path, name: str) -> None:
+        self.nodes = [base / name / f"node{i}" for i in range(7)]
+        self.mnt = base / f"{name}-mnt"
+        self.state = base / f"{name}-state"
+        self.mnt.mkdir()
+        walrusfs("mkfs", *self.nodes)
+
+    def mount(self) -> None:
+        walrusfs("mount", "--state-dir", self.state, self.nodes[0], self.mnt)
+
+    def umount(self) -> None:
+        walrusfs("umount", self.mnt)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=1024, help="size of the big file (default 1024)")
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--dir", default="/var/tmp", help="where to work (on the disk to measure)")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="walrusfs-benchfs-", dir=args.dir))
+    mounted: list[Path] = []
+    try:
+        data = memoryview(np.random.default_rng(1).integers(0, 256, args.mib * MIB, dtype=np.uint8).tobytes())
+        r: dict[str, float] = {}
+        plain = base / "plain"
+        plain.mkdir()
+        r["plain_write"] = write_file(plain / "big.bin", data)
+        drop_caches()
+        r["plain_read"] = read_file(plain / "big.bin", data)
+        (plain / "big.bin").unlink()
+
+        vol = Volume(base, "disk")
+        vol.mount()
+        mounted.append(vol.mnt)
+        r["write"] = write_file(vol.mnt / "big.bin", data)
+        vol.umount()
+        drop_caches()
+        vol.mount()
+        r["read"] = read_file(vol.mnt / "big.bin", data)
+        vol.umount()
+        away = [vol.nodes[2], vol.nodes[5]]
+        for node in away:
+            node.rename(f"{node}.away")
+        drop_caches()
+        vol.mount()
+        r["degraded_read"] = read_file(vol.mnt / "big.bin", data)
+        vol.umount()
+        for node in away:
+            Path(f"{node}.away").rename(node)
+
+        tar = base / "small.tar"
+        small_tar(tar, args.files, seed=2)
+        drop_caches()
+        r["plain_small"] = extract(tar, base / "plain-small")
+        vol.mount()
+        r["small"] = extract(tar, vol.mnt / "small")
+        vol.umount()
+        mounted.remove(vol.mnt)
+
+        tmp = base / "tmpfs"
+        tmp.mkdir()
+        need = int(args.mib * MIB * 4.2) + (256 << 20)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need}", "tmpfs", str(tmp)]).returncode == 0:
+            try:
+                tvol = Volume(tmp, "t")
+                tvol.mount()
+                mounted.append(tvol.mnt)
+                r["tmpfs_write"] = write_file(tvol.mnt / "big.bin", data)
+                tvol.umount()
+                mounted.remove(tvol.mnt)
+            finally:
+                subprocess.run(["umount", "-l", str(tmp)], check=False)
+    finally:
+        for mnt in mounted:
+            subprocess.run([sys.executable, "-m", "walrusfs.cli", "umount", str(mnt)], capture_output=True)
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+    print(f"{args.mib} MiB file, {args.files} small files, n=7, node directories on the disk; MB/s or s")
+    for k, v in r.items():
+        print(f"  {k:14s} {v:9.2f}")
+    p, q = r["plain_write"], r["plain_read"]
+    print(
+        f"  ratios: write {r['write'] / p:.2f} (target >= 0.2), read {r['read'] / q:.2f} (>= 0.7), "
+        f"degraded {r['degraded_read'] / q:.2f} (>= 0.5), small files {r['small'] / r['plain_small']:.1f}x "
+        f"(<= 10x), tmpfs write {r.get('tmpfs_write', float('nan')):.0f} MB/s (>= 250)"
+    )
+    print(
+        f"fs n=7: write {r['write']:.0f} MB/s (plain {p:.0f}), read {r['read']:.0f} MB/s (plain {q:.0f}), "
+        f"degraded read {r['degraded_read']:.0f} MB/s, small files {r['small']:.1f} s (plain {r['plain_small']:.1f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
