@@ -1,6 +1,7 @@
 """One mount of a volume at a time: a lease kept on the nodes, renewed by a heartbeat.
 
-The lock file (key `mount.lock`, JSON: token, host, pid, boot_id, started_ns, heartbeat_ns)
+The lock file (key `mount.lock`, JSON: token, host, pid, boot_id, started_ns, heartbeat_ns,
+pid_start: the holder's start time in clock ticks since boot, telling it from a reused pid)
 is written to every writable node; acquiring needs n-f of them. A lock is live while its
 heartbeat is younger than the lease. A lock left by a crashed mount is taken over safely:
 on the same machine at once when its process is gone (or the machine rebooted), from
@@ -43,17 +44,20 @@ def _boot_id() -> str:
         return ""
 
 
-def _pid_alive(pid: int) -> bool:
-    """Is `pid` a running walrusfs process? A zombie (a killed daemon whose new parent does
-    not reap it) or a reused pid is not."""
+def _proc_start(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), or None if it is gone or a zombie.
+
+    A killed daemon whose new parent never reaps it stays a zombie that kill(pid, 0)
+    still finds; comparing start times also tells a reused pid from the lock's holder.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b") ", 1)[1][:1]
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
+            fields = f.read().rsplit(b") ", 1)[1].split()
     except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X") and b"walrusfs" in cmdline
+        return None
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])  # field 22 of stat(5): starttime
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class LockRecord:
     boot_id: str
     started_ns: int
     heartbeat_ns: int
+    pid_start: int = 0
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -78,12 +83,13 @@ class LockRecord:
             str(doc["boot_id"]),
             int(doc["started_ns"]),
             int(doc["heartbeat_ns"]),
+            int(doc.get("pid_start", 0)),
         )
 
     def live(self, lease: float) -> bool:
         """Could the holder still be running? (Blocking only on /proc reads.)"""
         if self.host == socket.gethostname():
-            return self.boot_id == _boot_id() and _pid_alive(self.pid)
+            return self.boot_id == _boot_id() and _proc_start(self.pid) == self.pid_start
         return time.time_ns() - self.heartbeat_ns < lease * 1e9
 
     def describe(self) -> str:
@@ -98,7 +104,16 @@ class MountLock:
         self.vol = vol
         self.lease = lease
         now = time.time_ns()
-        self.record = LockRecord(secrets.token_hex(8), socket.gethostname(), os.getpid(), _boot_id(), now, now)
+        pid = os.getpid()
+        self.record = LockRecord(
+            secrets.token_hex(8),
+            socket.gethostname(),
+            pid,
+            _boot_id(),
+            now,
+            now,
+            _proc_start(pid) or 0,
+        )
 
     async def _read_all(self) -> dict[int, LockRecord]:
         found: dict[int, LockRecord] = {}
@@ -155,7 +170,9 @@ class MountLock:
         ]
         if rivals:
             await self.release()
-            raise MountLockError(f"volume is being mounted at the same time by {rivals[0].describe()}")
+            raise MountLockError(
+                f"volume is being mounted at the same time by {rivals[0].describe()}"
+            )
 
     async def heartbeat_forever(self) -> None:
         """Renew the lease until cancelled."""

@@ -180,12 +180,15 @@ async def test_one_mount_at_a_time_and_stale_locks_are_taken_over(tmp_path: Path
     await second.acquire()  # free again
     await second.release()
     # A lock left by a process that is gone (same machine) is taken over at once.
-    dead = LockRecord("0" * 16, first.record.host, 2**22 + 12345, first.record.boot_id, 1, 1)
+    dead = LockRecord("0" * 16, first.record.host, 2**22 + 12345, first.record.boot_id, 1, 1, 1)
     for p in paths:
         Path(p, LOCK_KEY).write_bytes(dead.to_bytes())
     third = MountLock(vol)
     with trio.fail_after(10):
         await third.acquire()
+    # So is one whose pid now belongs to another process (same pid, other start time).
+    reused = LockRecord("1" * 16, first.record.host, os.getpid(), first.record.boot_id, 1, 1, 12345)
+    assert not reused.live(30.0) and first.record.live(30.0)
     assert all(LockRecord.from_bytes(Path(p, LOCK_KEY).read_bytes()).token == third.record.token for p in paths)
     await third.release()
     assert not any(Path(p, LOCK_KEY).exists() for p in paths)
