@@ -51,6 +51,31 @@ def _u64(data: Buffer, rows: int, s: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint64).reshape(rows, s // 8)
 
 
+def _decode(
+    meta: BlobMetadata, slivers: Mapping[int, Buffer], k: int, blob: np.ndarray, axis: str
+) -> None:
+    """Fill `blob`, viewed as k slivers of one axis (rows, or the transposed columns).
+
+    The k systematic slivers of that axis are the blob itself: copied when present,
+    solved from the cheapest k available ones when missing.
+    """
+    p, s = meta.params, meta.symbol_size
+    per_sliver = blob.shape[1]
+    _check(meta, slivers, k, per_sliver * s, axis)
+    wanted = tuple(i for i in range(k) if i not in slivers)
+    if wanted:
+        known = cheapest_known(p.n, k, tuple(slivers), wanted)
+        out64 = blob.view(np.uint64)
+        run(
+            solve_program(p.n, k, known, wanted),
+            [_u64(slivers[i], per_sliver, s) for i in known],
+            [out64[i] for i in wanted],
+        )
+    for i in range(k):
+        if i in slivers:
+            blob[i] = np.frombuffer(slivers[i], dtype=np.uint8).reshape(per_sliver, s)
+
+
 def decode_primaries(
     meta: BlobMetadata, slivers: Mapping[int, Buffer], out: bytearray | None = None
 ) -> memoryview:
@@ -58,21 +83,8 @@ def decode_primaries(
 
     Raises NotEnoughSlivers or ParameterError.
     """
-    p, s = meta.params, meta.symbol_size
-    _check(meta, slivers, p.R, p.C * s, "primary")
     m = _output(meta, out)
-    wanted = tuple(i for i in range(p.R) if i not in slivers)
-    if wanted:
-        known = cheapest_known(p.n, p.R, tuple(slivers), wanted)
-        m64 = m.view(np.uint64).reshape(p.R, p.C, s // 8)
-        run(
-            solve_program(p.n, p.R, known, wanted),
-            [_u64(slivers[i], p.C, s) for i in known],
-            [m64[i] for i in wanted],
-        )
-    for i in range(p.R):
-        if i in slivers:
-            m[i] = np.frombuffer(slivers[i], dtype=np.uint8).reshape(p.C, s)
+    _decode(meta, slivers, meta.params.R, m, "primary")
     return m.reshape(-1).data[: meta.length]
 
 
@@ -81,23 +93,11 @@ def decode_secondaries(
 ) -> memoryview:
     """The blob from at least C verified secondary slivers (index -> sliver bytes).
 
-    Raises NotEnoughSlivers or ParameterError.
+    Secondary sliver j is column j of the blob matrix, so this is the primary case on the
+    transposed matrix. Raises NotEnoughSlivers or ParameterError.
     """
-    p, s = meta.params, meta.symbol_size
-    _check(meta, slivers, p.C, p.R * s, "secondary")
     m = _output(meta, out)
-    wanted = tuple(j for j in range(p.C) if j not in slivers)
-    if wanted:
-        known = cheapest_known(p.n, p.C, tuple(slivers), wanted)
-        m64 = m.view(np.uint64).reshape(p.R, p.C, s // 8)
-        run(
-            solve_program(p.n, p.C, known, wanted),
-            [_u64(slivers[j], p.R, s) for j in known],
-            [m64[:, j] for j in wanted],
-        )
-    for j in range(p.C):
-        if j in slivers:
-            m[:, j] = np.frombuffer(slivers[j], dtype=np.uint8).reshape(p.R, s)
+    _decode(meta, slivers, meta.params.C, m.transpose(1, 0, 2), "secondary")
     return m.reshape(-1).data[: meta.length]
 
 

@@ -10,85 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.walrusfs.clivol import Vol, mounted, run, server_pid
+
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
-
-WALRUSFS = [sys.executable, "-m", "walrusfs.cli"]
-
-
-def run(
-    *args: str | Path, check: bool = True, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(
-        [*WALRUSFS, *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
-    if check and res.returncode:
-        raise AssertionError(f"walrusfs {' '.join(map(str, args))} failed: {res.stderr}")
-    return res
-
-
-def mounted(mnt: Path) -> bool:
-    """From /proc/self/mountinfo: also true for a dead mount (os.path.ismount says False)."""
-    return any(
-        line.split()[4] == str(mnt)
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-    )
-
-
-def server_pid(mnt: Path) -> int:
-    return int(json.loads(run("status", mnt, "--json").stdout)["pid"])
-
-
-class Vol:
-    def __init__(self, root: Path, n: int = 7) -> None:
-        self.root = root
-        self.nodes = [root / f"node{i}" for i in range(n)]
-        self.mnt = root / "mnt"
-        self.mnt.mkdir()
-        self.state = root / "state"
-
-    def mount(
-        self, *extra: str, node: int = 0, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        return run(
-            "mount",
-            "--state-dir",
-            self.state,
-            "--node-timeout",
-            "3",
-            *extra,
-            self.nodes[node],
-            self.mnt,
-            check=check,
-        )
-
-    def cleanup(self) -> None:
-        if mounted(self.mnt):
-            try:
-                pid = server_pid(self.mnt)
-            except (AssertionError, ValueError, KeyError, subprocess.TimeoutExpired):
-                pid = None
-            subprocess.run([*WALRUSFS, "umount", str(self.mnt)], capture_output=True, timeout=120)
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-
-@pytest.fixture
-def vol(tmp_path: Path) -> Iterator[Vol]:
-    v = Vol(tmp_path)
-    run("mkfs", "--blob-size", "256K", *v.nodes)
-    try:
-        yield v
-    finally:
-        v.cleanup()
 
 
 def sha(path: Path) -> str:

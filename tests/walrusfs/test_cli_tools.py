@@ -6,25 +6,14 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.walrusfs.test_cli_mount import Vol, run
+from tests.walrusfs.clivol import Vol, run
 from walrusfs.sliverfile import parse_key
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
-
-
-@pytest.fixture
-def vol(tmp_path: Path) -> Iterator[Vol]:
-    v = Vol(tmp_path)
-    run("mkfs", "--blob-size", "256K", *v.nodes)
-    try:
-        yield v
-    finally:
-        v.cleanup()
 
 
 def git(*args: str, cwd: Path) -> str:
