@@ -1,0 +1,115 @@
+"""Scrub over real node directories: corruption found and repaired, orphans and their grace."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import trio
+
+from tests.walrusfs.test_repair import NO_HANG, fill, make_volume, node_files
+from tests.walrusfs.volumes import flip_byte, sliver_file, sliver_files
+from walrusfs.repair import RepairService, StaticBlobs
+from walrusfs.scrub import Scrubber
+from walrusfs.sliverfile import header_size, parse_key, sliver_key
+
+N = 7
+
+
+def corrupt(path: Path, how: int, rng: random.Random) -> None:
+    """Damage a sliver file one of four ways: header, primary, secondary, truncation."""
+    size = path.stat().st_size
+    h = header_size(N)
+    if how == 0:
+        flip_byte(path, rng.randrange(0, h - 64))  # metadata, leaves or fixed fields
+    elif how == 1:
+        flip_byte(path, h + rng.randrange(0, (size - h) // 2))
+    elif how == 2:
+        flip_byte(path, size - 1 - rng.randrange(0, (size - h) // 4))
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(size - 64)
+
+
+async def test_ten_percent_corrupt_slivers_are_all_found_and_repaired(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, _ = await fill(vol, 40, seed=21)
+    node = 2
+    before = {i: node_files(paths[i]) for i in range(N)}
+    rng = random.Random(21)
+    victims = rng.sample(sliver_files(paths[node]), 4)  # 10% of the node's 40 files
+    for k, path in enumerate(victims):
+        corrupt(path, k, rng)
+    bad_keys = {str(p.relative_to(paths[node])) for p in victims}
+    repair = RepairService(vol, refs, rate=None)
+    scrubber = Scrubber(vol, refs, repair, rate=None)
+    with trio.fail_after(NO_HANG):
+        report = await scrubber.scrub_pass()
+    found = {line.split(": ")[1] for line in report.corrupt}
+    assert found == bad_keys and report.missing == 0 and report.orphans == 0
+    assert report.files == 40 * N and not report.incomplete
+    assert vol.nodes.nodes[node].corrupt == len(victims)
+    fixed = await repair.pass_once([])  # hints only: exactly what scrub handed over
+    assert fixed.pairs_written == len(victims) and not fixed.unrepairable
+    assert {i: node_files(paths[i]) for i in range(N)} == before
+    again = await scrubber.scrub_pass()
+    assert not again.corrupt and again.files == 40 * N
+    assert scrubber.status()["errors_found"] == len(victims)
+
+
+async def test_scrub_and_repair_in_the_background_heal_a_damaged_node(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, _ = await fill(vol, 12, seed=22)
+    before = {i: node_files(paths[i]) for i in range(N)}
+    rng = random.Random(22)
+    for k, path in enumerate(rng.sample(sliver_files(paths[5]), 3)):
+        corrupt(path, k, rng)
+    os.unlink(sliver_files(paths[6])[0])
+    repair = RepairService(vol, refs, rate=None)
+    scrubber = Scrubber(vol, refs, repair, rate=None)
+    with trio.fail_after(NO_HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: repair.run_forever(
+                    first_delay=3600, poll=0.02, task_status=task_status
+                )
+            )
+            await nursery.start(
+                lambda task_status: scrubber.run_forever(first_delay=0, task_status=task_status)
+            )
+            while {i: node_files(paths[i]) for i in range(N)} != before:
+                await repair.wait_for_pass()
+            nursery.cancel_scope.cancel()
+    assert scrubber.passes >= 1 and scrubber.status()["errors_found"] == 4
+
+
+async def test_orphans_go_only_after_their_grace_and_checkpoints_stay(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, data = await fill(vol, 4, seed=23)
+    rng = random.Random(23)
+    orphan = await vol.blobs.put_blob(rng.randbytes(5000))  # referenced by nothing
+    checkpoint = await vol.blobs.put_blob(rng.randbytes(5000))  # a previous checkpoint's
+    protected = StaticBlobs(refs.refs.values(), protected=[checkpoint.blob_id])
+    # A referenced blob's pair copied onto a node where it does not belong.
+    b = sorted(data)[0]
+    meta = refs.refs[b].meta
+    wrong = (meta.node_of_pair(0) + 1) % N
+    stray = Path(paths[wrong]) / sliver_key(b, 0)
+    shutil.copyfile(sliver_file(paths[meta.node_of_pair(0)], b), stray)
+    scrubber = Scrubber(vol, protected, rate=None, grace=3600)
+    for _ in range(2):
+        report = await scrubber.scrub_pass()
+        assert report.orphans == N + 1 and report.orphans_removed == 0
+    assert stray.exists()
+    scrubber.grace = 0.0
+    report = await scrubber.scrub_pass()
+    assert report.orphans_removed == N + 1 and not report.corrupt and report.missing == 0
+    assert not stray.exists()
+    for i in range(N):
+        keys = {parse_key(str(p.relative_to(paths[i])))[0] for p in sliver_files(paths[i])}  # type: ignore[index]
+        assert orphan.blob_id not in keys
+        assert checkpoint.blob_id in keys
+        assert set(data) <= keys
+    assert (await scrubber.scrub_pass()).orphans == 0
