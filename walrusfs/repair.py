@@ -48,7 +48,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -187,18 +187,22 @@ class Catalog:
                 refs[ref.blob_id] = ref
         return refs
 
-    async def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[bytes, bytes]]:
-        def run() -> list[tuple[bytes, bytes]]:
-            return [(bytes(b), bytes(m)) for b, m in self._conn().execute(sql, args)]
+    async def _query(self, sql: str, args: tuple[object, ...] = ()) -> dict[bytes, BlobRef]:
+        """Run a `SELECT blob_id, meta` and parse the rows, all in a worker thread."""
+
+        def run() -> dict[bytes, BlobRef]:
+            refs = {}
+            for b, m in self._conn().execute(sql, args):
+                ref = _parse_ref(bytes(b), bytes(m), "file")
+                if ref is not None:
+                    refs[ref.blob_id] = ref
+            return refs
 
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
     async def load(self) -> dict[bytes, BlobRef]:
         refs = self._checkpoint_refs()
-        for blob_id, meta in await self._query("SELECT blob_id, meta FROM blobs"):
-            ref = _parse_ref(blob_id, meta, "file")
-            if ref is not None:
-                refs[blob_id] = ref
+        refs.update(await self._query("SELECT blob_id, meta FROM blobs"))
         return refs
 
     async def lookup(self, blob_ids: Iterable[bytes]) -> dict[bytes, BlobRef]:
@@ -207,13 +211,11 @@ class Catalog:
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = await self._query(
-                f"SELECT blob_id, meta FROM blobs WHERE blob_id IN ({marks})", tuple(chunk)
+            found.update(
+                await self._query(
+                    f"SELECT blob_id, meta FROM blobs WHERE blob_id IN ({marks})", tuple(chunk)
+                )
             )
-            for blob_id, meta in rows:
-                ref = _parse_ref(blob_id, meta, "file")
-                if ref is not None:
-                    found[blob_id] = ref
         return found
 
     def protected(self) -> set[bytes]:
@@ -228,6 +230,21 @@ def was_cancelled(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(trio.Cancelled)[0] is not None
     return isinstance(exc, trio.Cancelled)
+
+
+def missing_on(
+    refs: dict[bytes, BlobRef], node: int, present: Container[tuple[bytes, int] | None]
+) -> list[tuple[bytes, int]]:
+    """(blob id, pair) of every referenced blob whose pair for `node` is not in `present`.
+
+    Plain CPU work over every blob: run it in a worker thread.
+    """
+    missing = []
+    for blob_id, ref in refs.items():
+        pair = ref.meta.pair_of_node(node)
+        if (blob_id, pair) not in present:
+            missing.append((blob_id, pair))
+    return missing
 
 
 # -- throttling ---------------------------------------------------------------------------
@@ -934,11 +951,8 @@ class RepairService:
             for i in listing:
                 nursery.start_soon(list_node, i)
         for i, present in sorted(held.items()):
-            for ref in refs.values():
-                p = ref.meta.pair_of_node(i)
-                if (ref.blob_id, p) not in present:
-                    bad.setdefault(ref.blob_id, {})[p] = f"missing on node {i}"
-            await trio.lowlevel.checkpoint()
+            for blob_id, p in await trio.to_thread.run_sync(missing_on, refs, i, present):
+                bad.setdefault(blob_id, {})[p] = f"missing on node {i}"
         for blob_id, pairs in list(self._hints.items()):
             if blob_id not in refs:
                 if listing:  # a full view: the blob is gone, so is the hint

@@ -34,7 +34,14 @@ import trio
 from backends import KeyNotFound, NodeError
 from codec import BlobMetadata, CodecError, verify_sliver
 from walrusfs.nodeset import NodeSet
-from walrusfs.repair import BlobRef, BlobSource, RateLimit, RepairService, was_cancelled
+from walrusfs.repair import (
+    BlobRef,
+    BlobSource,
+    RateLimit,
+    RepairService,
+    missing_on,
+    was_cancelled,
+)
 from walrusfs.sliverfile import (
     PREFIX,
     SliverFileError,
@@ -116,6 +123,28 @@ async def _delete(nodes: NodeSet, node: int, key: str) -> None:
     await nodes.call(node, lambda st: st.delete(key))
 
 
+def _classify(
+    refs: dict[bytes, BlobRef], protected: set[bytes], node: int, keys: list[str]
+) -> tuple[set[tuple[bytes, int]], list[Finding], list[tuple[bytes, int]]]:
+    """A node's listing against what it should hold: (expected and present, orphans,
+    missing). Plain CPU work over every blob: run it in a worker thread."""
+    present: set[tuple[bytes, int]] = set()
+    orphans = []
+    for key in keys:
+        parsed = parse_key(key)
+        if parsed is None:
+            continue
+        blob_id, pair = parsed
+        ref = refs.get(blob_id)
+        if ref is not None and ref.meta.pair_of_node(node) == pair:
+            present.add(parsed)
+        elif blob_id not in protected or ref is not None:
+            why = "referenced by nothing" if ref is None else "pair belongs on another node"
+            orphans.append(Finding(node, blob_id, pair, "orphan", why))
+    missing = missing_on(refs, node, present)
+    return present, orphans, missing
+
+
 async def sweep_node(
     nodes: NodeSet,
     node: int,
@@ -136,22 +165,11 @@ async def sweep_node(
     except NodeError as exc:
         out.error = str(exc)
         return out
-    present: set[tuple[bytes, int]] = set()
-    for key in keys:
-        parsed = parse_key(key)
-        if parsed is None:
-            continue
-        blob_id, pair = parsed
-        ref = refs.get(blob_id)
-        if ref is not None and ref.meta.pair_of_node(node) == pair:
-            present.add(parsed)
-        elif blob_id not in protected or ref is not None:
-            why = "referenced by nothing" if ref is None else "pair belongs on another node"
-            out.orphans.append(Finding(node, blob_id, pair, "orphan", why))
-    for ref in refs.values():
-        pair = ref.meta.pair_of_node(node)
-        if (ref.blob_id, pair) not in present:
-            out.findings.append(Finding(node, ref.blob_id, pair, "missing", "no sliver file"))
+    present, orphans, missing = await trio.to_thread.run_sync(
+        _classify, refs, protected, node, keys
+    )
+    out.orphans = orphans
+    out.findings = [Finding(node, b, p, "missing", "no sliver file") for b, p in missing]
     for blob_id, pair in sorted(present):
         meta = refs[blob_id].meta
         size = file_size(meta)
