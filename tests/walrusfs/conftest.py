@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from walrusfs.fs import FileSystem, Space
 from walrusfs.metadata import Metadata
 
 BS = 64 * 1024  # a small block size keeps multi-block tests fast
+WATCHDOG_SECONDS = 120.0
 T = TypeVar("T")
 
 
@@ -82,6 +84,20 @@ def _lazy_unmount(path: str) -> None:
     subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, check=False)
 
 
+def _abort_connection(path: str) -> None:
+    """Fail every request pending on the mount at `path` (fusectl), if possible.
+
+    A test that makes a syscall on the mount from the trio thread deadlocks against its
+    own server; aborting the FUSE connection turns that hang into ENOTCONN errors.
+    """
+    with open("/proc/self/mountinfo") as f:
+        devs = [line.split()[2] for line in f if line.split()[4] == path]
+    if devs:
+        abort = Path("/sys/fs/fuse/connections") / devs[0].split(":")[1] / "abort"
+        if abort.exists():
+            abort.write_text("1")
+
+
 @dataclass
 class Mounted:
     path: Path
@@ -125,7 +141,13 @@ async def mounted(tmp_path: Path) -> AsyncIterator[Mounted]:
                     if server_done.is_set():
                         pytest.fail(f"server exited before mounting: {failure!r}")
                     await trio.sleep(0.01)
-            yield Mounted(mnt, fs, store)
+            # A watchdog thread breaks a test that deadlocked against its own server.
+            watchdog = threading.Timer(WATCHDOG_SECONDS, _abort_connection, [str(mnt)])
+            watchdog.start()
+            try:
+                yield Mounted(mnt, fs, store)
+            finally:
+                watchdog.cancel()
             # Unmount the way a user does; the server then flushes and returns.
             await trio.run_process(["fusermount3", "-u", str(mnt)], capture_stderr=True)
             with trio.fail_after(30):

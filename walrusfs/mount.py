@@ -1,0 +1,79 @@
+"""Mount lifecycle: serve a FileSystem on a mountpoint until it is unmounted.
+
+Role: `serve` mounts (pyfuse3.init), starts the FileSystem's background work (orphan
+cleanup, the flusher, read-ahead) in the mount's nursery, runs pyfuse3's main loop, and
+on the way out, however it leaves, unmounts and then flushes every file's dirty data.
+
+Options: fsname=walrusfs and subtype=walrusfs (mounts show as `walrusfs` of type
+`fuse.walrusfs`), default_permissions (the kernel checks mode bits with the caller's
+supplementary groups; see walrusfs.fs), noatime (atime changes only when set
+explicitly), and allow_other only when asked for.
+
+Stopping: a user unmounts (`fusermount3 -u MOUNTPOINT`): the kernel first writes back
+its cached pages through us, then pyfuse3.main returns and serve flushes and returns.
+Cancelling the task running serve is the forced stop: the unmount is lazy and pages the
+kernel still held for open, mmap'ed files are lost (data already handed to us is not).
+A killed process leaves a dead mount (ENOTCONN), never an empty folder in its place;
+`fusermount3 -u -z` clears it.
+
+Only this module and walrusfs.fuse_ops import pyfuse3; pyfuse3 allows one mount per
+process.
+
+Thread/task safety: call from the trio thread; one serve at a time per process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from walrusfs.fs import FileSystem
+from walrusfs.fuse_ops import FuseOperations
+
+log = logging.getLogger(__name__)
+
+
+def mount_options(*, allow_other: bool = False) -> set[str]:
+    """The FUSE mount options serve uses."""
+    options = set(pyfuse3.default_options)  # default_permissions
+    options |= {"default_permissions", "fsname=walrusfs", "subtype=walrusfs", "noatime"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def serve(
+    fs: FileSystem,
+    mountpoint: str,
+    *,
+    allow_other: bool = False,
+    ready: Callable[[], object] | None = None,
+) -> None:
+    """Mount `fs` at `mountpoint` and serve it until unmounted (or cancelled).
+
+    `ready` is called once the mount exists and background work runs. Raises
+    RuntimeError if the mount fails; re-raises whatever stopped the main loop.
+    """
+    pyfuse3.init(FuseOperations(fs), mountpoint, mount_options(allow_other=allow_other))
+    log.info("walrusfs mounted at %s", mountpoint)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fs.run_background)
+            if ready is not None:
+                ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()  # unmounted: stop the background work
+    finally:
+        # Unmount first (lazily, so it cannot fail on a busy mount): no process may
+        # hang on a mount nobody serves while we flush.
+        pyfuse3.close(unmount=True)
+        with trio.CancelScope(shield=True):
+            try:
+                await fs.shutdown()
+            except Exception:
+                log.error("flushing at unmount failed: unflushed data is lost", exc_info=True)
+                raise
+        log.info("walrusfs at %s unmounted", mountpoint)
