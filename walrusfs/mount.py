@@ -2,7 +2,7 @@
 
 Role: `serve` mounts (pyfuse3.init), starts the FileSystem's background work (orphan
 cleanup, the flusher, read-ahead) in the mount's nursery, runs pyfuse3's main loop, and
-on the way out, however it leaves, unmounts and then flushes every file's dirty data.
+on the way out, however it leaves, flushes every file's dirty data and unmounts.
 
 Options: fsname=walrusfs and subtype=walrusfs (mounts show as `walrusfs` of type
 `fuse.walrusfs`), default_permissions (the kernel checks mode bits with the caller's
@@ -11,8 +11,9 @@ explicitly), and allow_other only when asked for.
 
 Stopping: a user unmounts (`fusermount3 -u MOUNTPOINT`): the kernel first writes back
 its cached pages through us, then pyfuse3.main returns and serve flushes and returns.
-Cancelling the task running serve is the forced stop: the unmount is lazy and pages the
-kernel still held for open, mmap'ed files are lost (data already handed to us is not).
+Cancelling the task running serve is the forced stop: requests in flight get no answer
+(their callers see the mount go away), and pages the kernel still held for open,
+mmap'ed files are lost; data already handed to us is flushed first.
 A killed process leaves a dead mount (ENOTCONN), never an empty folder in its place;
 `fusermount3 -u -z` clears it.
 
@@ -67,13 +68,14 @@ async def serve(
             await pyfuse3.main()
             nursery.cancel_scope.cancel()  # unmounted: stop the background work
     finally:
-        # Unmount first (lazily, so it cannot fail on a busy mount): no process may
-        # hang on a mount nobody serves while we flush.
-        pyfuse3.close(unmount=True)
-        with trio.CancelScope(shield=True):
-            try:
+        # Flush before unmounting: while the mountpoint is busy nobody can mount the
+        # same volume again and have two processes write one metadata database.
+        try:
+            with trio.CancelScope(shield=True):
                 await fs.shutdown()
-            except Exception:
-                log.error("flushing at unmount failed: unflushed data is lost", exc_info=True)
-                raise
-        log.info("walrusfs at %s unmounted", mountpoint)
+        except Exception:
+            log.error("flushing at unmount failed: unflushed data is lost", exc_info=True)
+            raise
+        finally:
+            pyfuse3.close(unmount=True)  # lazy: cannot fail on a busy mount
+            log.info("walrusfs at %s unmounted", mountpoint)

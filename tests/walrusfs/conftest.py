@@ -75,12 +75,12 @@ async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
-def _mounted_at(path: str) -> bool:
+def mounted_at(path: str) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == path for line in f)
 
 
-def _lazy_unmount(path: str) -> None:
+def lazy_unmount(path: str) -> None:
     subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, check=False)
 
 
@@ -137,7 +137,7 @@ async def mounted(tmp_path: Path) -> AsyncIterator[Mounted]:
             # Poll mountinfo (os.path.ismount says False for a dead mount); stop at once
             # if the server died.
             with trio.fail_after(10):
-                while not await in_thread(_mounted_at, str(mnt)):
+                while not await in_thread(mounted_at, str(mnt)):
                     if server_done.is_set():
                         pytest.fail(f"server exited before mounting: {failure!r}")
                     await trio.sleep(0.01)
@@ -153,5 +153,5 @@ async def mounted(tmp_path: Path) -> AsyncIterator[Mounted]:
             with trio.fail_after(30):
                 await server_done.wait()
     finally:
-        await in_thread(_lazy_unmount, str(mnt))
+        await in_thread(lazy_unmount, str(mnt))
         meta.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import random
@@ -18,8 +19,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.walrusfs.conftest import BS, Mounted, in_thread
+from tests.walrusfs.conftest import BS, Mounted, in_thread, lazy_unmount, mounted_at
+from tests.walrusfs.memblobs import MemBlobStore
 from walrusfs.errors import NotFound
+from walrusfs.fs import FileSystem
+from walrusfs.metadata import ROOT_INODE, Metadata
 
 SIZES = [0, 1, 4095, 4096, 4097, BS - 1, BS, BS + 1, 3 * BS, 5 * BS + 3]
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -386,3 +390,28 @@ async def test_sizes_the_kernel_holds_match_ours(mounted: Mounted) -> None:
     st = await in_thread(os.stat, mounted.path / "f")
     assert (await mounted.fs.getattr(st.st_ino)).size == st.st_size == 2 * BS + 1
     assert (await mounted.fs.getattr(st.st_ino)).mtime_ns == st.st_mtime_ns
+
+
+async def test_cancelled_serve_flushes_then_unmounts(tmp_path: Path) -> None:
+    from walrusfs.mount import serve
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    meta = Metadata(tmp_path / "meta.db", block_size=BS)
+    store = MemBlobStore()
+    fs = FileSystem(meta, store)
+    try:
+        async with trio.open_nursery() as nursery:
+            ready = trio.Event()
+            nursery.start_soon(functools.partial(serve, fs, str(mnt), ready=ready.set))
+            await ready.wait()
+            assert await in_thread(mounted_at, str(mnt))
+            fh, attrs = await fs.create(ROOT_INODE, b"late", 0o644, os.O_RDWR, 0, 0)
+            await fs.write(fh, 0, b"not flushed yet")
+            assert meta.get_inode(attrs.ino).size == 0
+            nursery.cancel_scope.cancel()  # the forced stop
+        assert meta.get_inode(attrs.ino).size == 15 and len(store.blobs) == 1
+        assert not await in_thread(mounted_at, str(mnt))
+    finally:
+        await in_thread(lazy_unmount, str(mnt))
+        meta.close()
