@@ -28,6 +28,7 @@ import numpy as np
 import trio
 from blake3 import blake3
 
+from codec import BlobMetadata
 from walrusfs.repair import RepairEngine, RepairService, StaticBlobs
 from walrusfs.sliverfile import PREFIX
 from walrusfs.volume import Volume, create_volume, open_volume
@@ -132,9 +133,9 @@ async def rebuild_decode(vol: Volume, refs: StaticBlobs) -> tuple[float, int, in
     slots = trio.Semaphore(4)
     t0 = time.perf_counter()
 
-    async def one(meta: object) -> None:
+    async def one(meta: BlobMetadata) -> None:
         try:
-            out = await engine.repair(meta, [meta.pair_of_node(WIPED)], mode="decode")  # type: ignore[attr-defined]
+            out = await engine.repair(meta, [meta.pair_of_node(WIPED)], mode="decode")
             assert out.written and not out.failed
         finally:
             slots.release()
@@ -222,7 +223,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=1024, help="data stored (MiB)")
     ap.add_argument("--blob-mib", type=int, default=4, help="blob size (MiB)")
-    ap.add_argument("--rate", type=int, default=None, help="repair rate limit, MiB/s (default: the service's)")
+    ap.add_argument(
+        "--rate", type=int, default=None, help="repair rate limit, MiB/s (default: the service's)"
+    )
     ap.add_argument("--idle", type=float, default=4.0, help="seconds of idle user I/O measured")
     ap.add_argument("--dir", default=None, help="where the node directories go (default: $TMPDIR)")
     trio.run(main, ap.parse_args())

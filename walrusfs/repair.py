@@ -837,6 +837,7 @@ class RepairService:
         self.pending_bytes = 0
         self._hints: dict[bytes, dict[int, str]] = {}
         self._fresh_hints = False
+        self._full_now = False
         self._missed_seen: set[bytes] = set()
         self._unreferenced_missed: set[bytes] = set()
         self._rebuilding: set[int] = set()
@@ -856,8 +857,8 @@ class RepairService:
         self._wake.set()
 
     def trigger(self) -> None:
-        """Start a pass now (run_forever); a full pass if none is due sooner."""
-        self._fresh_hints = True
+        """Make run_forever start a full pass now (every node listed)."""
+        self._full_now = True
         self._wake.set()
 
     @property
@@ -1065,7 +1066,8 @@ class RepairService:
             back = [i for i in range(n) if states[i] is down and now[i] is not down]
             states = now
             try:
-                if trio.current_time() >= next_full:
+                if self._full_now or trio.current_time() >= next_full:
+                    self._full_now = False
                     await self.pass_once()
                     next_full = trio.current_time() + self.interval
                 elif back or self._rebuilding - self._failed_nodes or self._new_work():

@@ -262,6 +262,7 @@ class Scrubber:
         self._pass_bytes = 0
         self._pass_total = 0
         self._running = False
+        self._pass_lock = trio.Lock()
         self._wake = trio.Event()
 
     def trigger(self) -> None:
@@ -269,7 +270,14 @@ class Scrubber:
         self._wake.set()
 
     async def scrub_pass(self) -> ScrubReport:
-        """Verify every node once; remove orphans seen for longer than `grace`."""
+        """Verify every node once; remove orphans seen for longer than `grace`.
+
+        One pass at a time: a call while one runs waits for it, then runs its own.
+        """
+        async with self._pass_lock:
+            return await self._scrub_pass()
+
+    async def _scrub_pass(self) -> ScrubReport:
         report = ScrubReport(started=time.time())
         t0 = trio.current_time()
         self._running = True

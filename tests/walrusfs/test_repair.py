@@ -10,12 +10,14 @@ import random
 import shutil
 from pathlib import Path
 
+import pytest
 import trio
+import trio.testing
 
 from codec import BlobMetadata, encode
 from codec.encoder import SliverPair
 from tests.walrusfs.volumes import flip_byte, node_paths, sliver_file, sliver_files
-from walrusfs.repair import RepairService, StaticBlobs
+from walrusfs.repair import RateLimit, RepairService, StaticBlobs
 from walrusfs.scrub import verify_file
 from walrusfs.sliverfile import build, header_size, sliver_key
 from walrusfs.volume import Volume, create_volume, open_volume
@@ -199,9 +201,11 @@ async def test_a_cancelled_pass_is_resumed_by_the_next(tmp_path: Path) -> None:
     shutil.rmtree(Path(paths[wiped]) / "slivers")
     svc = RepairService(vol, refs, rate=1 << 20, parallel=1)
     three = trio.Event()
+    mid: list[dict[str, object]] = []
 
     def written(blob_id: bytes, pair: int) -> None:
-        if svc.engine.counters.pairs_written >= 3:
+        if svc.engine.counters.pairs_written >= 3 and not three.is_set():
+            mid.append(svc.status())
             three.set()
 
     svc.engine.on_write = written
@@ -211,6 +215,10 @@ async def test_a_cancelled_pass_is_resumed_by_the_next(tmp_path: Path) -> None:
             await three.wait()
             nursery.cancel_scope.cancel()
     assert svc.last_report is not None and svc.last_report.cancelled
+    (status,) = mid  # progress as `walrusfs status` shows it, mid-pass
+    assert status["running"] is True and status["queue"] == 24 - 2  # this one still counts
+    assert isinstance(status["eta_s"], float) and status["eta_s"] > 0
+    assert isinstance(status["rate"], int) and status["rate"] > 0
     partial = len(node_files(paths[wiped]))
     assert 3 <= partial < len(before)
     svc.rate_limit = None
@@ -310,3 +318,54 @@ async def test_an_inconsistently_encoded_blob_is_reported_and_nothing_written(
     for meta, lost_pair in crafted:
         node = meta.node_of_pair(lost_pair)
         assert not (Path(paths[node]) / sliver_key(meta.blob_id, lost_pair)).exists()
+
+
+async def test_blobs_closest_to_loss_are_repaired_first(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, data = await fill(vol, 6, seed=12)
+    lost_pairs = dict(zip(sorted(data), (1, 4, 2, 3, 1, 2), strict=True))
+    for b, k in lost_pairs.items():
+        for pair in range(k):
+            remove_pair(paths, refs.refs[b].meta, pair)
+    svc = RepairService(vol, refs, rate=None, parallel=1)
+    order: list[bytes] = []
+    svc.engine.on_write = lambda b, p: order.append(b)
+    report = await svc.pass_once()
+    assert report.blobs_repaired == 6 and report.pairs_written == sum(lost_pairs.values())
+    repaired = list(dict.fromkeys(order))
+    assert [lost_pairs[b] for b in repaired] == sorted(lost_pairs.values(), reverse=True)
+
+
+async def test_the_rate_limit_paces_node_io(autojump_clock: trio.testing.MockClock) -> None:
+    limit = RateLimit(1000.0)
+    t0 = trio.current_time()
+    for _ in range(10):
+        await limit.take(500)
+    assert trio.current_time() - t0 == pytest.approx(4.5)  # virtual time: 500 B at 1000 B/s
+    limit.rate = None
+    t1 = trio.current_time()
+    await limit.take(1 << 30)
+    assert trio.current_time() == t1
+
+
+async def test_a_triggered_pass_runs_now_and_shows_in_status(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, _ = await fill(vol, 8, seed=13)
+    before = node_files(paths[0])
+    shutil.rmtree(Path(paths[0]) / "slivers")
+    svc = RepairService(vol, refs, rate=None)
+    assert svc.status()["last_pass"] is None
+    with trio.fail_after(NO_HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: svc.run_forever(first_delay=3600, task_status=task_status)
+            )
+            svc.trigger()
+            report = await svc.wait_for_pass()
+            nursery.cancel_scope.cancel()
+    assert report.pairs_written == 8 and node_files(paths[0]) == before
+    status = svc.status()
+    assert status["running"] is False and status["queue"] == 0 and status["passes"] == 1
+    assert status["bytes_rebuilt"] == report.bytes_rebuilt > 0
+    last = status["last_pass"]
+    assert isinstance(last, dict) and last["blobs_repaired"] == 8
