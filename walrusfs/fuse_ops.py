@@ -105,6 +105,9 @@ class FuseOperations(pyfuse3.Operations):
     def __init__(self, fs: FileSystem) -> None:
         super().__init__()
         self.fs = fs
+        # The writeback cache places O_APPEND writes itself (and may resend whole pages
+        # at their own offsets): the core must take every offset as given.
+        fs.kernel_handles_append = self.enable_writeback_cache
 
     # -- names and attributes -----------------------------------------------------------
 

@@ -143,6 +143,21 @@ async def test_append_and_o_trunc(mounted: Mounted) -> None:
     await in_thread(append_and_truncate, mounted.path)
 
 
+async def test_appends_are_stored_where_the_kernel_put_them(mounted: Mounted) -> None:
+    # Under the writeback cache the kernel places O_APPEND writes and may resend whole
+    # pages at their own offsets: the stored bytes must match, not only the page cache.
+    lines = [b"%06d appended line\n" % i for i in range(3000)]
+    path = mounted.path / "log"
+    for start in range(0, len(lines), 500):
+        await trio.run_process(
+            ["sh", "-c", 'cat >> "$0"', str(path)], stdin=b"".join(lines[start : start + 500])
+        )
+    expected = b"".join(lines)
+    ino = (await in_thread(os.stat, path)).st_ino
+    assert await mounted.fs.data.read(ino, 0, len(expected) + 100) == expected
+    assert mounted.fs.meta.get_inode(ino).size == len(expected)
+
+
 def directories(root: Path) -> None:
     (root / "a" / "b").mkdir(parents=True)
     (root / "a" / "c").mkdir()
