@@ -29,7 +29,7 @@ import trio
 from blake3 import blake3
 
 from codec import BlobMetadata
-from walrusfs.repair import RepairEngine, RepairService, StaticBlobs
+from walrusfs.repair import DEFAULT_RATE, RepairEngine, RepairService, StaticBlobs
 from walrusfs.sliverfile import PREFIX
 from walrusfs.volume import Volume, create_volume, open_volume
 
@@ -48,18 +48,31 @@ def drop_caches() -> bool:
         return False
 
 
-def digests(node: str) -> dict[str, str]:
-    """blake3 of every sliver file under a node directory, by relative path."""
+def digests(node: str) -> dict[str, tuple[str, int]]:
+    """(blake3, size) of every sliver file under a node directory, by relative path."""
     base = Path(node)
-    return {
-        str(p.relative_to(base)): blake3(p.read_bytes()).hexdigest()
-        for p in (base / PREFIX).rglob("*")
-        if p.is_file() and not p.name.startswith(".")
-    }
+    found = {}
+    for p in (base / PREFIX).rglob("*"):
+        if p.is_file() and not p.name.startswith("."):
+            raw = p.read_bytes()
+            found[str(p.relative_to(base))] = (blake3(raw).hexdigest(), len(raw))
+    return found
 
 
-def wipe(node: str) -> None:
+async def check_rebuilt(node: str, original: dict[str, tuple[str, int]], what: str) -> None:
+    """Every original sliver file is back, byte for byte (new blobs may be there too)."""
+    now = await trio.to_thread.run_sync(digests, node)
+    wrong = [k for k in original if now.get(k) != original[k]]
+    if wrong:
+        raise SystemExit(
+            f"bench_repair: {what}: {len(wrong)} rebuilt files differ, e.g. {wrong[0]}"
+        )
+
+
+def wipe(node: str) -> bool:
+    """Delete every sliver file of a node, then drop the page cache; True if it was."""
     shutil.rmtree(Path(node) / PREFIX, ignore_errors=True)
+    return drop_caches()
 
 
 async def sync_all(vol: Volume) -> None:
@@ -162,16 +175,17 @@ async def main(args: argparse.Namespace) -> None:
             f"stored {args.mib} MiB as {len(refs.refs)} blobs of {args.blob_mib} MiB "
             f"in {time.perf_counter() - t0:.1f}s"
         )
-        original = digests(paths[WIPED])
-        node_mib = sum(os.path.getsize(Path(paths[WIPED]) / k) for k in original) / MIB
+        original = await trio.to_thread.run_sync(digests, paths[WIPED])
+        node_mib = sum(size for _, size in original.values()) / MIB
         print(f"node {WIPED} holds {len(original)} sliver files, {node_mib:.0f} MiB")
-        svc = RepairService(vol, refs, rate=args.rate * MIB if args.rate else None)
+        rate = DEFAULT_RATE if args.rate is None else args.rate * MIB or None
+        svc = RepairService(vol, refs, rate=rate)
+        print(f"repair rate limit: {f'{rate / MIB:.0f} MiB/s of node I/O' if rate else 'none'}")
         load = Workload(vol, refs, blob)
 
-        wipe(paths[WIPED])
-        cold = drop_caches()
+        cold = await trio.to_thread.run_sync(wipe, paths[WIPED])
         dt, read, rebuilt = await rebuild_auto(svc)
-        assert digests(paths[WIPED]) == original, "rebuilt files differ from the originals"
+        await check_rebuilt(paths[WIPED], original, "repair")
         r = read / rebuilt
         print(
             f"repair ({'cold' if cold else 'warm'} cache): {rebuilt / MIB:.0f} MiB rebuilt in "
@@ -179,20 +193,18 @@ async def main(args: argparse.Namespace) -> None:
             f"MiB from the other nodes, read/rebuilt {r:.3f}"
         )
 
-        wipe(paths[WIPED])
-        drop_caches()
+        await trio.to_thread.run_sync(wipe, paths[WIPED])
         ddt, dread, drebuilt = await rebuild_decode(vol, refs)
-        assert digests(paths[WIPED]) == original, "decoded files differ from the originals"
+        await check_rebuilt(paths[WIPED], original, "full decode")
         d = dread / drebuilt
         print(
             f"full decode + re-encode: {drebuilt / MIB:.0f} MiB rebuilt in {ddt:.2f}s = "
             f"{drebuilt / ddt / 1e6:.0f} MB/s, read {dread / MIB:.0f} MiB, read/rebuilt {d:.3f}"
         )
 
-        drop_caches()
+        await trio.to_thread.run_sync(drop_caches)
         idle_r, idle_w, _ = await load.measure(args.idle)
-        wipe(paths[WIPED])
-        drop_caches()
+        await trio.to_thread.run_sync(wipe, paths[WIPED])
         done = trio.Event()
         result: list[tuple[float, int, int]] = []
 
@@ -203,7 +215,7 @@ async def main(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(rebuild)
             busy_r, busy_w, _ = await load.measure(done)
-        assert digests(paths[WIPED]) == original
+        await check_rebuilt(paths[WIPED], original, "repair under load")
         ldt, _, lrebuilt = result[0]
         print(
             f"user I/O idle: read {idle_r:.0f} MB/s, write {idle_w:.0f} MB/s; during the "

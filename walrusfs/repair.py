@@ -25,10 +25,11 @@ genuine the blob is *inconsistently encoded*: reported, nothing written. This ke
 read/rebuilt at 1.0 on the happy path; `symbol_check=True` verifies every symbol first.
 
 Foreground first: at most `per_node` repair calls run on a node at once (the stores
-allow 4, so user I/O keeps at least half), coding runs in one worker thread, and a
-token bucket caps node I/O (bytes read + written per second). Nothing here holds a lock a
-FUSE operation waits for. Writes go to the nodes' page cache; each pass ends with syncfs
-on the nodes it wrote to.
+allow 4, so user I/O keeps at least half), coding runs in one worker thread, and a token
+bucket caps node I/O (bytes read + written per second), lower while the blob store has
+served user reads or writes in the last half second. Nothing here holds a lock a FUSE
+operation waits for. Writes go to the nodes' page cache; each pass ends with syncfs on
+the nodes it wrote to.
 
 A pass (RepairService.pass_once) lists the nodes (inventory: what each should hold vs
 what it holds), adds hints (puts that missed nodes, corrupt slivers from scrub), repairs
@@ -251,22 +252,48 @@ def missing_on(
 
 
 class RateLimit:
-    """A pacing token bucket: `take(k)` returns once k bytes fit in `rate` bytes/s.
+    """A pacing token bucket: `take(k)` returns once k bytes fit in the current rate.
 
-    `rate` None or 0 means unlimited; it may be changed at any time.
+    `rate` (bytes/s; None or 0: unlimited) applies while the foreground is idle. With
+    `activity` (a counter of user operations) and `busy_rate`, the pace drops to
+    `busy_rate` for `linger` seconds after the counter last moved: foreground first.
+    Both rates may be changed at any time.
     """
 
-    def __init__(self, rate: float | None) -> None:
+    def __init__(
+        self,
+        rate: float | None,
+        *,
+        busy_rate: float | None = None,
+        activity: Callable[[], int] | None = None,
+        linger: float = 0.5,
+    ) -> None:
         self.rate = rate
+        self.busy_rate = busy_rate
+        self.activity = activity
+        self.linger = linger
         self._next = 0.0
+        self._seen = activity() if activity is not None else 0
+        self._busy_until = 0.0
+
+    def current(self) -> float | None:
+        """The rate in force now (None: unlimited)."""
+        if self.activity is not None and self.busy_rate:
+            seen = self.activity()
+            if seen != self._seen:
+                self._seen, self._busy_until = seen, trio.current_time() + self.linger
+            if trio.current_time() < self._busy_until:
+                return min(self.rate, self.busy_rate) if self.rate else self.busy_rate
+        return self.rate or None
 
     async def take(self, nbytes: int) -> None:
-        if not self.rate:
+        rate = self.current()
+        if not rate:
             await trio.lowlevel.checkpoint()
             return
         now = trio.current_time()
         start = max(now, self._next)
-        self._next = start + nbytes / self.rate
+        self._next = start + nbytes / rate
         await trio.sleep_until(start)
 
 
@@ -327,13 +354,17 @@ class RepairEngine:
         vol: Volume,
         *,
         rate: float | None = None,
+        busy_rate: float | None = None,
         per_node: int = 2,
         cpu_threads: int = 1,
         symbol_check: bool = False,
     ) -> None:
         self.vol = vol
         self.nodes = vol.nodes
-        self.limit = RateLimit(rate)
+        stats = vol.blobs.stats
+        self.limit = RateLimit(
+            rate, busy_rate=busy_rate, activity=lambda: stats.gets + stats.puts + stats.failed_gets
+        )
         self.symbol_check = symbol_check
         self.counters = Counters()
         self.touched: set[int] = set()
@@ -693,7 +724,10 @@ def _reencode(
 # -- passes, the service, node replacement ----------------------------------------------
 
 
-DEFAULT_RATE = 512 * MiB  # node bytes read + written per second by background repair
+# Node bytes read + written per second by background repair: when the filesystem is
+# idle, and while it reads or writes blobs.
+DEFAULT_RATE = 512 * MiB
+DEFAULT_BUSY_RATE = 128 * MiB
 
 
 @dataclass
@@ -817,6 +851,7 @@ class RepairService:
         *,
         missed: MutableMapping[bytes, tuple[int, ...]] | None = None,
         rate: float | None = DEFAULT_RATE,
+        busy_rate: float | None = DEFAULT_BUSY_RATE,
         interval: float = 3600.0,
         parallel: int = 4,
         per_node: int = 2,
@@ -830,7 +865,9 @@ class RepairService:
         self.interval = interval
         self.parallel = parallel
         self.on_replaced = on_replaced
-        self.engine = RepairEngine(vol, rate=rate, per_node=per_node, symbol_check=symbol_check)
+        self.engine = RepairEngine(
+            vol, rate=rate, busy_rate=busy_rate, per_node=per_node, symbol_check=symbol_check
+        )
         self.last_report: RepairReport | None = None
         self.passes = 0
         self.queue = 0
@@ -1176,5 +1213,6 @@ class RepairService:
             "hinted_blobs": len(self._hints),
             "passes": self.passes,
             "rate_limit": self.engine.limit.rate,
+            "rate_limit_now": self.engine.limit.current(),
             "last_pass": None if last is None else last.to_dict(),
         }
