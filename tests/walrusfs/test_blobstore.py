@@ -47,7 +47,10 @@ async def test_roundtrip_of_many_sizes_and_ranges(tmp_path: Path) -> None:
         assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
         for _ in range(5):
             off, length = rng.randrange(size + 1), rng.randrange(size + 10)
-            assert await vol.blobs.get_range(r.blob_id, r.meta, off, length) == data[off : off + length]
+            assert (
+                await vol.blobs.get_range(r.blob_id, r.meta, off, length)
+                == data[off : off + length]
+            )
     assert states(vol) == ["up"] * N
 
 

@@ -52,7 +52,13 @@ async def make_changes(ms: MetaStore, vol: Volume, tag: bytes) -> None:
     d = md.create(ROOT_INODE, b"dir-" + tag, mode=DIR, uid=1, gid=2, now_ns=10)
     f = md.create(d.id, b"file", mode=FILE, uid=1, gid=2, now_ns=11)
     r = await vol.blobs.put_blob(b"content " + tag)
-    md.set_blocks(f.id, {0: BlockRef(r.blob_id, r.meta, 9 + len(tag))}, size=9 + len(tag), mtime_ns=12, ctime_ns=12)
+    md.set_blocks(
+        f.id,
+        {0: BlockRef(r.blob_id, r.meta, 9 + len(tag))},
+        size=9 + len(tag),
+        mtime_ns=12,
+        ctime_ns=12,
+    )
     md.set_xattr(f.id, b"user.tag", tag, now_ns=13)
     md.link(f.id, ROOT_INODE, b"link-" + tag, now_ns=14)
     md.rename(d.id, b"file", ROOT_INODE, b"moved-" + tag, now_ns=15)
@@ -189,7 +195,10 @@ async def test_one_mount_at_a_time_and_stale_locks_are_taken_over(tmp_path: Path
     # So is one whose pid now belongs to another process (same pid, other start time).
     reused = LockRecord("1" * 16, first.record.host, os.getpid(), first.record.boot_id, 1, 1, 12345)
     assert not reused.live(30.0) and first.record.live(30.0)
-    assert all(LockRecord.from_bytes(Path(p, LOCK_KEY).read_bytes()).token == third.record.token for p in paths)
+    assert all(
+        LockRecord.from_bytes(Path(p, LOCK_KEY).read_bytes()).token == third.record.token
+        for p in paths
+    )
     await third.release()
     assert not any(Path(p, LOCK_KEY).exists() for p in paths)
 

@@ -134,5 +134,9 @@ def test_sliver_keys() -> None:
     key = sliver_key(blob_id, 5)
     assert key == f"slivers/00/01/{blob_id.hex()}.p5"
     assert parse_key(key) == (blob_id, 5)
-    for other in ("walrusfs-node.json", "slivers/00/01/xyz.p1", f"slivers/00/01/{blob_id.hex()}.q1"):
+    for other in (
+        "walrusfs-node.json",
+        "slivers/00/01/xyz.p1",
+        f"slivers/00/01/{blob_id.hex()}.q1",
+    ):
         assert parse_key(other) is None

@@ -19,7 +19,9 @@ def sliver_files(node_dir: str) -> list[Path]:
     """Every sliver file in a node directory (temp files excluded)."""
     base = Path(node_dir)
     return sorted(
-        p for p in base.rglob("*.p*") if p.is_file() and parse_key(str(p.relative_to(base))) is not None
+        p
+        for p in base.rglob("*.p*")
+        if p.is_file() and parse_key(str(p.relative_to(base))) is not None
     )
 
 
@@ -38,7 +40,9 @@ def flip_byte(path: Path, offset: int) -> None:
 def tmpfs(path: str, size: str) -> Iterator[None]:
     """A small real tmpfs at `path` (root only); always lazily unmounted afterwards."""
     os.makedirs(path, exist_ok=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path], capture_output=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path], capture_output=True
+    )
     if res.returncode:
         import pytest
 
