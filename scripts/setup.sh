@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="${WALRUSFS_EXTRAS:-dev,bench}"
-apt_packages=(fuse3 libfuse3-dev pkg-config python3-venv)
+# rsync and git: the filesystem is tested with the tools people use on it.
+apt_packages=(fuse3 libfuse3-dev pkg-config python3-venv rsync git)
 
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -156,7 +156,6 @@ async def run_mount(opts: MountOptions, ready: Callable[[], object] | None = Non
             space=space_of(vol),
             commit=lambda durable: metastore.sync(durable=durable),
         )
-        fs.kernel_handles_append = True  # walrusfs.mount always enables the writeback cache
         mounted = Mounted(vol, metastore, fs, blobs, opts)
         try:
             async with trio.open_nursery() as nursery:
