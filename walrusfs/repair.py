@@ -802,6 +802,9 @@ class _Work:
         return len(self.bad) * (p.R + p.C) * self.ref.meta.symbol_size
 
 
+_UNWRITABLE = (NodeState.DOWN, NodeState.FULL)
+
+
 def _superblock_order(raw: bytes) -> tuple[int, int, int]:
     sb = Superblock.from_bytes(raw)
     return (sb.epoch, sb.seq, sb.created_ns)
@@ -878,7 +881,6 @@ class RepairService:
         self._missed_seen: set[bytes] = set()
         self._unreferenced_missed: set[bytes] = set()
         self._rebuilding: set[int] = set()
-        self._failed_nodes: set[int] = set()
         self._pass_lock = trio.Lock()
         self._pass_t0 = 0.0
         self._pass_rebuilt0 = 0
@@ -927,7 +929,6 @@ class RepairService:
             self._pass_t0 = trio.current_time()
             self._pass_rebuilt0 = c0.bytes_rebuilt
             listed: list[int] = []
-            self._failed_nodes = set()
             try:
                 work, listed = await self._plan(inventory, report)
                 await self._run(work, report)
@@ -956,8 +957,9 @@ class RepairService:
                 ):
                     log.log(level, "%s", report.summary())
             await self.engine.sync_touched()
-            # A replaced node is rebuilt once a pass listed it and nothing failed there.
-            self._rebuilding -= {i for i in listed if i not in self._failed_nodes}
+            # A replaced node is rebuilt once a whole pass listed it (what could not be
+            # repaired is in the report, and retried like any other blob).
+            self._rebuilding -= set(listed)
             return report
 
     async def _plan(
@@ -997,14 +999,16 @@ class RepairService:
                     del self._hints[blob_id]
                 continue
             bad.setdefault(blob_id, {}).update(pairs)
+        if inventory is None:
+            # A put's blob is named by the metadata soon after; one that two full passes
+            # found unreferenced was deleted or never committed: nothing to repair.
+            unreferenced = {b for b in missed if b not in refs}
+            for b in unreferenced & self._unreferenced_missed:
+                self.missed.pop(b, None)
+            self._unreferenced_missed = unreferenced - self._unreferenced_missed
         for blob_id, nodes in missed.items():
             found = refs.get(blob_id)
             if found is None:
-                # Not (yet) in the metadata; dropped once a full pass saw it twice unreferenced.
-                if inventory is None:
-                    if blob_id in self._unreferenced_missed:
-                        self.missed.pop(blob_id, None)
-                    self._unreferenced_missed.add(blob_id)
                 continue
             for node in nodes:
                 bad.setdefault(blob_id, {}).setdefault(
@@ -1016,7 +1020,7 @@ class RepairService:
             unreadable = {p for p in range(n) if meta.node_of_pair(p) not in readable}
             work.append(_Work(n - len(set(pairs) | unreadable), blob_id, refs[blob_id], pairs))
         heapq.heapify(work)
-        return [heapq.heappop(work) for _ in range(len(work))], listing
+        return [heapq.heappop(work) for _ in range(len(work))], sorted(held)
 
     async def _run(self, work: list[_Work], report: RepairReport) -> None:
         self.queue = len(work)
@@ -1042,6 +1046,10 @@ class RepairService:
             self._hints.pop(w.blob_id, None)  # deleted since the pass began
             return
         out = await self.engine.repair(w.ref.meta, w.bad)
+        if (out.failed or out.inconsistent) and not await self.blobs.lookup([w.blob_id]):
+            # Deleted while being repaired: its files went away under us; not a loss.
+            self._hints.pop(w.blob_id, None)
+            return
         hints = self._hints.get(w.blob_id, {})
         for p in out.written:
             hints.pop(p, None)
@@ -1059,8 +1067,6 @@ class RepairService:
             report.unrepairable[key] = "; ".join(reasons)
             if out.lost:
                 report.lost.append(key)
-            for p in out.failed:
-                self._failed_nodes.add(w.ref.meta.node_of_pair(p))
         elif out.written:
             report.blobs_repaired += 1
         missed = self.missed.get(w.blob_id, ())
@@ -1093,25 +1099,29 @@ class RepairService:
         n = self.vol.params.n
         task_status.started()
         next_full = trio.current_time() + first_delay
+        quiet_until = 0.0  # after a failed pass, only the next full one retries
         states = [self.nodes.state(i) for i in range(n)]
         while True:
             with trio.move_on_at(min(next_full, trio.current_time() + poll)):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = [self.nodes.state(i) for i in range(n)]
-            down = NodeState.DOWN
-            back = [i for i in range(n) if states[i] is down and now[i] is not down]
+            # Down or full before, writable now: list it, and retry what waited for it.
+            back = [i for i in range(n) if states[i] in _UNWRITABLE and now[i] not in _UNWRITABLE]
             states = now
             try:
                 if self._full_now or trio.current_time() >= next_full:
                     self._full_now = False
                     await self.pass_once()
                     next_full = trio.current_time() + self.interval
-                elif back or self._rebuilding - self._failed_nodes or self._new_work():
+                elif trio.current_time() >= quiet_until and (
+                    back or self._rebuilding & self.nodes.readable() or self._new_work()
+                ):
                     await self.pass_once(sorted(set(back) | self._rebuilding))
             except Exception as exc:  # the metadata database unreadable, say: retried later
                 log.warning("repair pass failed: %s", exc)
-                next_full = min(next_full, trio.current_time() + 60.0)
+                quiet_until = trio.current_time() + 60.0
+                next_full = max(next_full, quiet_until)
 
     async def replace_node(self, index: int, new_dir: str) -> list[str]:
         """Put the empty directory `new_dir` in node `index`'s place and rebuild it in the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import stat
 from pathlib import Path
@@ -46,6 +47,10 @@ async def test_f_nodes_replaced_at_once_are_rebuilt_while_in_use(tmp_path: Path)
     svc = RepairService(vol, catalog, rate=None, on_replaced=ms.checkpoint)
     replaced = {1: str(tmp_path / "new1"), 4: str(tmp_path / "new4")}
     old = {i: node_files(paths[i]) for i in replaced}
+    # Node 4's disk died: its directory is gone; node 1 is moved while healthy.
+    os.rename(paths[4], paths[4] + ".dead")
+    await vol.nodes.probe(4)
+    assert vol.nodes.state(4).value == "down"
 
     with pytest.raises(ReplaceError, match="already another node"):
         await svc.replace_node(1, paths[2])
@@ -56,8 +61,11 @@ async def test_f_nodes_replaced_at_once_are_rebuilt_while_in_use(tmp_path: Path)
                     first_delay=3600, poll=0.02, task_status=task_status
                 )
             )
-            for i, new in replaced.items():
-                assert await svc.replace_node(i, new) == []
+            # Node 4, still down, cannot learn node 1's new path yet ...
+            (warning,) = await svc.replace_node(1, replaced[1])
+            assert warning.startswith("node 4: identity not updated")
+            # ... and gets it with its own fresh identity when it is replaced in turn.
+            assert await svc.replace_node(4, replaced[4]) == []
             assert vol.nodes.nodes[1].store.path == replaced[1]
             # In use while rebuilt: every file reads back, new data goes to the new nodes.
             for blob_id, data in files.items():
@@ -74,6 +82,7 @@ async def test_f_nodes_replaced_at_once_are_rebuilt_while_in_use(tmp_path: Path)
         kept = {k: v for k, v in old[i].items() if any(b.hex() in k for b in files)}
         assert {k: now[k] for k in kept} == kept
         assert (Path(new) / SUPERBLOCK_KEY).exists()
+    assert not Path(paths[4]).exists()  # nothing was written where the dead node was
     for i in range(7):
         where = replaced.get(i, paths[i])
         ident = json.loads((Path(where) / IDENTITY_KEY).read_text())
