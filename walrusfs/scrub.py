@@ -14,8 +14,9 @@ an orphan is removed only once it has been seen for `grace` seconds and is still
 unreferenced when removal comes (re-checked then). The node store exposes no file times,
 so "seen for" counts from the first pass that saw it (a restart starts the clock again).
 
-Reads are paced by a token bucket (`rate` bytes/s over all nodes) and one call per node
-at a time, so user I/O keeps the node's other threads. `sweep_node` is also what fsck
+Reads are paced by a token bucket (`rate` bytes/s over all nodes, `busy_rate` while the
+blob store serves users) and one call per node at a time, so user I/O keeps the node's
+other threads. `sweep_node` is also what fsck
 uses, unpaced.
 
 Must not import pyfuse3. Runs in trio tasks (not thread-safe); verification runs in the
@@ -56,7 +57,8 @@ from walrusfs.volume import Volume
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-DEFAULT_RATE = 32 * MiB  # bytes verified per second over all nodes
+DEFAULT_RATE = 32 * MiB  # bytes verified per second over all nodes ...
+DEFAULT_BUSY_RATE = 8 * MiB  # ... and while the blob store serves users
 DEFAULT_GRACE = 24 * 3600.0  # seconds an orphan is seen before it is removed
 
 
@@ -244,6 +246,7 @@ class Scrubber:
         repair: RepairService | None = None,
         *,
         rate: float | None = DEFAULT_RATE,
+        busy_rate: float | None = DEFAULT_BUSY_RATE,
         grace: float = DEFAULT_GRACE,
         rest: float = 3600.0,
     ) -> None:
@@ -251,7 +254,10 @@ class Scrubber:
         self.nodes = vol.nodes
         self.blobs = blobs
         self.repair = repair
-        self.limit = RateLimit(rate)
+        stats = vol.blobs.stats
+        self.limit = RateLimit(
+            rate, busy_rate=busy_rate, activity=lambda: stats.gets + stats.puts + stats.failed_gets
+        )
         self.grace = grace
         self.rest = rest
         self.last_report: ScrubReport | None = None
