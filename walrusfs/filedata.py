@@ -42,6 +42,9 @@ from walrusfs.metadata import BlockRef, FreedBlob, Metadata
 
 log = logging.getLogger(__name__)
 
+# Blocks fetched ahead of a sequential reader (4 MiB blocks: 12 MiB in flight).
+READ_AHEAD_BLOCKS = 3
+
 Buffer = bytes | bytearray | memoryview
 
 
@@ -52,8 +55,9 @@ class BlobStoreProtocol(Protocol):
         """Store `data`; return (blob_id, metadata). Same content, same blob_id."""
         ...
 
-    async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> bytes:
-        """Verified bytes of the blob. Raises an FSError (EIO) if they cannot be read."""
+    async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> Buffer:
+        """Verified bytes of the blob (never written to afterwards). Raises an FSError (EIO)
+        if they cannot be read."""
         ...
 
     async def delete_blob(self, blob_id: bytes, meta: bytes) -> None: ...
@@ -223,8 +227,12 @@ class FileData:
             n = min(bs - start, end - pos)
             pieces.append(await self._read_block(inode, index, start, n))
             pos += n
-        if readahead and (end - 1) // bs + 1 < -(-size // bs):
-            self._prefetch(inode, (end - 1) // bs + 1)
+        if readahead:
+            # Sequential reader: keep the next blocks on their way, so the nodes' reads of
+            # block k+1.. overlap the kernel's consumption of block k.
+            last = -(-size // bs)
+            for index in range((end - 1) // bs + 1, min(last, (end - 1) // bs + 1 + READ_AHEAD_BLOCKS)):
+                self._prefetch(inode, index)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def _read_block(self, inode: int, index: int, start: int, n: int) -> bytes:
@@ -515,6 +523,10 @@ class FileData:
             return own
         dirty = [f for f in self._files.values() if f.dirty]
         full = [f for f in dirty if self._has_full(f)]
+        if not full and any(f.inflight for f in self._files.values()):
+            # Whole blocks are being stored already: wait for them rather than store a
+            # partial block that the writer will complete, and rewrite, moments later.
+            return None
         pool = full or dirty
         return max(pool, key=lambda f: sum(map(len, f.dirty.values())), default=None)
 

@@ -52,7 +52,9 @@ class FsBlobs:
             self.missed[r.blob_id] = r.missed  # for repair to fill in
         return r.blob_id, r.meta
 
-    async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> bytes:
+    async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> bytes | memoryview:
+        if offset == 0 and length >= self.blobs.metadata(blob_id, meta).length:
+            return await self.blobs.get_blob(blob_id, meta)  # whole block: no copy
         return await self.blobs.get_range(blob_id, meta, offset, length)
 
     async def delete_blob(self, blob_id: bytes, meta: bytes) -> None:

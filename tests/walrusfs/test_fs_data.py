@@ -15,6 +15,7 @@ import trio
 from tests.walrusfs.conftest import BS, FakeClock, fake_space
 from tests.walrusfs.memblobs import MemBlobStore
 from walrusfs.errors import errno_of
+from walrusfs.filedata import READ_AHEAD_BLOCKS
 from walrusfs.fs import FileSystem
 from walrusfs.metadata import ROOT_INODE, Metadata
 
@@ -214,23 +215,27 @@ async def test_unreadable_blob_is_eio(fs: FileSystem, store: MemBlobStore, meta:
 
 
 async def test_read_cache_and_read_ahead(meta: Metadata, store: MemBlobStore) -> None:
-    fs = FileSystem(meta, store, cache_bytes=4 * BS)
+    fs = FileSystem(meta, store, cache_bytes=8 * BS)
     ino, fh = await new_file(fs)
     data = random.Random(7).randbytes(6 * BS)
     await fs.write(fh, 0, data)
     await fs.release(fh)
-    fresh = FileSystem(meta, store, cache_bytes=4 * BS)
+    fresh = FileSystem(meta, store, cache_bytes=8 * BS)
+    ahead = READ_AHEAD_BLOCKS
     async with trio.open_nursery() as nursery:
         await nursery.start(fresh.run_background)
         fh = await fresh.open(ino, os.O_RDONLY, 0)
         gets = store.gets
         assert await fresh.read(fh, 0, 4096) == data[:4096]
         await trio.testing.wait_all_tasks_blocked()
-        assert store.gets == gets + 2  # block 0 and, ahead of the reader, block 1
+        assert store.gets == gets + 1 + ahead  # block 0 and, ahead of the reader, the next
         assert await fresh.read(fh, 4096, BS) == data[4096 : 4096 + BS]
         assert await fresh.read(fh, 0, 10) == data[:10]  # cached
         await trio.testing.wait_all_tasks_blocked()
-        assert store.gets == gets + 3  # block 2 read ahead; nothing fetched twice
+        assert store.gets == gets + 2 + ahead  # one more block ahead; nothing fetched twice
+        assert await fresh.read(fh, 4096 + BS, 6 * BS) == data[4096 + BS :]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.gets == gets + 6  # each of the 6 blocks once, none beyond the end
         nursery.cancel_scope.cancel()
 
 
