@@ -9,20 +9,23 @@ the node) or damaged (found by scrub or a read), the engine rebuilds it in one o
   from R primary slivers i, stored there iff n-1-p < C. So when f <= p < R both slivers
   come from single-symbol range reads, C + R of them, and the pair reads exactly the
   bytes it rebuilds.
-* **by decoding** the blob from R verified primary slivers and re-encoding it, when a
-  sliver needs symbols no node stores (a parity primary p >= R, or a parity secondary
+* **by decoding** the blob from R primary slivers and re-encoding it, when a sliver
+  needs symbols no node stores (a parity primary p >= R, or a parity secondary
   n-1-p >= C): computing those symbols takes the whole blob anyway, so one decode then
   yields every missing pair of the blob. Re-encoding must reproduce the blob id, i.e.
   every root.
 
-Symbols are read raw and the rebuilt sliver is checked against its root (codec.rebuild):
-a rebuilt row or column that matches its root proves every symbol that went into it,
-since the decoder's output passes through them (this is Walrus's client-side recovery,
-#2758). Only on a mismatch are the sources' headers read (leaves verified against their
-roots) and each symbol checked against its leaf: a bad symbol marks its pair corrupt
-(repaired as well) and the rebuild is planned again without it; if every symbol is
-genuine the blob is *inconsistently encoded*: reported, nothing written. This keeps
-read/rebuilt at 1.0 on the happy path; `symbol_check=True` verifies every symbol first.
+Nothing unverified is ever written, but verification is placed where it costs nothing
+on the happy path: symbols and slivers are read raw (no headers), and the result is
+checked against its commitments, a rebuilt sliver against its root (codec.rebuild), a
+re-encoded blob against its blob id. A rebuilt row or column that matches its root
+proves every symbol that went into it, since the decoder's output passes through them
+(Walrus's client-side recovery, #2758). Only on a mismatch are the sources' headers read
+(leaves verified against their roots) and each symbol or sliver checked against its
+leaves: a bad one marks its pair corrupt (repaired as well) and the rebuild is planned
+again without it; if every input is genuine the blob is *inconsistently encoded*:
+reported, nothing written. This keeps read/rebuilt at exactly 1.0 for symbol rebuilds;
+`symbol_check=True` verifies every input first instead (one extra header read each).
 
 Foreground first: at most `per_node` repair calls run on a node at once (the stores
 allow 4, so user I/O keeps at least half), coding runs in one worker thread, and a token
