@@ -369,3 +369,35 @@ async def test_a_triggered_pass_runs_now_and_shows_in_status(tmp_path: Path) -> 
     assert status["bytes_rebuilt"] == report.bytes_rebuilt > 0
     last = status["last_pass"]
     assert isinstance(last, dict) and last["blobs_repaired"] == 8
+
+
+async def test_a_corrupt_sliver_under_a_decode_is_found_and_repaired_too(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, data = await fill(vol, 1, seed=14)
+    (blob_id,) = data
+    meta = refs.refs[blob_id].meta
+    p, s = vol.params, meta.symbol_size
+    before = {i: node_files(paths[i]) for i in range(N)}
+    for symbol_check, where in ((False, 3 * s + 1), (True, p.C * s - 1)):
+        remove_pair(paths, meta, 0)  # holds parity secondary n-1: rebuilt by decoding
+        # Primary 1 is one of the systematic rows the decode reads first.
+        flip_byte(sliver_file(paths[meta.node_of_pair(1)], blob_id), header_size(N) + where)
+        svc = RepairService(vol, refs, rate=None, symbol_check=symbol_check)
+        out = await svc.engine.repair(meta, [0])
+        assert out.written == {0, 1} and out.found_bad == {1} and not out.failed
+        assert {i: node_files(paths[i]) for i in range(N)} == before
+
+
+async def test_checking_every_symbol_first_costs_one_header_per_source(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, data = await fill(vol, 1, seed=15)
+    (blob_id,) = data
+    meta = refs.refs[blob_id].meta
+    p, s = vol.params, meta.symbol_size
+    original = sliver_file(paths[meta.node_of_pair(p.f)], blob_id).read_bytes()
+    remove_pair(paths, meta, p.f)
+    svc = RepairService(vol, refs, rate=None, symbol_check=True)
+    out = await svc.engine.repair(meta, [p.f])
+    assert out.written == {p.f}
+    assert sliver_file(paths[meta.node_of_pair(p.f)], blob_id).read_bytes() == original
+    assert svc.engine.counters.bytes_read == (p.R + p.C) * (s + header_size(N))
