@@ -149,6 +149,8 @@ class BlobStore:
         self._puts = trio.Semaphore(max_puts)
         self._workspaces: list[Workspace] = []
         self._headers: OrderedDict[tuple[bytes, int], Header] = OrderedDict()
+        # Told of every sliver that failed verification (repair queues it): blob id, pair, why.
+        self.on_bad_sliver: Callable[[bytes, int, str], None] | None = None
 
     # -- metadata -------------------------------------------------------------------------
 
@@ -356,12 +358,17 @@ class BlobStore:
             raise _BadSliver(str(exc)) from exc
         except (SliverFileError, CodecError) as exc:
             self._headers.pop((meta.blob_id, pair), None)
-            self.stats.corrupt_slivers += 1
-            self.nodes.note_corrupt(node, str(exc))
+            self._bad(meta.blob_id, pair, node, str(exc))
             raise _BadSliver(str(exc)) from exc
         if cached is None:
             self._remember(heads[0])
         return memoryview(raw)[start : start + size]
+
+    def _bad(self, blob_id: bytes, pair: int, node: int, why: str) -> None:
+        self.stats.corrupt_slivers += 1
+        self.nodes.note_corrupt(node, why)
+        if self.on_bad_sliver is not None:
+            self.on_bad_sliver(blob_id, pair, why)
 
     def _hedge_delay(self, node: int) -> float:
         """How long to wait for a read before asking another node as well."""
@@ -492,8 +499,7 @@ class BlobStore:
             except NodeError as exc:
                 raise _BadSliver(str(exc)) from exc
             except (SliverFileError, CodecError) as exc:
-                self.stats.corrupt_slivers += 1
-                self.nodes.note_corrupt(node, str(exc))
+                self._bad(blob_id, pc.sliver, node, str(exc))
                 raise _BadSliver(str(exc)) from exc
             base = syms.start * s
             parts[k] = raw[pc.start - base : pc.stop - base]

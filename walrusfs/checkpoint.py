@@ -22,7 +22,8 @@ Superblock, key `superblock.json`: JSON, then a line with the blake3 of the JSON
 | chain_hash    | hash the next segment chains to (hex)                             |
 | blobs         | the snapshot: [[blob id hex, blob metadata hex, length], ...]     |
 | size, digest  | snapshot length and blake3 (hex)                                  |
-| previous      | blob ids of the checkpoint before (kept until the next one)       |
+| previous      | the checkpoint before, as `blobs` (kept, and repaired, until the   |
+|               | next one: the fallback should the newest become unreadable)       |
 | created_ns    | wall-clock time of writing                                        |
 
 Runs in trio tasks; SQLite snapshots are taken in worker threads.
@@ -75,7 +76,7 @@ class Superblock:
     blobs: tuple[tuple[str, str, int], ...]
     size: int
     digest: str
-    previous: tuple[str, ...]
+    previous: tuple[tuple[str, str, int], ...]
     created_ns: int
 
     def to_bytes(self) -> bytes:
@@ -103,7 +104,7 @@ class Superblock:
             blobs=tuple((str(b), str(m), int(n)) for b, m, n in doc["blobs"]),
             size=int(doc["size"]),
             digest=str(doc["digest"]),
-            previous=tuple(str(b) for b in doc["previous"]),
+            previous=tuple((str(b), str(m), int(n)) for b, m, n in doc["previous"]),
             created_ns=int(doc["created_ns"]),
         )
 
@@ -231,7 +232,7 @@ async def write_checkpoint(
         blobs=tuple(blobs),
         size=len(data),
         digest=blake3(data).hexdigest(),
-        previous=tuple(b for b, _, _ in previous.blobs) if previous else (),
+        previous=previous.blobs if previous else (),
         created_ns=time.time_ns(),
     )
     await write_superblock(vol, sb)
@@ -244,7 +245,7 @@ async def write_checkpoint(
 
 async def _drop_old(vol: Volume, previous: Superblock, keep: set[str]) -> None:
     """Delete the checkpoint before `previous`: the newest two stay recoverable."""
-    for b in previous.previous:
+    for b, _, _ in previous.previous:
         if b in keep:
             continue
         try:

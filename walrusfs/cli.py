@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("repair", help="run a repair pass on a mounted volume now and wait for it")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p = sub.add_parser("scrub", help="verify every sliver of a mounted volume now and wait for it")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p = sub.add_parser(
+        "replace-node", help="a new empty directory takes a node's place; rebuilt in the background"
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("index", type=int, metavar="INDEX")
+    p.add_argument("new_dir", metavar="NEW_DIR")
+    from walrusfs import fsck
+
+    p = sub.add_parser("fsck", help="check an unmounted volume; --repair heals what it can")
+    fsck.add_arguments(p)
+
     p = sub.add_parser("demo", help="mount a demo volume under ./demo (or --codec: a codec demo)")
     p.add_argument("--codec", action="store_true", help="show the erasure code on one blob instead")
     return parser
@@ -269,7 +284,77 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  files {st['files']}, blobs {st['blobs']}, dirty {_human(st['dirty_bytes'])}, journal lag {st['journal_lag']}"
     )
     print(f"  degraded blobs (a node missed its pair): {st['degraded_blobs']}")
+    rep = st.get("repair")
+    if isinstance(rep, dict):
+        eta = f", ETA {rep['eta_s']}s" if rep.get("eta_s") else ""
+        print(
+            f"  repair: {'running' if rep['running'] else 'idle'}, queue {rep['queue']} "
+            f"({_human(rep['pending_bytes'])}), rebuilt {_human(rep['bytes_rebuilt'])} at "
+            f"{_human(rep['rate'])}/s{eta}, rebuilding nodes {rep['rebuilding_nodes'] or 'none'}"
+        )
+        last = rep.get("last_pass")
+        if isinstance(last, dict):
+            print(
+                f"    last pass: {last['blobs_repaired']} blobs repaired, "
+                f"{len(last['unrepairable'])} unrepairable now, {len(last['inconsistent'])} inconsistent"
+            )
+    scrub = st.get("scrub")
+    if isinstance(scrub, dict):
+        print(
+            "  scrub: "
+            + ", ".join(f"{k} {v}" for k, v in scrub.items() if not isinstance(v, dict | list))
+        )
     return 0
+
+
+def _report(title: str, rep: dict[str, object]) -> int:
+    """Print a repair or scrub report; 1 if it found something it could not fix."""
+    print(
+        f"{title}: "
+        + ", ".join(f"{k} {v}" for k, v in rep.items() if not isinstance(v, dict | list))
+    )
+    problems = 0
+    for key in ("unrepairable", "inconsistent", "lost", "corrupt", "incomplete"):
+        items = rep.get(key)
+        if items:
+            problems += key != "corrupt"
+            print(f"  {key}:")
+            listing = list(items.items()) if isinstance(items, dict) else [(x, "") for x in items]  # type: ignore[attr-defined]
+            for name, why in listing:
+                print(f"    {name} {why}".rstrip())
+    return 1 if problems else 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from walrusfs.control import query
+
+    return _report("repair pass", query(args.mountpoint, "repair", timeout=None))
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    from walrusfs.control import query
+
+    return _report("scrub pass", query(args.mountpoint, "scrub", timeout=None))
+
+
+def cmd_replace_node(args: argparse.Namespace) -> int:
+    from walrusfs.control import query
+
+    new_dir = os.path.abspath(args.new_dir)
+    res = query(args.mountpoint, "replace-node", timeout=300, index=args.index, dir=new_dir)
+    warnings = res.get("warnings")
+    for warning in warnings if isinstance(warnings, list) else []:
+        print(f"warning: {warning}")
+    print(
+        f"node {args.index} is now {new_dir}; it is rebuilt in the background (see walrusfs status)"
+    )
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from walrusfs import fsck
+
+    return fsck.run(args)
 
 
 def _message(exc: BaseException) -> str:
@@ -282,7 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status}
+    handlers = {
+        "mkfs": cmd_mkfs,
+        "mount": cmd_mount,
+        "umount": cmd_umount,
+        "status": cmd_status,
+        "repair": cmd_repair,
+        "scrub": cmd_scrub,
+        "replace-node": cmd_replace_node,
+        "fsck": cmd_fsck,
+    }
     if args.command == "demo":
         if args.codec:
             from walrusfs import codec_demo

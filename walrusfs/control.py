@@ -3,7 +3,8 @@
 One Unix socket per mount, at a path derived from the mountpoint's real path, under
 /run/walrusfs (root) or $XDG_RUNTIME_DIR/walrusfs (or /tmp/walrusfs-UID), mode 0600 so
 only the mounting user can ask. Protocol: the client sends one JSON line {"cmd": ...},
-the server answers one JSON line and closes. Commands: "status".
+the server answers one JSON line and closes. Commands: "status", "repair", "scrub" (run a
+pass and return its report) and "replace-node" (with "index" and "dir").
 
 The server runs in the mount's trio nursery; the client is plain blocking code for the CLI.
 """
@@ -15,7 +16,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -50,9 +51,16 @@ def _prepare(path: str) -> None:
         os.unlink(path)  # left by a crashed mount: the lock already told us it is gone
 
 
+Handler = Callable[[dict[str, object]], Awaitable[dict[str, object]]]
+
+
+class CommandError(Exception):
+    """A command failed in a way to report to the client (not a server fault)."""
+
+
 async def serve_control(
     mountpoint: str,
-    status: Callable[[], dict[str, object]],
+    handle_request: Handler,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -68,14 +76,17 @@ async def serve_control(
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
             try:
+                raw = b""
                 with trio.move_on_after(5):
-                    raw = await stream.receive_some(4096)
-                    request = json.loads(raw or b"{}")
-                    if request.get("cmd") == "status":
-                        reply: dict[str, object] = {"ok": True, "status": status()}
-                    else:
-                        reply = {"ok": False, "error": f"unknown command {request.get('cmd')!r}"}
-                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+                    raw = await stream.receive_some(65536)
+                request = json.loads(raw or b"{}")
+                if not isinstance(request, dict):
+                    raise ValueError("a request is a JSON object")
+                try:
+                    reply: dict[str, object] = {"ok": True, "result": await handle_request(request)}
+                except CommandError as exc:
+                    reply = {"ok": False, "error": str(exc)}
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
             except (trio.BrokenResourceError, ValueError) as exc:
                 log.debug("control request failed: %s", exc)
 
@@ -88,14 +99,16 @@ async def serve_control(
             await trio.to_thread.run_sync(_remove, path)
 
 
-def query(mountpoint: str, cmd: str = "status", timeout: float = 10.0) -> dict[str, object]:
-    """Ask the mount at `mountpoint`; raises ControlError if none answers."""
+def query(
+    mountpoint: str, cmd: str = "status", timeout: float | None = 10.0, **args: object
+) -> dict[str, object]:
+    """Ask the mount at `mountpoint`; raises ControlError if none answers or it refuses."""
     path = socket_path(mountpoint)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(path)
-            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)
@@ -108,7 +121,9 @@ def query(mountpoint: str, cmd: str = "status", timeout: float = 10.0) -> dict[s
         raise ControlError(
             f"{mountpoint}: the mount did not answer ({exc.strerror or exc})"
         ) from exc
+    if not data:
+        raise ControlError(f"{mountpoint}: the mount closed the connection without answering")
     reply = json.loads(data)
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error")))
-    return dict(reply["status"])
+    return dict(reply["result"])

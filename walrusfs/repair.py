@@ -185,7 +185,8 @@ class Catalog:
     def _checkpoint_refs(self) -> dict[bytes, BlobRef]:
         sb = self._superblock()
         refs: dict[bytes, BlobRef] = {}
-        for blob_hex, meta_hex, _ in sb.blobs if sb else ():
+        # The previous checkpoint too: it is the fallback should the newest be unreadable.
+        for blob_hex, meta_hex, _ in (*sb.blobs, *sb.previous) if sb else ():
             ref = _parse_ref(bytes.fromhex(blob_hex), bytes.fromhex(meta_hex), "checkpoint")
             if ref is not None:
                 refs[ref.blob_id] = ref
@@ -226,7 +227,7 @@ class Catalog:
         sb = self._superblock()
         if sb is None:
             return set()
-        return {bytes.fromhex(b) for b, _, _ in sb.blobs} | {bytes.fromhex(b) for b in sb.previous}
+        return {bytes.fromhex(b) for b, _, _ in (*sb.blobs, *sb.previous)}
 
 
 def was_cancelled(exc: BaseException) -> bool:

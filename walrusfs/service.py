@@ -3,7 +3,7 @@
 `run_mount` is what `walrusfs mount` runs (in the foreground, or in the child process
 it starts): it opens the volume, refuses to mount with more than f nodes unusable, takes
 the mount lock, recovers the metadata from the nodes, serves the filesystem, and answers
-`status` on a control socket. On unmount it flushes every file, syncs the journal
+`status` on a control socket; background repair and a rolling scrub run beside it. On unmount it flushes every file, syncs the journal
 durably, writes a checkpoint and releases the lock, so `walrusfs umount` returning means
 everything is stored.
 
@@ -26,11 +26,13 @@ from dataclasses import dataclass
 import trio
 
 from walrusfs.blobstore import BlobStore
-from walrusfs.control import serve_control
+from walrusfs.control import CommandError, serve_control
 from walrusfs.fs import Space, SpaceFn
 from walrusfs.lock import MountLock
 from walrusfs.metastore import MetaStore
 from walrusfs.nodeset import NodeState
+from walrusfs.repair import Catalog, RepairService, ReplaceError
+from walrusfs.scrub import Scrubber
 from walrusfs.volume import Volume, VolumeError, open_volume
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,9 @@ class FsBlobs:
             self.missed[r.blob_id] = r.missed  # for repair to fill in
         return r.blob_id, r.meta
 
-    async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> bytes | memoryview:
+    async def get_range(
+        self, blob_id: bytes, meta: bytes, offset: int, length: int
+    ) -> bytes | memoryview:
         if offset == 0 and length >= self.blobs.metadata(blob_id, meta).length:
             return await self.blobs.get_blob(blob_id, meta)  # whole block: no copy
         return await self.blobs.get_range(blob_id, meta, offset, length)
@@ -95,16 +99,25 @@ class MountOptions:
 
 
 class Mounted:
-    """The live parts of a mount, for status."""
+    """The live parts of a mount: answers `status` and the control commands."""
 
     def __init__(
-        self, vol: Volume, metastore: MetaStore, fs: object, blobs: FsBlobs, opts: MountOptions
+        self,
+        vol: Volume,
+        metastore: MetaStore,
+        fs: object,
+        blobs: FsBlobs,
+        opts: MountOptions,
+        repair: RepairService,
+        scrubber: Scrubber,
     ) -> None:
         self.vol = vol
         self.metastore = metastore
         self.fs = fs
         self.blobs = blobs
         self.opts = opts
+        self.repair = repair
+        self.scrubber = scrubber
 
     def status(self) -> dict[str, object]:
         vol, md = self.vol, self.metastore.metadata
@@ -123,8 +136,28 @@ class Mounted:
             "dirty_bytes": getattr(data, "dirty_bytes", 0),
             "journal_lag": self.metastore.journal.lag,
             "degraded_blobs": len(self.blobs.missed),
+            "repair": self.repair.status(),
+            "scrub": self.scrubber.status(),
             "stats": {k: v for k, v in vars(stats).items() if k != "extra"},
         }
+
+    async def handle(self, request: dict[str, object]) -> dict[str, object]:
+        """One control command (see walrusfs.control). Raises CommandError."""
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd == "repair":
+            return (await self.repair.pass_once()).to_dict()
+        if cmd == "scrub":
+            return (await self.scrubber.scrub_pass()).to_dict()
+        if cmd == "replace-node":
+            try:
+                index = int(str(request["index"]))
+                warnings = await self.repair.replace_node(index, str(request["dir"]))
+            except (KeyError, ValueError, ReplaceError) as exc:
+                raise CommandError(f"replace-node: {exc}") from exc
+            return {"warnings": warnings}
+        raise CommandError(f"unknown command {cmd!r}")
 
 
 async def open_for_mount(opts: MountOptions) -> Volume:
@@ -158,18 +191,27 @@ async def run_mount(opts: MountOptions, ready: Callable[[], object] | None = Non
             space=space_of(vol),
             commit=lambda durable: metastore.sync(durable=durable),
         )
-        mounted = Mounted(vol, metastore, fs, blobs, opts)
+        catalog = Catalog(metastore.metadata.path, lambda: metastore.superblock)
+        repair = RepairService(vol, catalog, missed=blobs.missed, on_replaced=metastore.checkpoint)
+        scrubber = Scrubber(vol, catalog, repair)
+        vol.blobs.on_bad_sliver = repair.note_bad  # corrupt slivers found by reads
+        mounted = Mounted(vol, metastore, fs, blobs, opts, repair, scrubber)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lock.heartbeat_forever)
                 nursery.start_soon(metastore.run_background)
                 nursery.start_soon(vol.nodes.probe_forever)
-                await nursery.start(serve_control, opts.mountpoint, mounted.status)
+                await nursery.start(repair.run_forever)
+                await nursery.start(scrubber.run_forever)
+                await nursery.start(serve_control, opts.mountpoint, mounted.handle)
                 await serve(fs, opts.mountpoint, allow_other=opts.allow_other, ready=ready)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await metastore.close()
+                try:
+                    await metastore.close()
+                finally:
+                    catalog.close()
     finally:
         with trio.CancelScope(shield=True):
             await lock.release()
