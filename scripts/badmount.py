@@ -376,7 +376,8 @@ def _fraction(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog=PROG,
-        description=__doc__.split("\n\n", 1)[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit codes: 0 done, 1 failed, 2 bad usage. See `badmount.py COMMAND --help`.",
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -430,7 +430,8 @@ def _blob_hex(text: str) -> str:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog=PROG,
-        description=__doc__.split("\n\n", 1)[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit codes: 0 done, 1 failed (the printed lines say how far it got), "
         "2 bad usage or not supported. Run a subcommand with --help for details.",
     )

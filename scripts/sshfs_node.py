@@ -330,8 +330,9 @@ def _teardown(doc: dict[str, Any], out: Reporter) -> None:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog=PROG,
-        description=__doc__.split("\n\n", 1)[0],
-        epilog=f"Needs {PACKAGES}. Exit codes: 0 done, 1 failed, 2 bad usage or missing packages.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Exit codes: 0 done, 1 failed, 2 bad usage or missing packages. Needs {PACKAGES}.",
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
