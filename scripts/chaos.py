@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""A chaos run: a mixed workload through a walrusfs mount while faults are injected.
+
+The workload (create, overwrite, append, truncate, rename, delete, cp -r, rsync, tar, and
+reads checked against a shadow copy in a plain directory) runs while faults of every kind
+are injected at random with scripts/faults.py: node directories taken away (renamed,
+removed, made read-only) and restored, wiped, and corrupted (bits flipped, truncated,
+zeroed, swapped, replaced by another blob's sliver). Never more than f nodes are faulty
+at once; a node stays counted as faulty until a repair pass after its fault ended.
+
+At the end the faults stop, `walrusfs repair` runs until the volume is whole, every file
+is compared with the shadow, `walrusfs scrub` verifies every sliver, and `walrusfs fsck`
+checks the unmounted volume. Seeded and bounded in time. Last line, exactly:
+`chaos: ops N, faults F, verified B bytes, mismatches M, late ops L, repaired in T s`
+(mismatches and late ops, operations slower than --deadline seconds, must be 0).
+
+  scripts/chaos.py --seconds 60 --seed 1            # its own 7-node volume in a temp dir
+  scripts/chaos.py --nodes DIR... --mountpoint MNT  # an existing, unmounted volume
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WALRUSFS = [sys.executable, "-m", "walrusfs.cli"]
+FAULTS = [sys.executable, str(HERE / "faults.py")]
+
+
+def sh(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def walrusfs(*args: object, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    res = sh([*WALRUSFS, *map(str, args)], timeout)
+    if res.returncode not in (0,):
+        raise RuntimeError(
+            f"walrusfs {' '.join(map(str, args))}: {res.stderr.strip() or res.stdout.strip()}"
+        )
+    return res
+
+
+@dataclass
+class Stats:
+    ops: int = 0
+    late: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    faults: int = 0
+    fault_log: list[str] = field(default_factory=list)
+
+
+class Workload:
+    """Random file operations on the mount, mirrored on a plain shadow directory."""
+
+    def __init__(
+        self, mnt: Path, shadow: Path, rng: random.Random, stats: Stats, deadline: float
+    ) -> None:
+        self.mnt, self.shadow, self.rng, self.stats, self.deadline = (
+            mnt,
+            shadow,
+            rng,
+            stats,
+            deadline,
+        )
+        self.sample = HERE.parent / "codec"  # a small real tree for cp, rsync and tar
+
+    def files(self) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.shadow)) for p in self.shadow.rglob("*") if p.is_file()
+        )
+
+    def both(self, rel: str) -> tuple[Path, Path]:
+        return self.mnt / rel, self.shadow / rel
+
+    def op(self) -> None:
+        r = self.rng
+        files = self.files()
+        kind = r.choice(
+            [
+                "create",
+                "create",
+                "overwrite",
+                "append",
+                "truncate",
+                "rename",
+                "delete",
+                "read",
+                "read",
+                "tree",
+            ]
+        )
+        if not files and kind not in ("create", "tree"):
+            kind = "create"
+        t0 = time.monotonic()
+        try:
+            getattr(self, kind)(files)
+        except OSError as exc:
+            # Within f faults every operation must work: an error is a finding.
+            self.stats.errors.append(f"{kind}: {exc}")
+        elapsed = time.monotonic() - t0
+        self.stats.ops += 1
+        if elapsed > self.deadline:
+            self.stats.late.append(f"{kind} took {elapsed:.1f}s")
+
+    def _write(self, rel: str, data: bytes, mode: str = "wb") -> None:
+        for p in self.both(rel):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(p, mode) as f:
+                f.write(data)
+
+    def create(self, files: list[str]) -> None:
+        size = self.rng.choice([0, 1, 4095, 4097, 100_000, 300_000, 1_500_000])
+        self._write(
+            f"d{self.rng.randrange(4)}/f{self.rng.randrange(10**6)}.bin", self.rng.randbytes(size)
+        )
+
+    def overwrite(self, files: list[str]) -> None:
+        rel = self.rng.choice(files)
+        data = self.rng.randbytes(self.rng.randrange(1, 200_000))
+        offset = self.rng.randrange(0, (self.shadow / rel).stat().st_size + 1)
+        for p in self.both(rel):
+            with open(p, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+
+    def append(self, files: list[str]) -> None:
+        self._write(
+            self.rng.choice(files), self.rng.randbytes(self.rng.randrange(1, 300_000)), "ab"
+        )
+
+    def truncate(self, files: list[str]) -> None:
+        rel = self.rng.choice(files)
+        size = self.rng.randrange(0, 2 * (self.shadow / rel).stat().st_size + 2)
+        for p in self.both(rel):
+            os.truncate(p, size)
+
+    def rename(self, files: list[str]) -> None:
+        rel = self.rng.choice(files)
+        new = f"d{self.rng.randrange(4)}/r{self.rng.randrange(10**6)}.bin"
+        for old_p, new_p in zip(self.both(rel), self.both(new), strict=True):
+            new_p.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(old_p, new_p)
+
+    def delete(self, files: list[str]) -> None:
+        for p in self.both(self.rng.choice(files)):
+            p.unlink()
+
+    def read(self, files: list[str]) -> None:
+        rel = self.rng.choice(files)
+        a, b = self.both(rel)
+        if a.read_bytes() != b.read_bytes():
+            self.stats.errors.append(f"read: {rel} differs from the shadow copy")
+
+    def tree(self, files: list[str]) -> None:
+        how = self.rng.choice(["cp", "rsync", "tar"])
+        name = f"t{self.rng.randrange(10**6)}"
+        for root in (self.mnt, self.shadow):
+            dst = root / name
+            if how == "cp":
+                subprocess.run(["cp", "-r", str(self.sample), str(dst)], check=True)
+            elif how == "rsync" and shutil.which("rsync"):
+                subprocess.run(["rsync", "-a", f"{self.sample}/", str(dst)], check=True)
+            else:
+                dst.mkdir()
+                tar = subprocess.Popen(
+                    ["tar", "-C", str(self.sample), "-cf", "-", "."], stdout=subprocess.PIPE
+                )
+                subprocess.run(["tar", "-C", str(dst), "-xf", "-"], stdin=tar.stdout, check=True)
+                tar.wait()
+        for p in (self.mnt / name, self.shadow / name):  # keep only data files: pyc caches differ
+            for junk in p.rglob("__pycache__"):
+                shutil.rmtree(junk)
+
+
+class Faults:
+    """Injects and undoes faults on at most f nodes at once."""
+
+    def __init__(
+        self, nodes: list[Path], f: int, rng: random.Random, stats: Stats, mnt: Path
+    ) -> None:
+        self.nodes, self.f, self.rng, self.stats, self.mnt = nodes, f, rng, stats, mnt
+        self.away: dict[int, float] = {}  # node -> when to restore
+        self.dirty: set[int] = set()  # faulted since the last repair pass
+
+    def step(self, now: float) -> None:
+        for i, until in list(self.away.items()):
+            if now >= until:
+                self._run(["restore", str(self.nodes[i])], f"restore node {i}")
+                del self.away[i]
+        if not self.away and self.dirty and self.rng.random() < 0.3:
+            # Everything is back: let repair make the faulted nodes whole again.
+            walrusfs("repair", self.mnt)
+            self.dirty.clear()
+            return
+        candidates = [i for i in range(len(self.nodes)) if i not in self.away]
+        if len(self.dirty) >= self.f:
+            candidates = [i for i in candidates if i in self.dirty]
+        if not candidates or self.rng.random() < 0.5:
+            return
+        i = self.rng.choice(candidates)
+        node = str(self.nodes[i])
+        kind = self.rng.choice(
+            ["rename", "remove", "ro", "wipe", "flip", "truncate", "zero", "swap", "foreign"]
+        )
+        if kind in ("rename", "remove", "ro"):
+            if self._run(["take-away", node, "--how", kind], f"take node {i} away ({kind})"):
+                self.away[i] = now + self.rng.uniform(1, 6)
+        elif kind == "wipe":
+            self._run(["wipe", node], f"wipe node {i}")
+        else:
+            seed = str(self.rng.randrange(10**9))
+            self._run(
+                ["corrupt", node, "--mode", kind, "--fraction", "0.2", "--seed", seed],
+                f"corrupt node {i} ({kind})",
+            )
+        self.dirty.add(i)
+
+    def _run(self, args: list[str], what: str) -> bool:
+        res = sh([*FAULTS, *args], 120)
+        ok = res.returncode == 0
+        if ok:
+            self.stats.faults += 1
+        self.stats.fault_log.append(
+            f"{what}: {'ok' if ok else res.stderr.strip() or res.stdout.strip()}"
+        )
+        return ok
+
+    def stop(self) -> None:
+        for i in list(self.away):
+            self._run(["restore", str(self.nodes[i])], f"restore node {i}")
+            del self.away[i]
+
+
+def heal(mnt: Path, timeout: float = 300.0) -> float:
+    """After the faults: wait for every node to be back, then repair and scrub until clean."""
+    t0 = time.monotonic()
+    while True:  # the mount notices returning nodes by probing every few seconds
+        st = json.loads(walrusfs("status", mnt, "--json").stdout)
+        if all(n["state"] == "up" for n in st["nodes"]):
+            break
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"nodes still not up: {[n['state'] for n in st['nodes']]}")
+        time.sleep(0.5)
+    for _ in range(10):
+        rep = sh([*WALRUSFS, "repair", str(mnt)])
+        if rep.returncode == 0 and "blobs_repaired 0," in rep.stdout:
+            scrub = sh([*WALRUSFS, "scrub", str(mnt)])
+            if scrub.returncode == 0 and "corrupt" not in scrub.stdout.split("\n", 1)[-1]:
+                return time.monotonic() - t0
+    raise RuntimeError("the volume did not become whole after 10 repair passes")
+
+
+def _last_line(res: subprocess.CompletedProcess[str]) -> str:
+    out = res.stdout.strip() or res.stderr.strip()
+    return out.splitlines()[-1] if out else ""
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--nodes", nargs="+", help="node directories of an existing volume (unmounted)"
+    )
+    parser.add_argument("--mountpoint", help="where to mount it (with --nodes)")
+    parser.add_argument(
+        "--deadline", type=float, default=30.0, help="an operation slower than this is late"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="walrusfs-chaos-", dir="/var/tmp"))
+    if args.nodes:
+        nodes = [Path(p).resolve() for p in args.nodes]
+        mnt = Path(args.mountpoint or work / "mnt").resolve()
+    else:
+        nodes = [work / f"node{i}" for i in range(7)]
+        mnt = work / "mnt"
+        walrusfs("mkfs", "--blob-size", "256K", *nodes)
+    mnt.mkdir(parents=True, exist_ok=True)
+    shadow = work / "shadow"
+    shadow.mkdir()
+    state = work / "state"
+    stats = Stats()
+    mounted = False
+    faults: Faults | None = None
+    try:
+        walrusfs("mount", "--state-dir", state, "--node-timeout", "5", nodes[0], mnt)
+        mounted = True
+        f = int(json.loads(walrusfs("status", mnt, "--json").stdout)["f"])
+        faults = Faults(nodes, f, rng, stats, mnt)
+        load = Workload(mnt, shadow, random.Random(args.seed + 1), stats, args.deadline)
+        stop = threading.Event()
+
+        def inject() -> None:
+            while not stop.wait(0.5):
+                assert faults is not None
+                faults.step(time.monotonic())
+
+        injector = threading.Thread(target=inject, daemon=True)
+        injector.start()
+        end = time.monotonic() + args.seconds
+        while time.monotonic() < end:
+            load.op()
+        stop.set()
+        injector.join()
+        faults.stop()
+        t0 = time.monotonic()
+        repaired_in = heal(mnt)
+        print(f"  healed: {repaired_in:.1f} s after the last fault ended")
+        repaired_in = time.monotonic() - t0
+        mine, theirs = digest_tree(mnt), digest_tree(shadow)
+        mismatches = sum(1 for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        verified = sum((shadow / k).stat().st_size for k in theirs if mine.get(k) == theirs[k])
+        walrusfs("umount", mnt)
+        mounted = False
+        # Slivers of blobs deleted while their node was away stay behind as orphans: the
+        # scrub removes them after a grace period, fsck --repair at once.
+        cleanup = sh([*WALRUSFS, "fsck", "--repair", str(nodes[0])])
+        print(f"  fsck --repair exit {cleanup.returncode}: {_last_line(cleanup)}")
+        fsck = sh([*WALRUSFS, "fsck", str(nodes[0])])
+    finally:
+        if faults is not None:
+            faults.stop()
+        if mounted:
+            sh([*WALRUSFS, "umount", str(mnt)])
+            sh(["fusermount3", "-u", "-z", str(mnt)])
+        if not args.keep and not args.nodes:
+            shutil.rmtree(work, ignore_errors=True)
+    for line in stats.fault_log:
+        print(f"  fault: {line}")
+    for line in stats.errors + stats.late:
+        print(f"  PROBLEM: {line}")
+    print(f"  fsck exit {fsck.returncode}: {_last_line(fsck)}")
+    mismatches += len(stats.errors)
+    print(
+        f"chaos: ops {stats.ops}, faults {stats.faults}, verified {verified} bytes, "
+        f"mismatches {mismatches}, late ops {len(stats.late)}, repaired in {repaired_in:.1f} s"
+    )
+    return 0 if mismatches == 0 and not stats.late and fsck.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
