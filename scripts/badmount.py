@@ -30,10 +30,11 @@ in force - see faultlib/misbehave.py for the protocol. The socket is served by t
 event loop as the filesystem, but hung requests only wait on an event, so the control
 path always answers, and nothing here ever touches the (maybe hung) mountpoint.
 
-`unmount` detaches the mount at once (``fusermount3 -u -z``), asks the server to release
-hung requests and exit, and if it does not, aborts the FUSE connection through
-/sys/fs/fuse/connections/<dev>/abort and kills the server: a hung mount is always
-cleanable.
+`unmount` detaches the mount at once (``fusermount3 -u -z``), releases hung requests and
+lets the server finish what processes still have open (the kernel ends the session when
+the last file closes); after --timeout it tells the server to exit, and if even that
+fails, aborts the FUSE connection through /sys/fs/fuse/connections/<dev>/abort and kills
+the server: a hung mount is always cleanable.
 
 As root the mount also gets allow_other (root may always set it), with
 default_permissions so the kernel still checks permission bits for other users.
@@ -175,7 +176,10 @@ def _serve(
     import trio
     from faultlib.fusepass import Passthrough
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s badmount %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if os.environ.get("BADMOUNT_DEBUG") else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+    )
     log = logging.getLogger("badmount")
     gate = Gate(log=log.info)
     options = {f"fsname={FSNAME}", "subtype=badmount", "default_permissions"}
@@ -288,7 +292,7 @@ def set_behaviour(args: argparse.Namespace, out: Reporter) -> None:
         f"{mp}: behaviour now {behaviour.describe()} (was {was})",
         action="set", mountpoint=mp, behaviour=reply["behaviour"], was=reply["was"],
     )  # fmt: skip
-    out.result(behaviour=reply["behaviour"], stats=reply["stats"])
+    out.result(behaviour=reply["behaviour"], describe=reply["describe"], stats=reply["stats"])
 
 
 def status(args: argparse.Namespace, out: Reporter) -> None:
@@ -328,32 +332,57 @@ def unmount(args: argparse.Namespace, out: Reporter) -> None:
         _stop_server(rec, mount, args.timeout, out)
     elif mount is not None and _ours(mount) and mounts.abort_fuse(mount):
         out.action(f"aborted the dead server's FUSE connection {mount.dev}", action="abort")
-    state.remove(_files(mp)["record"])
+    files = _files(mp)
+    state.remove(files["record"])
     if _ours(mounts.top(mp)):
-        raise ScriptError(f"{mp}: still mounted")
+        raise ScriptError(f"{mp}: still mounted (log: {files['log']})")
+    # A clean end leaves nothing behind; after a failure the log stays for a post-mortem.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(files["log"])
     out.result(mountpoint=mp)
 
 
 def _stop_server(
     rec: dict[str, Any], mount: mounts.Mount | None, timeout: float, out: Reporter
 ) -> None:
+    """End the server of a detached mount, as gently as it allows.
+
+    1. Release hung requests (behaviour ok) and keep serving: the kernel ends the session
+       by itself once no process uses the detached mount, so open files finish their I/O.
+    2. After `timeout`: ask the server to exit now (what is still open fails ENOTCONN).
+    3. If it does not: abort the FUSE connection and kill it.
+    """
     pid, started = int(rec["pid"]), rec.get("start_time")
-    with contextlib.suppress(OSError, ValueError):
-        # Refused or unanswered is fine: after the detach the server may be exiting anyway.
-        request(str(rec["socket"]), {"op": "exit"}, timeout=5)
-    deadline = time.monotonic() + timeout
-    while procs.alive(pid, started) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not procs.alive(pid, started):
+    sock = str(rec["socket"])
+    patience = min(5.0, max(timeout, 0.5))  # for each later step
+    try:
+        request(sock, {"op": "set", "behaviour": Behaviour().to_json()}, timeout=patience)
+        out.action("released hung requests (behaviour ok)", action="release", pid=pid)
+    except (OSError, ValueError):
+        pass  # the server may be on its way out already (the detach ended its session)
+    if _wait_exit(pid, started, timeout):
         out.action(f"server pid {pid} exited", action="exit", pid=pid)
+        return
+    with contextlib.suppress(OSError, ValueError):
+        request(sock, {"op": "exit"}, timeout=patience)
+    if _wait_exit(pid, started, patience):
+        out.action(f"server pid {pid} exited on request; files still open on the mount "
+                   "were cut off", action="exit", pid=pid, forced=True)  # fmt: skip
         return
     # The server does not go: fail its pending requests, then end it.
     if mount is not None and mounts.abort_fuse(mount):
         out.action(f"aborted FUSE connection {mount.dev}", action="abort", dev=mount.dev)
-    what = procs.stop(pid, started)
+    what = procs.stop(pid, started, grace=patience)
     out.action(f"server pid {pid} {what}", action="stop", pid=pid, result=what)
     if what == "still running":
         raise ScriptError(f"server pid {pid} would not exit")
+
+
+def _wait_exit(pid: int, started: int | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while procs.alive(pid, started) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not procs.alive(pid, started)
 
 
 # -- arguments -----------------------------------------------------------------------------
@@ -422,8 +451,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "unmount",
         help="unmount, even when hung",
-        description="fusermount3 -u -z MOUNTPOINT, ask the server to release hung requests "
-        "and exit; if it does not within --timeout, abort the FUSE connection and kill it.",
+        description="fusermount3 -u -z MOUNTPOINT, release hung requests and let open files "
+        "finish; after --timeout make the server exit, and if it will not, abort the FUSE "
+        "connection and kill it.",
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--timeout", type=_nonneg, default=10.0, help="seconds to wait (default 10)")

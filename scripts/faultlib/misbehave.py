@@ -143,6 +143,7 @@ class Stats:
     eio_injected: int = 0
     enospc_injected: int = 0
     changes: int = 0
+    internal_errors: int = 0  # requests that failed because of a bug in badmount itself
     by_op: dict[str, int] = field(default_factory=dict)
 
 

@@ -139,8 +139,25 @@ def loop_backing_file(source: str) -> str | None:
         return None
 
 
+def ensure_fusectl() -> bool:
+    """Make sure the fusectl filesystem is mounted on /sys/fs/fuse/connections.
+
+    Boot normally mounts it, but a careless cleanup ("unmount everything whose type starts
+    with fuse") takes it away, and then no hung connection can be aborted. Root only.
+    """
+    if any(m.fstype == "fusectl" and m.point == FUSECTL for m in read()):
+        return True
+    if os.geteuid() != 0 or not os.path.isdir(FUSECTL):
+        return False
+    res = subprocess.run(
+        ["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True, check=False
+    )
+    return res.returncode == 0
+
+
 def fuse_connection(mount: Mount) -> str | None:
     """The /sys/fs/fuse/connections/<N> directory of a FUSE mount, if it exists."""
+    ensure_fusectl()
     major, _, minor = mount.dev.partition(":")
     # FUSE mounts have anonymous devices (major 0); the connection is named by st_dev.
     number = os.makedev(int(major), int(minor))

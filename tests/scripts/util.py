@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,14 @@ async def script(name: str, *args: object, ok: bool = True) -> Ran:
     if ok and ran.rc != 0:
         raise AssertionError(f"{' '.join(cmd[1:])} exited {ran.rc}:\n{ran.err}\n{ran.out}")
     return ran
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until `check()` holds, well before BOUND (it watches another process, so no
+    trio event can tell us)."""
+    with trio.fail_after(BOUND):
+        while not await check():  # noqa: ASYNC110 - polling another process's state
+            await trio.sleep(0.05)
 
 
 def node_paths(base: Path, n: int = N) -> list[Path]:
@@ -191,6 +200,16 @@ def cleanup(prefix: Path) -> list[str]:
             done.append(f"unmounted {point}")
         time.sleep(0.1)
     return done
+
+
+def process_gone(pid: int) -> bool:
+    """Whether `pid` has exited (a zombie waiting for init to reap it counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 def _same_process(rec: dict[str, Any]) -> bool:
