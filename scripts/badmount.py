@@ -57,8 +57,15 @@ import time
 from typing import Any
 
 from faultlib import mounts, procs, state
-from faultlib.cli import Reporter, ScriptError, UsageError, add_json, run_main
-from faultlib.misbehave import OPS, Behaviour, ControlServer, Gate, request
+from faultlib.cli import EXIT_USAGE, Reporter, ScriptError, UsageError, add_json, run_main
+
+try:
+    from faultlib.misbehave import OPS, Behaviour, ControlServer, Gate, request
+except ImportError as _exc:  # trio (and pyfuse3) live in the project's venv
+    print(
+        f"badmount.py: error: {_exc}; run it with the project's .venv/bin/python", file=sys.stderr
+    )
+    sys.exit(EXIT_USAGE)
 
 PROG = "badmount.py"
 FSNAME = "badmount"
@@ -334,6 +341,9 @@ def unmount(args: argparse.Namespace, out: Reporter) -> None:
         out.action(f"aborted the dead server's FUSE connection {mount.dev}", action="abort")
     files = _files(mp)
     state.remove(files["record"])
+    if rec is not None and not _running(rec):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(rec["socket"]))  # a killed server cannot remove its own
     if _ours(mounts.top(mp)):
         raise ScriptError(f"{mp}: still mounted (log: {files['log']})")
     # A clean end leaves nothing behind; after a failure the log stays for a post-mortem.

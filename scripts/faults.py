@@ -44,9 +44,14 @@ import shutil
 import sys
 import time
 
-from faultlib import corrupt as corruption
-from faultlib import mounts, procs, slivers, state
-from faultlib.cli import Reporter, ScriptError, UsageError, add_json, run_main
+from faultlib.cli import EXIT_USAGE, Reporter, ScriptError, UsageError, add_json, run_main
+
+try:
+    from faultlib import corrupt as corruption
+    from faultlib import mounts, procs, slivers, state
+except ImportError as _exc:  # walrusfs (and numpy, blake3) live in the project's venv
+    print(f"faults.py: error: {_exc}; run it with the project's .venv/bin/python", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 PROG = "faults.py"
 HOWS = ("rename", "remove", "chmod", "ro", "unmount")
