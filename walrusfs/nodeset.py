@@ -162,8 +162,12 @@ class NodeSet:
             self.set_state(index, NodeState.DOWN, str(exc))
             return
         still_full = node.free is not None and node.free < max(64 << 20, (node.total or 0) // 100)
-        if node.state is NodeState.FULL and still_full:
-            return
+        if node.state is NodeState.FULL:
+            if still_full:
+                return
+            # Only a probe can tell that space came back: a read succeeding on a full node
+            # must not make it writable again.
+            self.set_state(index, NodeState.UP)
         self._ok(node, latency)
 
     async def probe_all(self) -> None:

@@ -164,12 +164,6 @@ async def test_enospc_makes_the_node_full(bad: BadVolume) -> None:
     assert df.stdout.split()[-1] == b"0"  # statfs agrees with the ENOSPC writes get
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="walrusfs.nodeset: a probe never moves a node from full back to up "
-    "(NodeSet._ok only leaves suspect and down), so a node that filled up once is "
-    "skipped by every later put until the volume is reopened",
-)
 async def test_full_node_comes_back_once_space_returns(bad: BadVolume) -> None:
     vol = await open_vol(bad.paths, node_timeout=5.0)
     await bad.set("--enospc")
