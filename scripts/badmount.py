@@ -255,7 +255,7 @@ async def _on_signals(request_exit: Any) -> None:
 
 def _control(args: argparse.Namespace) -> str:
     if args.control:
-        return os.path.abspath(args.control)
+        return os.path.abspath(str(args.control))
     rec = _record(args.mountpoint)
     if not _running(rec):
         raise ScriptError(f"no badmount is running on {mounts.mount_path(args.mountpoint)}")

@@ -230,7 +230,7 @@ def restore(args: argparse.Namespace, out: Reporter) -> None:
             except OSError:
                 pass
     elif how == "chmod":
-        mode = int(doc["mode"])  # type: ignore[call-overload]
+        mode = int(str(doc["mode"]))
         os.chmod(node, mode)
         out.action(f"chmod {mode:04o} {node}", action="chmod", node=node, mode=f"{mode:04o}")
     elif how == "ro":
@@ -315,7 +315,9 @@ def wipe(args: argparse.Namespace, out: Reporter) -> None:
 # -- corrupt ------------------------------------------------------------------------------
 
 
-def _select(files: list[slivers.SliverFile], args: argparse.Namespace, rng: random.Random) -> list:
+def _select(
+    files: list[slivers.SliverFile], args: argparse.Namespace, rng: random.Random
+) -> list[slivers.SliverFile]:
     if args.blob is not None:
         want = args.blob.lower()
         picked = [f for f in files if f.blob_id.hex().startswith(want)]

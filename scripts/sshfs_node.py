@@ -124,7 +124,8 @@ def _start_sshd(doc: dict[str, Any], out: Reporter) -> None:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         out.action("created /run/sshd (sshd's privilege-separation directory)", action="mkdir")
     for attempt in range(3):
-        port = doc.get("port") if attempt == 0 and doc.get("port") else _free_port()
+        # Reuse the recorded port first (a restart after a crash), else a fresh free one.
+        port = int(doc["port"]) if attempt == 0 and doc.get("port") else _free_port()
         config = _write_config(tmp, port)
         with open(os.path.join(tmp, "sshd.log"), "ab") as log:
             child = subprocess.Popen(

@@ -27,7 +27,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -181,7 +181,7 @@ class Passthrough(pyfuse3.Operations):
             path = self._child(parent, name)
         return self._remember(path, await _io(os.lstat, path), count=True)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, n in inode_list:
             left = self._lookups.get(inode, 0) - n
             if left > 0:
@@ -282,7 +282,8 @@ class Passthrough(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
         # A snapshot per open: offsets stay valid while entries come and go meanwhile.
-        names = [b".", b"..", *sorted(await _io(os.listdir, path))]
+        listed: list[bytes] = await _io(os.listdir, path)
+        names = [b".", b"..", *sorted(listed)]
         fh, self._next_dir = self._next_dir, self._next_dir + 1
         self._dirs[fh] = (path, names)
         return fh

@@ -123,7 +123,7 @@ def layout(data: bytes, identity: dict[str, object] | None) -> Layout:
 
 def _layout_from_identity(size: int, identity: dict[str, object] | None) -> Layout:
     try:
-        params = Params(int(identity["n"]), int(identity["f"]))  # type: ignore[index,call-overload]
+        params = Params(int(str(identity["n"])), int(str(identity["f"])))  # type: ignore[index]
     except (TypeError, KeyError, ValueError, CodecError):
         params = None
     if params is not None:

@@ -47,7 +47,8 @@ class Ran:
     err: str
 
     def json(self) -> dict[str, Any]:
-        return json.loads(self.out)
+        doc: dict[str, Any] = json.loads(self.out)
+        return doc
 
 
 async def script(name: str, *args: object, ok: bool = True) -> Ran:
@@ -82,7 +83,7 @@ async def make_volume(paths: list[Path]) -> None:
 
 async def open_vol(paths: list[Path], **opts: float) -> Volume:
     """Open from a node that is not being faulted (index 0 is never the faulted one here)."""
-    return await open_volume(str(paths[0]), **opts)
+    return await open_volume(str(paths[0]), None, **opts)
 
 
 def blob_data(count: int, seed: int = 1) -> list[bytes]:
