@@ -283,7 +283,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(
         f"  files {st['files']}, blobs {st['blobs']}, dirty {_human(st['dirty_bytes'])}, journal lag {st['journal_lag']}"
     )
-    print(f"  degraded blobs (a node missed its pair): {st['degraded_blobs']}")
+    health = st.get("health")
+    if isinstance(health, dict):
+        print(
+            f"  blobs: {health['healthy']} healthy, {health['degraded']} degraded, "
+            f"{health['at_risk']} at risk (one more node loss away), {health['unreadable']} unreadable now; "
+            f"more node losses each survives: {health['survives']}"
+        )
     rep = st.get("repair")
     if isinstance(rep, dict):
         eta = f", ETA {rep['eta_s']}s" if rep.get("eta_s") else ""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,6 +120,29 @@ class Mounted:
         self.repair = repair
         self.scrubber = scrubber
 
+    def health(self) -> dict[str, object]:
+        """Blobs by how many more node losses each survives (it needs R healthy pairs).
+
+        Each node holds one pair of every blob, so a blob's healthy pairs are n minus the
+        nodes that are down or missed its pair; slivers found corrupt but not yet rebuilt
+        are in repair's queue ("hinted_blobs" of `repair`).
+        """
+        p = self.vol.params
+        down = {n.index for n in self.vol.nodes.nodes if n.state is NodeState.DOWN}
+        survives: Counter[int] = Counter()
+        for nodes in self.blobs.missed.values():
+            survives[p.n - len(down | set(nodes)) - p.R] += 1
+        survives[p.n - len(down) - p.R] += max(
+            0, self.metastore.metadata.blob_count() - len(self.blobs.missed)
+        )
+        return {
+            "healthy": survives[p.n - p.R],
+            "degraded": sum(c for k, c in survives.items() if 0 < k < p.n - p.R),
+            "at_risk": survives[0],
+            "unreadable": sum(c for k, c in survives.items() if k < 0),
+            "survives": {str(k): c for k, c in sorted(survives.items()) if c},
+        }
+
     def status(self) -> dict[str, object]:
         vol, md = self.vol, self.metastore.metadata
         stats = vol.blobs.stats
@@ -136,6 +160,7 @@ class Mounted:
             "dirty_bytes": getattr(data, "dirty_bytes", 0),
             "journal_lag": self.metastore.journal.lag,
             "degraded_blobs": len(self.blobs.missed),
+            "health": self.health(),
             "repair": self.repair.status(),
             "scrub": self.scrubber.status(),
             "stats": {k: v for k, v in vars(stats).items() if k != "extra"},

@@ -137,6 +137,11 @@ def test_f_nodes_lost_during_io_and_f_plus_one_fails_fast(vol: Vol) -> None:
         vol.nodes[i].rename(str(vol.nodes[i]) + ".away")
     assert (vol.mnt / "a.bin").read_bytes() == data
     (vol.mnt / "during.bin").write_bytes(data[:1000])
+    st = json.loads(run("status", vol.mnt, "--json").stdout)
+    assert [n["state"] for n in st["nodes"]].count("down") == 2
+    # Every blob now survives n - 2 - R = 2 more node losses: all degraded, none at risk.
+    assert st["health"]["healthy"] == 0 and st["health"]["at_risk"] == 0
+    assert st["health"]["survives"] == {"2": st["blobs"]}
     for i in (2, 5, 6):  # now 5 of 7 gone: fewer than R=3 slivers of anything
         vol.nodes[i].rename(str(vol.nodes[i]) + ".away")
     t0 = time.monotonic()
