@@ -29,10 +29,10 @@ from tests.scripts.util import (
     open_vol,
     process_gone,
     put_all,
+    puts_touching,
     script,
     sliver_files,
     state_of,
-    systematic_nodes,
 )
 from walrusfs.blobstore import PutResult
 from walrusfs.volume import Volume
@@ -83,17 +83,7 @@ async def bad(tmp_path: Path, root_only: None) -> AsyncIterator[BadVolume]:
 
 
 async def puts_touching_k(vol: Volume, count: int) -> tuple[list[PutResult], list[bytes]]:
-    """Put blobs until `count` of them have a systematic primary sliver on node K."""
-    puts, datas = [], []
-    for i, d in enumerate(blob_data(40, seed=5)):
-        r = await vol.blobs.put_blob(d)
-        if K in systematic_nodes(r):
-            puts.append(r)
-            datas.append(d)
-        if len(puts) == count:
-            return puts, datas
-        assert i < 39, "no blob with a systematic sliver on node K"
-    raise AssertionError("unreachable")
+    return await puts_touching(vol, K, count)
 
 
 async def test_passthrough_holds_a_node(bad: BadVolume) -> None:
@@ -259,3 +249,9 @@ async def test_set_refuses_bad_requests(bad: BadVolume, tmp_path: Path) -> None:
     assert (await bad.status())["describe"] == "ok"  # nothing was changed
     ran = await script("badmount.py", "mount", bad.backing, bad.mountpoint, "--daemon", ok=False)
     assert ran.rc == 1 and "already runs there" in ran.err
+    # faults.py will not take a FUSE node away behind its server's back.
+    ran = await script("faults.py", "take-away", bad.mountpoint, "--how", "unmount", ok=False)
+    assert ran.rc == 2 and "badmount.py unmount" in ran.err
+    ran = await script("faults.py", "take-away", bad.mountpoint, "--how", "rename", ok=False)
+    assert ran.rc == 1 and "mount point" in ran.err
+    assert is_mounted(bad.mountpoint) and (bad.mountpoint / "walrusfs-node.json").exists()

@@ -26,6 +26,7 @@ from tests.scripts.util import (
     node_paths,
     open_vol,
     put_all,
+    puts_touching,
     script,
     sliver_files,
     state_of,
@@ -78,25 +79,37 @@ async def test_take_away_and_restore(tmp_path: Path, how: str) -> None:
     assert not is_mounted(tmp_path / "vol")
 
 
-async def test_take_away_by_unmount_leaves_the_bare_dir_untouched(
-    tmp_path: Path, root_only: None
-) -> None:
-    """Each node is a bind mount of its backing dir; unmount one, write, remount it."""
-    paths = node_paths(tmp_path / "vol")
-    for i, p in enumerate(paths):
-        backing = tmp_path / "backing" / f"b{i}"
-        backing.mkdir(parents=True)
-        p.mkdir(parents=True)
-        await trio.run_process(["mount", "--bind", str(backing), str(p)])
-    await make_volume(paths)
+async def mount_node(kind: str, node: Path, tmp_path: Path) -> None:
+    """Make `node` its own mount point: a bind mount of a directory, or a loop-mounted ext4."""
+    node.mkdir(parents=True)
+    if kind == "bind":
+        backing = tmp_path / "backing"
+        backing.mkdir()
+        await trio.run_process(["mount", "--bind", str(backing), str(node)])
+        return
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs mkfs.ext4 (e2fsprogs) for a loop-mounted node")
+    image = tmp_path / "node.img"
+    await trio.run_process(["truncate", "-s", "32M", str(image)])
+    await trio.run_process(["mkfs.ext4", "-q", "-F", str(image)], capture_stdout=True)
+    await trio.run_process(["mount", "-o", "loop", str(image), str(node)])
 
-    datas = blob_data(3)
+
+@pytest.mark.parametrize("kind", ["bind", "loop"])
+async def test_take_away_by_unmount_leaves_the_bare_dir_untouched(
+    tmp_path: Path, root_only: None, kind: str
+) -> None:
+    """Node 2 is its own mount; unmount it, write (not underneath), mount it again."""
+    k = 2
+    paths = node_paths(tmp_path / "vol")
+    await mount_node(kind, paths[k], tmp_path)
+    await make_volume(paths)
     vol = await open_vol(paths)
-    puts = await put_all(vol, datas)
-    k = node_of_pair(puts[0], 0) or node_of_pair(puts[0], 1)
+    assert vol.identity.mounts[k] == str(paths[k])
+    puts, datas = await puts_touching(vol, k, 2)
+
     await script("faults.py", "take-away", paths[k], "--how", "unmount")
     assert not is_mounted(paths[k]) and os.listdir(paths[k]) == []
-
     fresh = await open_vol(paths, node_timeout=5.0)
     await fresh.nodes.probe_all()
     assert state_of(fresh, k) == "down"

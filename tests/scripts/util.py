@@ -102,6 +102,22 @@ async def assert_all_readable(vol: Volume, puts: list[PutResult], datas: list[by
         assert bytes(got) == d
 
 
+async def puts_touching(vol: Volume, k: int, count: int) -> tuple[list[PutResult], list[bytes]]:
+    """Put blobs until `count` of them have a systematic primary sliver on node `k`.
+
+    Healthy reads of those blobs use node k, so surviving a fault of k is not luck.
+    """
+    puts, datas = [], []
+    for d in blob_data(60, seed=5):
+        r = await vol.blobs.put_blob(d)
+        if k in systematic_nodes(r):
+            puts.append(r)
+            datas.append(d)
+            if len(puts) == count:
+                return puts, datas
+    raise AssertionError(f"no blob with a systematic sliver on node {k}")
+
+
 def node_of_pair(r: PutResult, pair: int) -> int:
     return BlobMetadata.from_bytes(r.meta).node_of_pair(pair)
 
