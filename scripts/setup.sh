@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="${WALRUSFS_EXTRAS:-dev,bench}"
-# rsync and git: the filesystem is tested with the tools people use on it.
-apt_packages=(fuse3 libfuse3-dev pkg-config python3-venv rsync git)
+# rsync and git: the filesystem is tested with the tools people use on it. openssh-server
+# and sshfs: scripts/sshfs_node.py puts a node on a real remote mount; e2fsprogs: a loop
+# ext4 node for `faults.py take-away --how unmount`.
+apt_packages=(fuse3 libfuse3-dev pkg-config python3-venv rsync git openssh-server sshfs e2fsprogs)
 
 missing=()
 for p in "${apt_packages[@]}"; do
