@@ -333,20 +333,62 @@ def _select(
     return sorted(rng.sample(files, k), key=lambda f: f.key)
 
 
+def _mount_of(path: str) -> tuple[str, str]:
+    """(walrusfs mountpoint, path inside it) for a file on a mounted walrusfs."""
+    real = os.path.realpath(path)
+    mounts = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            mounts[fields[4].encode().decode("unicode_escape")] = fstype
+    probe = real
+    while True:
+        if mounts.get(probe) == "fuse.walrusfs":
+            return probe, os.path.relpath(real, probe)
+        if probe == "/":
+            raise UsageError(f"--path {path}: not on a mounted walrusfs")
+        probe = os.path.dirname(probe)
+
+
+def _blobs_of(path: str) -> tuple[str, set[str], list[str]]:
+    """The mountpoint, the blob ids (hex) holding `path`, and the volume's node paths."""
+    try:
+        from walrusfs.control import ControlError, query
+    except ImportError:
+        raise ScriptError("--path needs walrusfs importable: run with .venv/bin/python") from None
+
+    mnt, rel = _mount_of(path)
+    try:
+        found = query(mnt, "blobs-of", path=rel)
+        nodes = [str(n["path"]) for n in query(mnt)["nodes"]]  # type: ignore[attr-defined, index]
+    except ControlError as exc:
+        raise ScriptError(f"--path {path}: {exc}") from None
+    blobs = {str(b) for b in found["blobs"]}  # type: ignore[attr-defined]
+    if not blobs:
+        raise ScriptError(f"--path {path}: the file has no stored data yet (empty, or not closed)")
+    return mnt, blobs, nodes
+
+
 def corrupt(args: argparse.Namespace, out: Reporter) -> None:
-    if args.path is not None:
-        raise UsageError(
-            "--path is not supported yet: finding a file's slivers needs the filesystem's "
-            "metadata; use NODE_DIR with --blob, --count or --fraction"
-        )
-    if args.node_dir is None:
-        raise UsageError("corrupt needs NODE_DIR")
-    node = _node(args.node_dir)
-    ident = _require_node(node)
     seed = args.seed if args.seed is not None else secrets.randbelow(1 << 32)
     rng = random.Random(seed)
+    wanted: set[str] | None = None
+    if args.path is not None:
+        mnt, wanted, volume_nodes = _blobs_of(args.path)
+        if args.node_dir is None:
+            args.node_dir = rng.choice(volume_nodes)
+        out.action(f"{args.path}: {len(wanted)} blobs on {mnt}", action="blobs", blobs=sorted(wanted))
+    if args.node_dir is None:
+        raise UsageError("corrupt needs NODE_DIR (or --path FILE_IN_MOUNT)")
+    node = _node(args.node_dir)
+    ident = _require_node(node)
     out.action(f"seed {seed} (pass --seed {seed} to repeat this run)", action="seed", seed=seed)
     files = slivers.scan(node)
+    if wanted is not None:
+        files = [f for f in files if f.blob_id.hex() in wanted]
+        if args.fraction is None and args.count is None:
+            args.fraction = 1.0  # by default, every sliver of that file on this node
     if not files:
         raise ScriptError(f"{node}: holds no sliver files to corrupt")
     targets = _select(files, args, rng)
@@ -511,7 +553,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--path",
         metavar="FILE_IN_MOUNT",
-        help="damage the slivers of a file of a mounted walrusfs (not supported yet)",
+        help="damage the slivers of this file of a mounted walrusfs (on NODE_DIR, else on a "
+        "random node of its volume; all of them unless --count/--fraction)",
     )
     add_json(p)
 

@@ -4,7 +4,8 @@ One Unix socket per mount, at a path derived from the mountpoint's real path, un
 /run/walrusfs (root) or $XDG_RUNTIME_DIR/walrusfs (or /tmp/walrusfs-UID), mode 0600 so
 only the mounting user can ask. Protocol: the client sends one JSON line {"cmd": ...},
 the server answers one JSON line and closes. Commands: "status", "repair", "scrub" (run a
-pass and return its report) and "replace-node" (with "index" and "dir").
+pass and return its report), "replace-node" (with "index" and "dir") and "blobs-of" (with
+"path" inside the mount: the blob ids of that file, for the fault tools).
 
 The server runs in the mount's trio nursery; the client is plain blocking code for the CLI.
 """

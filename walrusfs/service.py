@@ -30,6 +30,7 @@ from walrusfs.blobstore import BlobStore
 from walrusfs.control import CommandError, serve_control
 from walrusfs.fs import Space, SpaceFn
 from walrusfs.lock import MountLock
+from walrusfs.metadata import ROOT_INODE
 from walrusfs.metastore import MetaStore
 from walrusfs.nodeset import NodeState
 from walrusfs.repair import Catalog, RepairService, ReplaceError
@@ -166,6 +167,21 @@ class Mounted:
             "stats": {k: v for k, v in vars(stats).items() if k != "extra"},
         }
 
+    def blobs_of(self, path: str) -> dict[str, object]:
+        """The blobs holding a file's data, by its path inside the mount (for fault tools).
+
+        Raises CommandError for a path that does not name a file.
+        """
+        md = self.metastore.metadata
+        ino = ROOT_INODE
+        for name in (p for p in path.split("/") if p):
+            found = md.lookup(ino, os.fsencode(name))
+            if found is None:
+                raise CommandError(f"blobs-of: {path}: no such file in the mount")
+            ino = found
+        refs = [md.block(ino, i) for i in md.block_indexes(ino)]
+        return {"inode": ino, "blobs": [r.blob_id.hex() for r in refs if r is not None]}
+
     async def handle(self, request: dict[str, object]) -> dict[str, object]:
         """One control command (see walrusfs.control). Raises CommandError."""
         cmd = request.get("cmd")
@@ -175,6 +191,8 @@ class Mounted:
             return (await self.repair.pass_once()).to_dict()
         if cmd == "scrub":
             return (await self.scrubber.scrub_pass()).to_dict()
+        if cmd == "blobs-of":
+            return self.blobs_of(str(request.get("path", "")))
         if cmd == "replace-node":
             try:
                 index = int(str(request["index"]))

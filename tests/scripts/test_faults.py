@@ -257,7 +257,7 @@ async def test_corrupt_is_reproducible_with_a_seed(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in untouched] != [p.read_bytes() for p in sliver_files(copies[0])]
 
 
-async def test_corrupt_fraction_and_unsupported_path(tmp_path: Path) -> None:
+async def test_corrupt_fraction_and_a_path_off_walrusfs(tmp_path: Path) -> None:
     paths = node_paths(tmp_path)
     await make_volume(paths)
     await put_all(await open_vol(paths), blob_data(4))
@@ -266,7 +266,7 @@ async def test_corrupt_fraction_and_unsupported_path(tmp_path: Path) -> None:
     assert len(ran.json()["files"]) == 2
     ran = await script("faults.py", "corrupt", "--path", tmp_path / "mnt/file", "--mode", "flip",
                        ok=False)  # fmt: skip
-    assert ran.rc == 2 and "not supported yet" in ran.err
+    assert ran.rc == 2 and "not on a mounted walrusfs" in ran.err
     ran = await script("faults.py", "corrupt", paths[2], "--mode", "flip", "--count", "9", ok=False)
     assert ran.rc == 1 and "only 4" in ran.err
 

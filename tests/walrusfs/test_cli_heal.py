@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from tests.walrusfs.volumes import flip_byte, sliver_files
 from walrusfs.sliverfile import header_size
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
+ROOT = Path(__file__).parents[2]
 
 
 def snapshot(node: Path) -> dict[str, bytes]:
@@ -71,3 +74,27 @@ def test_replace_node_then_fsck_is_clean(vol: Vol, tmp_path: Path) -> None:
     vol.nodes[1] = fresh
     vol.mount(node=1)  # the new directory is a full member of the volume
     assert all((vol.mnt / name).read_bytes() == data for name, data in files.items())
+
+
+def test_corrupting_a_file_by_path_is_caught_and_repaired(vol: Vol) -> None:
+    vol.mount()
+    files = write_files(vol, 3)
+    before = {i: snapshot(node) for i, node in enumerate(vol.nodes)}
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "faults.py"), "corrupt", "--path", str(vol.mnt / "f2.bin"),
+         "--mode", "flip", "--seed", "5", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    hit = json.loads(res.stdout)["files"]
+    assert hit and all(Path(h["path"]).name.split(".")[0] in json.dumps(res.stdout) for h in hit)
+    changed = {i for i, node in enumerate(vol.nodes) if snapshot(node) != before[i]}
+    assert len(changed) == 1  # one node of the volume, only that file's slivers
+    run("umount", vol.mnt)
+    vol.mount()  # nothing cached: the read must go around the damage
+    assert all((vol.mnt / name).read_bytes() == data for name, data in files.items())
+    assert "corrupt" in run("scrub", vol.mnt).stdout  # reads may never touch the damage
+    run("repair", vol.mnt)
+    (i,) = changed
+    after = snapshot(vol.nodes[i])  # (plus the checkpoint the remount wrote)
+    assert {k: after.get(k) for k in before[i]} == before[i]
