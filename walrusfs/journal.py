@@ -52,6 +52,8 @@ MAGIC = b"WSJS"
 VERSION = 1
 _HEAD = struct.Struct("<4sBQQI32sI")
 PREFIX = "journal"
+# After the quorum answered, how long slower nodes may still finish before being left behind.
+QUORUM_GRACE_S = 0.2
 
 
 class JournalError(Exception):
@@ -215,9 +217,15 @@ class Journal:
                 self.on_commit(self.committed)
 
     async def _quorum(self, what: str, op: Callable[[NodeStore], Awaitable[None]]) -> None:
-        """Run `op` on every writable node; raises StorageUnavailable below the quorum."""
+        """Run `op` on every writable node; return once n-f succeeded (stragglers get a
+        short grace, then are left behind: a hung node must not stall every close()).
+
+        Raises StorageUnavailable when fewer than n-f succeed.
+        """
         ok: list[int] = []
         errors: dict[int, str] = {}
+        writable = sorted(self.nodes.writable())
+        enough, all_done = trio.Event(), trio.Event()
 
         async def one(i: int) -> None:
             try:
@@ -225,10 +233,20 @@ class Journal:
                 ok.append(i)
             except NodeError as exc:
                 errors[i] = str(exc)
+            if len(ok) >= self.quorum:
+                enough.set()
+            if len(ok) + len(errors) == len(writable):
+                all_done.set()
+                enough.set()
 
-        async with trio.open_nursery() as nursery:
-            for i in sorted(self.nodes.writable()):
-                nursery.start_soon(one, i)
+        if writable:
+            async with trio.open_nursery() as nursery:
+                for i in writable:
+                    nursery.start_soon(one, i)
+                await enough.wait()
+                with trio.move_on_after(QUORUM_GRACE_S):
+                    await all_done.wait()
+                nursery.cancel_scope.cancel()
         if len(ok) < self.quorum:
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
             raise StorageUnavailable(
