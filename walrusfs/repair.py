@@ -936,6 +936,12 @@ class RepairService:
             try:
                 work, listed = await self._plan(inventory, report)
                 await self._run(work, report)
+                await self.engine.sync_touched()
+                # A replaced node is rebuilt once a whole pass listed it (what could not be
+                # repaired is in the report, and retried like any other blob). Before the
+                # pass is announced done: a waiter must not see a stale rebuilding set and
+                # wait for a pass that nothing will start.
+                self._rebuilding -= set(listed)
             except BaseException as exc:
                 report.cancelled = was_cancelled(exc)
                 raise
@@ -960,10 +966,6 @@ class RepairService:
                     or report.cancelled
                 ):
                     log.log(level, "%s", report.summary())
-            await self.engine.sync_touched()
-            # A replaced node is rebuilt once a whole pass listed it (what could not be
-            # repaired is in the report, and retried like any other blob).
-            self._rebuilding -= set(listed)
             return report
 
     async def _plan(
