@@ -3,9 +3,10 @@
 
 The workload (create, overwrite, append, truncate, rename, delete, cp -r, rsync, tar, and
 reads checked against a shadow copy in a plain directory) runs while faults of every kind
-are injected at random with scripts/faults.py: node directories taken away (renamed,
+are injected at random: with scripts/faults.py node directories are taken away (renamed,
 removed, made read-only) and restored, wiped, and corrupted (bits flipped, truncated,
-zeroed, swapped, replaced by another blob's sliver). Never more than f nodes are faulty
+zeroed, swapped, replaced by another blob's sliver); one node lives on a scripts/badmount.py
+passthrough that turns slow, hangs, fails with EIO, or reports the disk full, then recovers. Never more than f nodes are faulty
 at once; a node stays counted as faulty until a repair pass after its fault ended.
 
 At the end the faults stop, `walrusfs repair` runs until the volume is whole, every file
@@ -37,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WALRUSFS = [sys.executable, "-m", "walrusfs.cli"]
 FAULTS = [sys.executable, str(HERE / "faults.py")]
+BADMOUNT = [sys.executable, str(HERE / "badmount.py")]
 
 
 def sh(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -188,17 +190,23 @@ class Faults:
     """Injects and undoes faults on at most f nodes at once."""
 
     def __init__(
-        self, nodes: list[Path], f: int, rng: random.Random, stats: Stats, mnt: Path
+        self,
+        nodes: list[Path],
+        f: int,
+        rng: random.Random,
+        stats: Stats,
+        mnt: Path,
+        bad: int | None,
     ) -> None:
         self.nodes, self.f, self.rng, self.stats, self.mnt = nodes, f, rng, stats, mnt
+        self.bad = bad  # the node behind a misbehaving FUSE mount (scripts/badmount.py), if any
         self.away: dict[int, float] = {}  # node -> when to restore
         self.dirty: set[int] = set()  # faulted since the last repair pass
 
     def step(self, now: float) -> None:
         for i, until in list(self.away.items()):
             if now >= until:
-                self._run(["restore", str(self.nodes[i])], f"restore node {i}")
-                del self.away[i]
+                self._restore(i)
         if not self.away and self.dirty and self.rng.random() < 0.3:
             # Everything is back: let repair make the faulted nodes whole again.
             walrusfs("repair", self.mnt)
@@ -211,10 +219,31 @@ class Faults:
             return
         i = self.rng.choice(candidates)
         node = str(self.nodes[i])
-        kind = self.rng.choice(
-            ["rename", "remove", "ro", "wipe", "flip", "truncate", "zero", "swap", "foreign"]
-        )
-        if kind in ("rename", "remove", "ro"):
+        if i == self.bad:  # a mount point: it misbehaves instead of being renamed away
+            kinds = ["latency", "hang", "eio", "enospc", "wipe", "flip", "zero"]
+        else:
+            kinds = [
+                "rename",
+                "remove",
+                "ro",
+                "wipe",
+                "flip",
+                "truncate",
+                "zero",
+                "swap",
+                "foreign",
+            ]
+        kind = self.rng.choice(kinds)
+        if kind in ("latency", "hang", "eio", "enospc"):
+            flag = {
+                "latency": ["--latency", "150"],
+                "hang": ["--hang"],
+                "eio": ["--eio", "0.3"],
+                "enospc": ["--enospc"],
+            }[kind]
+            if self._run(["set", node, *flag], f"node {i} misbehaves ({kind})", BADMOUNT):
+                self.away[i] = now + self.rng.uniform(1, 6)
+        elif kind in ("rename", "remove", "ro"):
             if self._run(["take-away", node, "--how", kind], f"take node {i} away ({kind})"):
                 self.away[i] = now + self.rng.uniform(1, 6)
         elif kind == "wipe":
@@ -227,8 +256,8 @@ class Faults:
             )
         self.dirty.add(i)
 
-    def _run(self, args: list[str], what: str) -> bool:
-        res = sh([*FAULTS, *args], 120)
+    def _run(self, args: list[str], what: str, tool: list[str] | None = None) -> bool:
+        res = sh([*(tool or FAULTS), *args], 120)
         ok = res.returncode == 0
         if ok:
             self.stats.faults += 1
@@ -239,8 +268,14 @@ class Faults:
 
     def stop(self) -> None:
         for i in list(self.away):
+            self._restore(i)
+
+    def _restore(self, i: int) -> None:
+        if i == self.bad:
+            self._run(["set", str(self.nodes[i]), "--ok"], f"node {i} behaves again", BADMOUNT)
+        else:
             self._run(["restore", str(self.nodes[i])], f"restore node {i}")
-            del self.away[i]
+        del self.away[i]
 
 
 def heal(mnt: Path, timeout: float = 300.0) -> float:
@@ -294,12 +329,23 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="walrusfs-chaos-", dir="/var/tmp"))
+    badnode: int | None = None
     if args.nodes:
         nodes = [Path(p).resolve() for p in args.nodes]
         mnt = Path(args.mountpoint or work / "mnt").resolve()
     else:
         nodes = [work / f"node{i}" for i in range(7)]
         mnt = work / "mnt"
+        # Node 6 lives on a misbehaving FUSE passthrough, as a node on a flaky NFS would.
+        (work / "backing6").mkdir()
+        nodes[6].mkdir()
+        if (
+            sh([*BADMOUNT, "mount", str(work / "backing6"), str(nodes[6]), "--daemon"]).returncode
+            == 0
+        ):
+            badnode = 6
+        else:
+            nodes[6].rmdir()
         walrusfs("mkfs", "--blob-size", "256K", *nodes)
     mnt.mkdir(parents=True, exist_ok=True)
     shadow = work / "shadow"
@@ -312,7 +358,7 @@ def main() -> int:
         walrusfs("mount", "--state-dir", state, "--node-timeout", "5", nodes[0], mnt)
         mounted = True
         f = int(json.loads(walrusfs("status", mnt, "--json").stdout)["f"])
-        faults = Faults(nodes, f, rng, stats, mnt)
+        faults = Faults(nodes, f, rng, stats, mnt, badnode)
         load = Workload(mnt, shadow, random.Random(args.seed + 1), stats, args.deadline)
         stop = threading.Event()
 
@@ -349,6 +395,8 @@ def main() -> int:
         if mounted:
             sh([*WALRUSFS, "umount", str(mnt)])
             sh(["fusermount3", "-u", "-z", str(mnt)])
+        if badnode is not None:
+            sh([*BADMOUNT, "unmount", str(nodes[badnode])])
         if not args.keep and not args.nodes:
             shutil.rmtree(work, ignore_errors=True)
     for line in stats.fault_log:
