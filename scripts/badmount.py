@@ -57,7 +57,15 @@ import time
 from typing import Any
 
 from faultlib import mounts, procs, state
-from faultlib.cli import EXIT_USAGE, Reporter, ScriptError, UsageError, add_json, run_main
+from faultlib.cli import (
+    EXIT_USAGE,
+    Reporter,
+    ScriptError,
+    UsageError,
+    add_json,
+    dispatcher,
+    run_main,
+)
 
 try:
     from faultlib.misbehave import OPS, Behaviour, ControlServer, Gate, request
@@ -475,13 +483,7 @@ COMMANDS = {"mount": mount, "set": set_behaviour, "status": status, "unmount": u
 
 
 def main(argv: list[str] | None = None) -> int:
-    def dispatch(args: argparse.Namespace, out: Reporter) -> None:
-        try:
-            COMMANDS[args.command](args, out)
-        except OSError as exc:
-            raise ScriptError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
-
-    return run_main(PROG, parser(), argv, dispatch)
+    return run_main(PROG, parser(), argv, dispatcher(COMMANDS))
 
 
 if __name__ == "__main__":

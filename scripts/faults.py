@@ -44,7 +44,15 @@ import shutil
 import sys
 import time
 
-from faultlib.cli import EXIT_USAGE, Reporter, ScriptError, UsageError, add_json, run_main
+from faultlib.cli import (
+    EXIT_USAGE,
+    Reporter,
+    ScriptError,
+    UsageError,
+    add_json,
+    dispatcher,
+    run_main,
+)
 
 try:
     from faultlib import corrupt as corruption
@@ -578,13 +586,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    def dispatch(args: argparse.Namespace, out: Reporter) -> None:
-        try:
-            COMMANDS[args.command](args, out)
-        except OSError as exc:
-            raise ScriptError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
-
-    return run_main(PROG, parser(), argv, dispatch)
+    return run_main(PROG, parser(), argv, dispatcher(COMMANDS))
 
 
 if __name__ == "__main__":

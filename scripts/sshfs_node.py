@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from faultlib import mounts, procs, state
-from faultlib.cli import Reporter, ScriptError, UsageError, add_json, run_main
+from faultlib.cli import Reporter, ScriptError, UsageError, add_json, dispatcher, run_main
 
 PROG = "sshfs_node.py"
 SSHD = "/usr/sbin/sshd"
@@ -369,13 +369,7 @@ COMMANDS = {"up": up, "drop": drop, "reconnect": reconnect, "status": status, "d
 
 
 def main(argv: list[str] | None = None) -> int:
-    def dispatch(args: argparse.Namespace, out: Reporter) -> None:
-        try:
-            COMMANDS[args.command](args, out)
-        except OSError as exc:
-            raise ScriptError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
-
-    return run_main(PROG, parser(), argv, dispatch)
+    return run_main(PROG, parser(), argv, dispatcher(COMMANDS))
 
 
 if __name__ == "__main__":

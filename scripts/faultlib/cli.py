@@ -99,3 +99,18 @@ def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON document at the end instead of lines"
     )
+
+
+Command = Callable[[argparse.Namespace, "Reporter"], None]
+
+
+def dispatcher(commands: dict[str, Command]) -> Command:
+    """Run `args.command` from `commands`, reporting an OSError as a ScriptError."""
+
+    def dispatch(args: argparse.Namespace, out: Reporter) -> None:
+        try:
+            commands[args.command](args, out)
+        except OSError as exc:
+            raise ScriptError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+
+    return dispatch
