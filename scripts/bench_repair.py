@@ -29,7 +29,9 @@ import trio
 from blake3 import blake3
 
 from codec import BlobMetadata
-from walrusfs.repair import DEFAULT_RATE, RepairEngine, RepairService, StaticBlobs
+from walrusfs.catalog import StaticBlobs
+from walrusfs.healer import DEFAULT_RATE, RepairService
+from walrusfs.repair import RepairEngine
 from walrusfs.sliverfile import PREFIX
 from walrusfs.volume import Volume, create_volume, open_volume
 

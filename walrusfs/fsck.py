@@ -34,11 +34,12 @@ from typing import TextIO
 import trio
 
 from backends import NodeError
+from walrusfs.catalog import BlobRef, Catalog
 from walrusfs.checkpoint import RecoveryError, Superblock, read_superblock, replay, restore
 from walrusfs.errors import StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
 from walrusfs.metadata import ROOT_INODE, Metadata
-from walrusfs.repair import BlobRef, Catalog, RepairEngine
+from walrusfs.repair import RepairEngine
 from walrusfs.scrub import Finding, NodeSweep, file_size, sweep_node
 from walrusfs.volume import Volume, VolumeError, open_volume
 

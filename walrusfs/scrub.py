@@ -34,15 +34,10 @@ import trio
 
 from backends import KeyNotFound, NodeError
 from codec import BlobMetadata, CodecError, verify_sliver
+from walrusfs.catalog import BlobRef, BlobSource, missing_on
+from walrusfs.healer import RepairService
 from walrusfs.nodeset import NodeSet
-from walrusfs.repair import (
-    BlobRef,
-    BlobSource,
-    RateLimit,
-    RepairService,
-    missing_on,
-    was_cancelled,
-)
+from walrusfs.repair import RateLimit, was_cancelled
 from walrusfs.sliverfile import (
     PREFIX,
     SliverFileError,

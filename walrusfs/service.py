@@ -27,13 +27,14 @@ from dataclasses import dataclass
 import trio
 
 from walrusfs.blobstore import BlobStore
+from walrusfs.catalog import Catalog
 from walrusfs.control import CommandError, serve_control
 from walrusfs.fs import Space, SpaceFn
+from walrusfs.healer import RepairService, ReplaceError
 from walrusfs.lock import MountLock
 from walrusfs.metadata import ROOT_INODE
 from walrusfs.metastore import MetaStore
 from walrusfs.nodeset import NodeState
-from walrusfs.repair import Catalog, RepairService, ReplaceError
 from walrusfs.scrub import Scrubber
 from walrusfs.volume import Volume, VolumeError, open_volume
 

@@ -17,7 +17,9 @@ import trio.testing
 from codec import BlobMetadata, encode
 from codec.encoder import SliverPair
 from tests.walrusfs.volumes import flip_byte, node_paths, sliver_file, sliver_files
-from walrusfs.repair import RateLimit, RepairService, StaticBlobs
+from walrusfs.catalog import StaticBlobs
+from walrusfs.healer import RepairService
+from walrusfs.repair import RateLimit
 from walrusfs.scrub import verify_file
 from walrusfs.sliverfile import build, header_size, sliver_key
 from walrusfs.volume import Volume, create_volume, open_volume

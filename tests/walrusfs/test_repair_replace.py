@@ -13,11 +13,12 @@ import trio
 
 from tests.walrusfs.test_repair import NO_HANG, OPTS, node_files
 from tests.walrusfs.volumes import node_paths
+from walrusfs.catalog import Catalog
 from walrusfs.checkpoint import SUPERBLOCK_KEY
+from walrusfs.healer import RepairService, ReplaceError
 from walrusfs.identity import IDENTITY_KEY
 from walrusfs.metadata import ROOT_INODE, BlockRef
 from walrusfs.metastore import MetaStore, format_metadata
-from walrusfs.repair import Catalog, RepairService, ReplaceError
 from walrusfs.volume import create_volume, open_volume
 
 FILE = stat.S_IFREG | 0o644

@@ -11,7 +11,8 @@ import trio
 
 from tests.walrusfs.test_repair import NO_HANG, fill, make_volume, node_files
 from tests.walrusfs.volumes import flip_byte, sliver_file, sliver_files
-from walrusfs.repair import RepairService, StaticBlobs
+from walrusfs.catalog import StaticBlobs
+from walrusfs.healer import RepairService
 from walrusfs.scrub import Scrubber
 from walrusfs.sliverfile import header_size, parse_key, sliver_key
 
