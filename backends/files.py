@@ -211,6 +211,12 @@ def read_range(
             want = min(want, length)
         if want == 0:
             return b""
+        if want < st.st_size:
+            # A range read wants exactly this range (a sliver file is read a sliver or a
+            # symbol at a time): kernel read-ahead would also fetch the bytes after it,
+            # measured here as 30-40% slower cold reads of primary slivers.
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         first = os.pread(fd, want, offset)
         if len(first) == want or not first:
             return first
