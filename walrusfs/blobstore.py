@@ -435,7 +435,6 @@ class BlobStore:
         """The whole blob (a read-only view), every byte verified. Raises StorageUnavailable."""
         parsed = self.metadata(blob_id, meta)
         p = parsed.params
-        out = bytearray(p.R * p.C * parsed.symbol_size)
         primaries = await self._gather(parsed, PRIMARY, p.R)
         if len(primaries) >= p.R:
             decode: Callable[..., object] = decode_primaries
@@ -449,14 +448,21 @@ class BlobStore:
                     f"{len(secondaries)} of {p.C} secondary slivers readable"
                 )
             decode, slivers = decode_secondaries, secondaries
-        degraded = decode is not decode_primaries or any(i >= p.R for i in slivers)
-        if degraded:
+        if decode is not decode_primaries or any(i >= p.R for i in slivers):
             self.stats.degraded_reads += 1
-        # The healthy path is one copy: cheaper on the loop than a thread hand-off.
-        await _maybe_offload(lambda: decode(parsed, slivers, out), degraded, self._cpu_limiter)
+
+        def assemble() -> np.ndarray:
+            # Uninitialised: decoding writes every byte. The heap (see walrusfs.tuning)
+            # recycles these buffers, so no page faults; and the loop stays free of the
+            # allocation and the copy, which it would otherwise do for every block read.
+            out = np.empty(p.R * p.C * parsed.symbol_size, dtype=np.uint8)
+            decode(parsed, slivers, out.data)
+            return out
+
+        out = await trio.to_thread.run_sync(assemble, limiter=self._cpu_limiter)
         self.stats.gets += 1
         self.stats.get_bytes += parsed.length
-        return memoryview(out).toreadonly()[: parsed.length]
+        return out.data.toreadonly()[: parsed.length]
 
     async def get_range(
         self, blob_id: bytes, meta: bytes | BlobMetadata, offset: int, length: int
@@ -520,11 +526,3 @@ class BlobStore:
         self.stats.get_bytes += sum(len(x) for x in parts)
         return b"".join(parts)
 
-
-async def _maybe_offload(
-    fn: Callable[[], object], offload: bool, limiter: trio.CapacityLimiter
-) -> None:
-    if offload:
-        await trio.to_thread.run_sync(fn, limiter=limiter)
-    else:
-        fn()
