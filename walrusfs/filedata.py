@@ -212,14 +212,29 @@ class FileData:
 
     # -- read ---------------------------------------------------------------------------
 
-    async def read(self, inode: int, offset: int, length: int, *, readahead: bool = False) -> bytes:
-        """Up to `length` bytes at `offset` (short only at end of file). Raises FSError."""
+    async def read(
+        self, inode: int, offset: int, length: int, *, readahead: bool = False
+    ) -> bytes | memoryview:
+        """Up to `length` bytes at `offset` (short only at end of file). Raises FSError.
+
+        The result may be a read-only view of a cached blob: blobs are immutable, so the
+        kernel can be handed their bytes without a copy.
+        """
         f = self._files.get(inode)
         size = f.size if f is not None else self._meta.get_inode(inode).size
         end = min(size, offset + length)
         if end <= offset:
             return b""
         bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if readahead and (offset % bs == 0 or first != last):
+            # A sequential reader entering a block: keep the next blocks on their way, so
+            # the nodes' reads of block k+1.. overlap the kernel's consumption of block k.
+            # Once per block, not per request: each check costs a metadata lookup.
+            for index in range(last + 1, min(-(-size // bs), last + 1 + READ_AHEAD_BLOCKS)):
+                self._prefetch(inode, index)
+        if first == last:
+            return await self._read_block(inode, first, offset - first * bs, end - offset)
         pieces = []
         pos = offset
         while pos < end:
@@ -227,15 +242,11 @@ class FileData:
             n = min(bs - start, end - pos)
             pieces.append(await self._read_block(inode, index, start, n))
             pos += n
-        if readahead:
-            # Sequential reader: keep the next blocks on their way, so the nodes' reads of
-            # block k+1.. overlap the kernel's consumption of block k.
-            last = -(-size // bs)
-            for index in range((end - 1) // bs + 1, min(last, (end - 1) // bs + 1 + READ_AHEAD_BLOCKS)):
-                self._prefetch(inode, index)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return b"".join(pieces)
 
-    async def _read_block(self, inode: int, index: int, start: int, n: int) -> bytes:
+    async def _read_block(
+        self, inode: int, index: int, start: int, n: int
+    ) -> bytes | memoryview:
         for _attempt in range(3):
             f = self._files.get(inode)
             if f is not None:
@@ -243,7 +254,7 @@ class FileData:
                 if buf is None:
                     buf = f.inflight.get(index)
                 if buf is not None:
-                    return _piece(buf, len(buf), start, n)
+                    return _piece(buf, len(buf), start, n)  # mutable: copy
             ref = self._meta.block(inode, index)
             if ref is None:
                 return bytes(n)
@@ -255,6 +266,8 @@ class FileData:
                 if self._meta.block(inode, index) == ref:
                     raise
                 continue
+            if start + n <= ref.length:
+                return memoryview(data).toreadonly()[start : start + n]
             return _piece(data, ref.length, start, n)
         raise FSError(errno.EIO, f"block {index} of inode {inode} keeps changing under a read")
 

@@ -556,7 +556,8 @@ class FileSystem:
         except KeyError:
             raise Invalid(f"no open file handle {fh}") from None
 
-    async def read(self, fh: int, offset: int, length: int) -> bytes:
+    async def read(self, fh: int, offset: int, length: int) -> bytes | memoryview:
+        """Bytes of the file; a read-only view where they come from an immutable blob."""
         h = self._handle(fh)
         data = await self.data.read(h.inode, offset, length, readahead=offset == h.next_read)
         h.next_read = offset + len(data)
