@@ -59,6 +59,21 @@ def parse_mount_points(mountinfo: bytes) -> list[str]:
     return points
 
 
+def mount_devices(mountinfo: str = MOUNTINFO) -> dict[str, str]:
+    """Map each mount point to the "major:minor" of the newest filesystem mounted there.
+
+    Blocking: reads procfs. Raises OSError if ``mountinfo`` cannot be read.
+    """
+    with open(mountinfo, "rb") as f:
+        text = f.read()
+    devices = {}
+    for line in text.splitlines():
+        fields = line.split(b" ")
+        if len(fields) >= 5:
+            devices[_unescape(fields[4])] = os.fsdecode(fields[2])  # later lines win
+    return devices
+
+
 def mount_points(mountinfo: str = MOUNTINFO) -> set[str]:
     """Return the set of mount points this process sees (blocking: reads procfs).
 

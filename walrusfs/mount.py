@@ -26,15 +26,40 @@ Thread/task safety: call from the trio thread; one serve at a time per process.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import pyfuse3
 import trio
 
+from backends.remote import mount_devices
 from walrusfs.fs import FileSystem
 from walrusfs.fuse_ops import FuseOperations
 
 log = logging.getLogger(__name__)
+
+# Kernel read-ahead for the mount, in KiB. FUSE mounts start at 128 KiB, which makes the
+# kernel ask for 128 KiB at a time, one or two requests ahead of the reader; a sequential
+# reader is served faster with 1 MiB requests several deep (measured: 310 -> 400 MB/s).
+READ_AHEAD_KB = 8192
+
+
+def tune_read_ahead(mountpoint: str, kib: int = READ_AHEAD_KB) -> bool:
+    """Raise the kernel's read-ahead for our mount; False where not permitted (not root).
+
+    Blocking (procfs, sysfs): run it in a worker thread. Reads no file of the mount
+    itself: this process serves it, so a stat would deadlock.
+    """
+    try:
+        dev = mount_devices().get(os.path.abspath(mountpoint))
+        if dev is None:
+            return False
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w", encoding="ascii") as f:
+            f.write(f"{kib}\n")
+    except OSError as exc:
+        log.debug("kernel read-ahead of %s left as it is: %s", mountpoint, exc)
+        return False
+    return True
 
 
 def mount_options(*, allow_other: bool = False) -> set[str]:
@@ -60,6 +85,7 @@ async def serve(
     """
     pyfuse3.init(FuseOperations(fs), mountpoint, mount_options(allow_other=allow_other))
     log.info("walrusfs mounted at %s", mountpoint)
+    await trio.to_thread.run_sync(tune_read_ahead, mountpoint)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(fs.run_background)

@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from backends.remote import mount_devices
 from tests.walrusfs.conftest import BS, Mounted, in_thread, lazy_unmount, mounted_at
 from tests.walrusfs.memblobs import MemBlobStore
 from walrusfs.errors import NotFound
 from walrusfs.fs import FileSystem
 from walrusfs.metadata import ROOT_INODE, Metadata
+from walrusfs.mount import READ_AHEAD_KB
 
 SIZES = [0, 1, 4095, 4096, 4097, BS - 1, BS, BS + 1, 3 * BS, 5 * BS + 3]
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -364,6 +366,13 @@ async def test_statfs(mounted: Mounted) -> None:
     with open("/proc/self/mountinfo") as f:  # noqa: ASYNC230 - procfs, not the mount
         line = next(ln for ln in f if f" {mounted.path} " in ln)
     assert "fuse.walrusfs" in line and "default_permissions" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a mount's read-ahead")
+async def test_kernel_read_ahead_is_raised(mounted: Mounted) -> None:
+    dev = mount_devices()[str(mounted.path)]
+    ra = await in_thread(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text)
+    assert int(ra) == READ_AHEAD_KB > 128
 
 
 def unflushed_size(root: Path) -> None:
