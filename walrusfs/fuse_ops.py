@@ -102,12 +102,19 @@ class FuseOperations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = True
 
-    def __init__(self, fs: FileSystem) -> None:
+    def __init__(self, fs: FileSystem, on_init: Callable[[], object] | None = None) -> None:
         super().__init__()
         self.fs = fs
+        self._on_init = on_init
         # The writeback cache places O_APPEND writes itself (and may resend whole pages
         # at their own offsets): the core must take every offset as given.
         fs.kernel_handles_append = self.enable_writeback_cache
+
+    def init(self) -> None:
+        # The kernel's INIT request: its reply leaves this call and is processed before
+        # the next request is read, so a task woken here sees the negotiated mount.
+        if self._on_init is not None:
+            self._on_init()
 
     # -- names and attributes -----------------------------------------------------------
 

@@ -80,19 +80,29 @@ async def serve(
 ) -> None:
     """Mount `fs` at `mountpoint` and serve it until unmounted (or cancelled).
 
-    `ready` is called once the mount exists and background work runs. Raises
-    RuntimeError if the mount fails; re-raises whatever stopped the main loop.
+    `ready` is called once the kernel has set up the mount (INIT answered) and background
+    work runs. Raises RuntimeError if the mount fails; re-raises whatever stopped the
+    main loop.
     """
-    pyfuse3.init(FuseOperations(fs), mountpoint, mount_options(allow_other=allow_other))
+    negotiated = trio.Event()
+    ops = FuseOperations(fs, on_init=negotiated.set)
+    pyfuse3.init(ops, mountpoint, mount_options(allow_other=allow_other))
     log.info("walrusfs mounted at %s", mountpoint)
-    await trio.to_thread.run_sync(tune_read_ahead, mountpoint)
+
+    async def main_loop(nursery: trio.Nursery) -> None:
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()  # unmounted: stop the background work
+
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(fs.run_background)
+            nursery.start_soon(main_loop, nursery)
+            # The kernel sets the mount's read-ahead while it processes INIT: raise it
+            # after that, or it is lowered again.
+            await negotiated.wait()
+            await trio.to_thread.run_sync(tune_read_ahead, mountpoint)
             if ready is not None:
                 ready()
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()  # unmounted: stop the background work
     finally:
         # Flush before unmounting: while the mountpoint is busy nobody can mount the
         # same volume again and have two processes write one metadata database.

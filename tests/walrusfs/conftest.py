@@ -119,12 +119,12 @@ async def mounted(tmp_path: Path) -> AsyncIterator[Mounted]:
         tmp_path / "meta.db", block_size=BS, root_uid=os.getuid(), root_gid=os.getgid(), now_ns=1
     )
     fs = FileSystem(meta, store, space=fake_space, cache_bytes=32 * BS, dirty_limit=64 * BS)
-    server_done = trio.Event()
+    server_done, ready = trio.Event(), trio.Event()
     failure: list[BaseException] = []
 
     async def run_server() -> None:
         try:
-            await serve(fs, str(mnt))
+            await serve(fs, str(mnt), ready=ready.set)
         except BaseException as exc:
             failure.append(exc)
             raise
@@ -137,7 +137,7 @@ async def mounted(tmp_path: Path) -> AsyncIterator[Mounted]:
             # Poll mountinfo (os.path.ismount says False for a dead mount); stop at once
             # if the server died.
             with trio.fail_after(10):
-                while not await in_thread(mounted_at, str(mnt)):
+                while not (ready.is_set() and await in_thread(mounted_at, str(mnt))):
                     if server_done.is_set():
                         pytest.fail(f"server exited before mounting: {failure!r}")
                     await trio.sleep(0.01)
