@@ -1,10 +1,9 @@
 """Red Stuff encoding: a blob becomes n sliver pairs plus the metadata that commits to them.
 
-The blob, zero-padded, is an R x C matrix of s-byte symbols, row-major. Rows 0..R-1 are
-extended to n columns with the [n, C] code, then all n columns to n rows with the [n, R]
-code (about 4n/3 one-dimensional encodings rather than 5n/3 the other way round). Every
-one of the n*n symbols is hashed once; its leaf serves both its row tree and its column
-tree.
+The blob, zero-padded, is an R x C matrix of s-byte symbols, row-major, expanded to n x n
+by codec.expansion straight into the sliver buffers. Every one of the n*n symbols is hashed
+once, in the column batch that computes it, while it is still in cache; its leaf serves
+both its row tree and its column tree.
 
 Pure; thread-safe as long as callers do not share a Workspace between threads.
 """
@@ -14,16 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
-from codec.codes import parity_program
 from codec.config import Params
+from codec.expansion import MatrixLayout, SliverLayout, batch_columns, expand_into
 from codec.merkle import leaf_hash, root_of_leaves
 from codec.metadata import BlobMetadata
 from codec.sliver import PRIMARY, SECONDARY, Buffer, Sliver
-from codec.xorsched import run
+from codec.workspace import U8Array, Workspace
 
-U8Array = npt.NDArray[np.uint8]
+__all__ = ["EncodedBlob", "SliverPair", "Workspace", "encode", "expand"]
 
 
 @dataclass(frozen=True)
@@ -47,49 +45,18 @@ class EncodedBlob:
         return self.metadata.blob_id
 
 
-class Workspace:
-    """Reusable encoder buffers: fresh large allocations cost page faults worth a copy.
-
-    An EncodedBlob made with a workspace holds views into it, so reuse the workspace only
-    after the previous result is no longer needed. Not thread-safe: one per thread.
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, U8Array] = {}
-
-    def get(self, name: str, size: int) -> U8Array:
-        """A uint8 buffer of `size` bytes, grown if needed; contents undefined."""
-        buf = self._bufs.get(name)
-        if buf is None or len(buf) < size:
-            buf = np.empty(size, dtype=np.uint8)
-            self._bufs[name] = buf
-        return buf[:size]
+def _blob_array(blob: Buffer) -> U8Array:
+    return np.frombuffer(blob, dtype=np.uint8)
 
 
 def expand(params: Params, blob: Buffer, workspace: Workspace | None = None) -> U8Array:
     """The full n x n x s symbol matrix of `blob` (no hashing): parity computation only."""
-    n, r, c = params.n, params.R, params.C
+    ws = Workspace() if workspace is None else workspace
+    n = params.n
     s = params.symbol_size(len(blob))
-    size = n * n * s
-    buf = np.empty(size, dtype=np.uint8) if workspace is None else workspace.get("matrix", size)
-    m = buf.reshape(n, n, s)
-    src = np.frombuffer(blob, dtype=np.uint8)
-    row_bytes = c * s
-    for i in range(r):
-        piece = src[i * row_bytes : (i + 1) * row_bytes]
-        dst = m[i, :c].reshape(-1)
-        dst[: len(piece)] = piece
-        dst[len(piece) :] = 0
-    m64 = buf.view(np.uint64).reshape(n, n, s // 8)
-    run(parity_program(n, c), [m64[:r, j] for j in range(c)], [m64[:r, j] for j in range(c, n)])
-    run(parity_program(n, r), [m64[i] for i in range(r)], [m64[i] for i in range(r, n)])
+    m = ws.get("matrix", n * n * s).reshape(n, n, s)
+    expand_into(params, MatrixLayout(m, _blob_array(blob), params.R), ws, batch_columns(params, s))
     return m
-
-
-def leaf_table(matrix: U8Array) -> list[list[bytes]]:
-    """Leaf hashes of every symbol of an n x n x s matrix."""
-    n = matrix.shape[0]
-    return [[leaf_hash(matrix[i, j].data) for j in range(n)] for i in range(n)]
 
 
 def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> EncodedBlob:
@@ -97,29 +64,40 @@ def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> 
 
     With a `workspace`, the result's slivers are views into it (see Workspace).
     """
+    ws = Workspace() if workspace is None else workspace
     n, r, c = params.n, params.R, params.C
-    m = expand(params, blob, workspace)
-    s = m.shape[2]
-    leaves = leaf_table(m)
-    row_leaves = [b"".join(row) for row in leaves]
-    col_leaves = [b"".join(leaves[i][j] for i in range(n)) for j in range(n)]
+    s = params.symbol_size(len(blob))
+    batch = batch_columns(params, s)
+    primary = ws.get("primary", n * c * s).reshape(n, c, s)
+    secondary = ws.get("secondary", n * r * s).reshape(n, r, s)
+    corner = ws.get("corner", (n - r) * min(batch, n - c) * s).reshape(n - r, -1, s)
+    layout = SliverLayout(_blob_array(blob), primary, secondary, corner)
+    leaves = [[b""] * n for _ in range(n)]
+
+    def hash_columns(j0: int, j1: int) -> None:
+        for j in range(j0, j1):
+            for i in range(n):
+                leaves[i][j] = leaf_hash(layout.symbol(i, j, j0).data)
+
+    expand_into(params, layout, ws, batch, hash_columns)
     prim_roots = tuple(root_of_leaves(row) for row in leaves)
     col_roots = [root_of_leaves([leaves[i][j] for i in range(n)]) for j in range(n)]
     meta = BlobMetadata(
         params, len(blob), prim_roots, tuple(col_roots[n - 1 - p] for p in range(n))
     )
-    size = n * r * s
-    sec_buf = np.empty(size, dtype=np.uint8) if workspace is None else workspace.get("secondary", size)
-    secondary = sec_buf.reshape(n, r, s)
-    secondary[...] = m[:r].transpose(1, 0, 2)
     pairs = []
     for p in range(n):
         j = n - 1 - p
         pairs.append(
             SliverPair(
                 p,
-                Sliver(PRIMARY, p, m[p, :c].reshape(-1).data, row_leaves[p]),
-                Sliver(SECONDARY, j, secondary[j].reshape(-1).data, col_leaves[j]),
+                Sliver(PRIMARY, p, layout.rows[p].reshape(-1).data, b"".join(leaves[p])),
+                Sliver(
+                    SECONDARY,
+                    j,
+                    secondary[j].reshape(-1).data,
+                    b"".join(leaves[i][j] for i in range(n)),
+                ),
             )
         )
     return EncodedBlob(meta, tuple(pairs))

@@ -11,8 +11,9 @@ Two compilers feed one executor:
 - `horner_program`: rows of the form sum_j beta^j x_j, evaluated by Horner's rule; a step
   costs ones(beta) XORs (11 for beta = 2), less than half a general multiply.
 
-Programs are executed over packet chunks that fit in cache. The executor takes arrays with
-a leading batch axis, so one call codes many rows or columns that share a code.
+Programs are executed in steps over packet words whose registers fit in cache. The
+executor takes arrays with a leading batch axis, so one call codes many rows or columns
+that share a code.
 
 Pure numpy + stdlib; programs are immutable and cached; `run` uses only caller buffers
 plus a scratch it allocates, so it is thread-safe.
@@ -32,10 +33,13 @@ from codec.gf256 import Matrix, bitmatrix
 
 U64Array = npt.NDArray[np.uint64]
 
-# Packet words per step. Measured on the target machine (n=7, 16 MiB): numpy's ~0.5-1 us
-# per-call overhead outweighs cache locality, so whole packets up to 128 KiB win (2.1 GB/s
-# vs 1.1 GB/s at 16 KiB); beyond that, chunking bounds the scratch buffers.
-CHUNK_WORDS = 16384
+# Bytes of registers (inputs, outputs, temps) one step of a program may touch. Measured on
+# the target machine (Zen, 1 MiB L2, 32 MiB shared L3): a numpy call costs ~0.6 us (1D) to
+# ~1.5 us (2D), worth 15-40 KiB of in-cache XOR, so steps must stay large; a step whose
+# registers spill out of L3 drops from ~18 to ~7 GB/s. About 8 MiB balances the two.
+WORKING_SET = 24 << 20
+# Below this many words per step the per-call overhead dominates whatever the cache does.
+MIN_CHUNK_WORDS = 1024
 # Above this many bit-matrix ones, CSE's pair counting costs more than it saves.
 CSE_MAX_ONES = 1500
 
@@ -165,16 +169,37 @@ def horner_program(betas: tuple[int, ...], k: int) -> Program:
     return _allocate(n_in, ssa, outputs)
 
 
+def step_words(program: Program, batch: int, words: int) -> int:
+    """Packet words per step for `program` over `batch` symbols of `words` packet words.
+
+    The step keeps one step's registers within WORKING_SET bytes, in even steps, a multiple
+    of 8 words (64 bytes) unless a packet is shorter.
+    """
+    regs = program.n_in + program.n_out + program.n_temp
+    limit = max(MIN_CHUNK_WORDS, WORKING_SET // (8 * regs * batch))
+    steps = -(-words // limit)
+    step = -(-words // steps)
+    return min(words, -(-step // 8) * 8)
+
+
+def scratch_words(program: Program, batch: int, step: int) -> int:
+    """Size of the scratch `run` needs for this program, batch and step, in uint64 words."""
+    return program.n_temp * batch * step
+
+
 def run(
     program: Program,
     inputs: list[U64Array],
     outputs: list[U64Array],
-    chunk_words: int = CHUNK_WORDS,
+    chunk_words: int | None = None,
+    scratch: U64Array | None = None,
 ) -> None:
     """Execute `program`: each array is (batch, 8*w) uint64, one symbol per batch row.
 
     Inputs and outputs may be strided along the batch axis; the last axis must be
-    contiguous. Raises ValueError on mismatched shapes.
+    contiguous. `chunk_words` overrides the packet words per step (see step_words); `scratch`,
+    a 1D uint64 array of at least scratch_words(...), saves an allocation. Raises
+    ValueError on mismatched shapes.
     """
     if len(inputs) * 8 != program.n_in or len(outputs) * 8 != program.n_out:
         raise ValueError("program and buffer counts disagree")
@@ -183,18 +208,23 @@ def run(
         raise ValueError("symbol buffers must share one shape (batch, 8*w)")
     batch, words = shape
     w = words // 8
-    step = max(1, min(w, chunk_words))
-    scratch = np.empty((program.n_temp, batch, step), dtype=np.uint64)
+    step = step_words(program, batch, w) if chunk_words is None else max(1, min(w, chunk_words))
+    need = scratch_words(program, batch, step)
+    if scratch is None or len(scratch) < need:
+        scratch = np.empty(need, dtype=np.uint64)
+    temps = scratch[:need].reshape(program.n_temp, batch, step)
+    # One symbol: 1D views, which numpy dispatches at about a third of a 2D call's cost.
+    arrays = [a[0] for a in (*inputs, *outputs)] if batch == 1 else [*inputs, *outputs]
+    temp_rows = [t[0] for t in temps] if batch == 1 else list(temps)
     xor = np.bitwise_xor
-    copy = np.copyto
-    ops = program.ops
+    copy = np.bitwise_or  # x | x: a copy with the same call shape as a XOR
     for c0 in range(0, w, step):
         c1 = min(w, c0 + step)
-        regs = [a[:, q * w + c0 : q * w + c1] for a in inputs for q in range(8)]
-        regs += [a[:, q * w + c0 : q * w + c1] for a in outputs for q in range(8)]
-        regs += [t[:, : c1 - c0] for t in scratch]
-        for dst, a, b in ops:
-            if b >= 0:
-                xor(regs[a], regs[b], out=regs[dst])
-            else:
-                copy(regs[dst], regs[a])
+        regs = [a[..., q * w + c0 : q * w + c1] for a in arrays for q in range(8)]
+        regs += [t[..., : c1 - c0] for t in temp_rows]
+        bound = [
+            (xor, regs[a], regs[b], regs[dst]) if b >= 0 else (copy, regs[a], regs[a], regs[dst])
+            for dst, a, b in program.ops
+        ]
+        for fn, x, y, z in bound:
+            fn(x, y, z)
