@@ -74,7 +74,7 @@ class Attrs:
     gid: int
     rdev: int
     size: int
-    blocks: int  # 512-byte units
+    blocks: int  # 512-byte units of stored bytes: holes take none
     blksize: int  # preferred I/O size: the volume's block size
     atime_ns: int
     mtime_ns: int
@@ -189,9 +189,15 @@ class FileSystem:
 
     def _attrs(self, row: InodeRow) -> Attrs:
         size, mtime, ctime = row.size, row.mtime_ns, row.ctime_ns
-        live = self.data.live(row.id) if stat.S_ISREG(row.mode) else None
-        if live is not None:
-            size, mtime, ctime = live.size, live.mtime_ns, live.ctime_ns
+        used = size
+        if stat.S_ISREG(row.mode):
+            # st_blocks counts what is stored, so du and sparse-aware copies (cp, tar -S,
+            # rsync -S) see holes; unflushed bytes count too, bounded by all dirty memory.
+            used = self.meta.stored_bytes(row.id)
+            live = self.data.live(row.id)
+            if live is not None:
+                size, mtime, ctime = live.size, live.mtime_ns, live.ctime_ns
+                used = min(size, used + self.data.dirty_bytes)
         return Attrs(
             row.id,
             row.mode,
@@ -200,7 +206,7 @@ class FileSystem:
             row.gid,
             row.rdev,
             size,
-            -(-size // 512),
+            -(-used // 512),
             self.block_size,
             row.atime_ns,
             mtime,

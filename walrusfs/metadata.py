@@ -360,6 +360,14 @@ class Metadata:
         ).fetchone()
         return None if row is None else BlockRef(bytes(row[0]), bytes(row[1]), row[2])
 
+    def stored_bytes(self, ino: int) -> int:
+        """Bytes of the file held in blobs: holes and the zeros past a block's `length`
+        take no space."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(length), 0) FROM blocks WHERE inode = ?", (ino,)
+        ).fetchone()
+        return int(row[0])
+
     def block_indexes(self, ino: int) -> list[int]:
         rows = self._db.execute(
             "SELECT block_index FROM blocks WHERE inode = ? ORDER BY block_index", (ino,)

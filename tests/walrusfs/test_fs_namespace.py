@@ -256,6 +256,26 @@ async def test_ctime_changes_on_every_metadata_change(fs: FileSystem) -> None:
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
 
 
+async def test_st_blocks_count_stored_bytes_not_holes(fs: FileSystem) -> None:
+    fh, f = await fs.create(R, b"sparse", 0o644, os.O_RDWR, 0, 0)
+    far = 10 * 2**30
+    await fs.write(fh, far, b"tail")
+    await fs.write(fh, 0, b"x" * 1000)
+    await fs.write(fh, BS, bytes(BS))  # an all-zero block is stored as a hole
+    dirty = await fs.getattr(f.ino)
+    assert 0 < dirty.blocks <= -(-dirty.size // 512)  # unflushed bytes count
+    await fs.flush(fh)
+    st = await fs.getattr(f.ino)
+    assert st.size == far + 4 and st.blocks == -(-1004 // 512)  # du: 1 KiB, not 10 GiB
+    await fs.setattr(f.ino, size=100)
+    assert (await fs.getattr(f.ino)).blocks == 1
+    await fs.setattr(f.ino, size=3 * BS)  # truncate up: a hole
+    assert (await fs.getattr(f.ino)).blocks == 1
+    await fs.release(fh)
+    d = await fs.mkdir(R, b"d", 0o755, 0, 0)
+    assert (await fs.getattr(d.ino)).blocks == 0
+
+
 async def test_access_checks_owner_group_other_and_root(fs: FileSystem) -> None:
     f = await touch(fs, R, b"f", 0o640)
     await fs.setattr(f.ino, uid=10, gid=20)
