@@ -84,6 +84,11 @@ class _File:
         self.dirty: dict[int, bytearray] = {}  # block index -> block bytes (may be short)
         self.inflight: dict[int, bytearray] = {}  # being flushed; never mutated
         self.dirty_since: float | None = None  # trio time of the oldest unflushed change
+        # Write-behind: dirty blocks written front to back from empty (a sequential
+        # writer's), and those of them it has completed, to be stored at once.
+        self.filling: set[int] = set()
+        self.completed: set[int] = set()
+        self.behind = False  # a write-behind task runs for this file
         self.write_lock = trio.Lock()
         self.flush_lock = trio.Lock()
         self.users = 0  # operations holding this object; evicted only at 0
@@ -327,12 +332,20 @@ class FileData:
                         old_len = len(buf)
                         if start > old_len:
                             buf.extend(bytes(start - old_len))
+                        if start != old_len:
+                            f.filling.discard(index)  # a gap or a rewrite: not streaming
                         buf[start : start + n] = src[pos - offset : pos - offset + n]
                         self.dirty_bytes += len(buf) - old_len
+                        if len(buf) == bs and index in f.filling:
+                            f.filling.discard(index)
+                            f.completed.add(index)
                         pos += n
                 f.size = max(f.size, end)
                 f.mtime_ns = f.ctime_ns = now
                 self._mark_dirty(f)
+                if f.completed and not f.behind and self._nursery is not None:
+                    f.behind = True
+                    self._nursery.start_soon(self._write_behind, f.inode)
 
     async def _writable_block(self, f: _File, index: int, start: int, n: int) -> bytearray:
         buf = f.dirty.get(index)
@@ -345,6 +358,7 @@ class FileData:
             ref = self._meta.block(f.inode, index)
             if ref is None or (start == 0 and n >= ref.length):
                 buf = bytearray()  # nothing stored, or all of it is being overwritten
+                f.filling.add(index)
             else:
                 data = await self._fetch(ref)
                 buf = bytearray(memoryview(data)[: ref.length])
@@ -407,8 +421,41 @@ class FileData:
         picked = {k: b for k, b in f.dirty.items() if not full_only or len(b) == bs}
         if not picked and (full_only or not f.attrs_dirty):
             return
+        await self._store_and_commit(f, picked)
+
+    async def _write_behind(self, inode: int) -> None:
+        """Store the blocks a sequential writer completed, while it writes the next ones.
+
+        A completed block is as full as it gets, so storing it now costs nothing extra and
+        overlaps encoding and node writes with the writer instead of stopping it at the
+        dirty limit. Blocks that are rewritten in place (a database) are left to flush.
+        """
+        bs = self.block_size
+        if inode not in self._files:
+            return  # flushed (or deleted) since: nothing left to do
+        with self._use(inode) as f:
+            try:
+                while f.completed:
+                    async with f.flush_lock:
+                        picked = {
+                            k: f.dirty[k]
+                            for k in sorted(f.completed)
+                            if len(f.dirty.get(k, b"")) == bs
+                        }
+                        f.completed.clear()
+                        if picked:
+                            await self._store_and_commit(f, picked)
+            except Exception as exc:  # the blocks stay dirty: flush or close reports it
+                log.debug("write-behind of inode %d failed: %s", inode, exc)
+            finally:
+                f.behind = False
+
+    async def _store_and_commit(self, f: _File, picked: dict[int, bytearray]) -> None:
+        """Store `picked` dirty blocks as blobs, then commit them (flush_lock held)."""
+        bs = self.block_size
         for index, buf in picked.items():
             del f.dirty[index]
+            f.completed.discard(index)
             f.inflight[index] = buf
         snapshot = (f.size, f.mtime_ns, f.ctime_ns)
         complete = not f.dirty

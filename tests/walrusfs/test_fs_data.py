@@ -254,6 +254,47 @@ async def test_dirty_memory_is_bounded(meta: Metadata, store: MemBlobStore) -> N
     assert fs.meta.get_inode(ino).size == len(data)
 
 
+async def test_sequential_writer_has_completed_blocks_stored_at_once(
+    fs: FileSystem, store: MemBlobStore
+) -> None:
+    data = random.Random(5).randbytes(3 * BS + 10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        ino, fh = await new_file(fs)
+        for pos in range(0, len(data), 16384):
+            await fs.write(fh, pos, data[pos : pos + 16384])
+        await trio.testing.wait_all_tasks_blocked()
+        # Written behind the writer, and committed: not waiting for close or the limit.
+        assert store.puts == 3 and fs.meta.block_indexes(ino) == [0, 1, 2]
+        assert fs.meta.get_inode(ino).size == 3 * BS  # never more than is stored
+        assert await fs.read(fh, 0, len(data) + 1) == data
+        await fs.release(fh)
+        assert store.puts == 4 and fs.meta.get_inode(ino).size == len(data)
+        nursery.cancel_scope.cancel()
+
+
+async def test_blocks_rewritten_in_place_or_with_gaps_wait_for_flush(
+    fs: FileSystem, store: MemBlobStore
+) -> None:
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"a" * (2 * BS))
+    await fs.release(fh)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        fh = await fs.open(ino, os.O_RDWR, 0)
+        puts = store.puts
+        await fs.write(fh, 100, b"b" * 4096)  # a database page inside a stored block
+        await fs.write(fh, 3 * BS - 10, b"c" * 10)  # ends a new block, after a gap
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.puts == puts  # each would cost a whole block per small write
+        await fs.release(fh)
+        assert store.puts == puts + 2
+        expect = b"a" * 100 + b"b" * 4096 + b"a" * (2 * BS - 4196) + bytes(BS - 10) + b"c" * 10
+        fh = await fs.open(ino, os.O_RDONLY, 0)
+        assert await fs.read(fh, 0, 3 * BS) == expect
+        nursery.cancel_scope.cancel()
+
+
 async def test_background_flusher_writes_old_dirty_data(
     fs: FileSystem, store: MemBlobStore, autojump_clock: object
 ) -> None:
