@@ -7,7 +7,8 @@ choice is part of the on-disk format:
   by XOR cost (1, 2, 2^-1, ...), each accepted only if every square submatrix of P stays
   nonsingular (super-regular), which is exactly what makes [I ; P] MDS. Such rows encode by
   Horner's rule at ones(beta) XORs per input packet set, about 2.5x fewer than a general
-  element.
+  element, and their few, cheap elements also leave CSE much to share (the schedule used
+  is whichever of the two needs fewer XORs; it is not part of the format).
 - Otherwise (large n) P is a normalised Cauchy matrix, MDS by construction.
 
 Pure; results are cached and immutable, so thread-safe.
@@ -87,11 +88,16 @@ def generator(n: int, k: int) -> Matrix:
 
 @lru_cache(maxsize=64)
 def parity_program(n: int, k: int) -> Program:
-    """The program computing the n-k parity symbols from the k source symbols."""
+    """The program computing the n-k parity symbols from the k source symbols.
+
+    Horner's rule and the common-subexpression compiler are both tried; the fewer XORs
+    win (CSE does at every n measured: 78 vs 88 for the n=7 column code).
+    """
+    general = matrix_program(parity_matrix(n, k))
     betas = horner_betas(n, k)
-    if betas is not None:
-        return horner_program(betas, k)
-    return matrix_program(parity_matrix(n, k))
+    if betas is None:
+        return general
+    return min(horner_program(betas, k), general, key=lambda prog: prog.xors)
 
 
 @lru_cache(maxsize=1024)
