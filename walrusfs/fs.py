@@ -11,9 +11,11 @@ Permissions: mounts use `default_permissions`, so the kernel checks mode bits, o
 for chmod/chown/utimens, and sticky directories before a request reaches us (it knows the
 caller's supplementary groups, we would have to guess them). `access` implements the same
 owner/group/other rule with the root bypass for access(2) calls and for tests; no other
-method checks permissions. What the kernel leaves to us (FUSE_HANDLE_KILLPRIV): chown
-clears set-user-ID and set-group-ID (the latter only with group execute, as Linux), and
-a write or truncate by a non-root caller clears them too.
+method checks permissions. What the kernel leaves to us (FUSE_HANDLE_KILLPRIV) follows
+Linux's setattr_should_drop_suidgid: a write or truncate by a non-root caller clears
+set-user-ID, and set-group-ID if the file is group-executable or the caller is not in
+its group; chown clears set-user-ID, and set-group-ID on the same condition (root
+counting as a member). Callers name their groups (`gids`): unknown means none.
 
 Times: nanoseconds, exact. atime changes only when asked (setattr), as with `noatime`.
 
@@ -118,6 +120,7 @@ class _Handle:
     inode: int
     flags: int
     uid: int  # opener: writes by non-root clear set-ID bits
+    gids: frozenset[int]  # opener's group and supplementary groups (set-group-ID rule)
     next_read: int = 0  # where a sequential reader reads next (read-ahead)
 
 
@@ -128,10 +131,15 @@ def _check_name(name: bytes) -> None:
         raise Invalid(f"bad name {name!r}")
 
 
-def _killpriv(mode: int) -> int:
-    """Mode after a change that must drop set-ID bits (setgid only with group exec)."""
+def _drop_setid(row: InodeRow, mode: int, uid: int, gids: Collection[int]) -> int:
+    """`mode` after a write, truncate or chown of `row` by `uid` in groups `gids`.
+
+    Set-user-ID goes; set-group-ID goes if the file is group-executable or the caller is
+    neither root nor in its group (without group execute it marks mandatory locking,
+    which the file's group may keep).
+    """
     mode &= ~stat.S_ISUID
-    if mode & stat.S_IXGRP:
+    if mode & stat.S_IXGRP or not (uid == 0 or row.gid in gids):
         mode &= ~stat.S_ISGID
     return mode
 
@@ -229,8 +237,12 @@ class FileSystem:
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
         caller_uid: int = 0,
+        caller_gids: Collection[int] = (),
     ) -> Attrs:
-        """Change exactly the given fields; ctime becomes now unless given."""
+        """Change exactly the given fields; ctime becomes now unless given.
+
+        `caller_uid` and `caller_gids` (group and supplementary groups) decide which
+        set-ID bits a truncate or chown clears."""
         row = self.meta.get_inode(ino)
         now = self._now()
         fields: dict[str, int] = {}
@@ -241,10 +253,10 @@ class FileSystem:
             if not stat.S_ISREG(row.mode) or size < 0:
                 raise Invalid(f"cannot truncate inode {ino} to {size}")
             await self.data.truncate(ino, size, now_ns=now)
-            if caller_uid != 0:
-                new_mode = _killpriv(new_mode)
+            if caller_uid != 0:  # root keeps set-ID bits (CAP_FSETID)
+                new_mode = _drop_setid(row, new_mode, caller_uid, caller_gids)
         if (uid is not None or gid is not None) and not stat.S_ISDIR(row.mode):
-            new_mode = _killpriv(new_mode)
+            new_mode = _drop_setid(row, new_mode, caller_uid, caller_gids)
         if mode is not None:
             new_mode = stat.S_IFMT(row.mode) | stat.S_IMODE(mode)
         for name, value in (
@@ -534,27 +546,37 @@ class FileSystem:
 
     # -- file content -------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int, uid: int) -> int:
-        """Open a regular file; O_TRUNC truncates. Returns a handle."""
+    async def open(self, ino: int, flags: int, uid: int, gids: Collection[int] = ()) -> int:
+        """Open a regular file; O_TRUNC truncates. Returns a handle.
+
+        `uid` and `gids` (group and supplementary groups) of the opener decide which
+        set-ID bits its writes clear."""
         row = self.meta.get_inode(ino)
         if stat.S_ISDIR(row.mode):
             raise IsADir(f"inode {ino}")
         if not stat.S_ISREG(row.mode):
             raise Invalid(f"inode {ino} is not a regular file")
         if flags & os.O_TRUNC:
-            await self.setattr(ino, size=0, caller_uid=uid)
+            await self.setattr(ino, size=0, caller_uid=uid, caller_gids=gids)
         fh = next(self._fh)
-        self._handles[fh] = _Handle(ino, flags, uid)
+        self._handles[fh] = _Handle(ino, flags, uid, frozenset(gids))
         self._opens[ino] += 1
         return fh
 
     async def create(
-        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        uid: int,
+        gid: int,
+        gids: Collection[int] = (),
     ) -> tuple[int, Attrs]:
-        """Create and open a regular file; adds a lookup reference."""
+        """Create and open a regular file; adds a lookup reference. `gids`: see open."""
         row = await self._create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
         attrs = self._remember(row)
-        return await self.open(row.id, flags & ~os.O_TRUNC, uid), attrs
+        return await self.open(row.id, flags & ~os.O_TRUNC, uid, {gid, *gids}), attrs
 
     def _handle(self, fh: int) -> _Handle:
         try:
@@ -574,10 +596,11 @@ class FileSystem:
         h = self._handle(fh)
         if h.flags & os.O_APPEND and not self.kernel_handles_append:
             offset = (await self.getattr(h.inode)).size
-        if h.uid != 0:
+        if h.uid != 0:  # root keeps set-ID bits (CAP_FSETID)
             row = self.meta.get_inode(h.inode)
-            if _killpriv(row.mode) != row.mode:
-                await self.setattr(h.inode, mode=_killpriv(row.mode))
+            mode = _drop_setid(row, row.mode, h.uid, h.gids)
+            if mode != row.mode:
+                await self.setattr(h.inode, mode=mode)
         await self.data.write(h.inode, offset, data)
         return len(data)
 

@@ -75,6 +75,21 @@ def _errno(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any
     return handler
 
 
+def caller_gids(ctx: RequestContext) -> frozenset[int]:
+    """The caller's group and supplementary groups (just its group if it has exited)."""
+    try:
+        groups = pyfuse3.get_sup_groups(ctx.pid)
+    except (OSError, ValueError):
+        groups = set()
+    return frozenset({ctx.gid, *groups})
+
+
+def _gids_if_unprivileged(ctx: RequestContext) -> frozenset[int]:
+    # Only a non-root caller's groups matter (which set-ID bits its writes clear); root
+    # is spared reading /proc on every open.
+    return frozenset() if ctx.uid == 0 else caller_gids(ctx)
+
+
 def entry_attributes(a: Attrs) -> EntryAttributes:
     """pyfuse3's view of a FileSystem Attrs."""
     e = EntryAttributes()
@@ -156,6 +171,8 @@ class FuseOperations(pyfuse3.Operations):
         ):
             if wanted:
                 changes[name] = value
+        if fields.update_size or fields.update_uid or fields.update_gid:
+            changes["caller_gids"] = _gids_if_unprivileged(ctx)
         return entry_attributes(await self.fs.setattr(inode, caller_uid=ctx.uid, **changes))
 
     @_errno
@@ -163,11 +180,7 @@ class FuseOperations(pyfuse3.Operations):
         # Not called with default_permissions (how walrusfs.mount mounts); kept right
         # for a mount without it.
         try:
-            groups = pyfuse3.get_sup_groups(ctx.pid)
-        except (OSError, ValueError):  # the caller has exited already
-            groups = set()
-        try:
-            await self.fs.access(inode, mode, ctx.uid, ctx.gid, groups)
+            await self.fs.access(inode, mode, ctx.uid, ctx.gid, caller_gids(ctx))
         except PermissionDenied:
             return False
         return True
@@ -263,7 +276,8 @@ class FuseOperations(pyfuse3.Operations):
     @_errno
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         # keep_cache: only this mount changes files, so cached pages stay valid.
-        return FileInfo(fh=await self.fs.open(inode, flags, ctx.uid), keep_cache=True)
+        fh = await self.fs.open(inode, flags, ctx.uid, _gids_if_unprivileged(ctx))
+        return FileInfo(fh=fh, keep_cache=True)
 
     @_errno
     async def create(
@@ -274,7 +288,9 @@ class FuseOperations(pyfuse3.Operations):
         flags: FlagT,
         ctx: RequestContext,
     ) -> tuple[FileInfo, EntryAttributes]:
-        fh, attrs = await self.fs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        fh, attrs = await self.fs.create(
+            parent_inode, name, mode, flags, ctx.uid, ctx.gid, _gids_if_unprivileged(ctx)
+        )
         return FileInfo(fh=fh, keep_cache=True), entry_attributes(attrs)
 
     @_errno

@@ -106,8 +106,11 @@ class Mounted:
 
 
 @pytest.fixture
-async def mounted(tmp_path: Path) -> AsyncIterator[Mounted]:
-    """A walrusfs volume mounted at tmp_path/mnt for the duration of one test."""
+async def mounted(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Mounted]:
+    """A walrusfs volume mounted at tmp_path/mnt for the duration of one test.
+
+    Options by indirect parametrization: `{"allow_other": True}` lets other users in.
+    """
     from walrusfs.mount import serve  # pyfuse3 only for mount tests
 
     if not await in_thread(os.path.exists, "/dev/fuse"):
@@ -124,7 +127,8 @@ async def mounted(tmp_path: Path) -> AsyncIterator[Mounted]:
 
     async def run_server() -> None:
         try:
-            await serve(fs, str(mnt), ready=ready.set)
+            allow_other = getattr(request, "param", {}).get("allow_other", False)
+            await serve(fs, str(mnt), allow_other=allow_other, ready=ready.set)
         except BaseException as exc:
             failure.append(exc)
             raise

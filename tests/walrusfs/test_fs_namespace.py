@@ -236,6 +236,41 @@ async def test_unprivileged_write_and_truncate_clear_setid(fs: FileSystem) -> No
         await fs.release(h)
 
 
+async def test_setgid_without_group_exec_goes_unless_the_writer_is_in_the_group(
+    fs: FileSystem,
+) -> None:
+    # Linux (setattr_should_drop_suidgid): without group execute, set-group-ID survives
+    # a write or truncate by root or a member of the file's group, no one else's.
+    f = await touch(fs, R, b"f", 0o2666)  # group 1000
+
+    async def write_as(uid: int, gids: set[int]) -> bool:
+        fh = await fs.open(f.ino, os.O_WRONLY, uid, gids)
+        await fs.write(fh, 0, b"x")
+        await fs.release(fh)
+        kept = bool((await fs.getattr(f.ino)).mode & stat.S_ISGID)
+        await fs.setattr(f.ino, mode=0o2666)
+        return kept
+
+    assert await write_as(0, set())
+    assert await write_as(2000, {2000, 1000})  # a supplementary member
+    assert not await write_as(2000, {2000})
+    await fs.setattr(f.ino, size=0, caller_uid=2000, caller_gids={1000})
+    assert (await fs.getattr(f.ino)).mode & stat.S_ISGID
+    await fs.setattr(f.ino, size=5, caller_uid=2000, caller_gids={2000})
+    assert not (await fs.getattr(f.ino)).mode & stat.S_ISGID
+    fh, g = await fs.create(R, b"g", 0o666, os.O_WRONLY, 3000, 3000)
+    await fs.setattr(g.ino, mode=0o2666, gid=1000)
+    await fs.write(fh, 0, b"not a member of group 1000")
+    assert not (await fs.getattr(g.ino)).mode & stat.S_ISGID
+    await fs.release(fh)
+    # chown by its non-root owner, who is not in the file's group, drops it too.
+    await fs.setattr(f.ino, mode=0o2666)
+    await fs.setattr(f.ino, uid=1000, caller_uid=1000, caller_gids={1000})
+    assert (await fs.getattr(f.ino)).mode & stat.S_ISGID
+    await fs.setattr(f.ino, gid=1000, caller_uid=1000, caller_gids={2000})
+    assert not (await fs.getattr(f.ino)).mode & stat.S_ISGID
+
+
 async def test_ctime_changes_on_every_metadata_change(fs: FileSystem) -> None:
     f = await touch(fs, R, b"f")
     seen = [f.ctime_ns]

@@ -297,6 +297,39 @@ async def test_chmod_chown_utimens(mounted: Mounted) -> None:
     assert (row.mtime_ns, row.atime_ns) == (1_300_000_000_500_000_000, 1_111_111_111_123_456_789)
 
 
+def as_nobody(root: Path, script: str) -> None:
+    """Run a shell script in `root` as nobody. The child enters `root` as root, before
+    dropping privileges: the parents of tmp_path are closed to other users."""
+    subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c", script],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+
+
+def setid_after_writes_by_nobody(root: Path) -> dict[str, int]:
+    modes = {"suid": 0o4777, "sgid": 0o2777, "lock": 0o2666, "trunc": 0o2666}
+    for name, mode in modes.items():
+        (root / name).write_bytes(b"x")
+        os.chmod(root / name, mode)
+    as_nobody(root, "printf y 1<>suid; printf y 1<>sgid; printf y 1<>lock; : >trunc")
+    return {name: stat.S_IMODE(os.stat(root / name).st_mode) for name in modes}
+
+
+@pytest.mark.parametrize("mounted", [{"allow_other": True}], indirect=True)
+async def test_writes_by_others_clear_setid_bits_like_linux(mounted: Mounted) -> None:
+    if os.getuid() != 0:
+        pytest.skip("acting as another user needs root")
+    # Set-group-ID without group execute stays only for writers in the file's group.
+    assert await in_thread(setid_after_writes_by_nobody, mounted.path) == {
+        "suid": 0o777,
+        "sgid": 0o777,
+        "lock": 0o666,
+        "trunc": 0o666,
+    }
+
+
 def getxattr_with_buffer(path: Path, name: str, size: int) -> int:
     buf = ctypes.create_string_buffer(max(size, 1))
     n = _libc.getxattr(bytes(path), name.encode(), buf if size else None, size)
