@@ -22,6 +22,8 @@ import abc
 from collections.abc import Callable
 
 Buffer = bytes | bytearray | memoryview
+#: What a put stores: one buffer, or pieces written one after another (no join needed).
+Payload = Buffer | tuple[Buffer, ...]
 
 
 class NodeStore(abc.ABC):
@@ -40,8 +42,10 @@ class NodeStore(abc.ABC):
         return f"{type(self).__name__}({self.path!r})"
 
     @abc.abstractmethod
-    async def put(self, key: str, data: Buffer, *, durable: bool = True) -> None:
-        """Store ``data`` under ``key`` atomically, replacing any old value.
+    async def put(self, key: str, data: Payload, *, durable: bool = True) -> None:
+        """Store ``data`` (a buffer, or a tuple of pieces) under ``key`` atomically.
+
+        Replaces any old value.
 
         Raises InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
         """

@@ -128,9 +128,16 @@ WRITEBACK_HINT_BYTES = 256 << 10
 
 
 def write_atomic(
-    root_fd: int, node: str, key: str, parts: tuple[str, ...], data: bytes | memoryview, *, durable: bool
+    root_fd: int,
+    node: str,
+    key: str,
+    parts: tuple[str, ...],
+    data: bytes | memoryview | tuple[bytes | memoryview, ...],
+    *,
+    durable: bool,
 ) -> None:
-    """Write ``data`` to a temp file beside the key, fsync, rename over the key, fsync the dir.
+    """Write ``data`` (or its pieces, in order) to a temp file beside the key, fsync,
+    rename over the key, fsync the directory.
 
     On any failure the temp file is removed (best effort) and the key keeps its old value.
     Raises NodeIOError (symlink or file where a key directory belongs), OSError.
@@ -141,10 +148,10 @@ def write_atomic(
         fd = os.open(tmp, _CREATE_FLAGS, FILE_MODE, dir_fd=dir_fd)
         try:
             try:
-                _write_all(fd, data)
+                size = _write_all(fd, data if isinstance(data, tuple) else (data,))
                 if durable:
                     os.fsync(fd)
-                elif len(data) >= WRITEBACK_HINT_BYTES:
+                elif size >= WRITEBACK_HINT_BYTES:
                     # Start writeback now, without waiting: a later fsync/syncfs then finds
                     # little left to write, and the disk works while the caller computes.
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -163,11 +170,18 @@ def write_atomic(
         os.close(dir_fd)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _write_all(fd: int, pieces: tuple[bytes | memoryview, ...]) -> int:
+    """Write every piece in order (one writev where the kernel takes it all); return the size."""
+    views = [memoryview(p).cast("B") for p in pieces if len(p)]
+    total = sum(len(v) for v in views)
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+    return total
 
 
 def _open_key_file(root_fd: int, node: str, key: str, parts: tuple[str, ...]) -> int:
@@ -386,7 +400,7 @@ def probe(root_fd: int, node: str) -> None:
     fd = os.open(name, _CREATE_FLAGS, FILE_MODE, dir_fd=root_fd)
     try:
         try:
-            _write_all(fd, payload)
+            _write_all(fd, (payload,))
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -32,13 +32,20 @@ from typing import TypeVar
 import trio
 
 from backends import files
-from backends.base import Buffer, NodeStore
+from backends.base import Buffer, NodeStore, Payload
 from backends.errors import NodeTimeout, map_os_error
 from backends.keys import check_key, check_prefix
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _immutable(piece: Buffer) -> bytes | memoryview:
+    """The piece itself if nobody can change it (bytes, a read-only view), else a copy."""
+    if isinstance(piece, bytes) or (isinstance(piece, memoryview) and piece.readonly):
+        return piece
+    return bytes(piece)
 
 
 class LocalStore(NodeStore):
@@ -115,7 +122,7 @@ class LocalStore(NodeStore):
                 key=key,
             ) from None
 
-    async def put(self, key: str, data: Buffer, *, durable: bool = True) -> None:
+    async def put(self, key: str, data: Payload, *, durable: bool = True) -> None:
         """Store ``data`` under ``key`` atomically (durably unless ``durable=False``).
 
         Raises InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
@@ -125,11 +132,8 @@ class LocalStore(NodeStore):
         # buffer must not be able to change what the late rename publishes. Read-only
         # views are taken as a promise that nobody writes the buffer (the blob store
         # hands over fresh read-only arrays): copying megabytes here would hold the GIL.
-        payload: bytes | memoryview
-        if type(data) is bytes or (isinstance(data, memoryview) and data.readonly):
-            payload = data
-        else:
-            payload = bytes(data)
+        pieces = data if isinstance(data, tuple) else (data,)
+        payload = tuple(_immutable(p) for p in pieces)
         await self._run(
             "put",
             key,

@@ -65,6 +65,15 @@ async def test_put_accepts_non_byte_memoryview(store: LocalStore) -> None:
     assert await store.get("k") == bytes(range(8))
 
 
+async def test_put_of_pieces_stores_them_in_order(store: LocalStore) -> None:
+    big = random.Random(9).randbytes(1 << 20)
+    buf = bytearray(b"mutable")
+    pieces = (b"head", memoryview(big).toreadonly(), b"", buf, memoryview(big)[:3])
+    await store.put("slivers/ab/blob", pieces, durable=False)
+    buf[:] = b"XXXXXXX"  # a writable piece was copied before the put returned
+    assert await store.get("slivers/ab/blob") == b"head" + big + b"mutable" + big[:3]
+
+
 async def test_non_durable_put_is_still_readable(store: LocalStore) -> None:
     await store.put("a/b", b"fast", durable=False)
     assert await store.get("a/b") == b"fast"
