@@ -35,7 +35,6 @@ from codec import (
     BlobMetadata,
     CodecError,
     Params,
-    Workspace,
     decode_primaries,
     decode_secondaries,
     encode,
@@ -85,26 +84,23 @@ class BlobStats:
 
 
 def _encode_files(
-    params: Params, data: bytes | bytearray | memoryview, ws: Workspace
-) -> tuple[BlobMetadata, dict[int, tuple[str, memoryview]]]:
-    """Encode and lay out one sliver file per node (runs in a worker thread).
+    params: Params, data: bytes | bytearray | memoryview
+) -> tuple[BlobMetadata, dict[int, tuple[str, tuple[bytes | memoryview, ...]]]]:
+    """Encode and lay out one sliver file per node, as pieces (runs in a worker thread).
 
-    Each file is a fresh read-only array, never reused, so the workspace can serve the
-    next encode at once and a late write by an abandoned thread still sees its bytes;
-    numpy copies release the GIL, bytes.join would not.
+    The pieces are read-only views of buffers this encode allocated for itself, not of a
+    reused workspace: they are written with writev and no copy, and a late write by an
+    abandoned thread still sees its bytes (the views keep them alive). Freed buffers go
+    back to the heap (walrusfs.tuning), so fresh ones cost no page faults.
     """
-    enc = encode(params, data, ws)
+    enc = encode(params, data)
     meta = enc.metadata
-    files: dict[int, tuple[str, memoryview]] = {}
+    files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]] = {}
     for pair in enc.pairs:
-        pieces = build(meta, pair)
-        out = np.empty(sum(len(p) for p in pieces), dtype=np.uint8)
-        pos = 0
-        for piece in pieces:
-            out[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-            pos += len(piece)
-        out.flags.writeable = False
-        files[meta.node_of_pair(pair.pair)] = (sliver_key(meta.blob_id, pair.pair), out.data)
+        pieces = tuple(
+            p if isinstance(p, bytes) else memoryview(p).toreadonly() for p in build(meta, pair)
+        )
+        files[meta.node_of_pair(pair.pair)] = (sliver_key(meta.blob_id, pair.pair), pieces)
     return meta, files
 
 
@@ -147,7 +143,6 @@ class BlobStore:
         self._encode_limiter = trio.CapacityLimiter(encode_threads)
         self._cpu_limiter = trio.CapacityLimiter(2)
         self._puts = trio.Semaphore(max_puts)
-        self._workspaces: list[Workspace] = []
         self._headers: OrderedDict[tuple[bytes, int], Header] = OrderedDict()
         # Told of every sliver that failed verification (repair queues it): blob id, pair, why.
         self.on_bad_sliver: Callable[[bytes, int, str], None] | None = None
@@ -176,13 +171,9 @@ class BlobStore:
         Raises StorageUnavailable (or NoSpace when nodes are full) below the quorum.
         """
         async with self._puts:
-            ws = self._workspaces.pop() if self._workspaces else Workspace()
-            try:
-                meta, files = await trio.to_thread.run_sync(
-                    _encode_files, self.params, data, ws, limiter=self._encode_limiter
-                )
-            finally:
-                self._workspaces.append(ws)
+            meta, files = await trio.to_thread.run_sync(
+                _encode_files, self.params, data, limiter=self._encode_limiter
+            )
             stored, errors = await self._store_files(files, durable)
         quorum = self.params.n - self.params.f
         if len(stored) < quorum:
@@ -201,7 +192,7 @@ class BlobStore:
         return PutResult(meta.blob_id, meta.to_bytes(), missed)
 
     async def _store_files(
-        self, files: dict[int, tuple[str, memoryview]], durable: bool
+        self, files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]], durable: bool
     ) -> tuple[set[int], dict[int, Exception | str]]:
         """Write each node's file; return once a quorum (plus grace) or all have answered."""
         quorum = self.params.n - self.params.f
