@@ -74,12 +74,11 @@ def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> 
     layout = SliverLayout(_blob_array(blob), primary, secondary, corner)
     leaves = [[b""] * n for _ in range(n)]
 
-    def hash_columns(j0: int, j1: int) -> None:
+    def hash_symbols(i: int, j0: int, j1: int) -> None:
         for j in range(j0, j1):
-            for i in range(n):
-                leaves[i][j] = leaf_hash(layout.symbol(i, j, j0).data)
+            leaves[i][j] = leaf_hash(layout.symbol(i, j, j0).data)
 
-    expand_into(params, layout, ws, batch, hash_columns)
+    expand_into(params, layout, ws, batch, hash_symbols)
     prim_roots = tuple(root_of_leaves(row) for row in leaves)
     col_roots = [root_of_leaves([leaves[i][j] for i in range(n)]) for j in range(n)]
     meta = BlobMetadata(

@@ -7,9 +7,10 @@ symbols from DRAM runs at a third of the in-cache rate, for XORs and blake3 alik
 matrix is built in batches of columns small enough to stay in cache:
 
 1. for each batch of systematic columns j < C: copy the blob's symbols in, run the column
-   code, hand the finished batch to `done` (the encoder hashes it there, while hot);
-2. the row code over the R blob rows gives the parity columns' first R symbols;
-3. for each batch of parity columns j >= C: the column code, then `done`.
+   code; every symbol goes to `ready` as soon as it is final (the encoder hashes it there,
+   while it is still in cache); the row code accumulates the batch too (codec.rowcode),
+   so it never reads the blob cold again (codes it cannot accumulate run after the loop);
+2. for each batch of parity columns j >= C: the column code, again with `ready`.
 
 This costs the same XORs as rows-then-columns (the cheaper order, ~4n/3 1D encodings).
 Where the symbols live is a Layout: one n x n matrix (`expand`), or the sliver buffers
@@ -27,6 +28,7 @@ import numpy as np
 
 from codec.codes import parity_program
 from codec.config import Params
+from codec.rowcode import RowAccumulator, exponents
 from codec.workspace import U8Array, U64Array, Workspace
 from codec.xorsched import Program, run, scratch_words, step_words
 
@@ -42,15 +44,11 @@ class Layout(Protocol):
         ...
 
     def along_column(self, j: int, i0: int, i1: int) -> U64Array:
-        """Symbols (i0..i1-1, j); rows i0..i1-1 must lie in one of `row_groups`."""
+        """Symbols (i0..i1-1, j), i1 <= R."""
         ...
 
-    def row_groups(self) -> list[tuple[int, int]]:
-        """Ranges of blob rows that `along_column` can view together."""
-        ...
-
-    def fill(self, j0: int, j1: int) -> None:
-        """Put the blob's symbols (0..R-1, j0..j1-1) where the column code reads them."""
+    def fill(self, i: int, j0: int, j1: int) -> None:
+        """Put the blob's symbols (i, j0..j1-1) where the column code reads them (i < R)."""
         ...
 
 
@@ -60,9 +58,9 @@ def _rows(blob: U8Array, r: int, c: int, s: int) -> tuple[U8Array, int]:
     return blob[: full * c * s].reshape(full, c, s), full
 
 
-def _padded_row(blob: U8Array, i: int, out: U8Array) -> None:
-    """out = row i of the blob, zero-padded past the blob's end."""
-    piece = blob[i * len(out) : (i + 1) * len(out)]
+def _copy_padded(blob: U8Array, start: int, out: U8Array) -> None:
+    """out = blob[start : start+len(out)], zero-padded past the blob's end."""
+    piece = blob[start : start + len(out)]
     out[: len(piece)] = piece
     out[len(piece) :] = 0
 
@@ -84,16 +82,9 @@ class MatrixLayout:
     def along_column(self, j: int, i0: int, i1: int) -> U64Array:
         return self._m64[i0:i1, j]
 
-    def row_groups(self) -> list[tuple[int, int]]:
-        return [(0, self._r)]
-
-    def fill(self, j0: int, j1: int) -> None:
+    def fill(self, i: int, j0: int, j1: int) -> None:
         s = self.matrix.shape[2]
-        for i in range(self._r):
-            piece = self._blob[(i * self._c + j0) * s : (i * self._c + j1) * s]
-            out = self.matrix[i, j0:j1].reshape(-1)
-            out[: len(piece)] = piece
-            out[len(piece) :] = 0
+        _copy_padded(self._blob, (i * self._c + j0) * s, self.matrix[i, j0:j1].reshape(-1))
 
 
 class SliverLayout:
@@ -102,7 +93,7 @@ class SliverLayout:
     Systematic primary slivers are the blob's rows themselves, viewed in place; only rows
     the blob does not fill are copied, zero-padded, into `primary` (n, C, s), which also
     holds the parity primaries. The systematic symbols are copied once more, into their
-    secondary slivers: the column code reads them there. The corner M[R..n)[C..n) is never
+    secondary slivers: both codes read them there. The corner M[R..n)[C..n) is never
     stored: each batch of parity columns reuses `corner`, so its symbols are valid only
     until the next batch.
     """
@@ -114,13 +105,11 @@ class SliverLayout:
         r = secondary.shape[1]
         self.secondary, self.corner = secondary, corner
         self._r, self._c = r, c
+        self._blob = blob
         self._blob_rows, full = _rows(blob, r, c, s)
-        for i in range(full, r):
-            _padded_row(blob, i, primary[i].reshape(-1))
         self._full = full
         self.rows = [self._blob_rows[i] if i < full else primary[i] for i in range(n)]
         self._p64 = primary.view(np.uint64).reshape(n, c, s // 8)
-        self._b64 = self._blob_rows.view(np.uint64).reshape(full, c, s // 8)
         self._s64 = secondary.view(np.uint64).reshape(n, r, s // 8)
         self._k64 = corner.view(np.uint64).reshape(corner.shape[0], corner.shape[1], s // 8)
 
@@ -132,13 +121,7 @@ class SliverLayout:
         return self._k64[i - self._r, : j1 - j0]
 
     def along_column(self, j: int, i0: int, i1: int) -> U64Array:
-        if j >= self._c:
-            return self._s64[j, i0:i1]
-        return self._b64[i0:i1, j] if i1 <= self._full else self._p64[i0:i1, j]
-
-    def row_groups(self) -> list[tuple[int, int]]:
-        groups = [(0, self._full)] if self._full else []
-        return groups + [(i, i + 1) for i in range(self._full, self._r)]
+        return self._s64[j, i0:i1]
 
     def symbol(self, i: int, j: int, j0: int) -> U8Array:
         """Symbol (i, j) as bytes; in the corner, j0 is the first column of the batch."""
@@ -151,11 +134,12 @@ class SliverLayout:
             sym = self.corner[i - self._r, j - j0]
         return sym
 
-    def fill(self, j0: int, j1: int) -> None:
-        full = self._full
-        self.secondary[j0:j1, :full] = self._blob_rows[:, j0:j1].transpose(1, 0, 2)
-        for i in range(full, self._r):
-            self.secondary[j0:j1, i] = self.rows[i][j0:j1]
+    def fill(self, i: int, j0: int, j1: int) -> None:
+        if i >= self._full:  # a row the blob does not fill: copied, padded, into `primary`
+            s = self.secondary.shape[2]
+            part = self.rows[i][j0:j1]
+            _copy_padded(self._blob, (i * self._c + j0) * s, part.reshape(-1))
+        self.secondary[j0:j1, i] = self.rows[i][j0:j1]
 
 
 def batch_columns(params: Params, symbol_size: int) -> int:
@@ -163,11 +147,17 @@ def batch_columns(params: Params, symbol_size: int) -> int:
     return max(1, BATCH_BYTES // (params.n * symbol_size))
 
 
-def _run(program: Program, ins: list[U64Array], outs: list[U64Array], workspace: Workspace) -> None:
+def _run(
+    program: Program,
+    ins: list[U64Array],
+    outs: list[U64Array],
+    workspace: Workspace,
+    on_output: Callable[[int], None] | None = None,
+) -> None:
     batch, words = ins[0].shape
     step = step_words(program, batch, words // 8)
     scratch = workspace.words("scratch", scratch_words(program, batch, step))
-    run(program, ins, outs, step, scratch)
+    run(program, ins, outs, step, scratch, on_output)
 
 
 def expand_into(
@@ -175,34 +165,51 @@ def expand_into(
     layout: Layout,
     workspace: Workspace,
     batch: int,
-    done: Callable[[int, int], None] | None = None,
+    ready: Callable[[int, int, int], None] | None = None,
 ) -> None:
-    """Compute every symbol of the matrix in `layout`, calling done(j0, j1) per batch.
+    """Compute every symbol of the matrix in `layout`, calling ready(i, j0, j1) per batch.
 
-    `done` sees columns j0..j1-1 complete; in a SliverLayout corner symbols last only
-    until it returns.
+    ready(i, j0, j1) is called as soon as symbols (i, j0..j1-1) are final, once for every
+    i < n and column batch, so they can be hashed while in cache. In a SliverLayout corner
+    symbols last only until the next batch.
     """
     n, r, c = params.n, params.R, params.C
     column_code = parity_program(n, r)
 
-    def columns(j0: int, j1: int) -> None:
-        run_ins = [layout.along_row(i, j0, j1) for i in range(r)]
-        run_outs = [layout.along_row(i, j0, j1) for i in range(r, n)]
-        _run(column_code, run_ins, run_outs, workspace)
-        if done is not None:
-            done(j0, j1)
-
-    for j0 in range(0, c, batch):
-        j1 = min(c, j0 + batch)
-        layout.fill(j0, j1)
-        columns(j0, j1)
-    row_code = parity_program(n, c)
-    for i0, i1 in layout.row_groups():
+    def columns(j0: int, j1: int, fill: bool) -> None:
+        for i in range(r):
+            if fill:
+                layout.fill(i, j0, j1)
+            if ready is not None:
+                ready(i, j0, j1)
         _run(
-            row_code,
-            [layout.along_column(j, i0, i1) for j in range(c)],
-            [layout.along_column(j, i0, i1) for j in range(c, n)],
+            column_code,
+            [layout.along_row(i, j0, j1) for i in range(r)],
+            [layout.along_row(i, j0, j1) for i in range(r, n)],
+            workspace,
+            None if ready is None else lambda t: ready(r + t, j0, j1),
+        )
+
+    exps = exponents(n, c)
+    if exps is None:
+        for j0 in range(0, c, batch):
+            columns(j0, min(c, j0 + batch), True)
+        _run(
+            parity_program(n, c),
+            [layout.along_column(j, 0, r) for j in range(c)],
+            [layout.along_column(j, 0, r) for j in range(c, n)],
             workspace,
         )
+    else:  # the row code rides along, column by column, while each is in cache
+
+        def symbols(j: int) -> list[U64Array]:
+            return list(layout.along_column(j, 0, r).reshape(r, 8, -1))
+
+        rows = RowAccumulator(exps, c, [symbols(j) for j in range(c, n)])
+        for j1 in range(c, 0, -batch):
+            j0 = max(0, j1 - batch)
+            columns(j0, j1, True)
+            for j in range(j1 - 1, j0 - 1, -1):
+                rows.add(j, symbols(j))
     for j0 in range(c, n, batch):
-        columns(j0, min(n, j0 + batch))
+        columns(j0, min(n, j0 + batch), False)

@@ -22,6 +22,7 @@ plus a scratch it allocates, so it is thread-safe.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
@@ -48,13 +49,16 @@ CSE_MAX_ONES = 1500
 class Program:
     """A compiled XOR program. Registers: inputs, then outputs, then temps.
 
-    `ops` are (dst, a, b): dst = a ^ b, or dst = a when b == -1.
+    `ops` are (dst, a, b): dst = a ^ b, or dst = a when b == -1. Output symbols are
+    completed one after another: output symbol t (registers n_in + 8t ..) is final once
+    the first `done[t]` ops have run, so a caller can use it while it is still in cache.
     """
 
     n_in: int
     n_out: int
     n_temp: int
     ops: tuple[tuple[int, int, int], ...]
+    done: tuple[int, ...]
 
     @property
     def xors(self) -> int:
@@ -62,10 +66,36 @@ class Program:
         return sum(1 for op in self.ops if op[2] >= 0)
 
 
+def _demand_order(n_in: int, ssa: list[tuple[int, int]], outputs: list[int]) -> list[list[int]]:
+    """SSA values grouped by the output symbol that first needs them, each group in order.
+
+    Computing each output symbol's values just before it (rather than every shared value
+    first) finishes the outputs one by one and keeps fewer temps alive at once.
+    """
+    seen: set[int] = set()
+    groups = []
+    for g in range(0, len(outputs), 8):
+        need = []
+        stack = [v for v in outputs[g : g + 8] if v >= n_in]
+        while stack:
+            v = stack.pop()
+            if v < n_in or v in seen:
+                continue
+            seen.add(v)
+            need.append(v)
+            stack.extend(ssa[v - n_in])
+        groups.append(sorted(need))  # SSA order is a topological order
+    return groups
+
+
 def _allocate(n_in: int, ssa: list[tuple[int, int]], outputs: list[int]) -> Program:
-    """Map SSA values to registers, reusing temps once their last reader has run."""
+    """Order the SSA values by output symbol, then map them to registers, reusing temps
+    once their last reader has run."""
+    groups = _demand_order(n_in, ssa, outputs)
+    order = [v for group in groups for v in group]
     last_use: dict[int, int] = {}
-    for idx, (a, b) in enumerate(ssa):
+    for idx, v in enumerate(order):
+        a, b = ssa[v - n_in]
         last_use[a] = idx
         last_use[b] = idx
     out_reg: dict[int, int] = {}
@@ -77,25 +107,30 @@ def _allocate(n_in: int, ssa: list[tuple[int, int]], outputs: list[int]) -> Prog
     free: list[int] = []
     n_temp = 0
     ops: list[tuple[int, int, int]] = []
-    for idx, (a, b) in enumerate(ssa):
-        value = n_in + idx
-        ra, rb = reg[a], reg[b]
-        for operand in {a, b}:
-            if last_use.get(operand) == idx and operand >= n_in and operand not in out_reg:
-                free.append(reg[operand])
-        if value in out_reg:
-            dst = out_reg[value]
-        elif free:
-            dst = free.pop()
-        else:
-            dst = base_temp + n_temp
-            n_temp += 1
-        reg[value] = dst
-        ops.append((dst, ra, rb))
-    for slot, value in enumerate(outputs):
-        if reg[value] != n_in + slot:
-            ops.append((n_in + slot, reg[value], -1))
-    return Program(n_in=n_in, n_out=len(outputs), n_temp=n_temp, ops=tuple(ops))
+    done = []
+    idx = 0
+    for g, group in enumerate(groups):
+        for value in group:
+            a, b = ssa[value - n_in]
+            ra, rb = reg[a], reg[b]
+            for operand in (a, b):
+                if last_use.get(operand) == idx and operand >= n_in and operand not in out_reg:
+                    free.append(reg[operand])
+            if value in out_reg:
+                dst = out_reg[value]
+            elif free:
+                dst = free.pop()
+            else:
+                dst = base_temp + n_temp
+                n_temp += 1
+            reg[value] = dst
+            ops.append((dst, ra, rb))
+            idx += 1
+        for slot in range(8 * g, 8 * g + 8):
+            if reg[outputs[slot]] != n_in + slot:
+                ops.append((n_in + slot, reg[outputs[slot]], -1))
+        done.append(len(ops))
+    return Program(n_in=n_in, n_out=len(outputs), n_temp=n_temp, ops=tuple(ops), done=tuple(done))
 
 
 def _xor_chain(ssa: list[tuple[int, int]], terms: list[int], n_in: int) -> int:
@@ -193,13 +228,15 @@ def run(
     outputs: list[U64Array],
     chunk_words: int | None = None,
     scratch: U64Array | None = None,
+    on_output: Callable[[int], None] | None = None,
 ) -> None:
     """Execute `program`: each array is (batch, 8*w) uint64, one symbol per batch row.
 
     Inputs and outputs may be strided along the batch axis; the last axis must be
     contiguous. `chunk_words` overrides the packet words per step (see step_words); `scratch`,
-    a 1D uint64 array of at least scratch_words(...), saves an allocation. Raises
-    ValueError on mismatched shapes.
+    a 1D uint64 array of at least scratch_words(...), saves an allocation. on_output(t) is
+    called as soon as output t is final: mid-run when one step covers the packets, else
+    after the last step. Raises ValueError on mismatched shapes.
     """
     if len(inputs) * 8 != program.n_in or len(outputs) * 8 != program.n_out:
         raise ValueError("program and buffer counts disagree")
@@ -218,6 +255,7 @@ def run(
     temp_rows = [t[0] for t in temps] if batch == 1 else list(temps)
     xor = np.bitwise_xor
     copy = np.bitwise_or  # x | x: a copy with the same call shape as a XOR
+    segments = list(zip((0, *program.done[:-1]), program.done, strict=True))
     for c0 in range(0, w, step):
         c1 = min(w, c0 + step)
         regs = [a[..., q * w + c0 : q * w + c1] for a in arrays for q in range(8)]
@@ -226,5 +264,8 @@ def run(
             (xor, regs[a], regs[b], regs[dst]) if b >= 0 else (copy, regs[a], regs[a], regs[dst])
             for dst, a, b in program.ops
         ]
-        for fn, x, y, z in bound:
-            fn(x, y, z)
+        for t, (first, last) in enumerate(segments):
+            for fn, x, y, z in bound[first:last]:
+                fn(x, y, z)
+            if on_output is not None and c1 == w:
+                on_output(t)

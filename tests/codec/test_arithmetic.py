@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from codec import gf256
+from codec import Params, expand, gf256, rowcode
 from codec.codes import generator, horner_betas, parity_matrix, parity_program, solve_program
 from codec.errors import ParameterError
 from codec.xorsched import matrix_program, run
@@ -110,3 +110,45 @@ def test_run_rejects_mismatched_buffers() -> None:
         run(prog, [a, a], [a] * 4)
     with pytest.raises(ValueError):
         run(prog, [a, a, np.zeros((1, 16), dtype=np.uint64)], [a] * 4)
+
+
+@pytest.mark.parametrize(("n", "f"), [(4, 1), (7, 2), (10, 3), (13, 4), (15, 4)])
+def test_row_code_accumulated_column_by_column_matches_the_reference(n: int, f: int) -> None:
+    k, r = n - f, n - 2 * f
+    exps = rowcode.exponents(n, k)
+    assert exps is not None
+    rng = np.random.default_rng(n)
+    s = 192
+    blob = [_symbols(rng, k, s) for _ in range(r)]
+    accs = [[np.empty((8, s // 64), dtype=np.uint64) for _ in range(r)] for _ in exps]
+    rows = rowcode.RowAccumulator(exps, k, accs)
+    for j in range(k - 1, -1, -1):
+        rows.add(j, [np.frombuffer(blob[i][j], dtype=np.uint64).reshape(8, -1) for i in range(r)])
+    with pytest.raises(ValueError):
+        rows.add(0, [])
+    for i in range(r):
+        assert [acc[i].tobytes() for acc in accs] == reference.apply(parity_matrix(n, k), blob[i])
+
+
+@pytest.mark.parametrize(("n", "f", "length"), [(7, 2, 5000), (16, 5, 3000)])
+def test_expanded_matrix_is_the_product_code(n: int, f: int, length: int) -> None:
+    """Rows are codewords of the [n, C] code and columns of the [n, R] code.
+
+    n=16 takes the paths for codes the row accumulator cannot do: its row code runs after
+    the loop, and its column code is a Cauchy matrix.
+    """
+    params = Params(n, f)
+    r, c = params.R, params.C
+    assert (rowcode.exponents(n, c) is None) == (n >= 16)
+    blob = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8).tobytes()
+    m = expand(params, blob)
+    s = m.shape[2]
+    padded = blob + bytes(r * c * s - length)
+    for i in range(r):
+        assert m[i, :c].tobytes() == padded[i * c * s : (i + 1) * c * s]
+    for i in range(n):
+        row = [m[i, j].tobytes() for j in range(c)]
+        assert [m[i, j].tobytes() for j in range(c, n)] == reference.apply(parity_matrix(n, c), row)
+    for j in range(n):
+        col = [m[i, j].tobytes() for i in range(r)]
+        assert [m[i, j].tobytes() for i in range(r, n)] == reference.apply(parity_matrix(n, r), col)
