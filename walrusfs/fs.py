@@ -44,6 +44,7 @@ from walrusfs.errors import (
     IsADir,
     NameTooLong,
     NoData,
+    NoSpace,
     NotADir,
     NotEmpty,
     NotFound,
@@ -60,6 +61,7 @@ NAME_MAX = 255
 PATH_MAX = 4096
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 * 1024
+XATTR_LIST_MAX = 64 * 1024  # the kernel refuses (E2BIG) to list more names than this
 XATTR_CREATE, XATTR_REPLACE = 1, 2  # <sys/xattr.h>
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # <linux/fs.h>
 _NODE_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
@@ -657,16 +659,21 @@ class FileSystem:
         return self.meta.get_xattr(ino, name)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        """XATTR_CREATE: Exists if present; XATTR_REPLACE: NoData if missing."""
+        """XATTR_CREATE: Exists if present; XATTR_REPLACE: NoData if missing.
+
+        Raises NoSpace for a new name that would make the list of names longer than
+        listxattr(2) can return (so cp -a and rsync -X could copy none of them)."""
         self._xattr_target(ino, name, write=True)
         if len(value) > XATTR_SIZE_MAX:
             raise TooBig("xattr value over 64 KiB")
-        if flags & (XATTR_CREATE | XATTR_REPLACE):
-            present = name in self.meta.list_xattrs(ino)
-            if flags & XATTR_CREATE and present:
-                raise Exists(repr(name))
-            if flags & XATTR_REPLACE and not present:
-                raise NoData(repr(name))
+        names = self.meta.list_xattrs(ino)
+        present = name in names
+        if flags & XATTR_CREATE and present:
+            raise Exists(repr(name))
+        if flags & XATTR_REPLACE and not present:
+            raise NoData(repr(name))
+        if not present and sum(len(n) + 1 for n in names) + len(name) + 1 > XATTR_LIST_MAX:
+            raise NoSpace(f"inode {ino}: xattr names would not fit a listxattr reply")
         now = self._now()
         self.meta.set_xattr(ino, name, value, now_ns=now)
         self.data.set_times(ino, ctime_ns=now)

@@ -352,6 +352,20 @@ async def test_xattrs_follow_linux_rules(fs: FileSystem) -> None:
     assert await fs.listxattr(link.ino) == []
 
 
+async def test_xattr_names_stay_listable(fs: FileSystem) -> None:
+    # listxattr(2) returns at most 64 KiB of names (E2BIG beyond): refuse the name that
+    # would make them unlistable (ENOSPC, as a full ext4 inode), not the listing.
+    f = await touch(fs, R, b"f")
+    name = b"user." + b"n" * 250  # 256 bytes with its NUL: 256 of them fill 64 KiB
+    for i in range(256):
+        await fs.setxattr(f.ino, name[:-3] + b"%03d" % i, b"v")
+    assert sum(len(n) + 1 for n in await fs.listxattr(f.ino)) == 65536
+    await expect(errno.ENOSPC, fs.setxattr(f.ino, b"user.x", b"v"))
+    await fs.setxattr(f.ino, name[:-3] + b"000", b"a new value for a present name")
+    await fs.removexattr(f.ino, name[:-3] + b"000")
+    await fs.setxattr(f.ino, b"user.x", b"v")
+
+
 async def test_readdir_offsets_survive_changes(fs: FileSystem) -> None:
     d = await fs.mkdir(R, b"d", 0o755, 0, 0)
     initial = [b"e%04d" % i for i in range(300)]
