@@ -84,26 +84,30 @@ class LocalStore(NodeStore):
         """
         return files.open_root(self.path)
 
+    def run_blocking(self, key: str | None, fn: Callable[[int], T]) -> T:
+        """Run ``fn(root_fd)`` here and now, mapping OSErrors (worker thread only).
+
+        No deadline and no limiter: for callers that bound the thread themselves (see
+        backends.batch). Raises NodeError.
+        """
+        try:
+            root = self._open_root()
+            try:
+                return fn(root)
+            finally:
+                os.close(root)
+        except OSError as exc:
+            raise map_os_error(exc, self.path, key=key) from exc
+
     async def _run(self, op: str, key: str | None, fn: Callable[[int], T]) -> T:
         """Run ``fn(root_fd)`` in a worker thread under the deadline, mapping OSErrors.
 
         Raises NodeTimeout, NodeError.
         """
-
-        def work() -> T:
-            try:
-                root = self._open_root()
-                try:
-                    return fn(root)
-                finally:
-                    os.close(root)
-            except OSError as exc:
-                raise map_os_error(exc, self.path, key=key) from exc
-
         try:
             with trio.fail_after(self.timeout):
                 return await trio.to_thread.run_sync(
-                    work, abandon_on_cancel=True, limiter=self._limiter
+                    lambda: self.run_blocking(key, fn), abandon_on_cancel=True, limiter=self._limiter
                 )
         except trio.TooSlowError:
             busy = self.busy_threads
@@ -127,17 +131,21 @@ class LocalStore(NodeStore):
 
         Raises InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
         """
+        await self._run("put", key, self.put_job(key, data, durable=durable))
+
+    def put_job(self, key: str, data: Payload, *, durable: bool) -> Callable[[int], None]:
+        """The blocking body of a put, for `_run` or `run_blocking`. Raises InvalidKey.
+
+        The thread may outlive its caller (abandoned on timeout); a caller reusing its
+        buffer must not be able to change what the late rename publishes. Read-only
+        views are taken as a promise that nobody writes the buffer (the blob store
+        hands over fresh read-only arrays): copying megabytes here would hold the GIL.
+        """
         parts = check_key(key)
-        # The thread may outlive this call (abandoned on timeout); a caller reusing its
-        # buffer must not be able to change what the late rename publishes. Read-only
-        # views are taken as a promise that nobody writes the buffer (the blob store
-        # hands over fresh read-only arrays): copying megabytes here would hold the GIL.
         pieces = data if isinstance(data, tuple) else (data,)
         payload = tuple(_immutable(p) for p in pieces)
-        await self._run(
-            "put",
-            key,
-            lambda root: files.write_atomic(root, self.path, key, parts, payload, durable=durable),
+        return lambda root: files.write_atomic(
+            root, self.path, key, parts, payload, durable=durable
         )
 
     async def get(

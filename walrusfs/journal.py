@@ -206,7 +206,11 @@ class Journal:
                 seg = Segment(self.epoch, self.committed + 1, self.prev, tuple(self._pending))
                 raw = seg.to_bytes()
                 key = segment_key(self.epoch, seg.first_seq)
-                await self._quorum(f"metadata journal segment {key}", lambda st: st.put(key, raw, durable=False))
+                await self._quorum(
+                    f"metadata journal segment {key}",
+                    lambda st: st.put(key, raw, durable=False),
+                    put=(key, raw),
+                )
                 del self._pending[: len(seg.records)]
                 self.prev = segment_hash(raw)
                 self.committed = seg.last_seq
@@ -216,26 +220,46 @@ class Journal:
             if self.on_commit is not None:
                 self.on_commit(self.committed)
 
-    async def _quorum(self, what: str, op: Callable[[NodeStore], Awaitable[None]]) -> None:
+    async def _quorum(
+        self,
+        what: str,
+        op: Callable[[NodeStore], Awaitable[None]],
+        put: tuple[str, bytes] | None = None,
+    ) -> None:
         """Run `op` on every writable node; return once n-f succeeded (stragglers get a
         short grace, then are left behind: a hung node must not stall every close()).
 
+        When `op` is the small `put` (key, bytes), healthy nodes take it in one batch.
         Raises StorageUnavailable when fewer than n-f succeed.
         """
         ok: list[int] = []
         errors: dict[int, str] = {}
         writable = sorted(self.nodes.writable())
+        if put is not None:
+            done = await self.nodes.put_small([(i, *put) for i in writable], durable=False)
+            for i, outcome in done.items():
+                if outcome is None:
+                    ok.append(i)
+                else:
+                    errors[i] = str(outcome)
+            writable = [i for i in writable if i not in done]
         enough, all_done = trio.Event(), trio.Event()
+        if len(ok) >= self.quorum:
+            enough.set()
+
+        left = len(writable)
 
         async def one(i: int) -> None:
+            nonlocal left
             try:
                 await self.nodes.call(i, op)
                 ok.append(i)
             except NodeError as exc:
                 errors[i] = str(exc)
+            left -= 1
             if len(ok) >= self.quorum:
                 enough.set()
-            if len(ok) + len(errors) == len(writable):
+            if left == 0:
                 all_done.set()
                 enough.set()
 

@@ -21,7 +21,17 @@ from typing import TypeVar
 
 import trio
 
-from backends import KeyNotFound, NodeDown, NodeError, NodeFull, NodeStore, NodeTimeout
+from backends import (
+    KeyNotFound,
+    LocalStore,
+    NodeDown,
+    NodeError,
+    NodeFull,
+    NodeStore,
+    NodeTimeout,
+)
+from backends.base import Payload
+from backends.batch import put_batch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,6 +43,13 @@ class NodeState(enum.Enum):
     DOWN = "down"
     FULL = "full"
 
+
+# Puts of at most this many bytes in all go to the healthy nodes from one worker thread
+# (backends.batch): closing a small file then costs two thread hand-offs, not sixteen.
+BATCH_BYTES = 1 << 20
+# A batch not done by then leaves its remaining puts to the per-node path, and the node
+# it is stuck on turns suspect, which keeps it out of batches until it answers again.
+BATCH_DEADLINE = 0.25
 
 # Lower ranks are preferred when choosing which nodes to read from.
 _RANK = {NodeState.UP: 0, NodeState.FULL: 0, NodeState.SUSPECT: 1, NodeState.DOWN: 2}
@@ -141,6 +158,48 @@ class NodeSet:
             raise
         self._ok(node, trio.current_time() - t0)
         return result
+
+    async def put_small(
+        self, puts: list[tuple[int, str, Payload]], *, durable: bool
+    ) -> dict[int, NodeError | None]:
+        """Try small puts on the nodes that are up, from one worker thread.
+
+        Returns the outcome (None: stored) of each put it finished, recorded as `call`
+        records them; the caller puts the rest through `call`. Only healthy local stores
+        take part, and only when the batch is small (BATCH_BYTES). Raises InvalidKey.
+        """
+        size = sum(sum(map(len, p)) if isinstance(p, tuple) else len(p) for _, _, p in puts)
+        batch: list[tuple[int, LocalStore, str, Payload]] = []
+        for i, key, data in puts:
+            store = self.nodes[i].store
+            if self.nodes[i].state is NodeState.UP and isinstance(store, LocalStore):
+                batch.append((i, store, key, data))
+        if size > BATCH_BYTES or len(batch) < 2:
+            return {}
+        t0 = trio.current_time()
+        done = await put_batch(
+            [(store, key, data) for _, store, key, data in batch],
+            durable=durable,
+            deadline=BATCH_DEADLINE,
+        )
+        if len(done) < len(batch):
+            # The thread goes node by node: it is stuck on the first one not done.
+            self.set_state(
+                batch[len(done)][0],
+                NodeState.SUSPECT,
+                f"a batched put took over {BATCH_DEADLINE:g}s",
+            )
+        share = (trio.current_time() - t0) / max(1, len(done))
+        outcomes: dict[int, NodeError | None] = {}
+        for pos, outcome in done.items():
+            node = self.nodes[batch[pos][0]]
+            node.calls += 1
+            if outcome is None:
+                self._ok(node, share)
+            else:
+                self._failed(node, outcome)
+            outcomes[node.index] = outcome
+        return outcomes
 
     async def probe(self, index: int) -> None:
         """Probe one node: health, identity (if it was down) and free space."""

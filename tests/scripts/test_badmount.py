@@ -185,6 +185,26 @@ async def test_hang_is_routed_around_then_released(bad: BadVolume) -> None:
     assert not is_mounted(bad.mountpoint)
 
 
+async def test_a_node_hanging_under_a_batch_of_small_puts_stalls_only_one_put(
+    bad: BadVolume,
+) -> None:
+    vol = await open_vol(bad.paths, node_timeout=2.0)
+    await bad.set("--hang")
+    assert state_of(vol, K) == "up"  # nothing has noticed yet: the batch will include it
+    start = trio.current_time()
+    first = await vol.blobs.put_blob(b"first past the hang" * 50)
+    assert K in first.missed and trio.current_time() - start < BOUND
+    assert state_of(vol, K) == "suspect"  # out of batches until it answers again
+    second = await vol.blobs.put_blob(b"second, around it" * 50)
+    assert K in second.missed
+    await bad.set("--ok")
+    await eventually(bad.nothing_hung)
+    await vol.nodes.probe_all()
+    assert state_of(vol, K) == "up"
+    for r, data in ((first, b"first past the hang" * 50), (second, b"second, around it" * 50)):
+        assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+
+
 async def test_unmount_frees_a_process_stuck_on_a_hung_mount(bad: BadVolume) -> None:
     (bad.backing / "file").write_bytes(b"answer")
     await bad.set("--hang", "--ops", "read")
