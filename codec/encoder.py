@@ -68,9 +68,11 @@ def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> 
     n, r, c = params.n, params.R, params.C
     s = params.symbol_size(len(blob))
     batch = batch_columns(params, s)
-    primary = ws.get("primary", n * c * s).reshape(n, c, s)
+    primary = ws.get("primary", n * n * s).reshape(n, n, s)
     secondary = ws.get("secondary", n * r * s).reshape(n, r, s)
-    corner = ws.get("corner", (n - r) * min(batch, n - c) * s).reshape(n - r, -1, s)
+    corner = None
+    if batch < n:  # streaming through DRAM: keep the corner in a small reused scratch
+        corner = ws.get("corner", (n - r) * min(batch, n - c) * s).reshape(n - r, -1, s)
     layout = SliverLayout(_blob_array(blob), primary, secondary, corner)
     leaves = [[b""] * n for _ in range(n)]
 

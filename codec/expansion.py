@@ -88,35 +88,37 @@ class MatrixLayout:
 
 
 class SliverLayout:
-    """Primary slivers, secondary slivers (n, R, s) and a corner scratch.
+    """Primary slivers (rows of an (n, n, s) array), secondary slivers (n, R, s), the corner.
 
     Systematic primary slivers are the blob's rows themselves, viewed in place; only rows
-    the blob does not fill are copied, zero-padded, into `primary` (n, C, s), which also
-    holds the parity primaries. The systematic symbols are copied once more, into their
-    secondary slivers: both codes read them there. The corner M[R..n)[C..n) is never
-    stored: each batch of parity columns reuses `corner`, so its symbols are valid only
-    until the next batch.
+    the blob does not fill are copied, zero-padded, into `primary`, which also holds the
+    parity primaries (row i: its first C symbols). The systematic symbols are copied once
+    more, into their secondary slivers: both codes read them there. The corner
+    M[R..n)[C..n) is never stored: it lives in the rest of `primary`'s rows or, when
+    `corner` is given, in that scratch, reused by each batch of parity columns (its symbols
+    then last only until the next batch).
     """
 
     def __init__(
-        self, blob: U8Array, primary: U8Array, secondary: U8Array, corner: U8Array
+        self, blob: U8Array, primary: U8Array, secondary: U8Array, corner: U8Array | None
     ) -> None:
-        n, c, s = primary.shape
+        n, _, s = primary.shape
         r = secondary.shape[1]
-        self.secondary, self.corner = secondary, corner
+        c = n - (n - r) // 2
+        self.primary, self.secondary, self.corner = primary, secondary, corner
         self._r, self._c = r, c
         self._blob = blob
-        self._blob_rows, full = _rows(blob, r, c, s)
+        blob_rows, full = _rows(blob, r, c, s)
         self._full = full
-        self.rows = [self._blob_rows[i] if i < full else primary[i] for i in range(n)]
-        self._p64 = primary.view(np.uint64).reshape(n, c, s // 8)
+        self.rows = [blob_rows[i] if i < full else primary[i, :c] for i in range(n)]
+        self._p64 = primary.view(np.uint64).reshape(n, n, s // 8)
         self._s64 = secondary.view(np.uint64).reshape(n, r, s // 8)
-        self._k64 = corner.view(np.uint64).reshape(corner.shape[0], corner.shape[1], s // 8)
+        self._k64 = None if corner is None else corner.view(np.uint64).reshape(n - r, -1, s // 8)
 
     def along_row(self, i: int, j0: int, j1: int) -> U64Array:
         if i < self._r:
             return self._s64[j0:j1, i]
-        if j1 <= self._c:
+        if self._k64 is None or j1 <= self._c:
             return self._p64[i, j0:j1]
         return self._k64[i - self._r, : j1 - j0]
 
@@ -124,12 +126,12 @@ class SliverLayout:
         return self._s64[j, i0:i1]
 
     def symbol(self, i: int, j: int, j0: int) -> U8Array:
-        """Symbol (i, j) as bytes; in the corner, j0 is the first column of the batch."""
+        """Symbol (i, j) as bytes; in a corner scratch, j0 is the first column of the batch."""
         sym: U8Array
         if i < self._r:
             sym = self.secondary[j, i]
-        elif j < self._c:
-            sym = self.rows[i][j]
+        elif self.corner is None or j < self._c:
+            sym = self.primary[i, j]
         else:
             sym = self.corner[i - self._r, j - j0]
         return sym
@@ -143,7 +145,10 @@ class SliverLayout:
 
 
 def batch_columns(params: Params, symbol_size: int) -> int:
-    """Columns per batch: as many as keep a batch's n symbols each within BATCH_BYTES."""
+    """Columns per batch: as many as keep a batch's n symbols each within BATCH_BYTES.
+
+    n or more means the whole matrix fits: expand_into then goes rows first.
+    """
     return max(1, BATCH_BYTES // (params.n * symbol_size))
 
 
@@ -167,49 +172,66 @@ def expand_into(
     batch: int,
     ready: Callable[[int, int, int], None] | None = None,
 ) -> None:
-    """Compute every symbol of the matrix in `layout`, calling ready(i, j0, j1) per batch.
+    """Compute every symbol of the matrix in `layout`, `batch` columns at a time.
 
     ready(i, j0, j1) is called as soon as symbols (i, j0..j1-1) are final, once for every
-    i < n and column batch, so they can be hashed while in cache. In a SliverLayout corner
-    symbols last only until the next batch.
+    i < n and column batch, so they can be hashed while in cache. In a SliverLayout with a
+    corner scratch, corner symbols last only until the next batch.
     """
     n, r, c = params.n, params.R, params.C
     column_code = parity_program(n, r)
 
-    def columns(j0: int, j1: int, fill: bool) -> None:
-        for i in range(r):
-            if fill:
-                layout.fill(i, j0, j1)
-            if ready is not None:
+    def announce(i0: int, i1: int, j0: int, j1: int) -> None:
+        if ready is not None:
+            for i in range(i0, i1):
                 ready(i, j0, j1)
+
+    def fill(j0: int, j1: int) -> None:
+        for i in range(r):
+            layout.fill(i, j0, j1)
+        announce(0, r, j0, j1)
+
+    def columns(j0: int, j1: int) -> None:
         _run(
             column_code,
             [layout.along_row(i, j0, j1) for i in range(r)],
             [layout.along_row(i, j0, j1) for i in range(r, n)],
             workspace,
-            None if ready is None else lambda t: ready(r + t, j0, j1),
+            None if ready is None else lambda t: announce(r + t, r + t + 1, j0, j1),
         )
 
-    exps = exponents(n, c)
-    if exps is None:
-        for j0 in range(0, c, batch):
-            columns(j0, min(c, j0 + batch), True)
+    def row_code() -> None:
         _run(
             parity_program(n, c),
             [layout.along_column(j, 0, r) for j in range(c)],
             [layout.along_column(j, 0, r) for j in range(c, n)],
             workspace,
         )
+        announce(0, r, c, n)
+
+    exps = exponents(n, c)
+    if batch >= n:  # all in cache anyway: rows then columns, the fewest numpy calls
+        fill(0, c)
+        row_code()
+        columns(0, n)
+        return
+    if exps is None:
+        for j0 in range(0, c, batch):
+            fill(j0, min(c, j0 + batch))
+            columns(j0, min(c, j0 + batch))
+        row_code()
     else:  # the row code rides along, column by column, while each is in cache
 
-        def symbols(j: int) -> list[U64Array]:
-            return list(layout.along_column(j, 0, r).reshape(r, 8, -1))
+        def symbols(j: int) -> U64Array:
+            return layout.along_column(j, 0, r).reshape(r, 8, -1)
 
         rows = RowAccumulator(exps, c, [symbols(j) for j in range(c, n)])
         for j1 in range(c, 0, -batch):
             j0 = max(0, j1 - batch)
-            columns(j0, j1, True)
+            fill(j0, j1)
+            columns(j0, j1)
             for j in range(j1 - 1, j0 - 1, -1):
                 rows.add(j, symbols(j))
+        announce(0, r, c, n)
     for j0 in range(c, n, batch):
-        columns(j0, min(n, j0 + batch), False)
+        columns(j0, min(n, j0 + batch))

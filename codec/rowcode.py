@@ -56,12 +56,12 @@ def _runs(first: int, stop: int, rot: int) -> Iterator[tuple[int, int, int]]:
 class RowAccumulator:
     """Parity columns of the row code, built from the blob's columns in descending order.
 
-    `accs[c]` holds y_c: a list of R symbols, each an (8, w) uint64 view (its 8 packets).
-    Logical packet b of an accumulator for parity row c lives in physical packet
+    `accs[c]` holds y_c: the R symbols of parity column c as one (R, 8, w) uint64 view
+    (symbol, packet, word). Logical packet b of y_c lives in physical packet
     (b + rot[c]) % 8. Not thread-safe.
     """
 
-    def __init__(self, exps: tuple[int, ...], k: int, accs: list[list[U64Array]]) -> None:
+    def __init__(self, exps: tuple[int, ...], k: int, accs: list[U64Array]) -> None:
         self._exps = exps
         self._k = k
         self._next = k - 1
@@ -69,8 +69,8 @@ class RowAccumulator:
         # After the k-1 steps that follow the first, the rotation must come out at zero.
         self._rot = [(k - 1) * e % 8 for e in exps]
 
-    def add(self, j: int, column: list[U64Array]) -> None:
-        """Fold in blob column j (R symbols as (8, w) views); j must count down from k-1.
+    def add(self, j: int, column: U64Array) -> None:
+        """Fold in blob column j, an (R, 8, w) view; j must count down from k-1.
 
         Raises ValueError out of order.
         """
@@ -78,28 +78,30 @@ class RowAccumulator:
             raise ValueError(f"row code column {j} out of order (expected {self._next})")
         self._next -= 1
         for c, e in enumerate(self._exps):
-            accs = self._accs[c]
+            acc = self._accs[c]
             if j < self._k - 1:  # y <- beta * y, then y += x below
                 for _ in range(abs(e)):
                     if e > 0:
                         self._rot[c] = (self._rot[c] - 1) % 8
-                        _feedback(accs, self._rot[c])
+                        _feedback(acc, self._rot[c])
                     else:
-                        _feedback(accs, self._rot[c])
+                        _feedback(acc, self._rot[c])
                         self._rot[c] = (self._rot[c] + 1) % 8
-            rot = self._rot[c]
-            for acc, x in zip(accs, column, strict=True):
-                for p, b, length in _runs(0, 8, rot):
-                    dst, src = acc[p : p + length], x[b : b + length]
-                    if j == self._k - 1:
-                        np.copyto(dst, src)
-                    else:
-                        np.bitwise_xor(dst, src, dst)
+            for p, b, length in _runs(0, 8, self._rot[c]):
+                dst, src = acc[:, p : p + length], column[:, b : b + length]
+                if j == self._k - 1:
+                    np.copyto(dst, src)
+                else:
+                    np.bitwise_xor(dst, src, dst)
 
 
-def _feedback(accs: list[U64Array], rot: int) -> None:
-    """Logical packets 2..4 ^= logical packet 0, in every accumulator symbol."""
-    for acc in accs:
-        bit0 = acc[rot : rot + 1]
-        for p, _, length in _runs(*_FEEDBACK, rot):
-            np.bitwise_xor(acc[p : p + length], bit0, acc[p : p + length])
+def _feedback(acc: U64Array, rot: int) -> None:
+    """Logical packets 2..4 ^= logical packet 0, in every symbol of `acc`.
+
+    One call per target packet: broadcasting the source packet instead makes numpy pick
+    the broadcast axis as its inner loop, several times slower.
+    """
+    bit0 = acc[:, rot]
+    for b in range(*_FEEDBACK):
+        p = (b + rot) % 8
+        np.bitwise_xor(acc[:, p], bit0, acc[:, p])

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from codec import Params, expand, gf256, rowcode
+from codec import Params, encode, expand, expansion, gf256, rowcode
 from codec.codes import generator, horner_betas, parity_matrix, parity_program, solve_program
 from codec.errors import ParameterError
 from codec.xorsched import matrix_program, run
@@ -120,12 +120,13 @@ def test_row_code_accumulated_column_by_column_matches_the_reference(n: int, f: 
     rng = np.random.default_rng(n)
     s = 192
     blob = [_symbols(rng, k, s) for _ in range(r)]
-    accs = [[np.empty((8, s // 64), dtype=np.uint64) for _ in range(r)] for _ in exps]
+    accs = [np.empty((r, 8, s // 64), dtype=np.uint64) for _ in exps]
     rows = rowcode.RowAccumulator(exps, k, accs)
     for j in range(k - 1, -1, -1):
-        rows.add(j, [np.frombuffer(blob[i][j], dtype=np.uint64).reshape(8, -1) for i in range(r)])
+        column = np.array([np.frombuffer(blob[i][j], dtype=np.uint64) for i in range(r)])
+        rows.add(j, column.reshape(r, 8, -1))
     with pytest.raises(ValueError):
-        rows.add(0, [])
+        rows.add(0, accs[0])
     for i in range(r):
         assert [acc[i].tobytes() for acc in accs] == reference.apply(parity_matrix(n, k), blob[i])
 
@@ -152,3 +153,23 @@ def test_expanded_matrix_is_the_product_code(n: int, f: int, length: int) -> Non
     for j in range(n):
         col = [m[i, j].tobytes() for i in range(r)]
         assert [m[i, j].tobytes() for i in range(r, n)] == reference.apply(parity_matrix(n, r), col)
+
+
+@pytest.mark.parametrize(("n", "f"), [(4, 1), (7, 2), (10, 3), (16, 5)])
+@pytest.mark.parametrize("columns", [1, 2, 3])
+def test_every_expansion_order_gives_the_same_encoding(
+    n: int, f: int, columns: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big blobs stream column batch by column batch; small ones go rows first. Same bytes."""
+    params = Params(n, f)
+    blob = np.random.default_rng(n * columns).integers(0, 256, 9000, dtype=np.uint8).tobytes()
+    in_cache, matrix = encode(params, blob), expand(params, blob).copy()
+    s = params.symbol_size(len(blob))
+    monkeypatch.setattr(expansion, "BATCH_BYTES", columns * n * s)
+    assert expansion.batch_columns(params, s) == columns
+    streamed = encode(params, blob)
+    assert streamed.metadata == in_cache.metadata
+    for a, b in zip(streamed.pairs, in_cache.pairs, strict=True):
+        for x, y in ((a.primary, b.primary), (a.secondary, b.secondary)):
+            assert bytes(x.data) == bytes(y.data) and x.leaves == y.leaves
+    assert np.array_equal(expand(params, blob), matrix)
