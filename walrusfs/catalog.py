@@ -5,7 +5,8 @@ its metadata already parsed and checked to belong to its blob id. `Catalog` is t
 mounted filesystem's source: the metadata database's `blobs` table plus the blobs of the
 newest and the previous checkpoint (named by the superblock, not by the database).
 `StaticBlobs` is a fixed set for tests, benchmarks and volumes without a filesystem.
-`missing_on` compares a node's listing with what it should hold.
+`missing_on` compares a node's listing with what it should hold; `list_slivers` makes
+that listing.
 
 A damaged or misattributed metadata record is logged and left out, never raised: one bad
 row must not stop a repair or scrub pass over every other blob.
@@ -21,6 +22,7 @@ time (a CapacityLimiter of 1), which is why the connection may cross threads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections.abc import Callable, Container, Iterable
@@ -29,8 +31,11 @@ from typing import Protocol
 
 import trio
 
+from backends import NodeStore
 from codec import BlobMetadata, CodecError
 from walrusfs.checkpoint import Superblock
+from walrusfs.nodeset import NodeSet
+from walrusfs.sliverfile import PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +187,20 @@ def missing_on(
         if (blob_id, pair) not in present:
             missing.append((blob_id, pair))
     return missing
+
+
+async def list_slivers(nodes: NodeSet, node: int) -> list[str]:
+    """Every sliver file key on `node`, sorted, listed one fan-out directory at a time.
+
+    One listing of a node holding hundreds of thousands of slivers can outlast the node
+    deadline on a loaded machine or a slow remote mount, and so make a healthy node look
+    hung; 256 small listings each stay well inside it. Raises NodeError.
+    """
+    keys: list[str] = []
+    for top in range(256):
+        keys += await nodes.call(node, functools.partial(_list, f"{PREFIX}/{top:02x}"))
+    return keys
+
+
+async def _list(prefix: str, store: NodeStore) -> list[str]:
+    return await store.list_keys(prefix)

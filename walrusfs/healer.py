@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 import trio
 
 from backends import NodeError, is_mountpoint
-from walrusfs.catalog import BlobRef, BlobSource, missing_on
+from walrusfs.catalog import BlobRef, BlobSource, list_slivers, missing_on
 from walrusfs.checkpoint import SUPERBLOCK_KEY, Superblock
 from walrusfs.identity import NodeIdentity, read_identity, write_identity
 from walrusfs.nodeset import NodeState
 from walrusfs.repair import Counters, RepairEngine, was_cancelled
-from walrusfs.sliverfile import PREFIX, parse_key
+from walrusfs.sliverfile import parse_key
 from walrusfs.volume import Volume, make_store
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class RepairService:
 
         async def list_node(i: int) -> None:
             try:
-                keys = await self.nodes.call(i, lambda st: st.list_keys(PREFIX))
+                keys = await list_slivers(self.nodes, i)
             except NodeError as exc:
                 log.debug("repair: cannot list node %d: %s", i, exc)
                 return

@@ -34,12 +34,11 @@ import trio
 
 from backends import KeyNotFound, NodeError
 from codec import BlobMetadata, CodecError, verify_sliver
-from walrusfs.catalog import BlobRef, BlobSource, missing_on
+from walrusfs.catalog import BlobRef, BlobSource, list_slivers, missing_on
 from walrusfs.healer import RepairService
 from walrusfs.nodeset import NodeSet
 from walrusfs.repair import RateLimit, was_cancelled
 from walrusfs.sliverfile import (
-    PREFIX,
     SliverFileError,
     header_size,
     parse_header,
@@ -158,7 +157,7 @@ async def sweep_node(
     """
     out = NodeSweep(node)
     try:
-        keys = await nodes.call(node, lambda st: st.list_keys(PREFIX))
+        keys = await list_slivers(nodes, node)
     except NodeError as exc:
         out.error = str(exc)
         return out

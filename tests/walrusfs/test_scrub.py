@@ -11,7 +11,7 @@ import trio
 
 from tests.walrusfs.test_repair import NO_HANG, fill, make_volume, node_files
 from tests.walrusfs.volumes import flip_byte, sliver_file, sliver_files
-from walrusfs.catalog import StaticBlobs
+from walrusfs.catalog import StaticBlobs, list_slivers
 from walrusfs.healer import RepairService
 from walrusfs.scrub import Scrubber
 from walrusfs.sliverfile import header_size, parse_key, sliver_key
@@ -32,6 +32,16 @@ def corrupt(path: Path, how: int, rng: random.Random) -> None:
     else:
         with open(path, "r+b") as f:
             f.truncate(size - 64)
+
+
+async def test_a_node_is_listed_one_fan_out_directory_per_call(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    await fill(vol, 12, seed=5)
+    expect = sorted(str(p.relative_to(paths[4])) for p in sliver_files(paths[4]))
+    calls = vol.nodes.nodes[4].calls
+    assert await list_slivers(vol.nodes, 4) == expect and len(expect) == 12
+    # Bounded calls, each well inside the node deadline however many slivers a node holds.
+    assert vol.nodes.nodes[4].calls - calls == 256
 
 
 async def test_ten_percent_corrupt_slivers_are_all_found_and_repaired(tmp_path: Path) -> None:
