@@ -98,6 +98,14 @@ class NodeStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def filesystem(self) -> int:
+        """Return an id of the filesystem holding the node (its device number).
+
+        Nodes on one filesystem share its free space. Raises NodeDown, NodeTimeout,
+        NodeIOError.
+        """
+
+    @abc.abstractmethod
     async def syncfs(self) -> None:
         """Flush everything written to the node's filesystem to stable storage (syncfs(2)).
 

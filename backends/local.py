@@ -212,6 +212,13 @@ class LocalStore(NodeStore):
         """
         return await self._run("free_space", None, files.free_space)
 
+    async def filesystem(self) -> int:
+        """Return the device number of the node's filesystem.
+
+        Raises NodeDown, NodeTimeout, NodeIOError.
+        """
+        return await self._run("filesystem", None, lambda root: os.fstat(root).st_dev)
+
     async def syncfs(self) -> None:
         """Flush the node's filesystem to stable storage.
 

@@ -70,6 +70,7 @@ class Node:
     corrupt: int = 0
     free: int | None = None
     total: int | None = None
+    filesystem: int | None = None  # nodes with the same id share free space
     since: float = field(default=0.0)
 
 
@@ -210,6 +211,7 @@ class NodeSet:
                 await self._identity_check(index, node.store)
             latency = await node.store.probe()
             node.free, node.total = await node.store.free_space()
+            node.filesystem = await node.store.filesystem()
         except NodeFull as exc:
             self.set_state(index, NodeState.FULL, str(exc))
             return

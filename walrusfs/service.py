@@ -34,7 +34,7 @@ from walrusfs.healer import RepairService, ReplaceError
 from walrusfs.lock import MountLock
 from walrusfs.metadata import ROOT_INODE
 from walrusfs.metastore import MetaStore
-from walrusfs.nodeset import NodeState
+from walrusfs.nodeset import Node, NodeState
 from walrusfs.scrub import Scrubber
 from walrusfs.volume import Volume, VolumeError, open_volume
 
@@ -78,13 +78,20 @@ def space_of(vol: Volume) -> SpaceFn:
     overhead = p.n * (p.R + p.C) / (p.R * p.C)
 
     async def space() -> Space:
-        nodes = [n for n in vol.nodes.nodes if n.total]
-        if not nodes:
+        # Every blob puts 1/n of its encoded bytes on each node, so a filesystem holding k
+        # of the nodes takes k/n of them: the filesystem that fills first limits. Nodes
+        # sharing one disk (a demo, a test) must not count its space k times.
+        shared: dict[object, list[Node]] = {}
+        for node in vol.nodes.nodes:
+            if node.total:
+                key = node.index if node.filesystem is None else ("fs", node.filesystem)
+                shared.setdefault(key, []).append(node)
+        if not shared:
             return Space(0, 0, overhead)
-        # Every blob puts 1/n of its encoded bytes on each node: the fullest node limits.
+        groups = [(g[0].total or 0, min(n.free or 0 for n in g), len(g)) for g in shared.values()]
         return Space(
-            total_bytes=min(n.total or 0 for n in nodes) * p.n,
-            free_bytes=min(n.free or 0 for n in nodes) * p.n,
+            total_bytes=min(total * p.n // k for total, _, k in groups),
+            free_bytes=min(free * p.n // k for _, free, k in groups),
             overhead=overhead,
         )
 
