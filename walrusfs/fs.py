@@ -642,9 +642,11 @@ class FileSystem:
     # -- extended attributes ------------------------------------------------------------
 
     def _xattr_target(self, ino: int, name: bytes, *, write: bool) -> None:
-        row = self.meta.get_inode(ino)
         if not name.startswith(b"user."):
+            # First, without a lookup: the kernel asks for security.capability before
+            # every write(2), so this answer is on the write path.
             raise NotSupported(f"xattr namespace of {name!r}")
+        row = self.meta.get_inode(ino)
         if len(name) > XATTR_NAME_MAX:
             raise Range("xattr name longer than 255 bytes")
         if name == b"user.":
