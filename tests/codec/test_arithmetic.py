@@ -166,6 +166,7 @@ def test_every_expansion_order_gives_the_same_encoding(
     in_cache, matrix = encode(params, blob), expand(params, blob).copy()
     s = params.symbol_size(len(blob))
     monkeypatch.setattr(expansion, "BATCH_BYTES", columns * n * s)
+    monkeypatch.setattr(expansion, "IN_CACHE_BYTES", 0)
     assert expansion.batch_columns(params, s) == columns
     streamed = encode(params, blob)
     assert streamed.metadata == in_cache.metadata
