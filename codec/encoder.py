@@ -35,7 +35,10 @@ class SliverPair:
 
 @dataclass(frozen=True)
 class EncodedBlob:
-    """The encoder's output; sliver data are views into buffers owned by this object."""
+    """The encoder's output. Sliver data are contiguous memoryviews, not copies: primary
+    slivers 0..R-1 into the blob given to `encode` (but for a row the blob does not fill),
+    all others into the encoder's buffers (its Workspace, if one was given). Keep the blob
+    unchanged while the result is in use."""
 
     metadata: BlobMetadata
     pairs: tuple[SliverPair, ...]
@@ -62,7 +65,7 @@ def expand(params: Params, blob: Buffer, workspace: Workspace | None = None) -> 
 def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> EncodedBlob:
     """Encode `blob` into n sliver pairs and its metadata.
 
-    With a `workspace`, the result's slivers are views into it (see Workspace).
+    The result's slivers are views into `blob` and the workspace (see EncodedBlob).
     """
     ws = Workspace() if workspace is None else workspace
     n, r, c = params.n, params.R, params.C
