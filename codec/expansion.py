@@ -12,7 +12,9 @@ matrix is built in batches of columns small enough to stay in cache:
    so it never reads the blob cold again (codes it cannot accumulate run after the loop);
 2. for each batch of parity columns j >= C: the column code, again with `ready`.
 
-This costs the same XORs as rows-then-columns (the cheaper order, ~4n/3 1D encodings).
+A matrix that fits in cache (IN_CACHE_BYTES) is built rows first in one column batch
+instead: there is no DRAM traffic to save, only numpy calls. Either way the XORs are those
+of rows-then-columns (the cheaper order, ~4n/3 1D encodings).
 Where the symbols live is a Layout: one n x n matrix (`expand`), or the sliver buffers
 the encoder returns, so no symbol is copied after it is computed.
 
