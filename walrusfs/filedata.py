@@ -534,7 +534,12 @@ class FileData:
                 return blob_id, meta
 
     async def free(self, freed: list[FreedBlob]) -> None:
-        """Delete blobs whose last reference was just committed away (unless named again)."""
+        """Delete blobs whose last reference was just committed away (unless named again).
+
+        While the background tasks run (a mount), the deletes go on there: close() and
+        fsync() need the new data stored, not the old removed, and a delete waits for the
+        journal to reach the nodes first. Without them (tests, tools) it waits here.
+        """
         victims = []
         for blob in freed:
             if (
@@ -548,7 +553,10 @@ class FileData:
                 seen.add(blob.blob_id)
             self._cache.discard(blob.blob_id)
             victims.append(blob)
-        if victims:
+        if victims and self._nursery is not None:
+            for blob in victims:
+                self._nursery.start_soon(self._delete_one, blob)
+        elif victims:
             async with trio.open_nursery() as nursery:
                 for blob in victims:
                     nursery.start_soon(self._delete_one, blob)
