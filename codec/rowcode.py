@@ -62,24 +62,39 @@ class RowAccumulator:
     """
 
     def __init__(self, exps: tuple[int, ...], k: int, accs: list[U64Array]) -> None:
+        """Raises ValueError for fewer than two columns (every Red Stuff row code has 3+)."""
+        if k < 2:
+            raise ValueError(f"a row code over {k} column(s)")
         self._exps = exps
         self._k = k
         self._next = k - 1
         self._accs = accs
         # After the k-1 steps that follow the first, the rotation must come out at zero.
         self._rot = [(k - 1) * e % 8 for e in exps]
+        self._pending = accs[0]
 
     def add(self, j: int, column: U64Array) -> None:
         """Fold in blob column j, an (R, 8, w) view; j must count down from k-1.
 
-        Raises ValueError out of order.
+        For a plain sum (beta = 1) the first column is only remembered: the second one is
+        XORed with it straight into the accumulator, which saves a copy. So `column` must
+        stay unchanged until the next call. Raises ValueError out of order.
         """
         if j != self._next:
             raise ValueError(f"row code column {j} out of order (expected {self._next})")
         self._next -= 1
+        first = j == self._k - 1
         for c, e in enumerate(self._exps):
             acc = self._accs[c]
-            if j < self._k - 1:  # y <- beta * y, then y += x below
+            if e == 0:
+                if first:
+                    self._pending = column
+                elif j == self._k - 2:
+                    np.bitwise_xor(self._pending, column, acc)
+                else:
+                    np.bitwise_xor(acc, column, acc)
+                continue
+            if not first:  # y <- beta * y, then y += x below
                 for _ in range(abs(e)):
                     if e > 0:
                         self._rot[c] = (self._rot[c] - 1) % 8
@@ -89,7 +104,7 @@ class RowAccumulator:
                         self._rot[c] = (self._rot[c] + 1) % 8
             for p, b, length in _runs(0, 8, self._rot[c]):
                 dst, src = acc[:, p : p + length], column[:, b : b + length]
-                if j == self._k - 1:
+                if first:
                     np.copyto(dst, src)
                 else:
                     np.bitwise_xor(dst, src, dst)
