@@ -216,9 +216,57 @@ class Journal:
                 self.committed = seg.last_seq
                 self.segments_written += 1
             if durable:
-                await self._quorum("flushing the nodes to stable storage", lambda st: st.syncfs())
+                await self._flush_filesystems()
             if self.on_commit is not None:
                 self.on_commit(self.committed)
+
+    async def _flush_filesystems(self) -> None:
+        """syncfs once per filesystem of the writable nodes; n-f nodes must be covered.
+
+        Nodes on one filesystem (the same device) are all flushed by one syncfs: seven
+        node directories on one disk need one flush, not seven in a row.
+        Raises StorageUnavailable.
+        """
+        groups: dict[object, list[int]] = {}
+        for i in sorted(self.nodes.writable()):
+            fs = self.nodes.nodes[i].filesystem
+            groups.setdefault(i if fs is None else ("fs", fs), []).append(i)
+        covered: list[int] = []
+        errors: dict[int, str] = {}
+        enough, all_done = trio.Event(), trio.Event()
+        left = len(groups)
+
+        async def flush(members: list[int]) -> None:
+            nonlocal left
+            for i in members:  # another node of the group may still flush it
+                try:
+                    await self.nodes.call(i, lambda st: st.syncfs())
+                except NodeError as exc:
+                    errors[i] = str(exc)
+                else:
+                    covered.extend(members)
+                    break
+            left -= 1
+            if len(covered) >= self.quorum or left == 0:
+                enough.set()
+            if left == 0:
+                all_done.set()
+
+        if groups:
+            # As in _quorum: a hung node must not stall every fsync().
+            async with trio.open_nursery() as nursery:
+                for members in groups.values():
+                    nursery.start_soon(flush, members)
+                await enough.wait()
+                with trio.move_on_after(QUORUM_GRACE_S):
+                    await all_done.wait()
+                nursery.cancel_scope.cancel()
+        if len(covered) < self.quorum:
+            detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
+            raise StorageUnavailable(
+                f"flushing the nodes to stable storage: done for only {len(covered)} nodes, "
+                f"need {self.quorum}: {detail or 'too many nodes down'}"
+            )
 
     async def _quorum(
         self,

@@ -205,3 +205,16 @@ async def test_one_mount_at_a_time_and_stale_locks_are_taken_over(tmp_path: Path
 
 def test_db_path_is_inside_the_state_dir(tmp_path: Path) -> None:
     assert db_path(str(tmp_path)) == str(tmp_path / "metadata.db")
+
+
+async def test_a_durable_sync_flushes_each_filesystem_once(tmp_path: Path) -> None:
+    vol, _ = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state"))
+    try:
+        await vol.nodes.probe_all()  # learns that all seven nodes share one filesystem
+        await ms.sync()
+        calls = sum(n.calls for n in vol.nodes.nodes)
+        await ms.sync(durable=True)  # nothing pending: only the flush
+        assert sum(n.calls for n in vol.nodes.nodes) - calls == 1
+    finally:
+        await ms.close()
