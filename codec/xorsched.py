@@ -7,16 +7,18 @@ straight-line program of XORs, compiled once per matrix and cached.
 
 Two compilers feed one executor:
 - `matrix_program`: any matrix via bit matrices, with greedy common-subexpression
-  elimination (Paar's algorithm) so shared pairs of packets are XORed once.
+  elimination (Paar's algorithm) so shared pairs of packets are XORed once, then each
+  output sought as one or two XORs of values already computed (cancellation).
 - `horner_program`: rows of the form sum_j beta^j x_j, evaluated by Horner's rule; a step
   costs ones(beta) XORs (11 for beta = 2), less than half a general multiply.
 
-Programs are executed in steps over packet words whose registers fit in cache. The
-executor takes arrays with a leading batch axis, so one call codes many rows or columns
-that share a code.
+Programs finish their output symbols one after another, so a caller can hash each while
+it is in cache. They are executed in steps over packet words whose registers fit in
+cache. The executor takes arrays with a leading batch axis, so one call codes many rows or
+columns that share a code.
 
 Pure numpy + stdlib; programs are immutable and cached; `run` uses only caller buffers
-plus a scratch it allocates, so it is thread-safe.
+plus a scratch (the caller's or its own), so it is thread-safe.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ U64Array = npt.NDArray[np.uint64]
 
 # Bytes of registers (inputs, outputs, temps) one step of a program may touch. Measured on
 # the target machine (Zen, 1 MiB L2, 32 MiB shared L3): a numpy call costs ~0.6 us (1D) to
-# ~1.5 us (2D), worth 15-40 KiB of in-cache XOR, so steps must stay large; a step whose
-# registers spill out of L3 drops from ~18 to ~7 GB/s. About 8 MiB balances the two.
+# ~1.5 us (2D), worth 15-40 KiB of in-cache XOR, so steps must stay large, and whole
+# packets beat smaller steps until a step's registers spill out of L3 (decoding n=7 at
+# 16 MiB, 5 symbols per sliver: 16-24 MiB steps ~2300 MB/s, 4 MiB ~1500, 48 MiB ~2000).
 WORKING_SET = 24 << 20
 # Below this many words per step the per-call overhead dominates whatever the cache does.
 MIN_CHUNK_WORDS = 1024
