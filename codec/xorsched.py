@@ -44,6 +44,10 @@ U64Array = npt.NDArray[np.uint64]
 WORKING_SET = 24 << 20
 # Below this many words per step the per-call overhead dominates whatever the cache does.
 MIN_CHUNK_WORDS = 1024
+# From this many words per packet (64 KiB) a batch too big for whole-packet steps runs
+# symbol by symbol (see run). Measured: decoding n=10 at 16 MiB (73 KiB packets) +50-75%,
+# n=7 at 16 MiB +20-30%; with 35 KiB packets (n=7, 4 MiB) it would lose 25%.
+ROW_BY_ROW_WORDS = 8192
 # Above this many bit-matrix ones, CSE's pair counting costs more than it saves.
 CSE_MAX_ONES = 1500
 # Values whose pairwise XORs are remembered for cancellation (memory ~ its square).
@@ -302,21 +306,44 @@ def run(
         raise ValueError("symbol buffers must share one shape (batch, 8*w)")
     batch, words = shape
     w = words // 8
-    step = step_words(program, batch, w) if chunk_words is None else max(1, min(w, chunk_words))
-    need = scratch_words(program, batch, step)
+    regs = program.n_in + program.n_out + program.n_temp
+    whole = 8 * regs * batch * w <= WORKING_SET
+    rows = batch if batch > 1 and w >= ROW_BY_ROW_WORDS and not whole else 1
+    step = step_words(program, batch // rows, w) if chunk_words is None else chunk_words
+    step = max(1, min(w, step))
+    need = scratch_words(program, batch // rows, step)
     if scratch is None or len(scratch) < need:
         scratch = np.empty(need, dtype=np.uint64)
-    temps = scratch[:need].reshape(program.n_temp, batch, step)
-    # One symbol: 1D views, which numpy dispatches at about a third of a 2D call's cost.
-    arrays = [a[0] for a in (*inputs, *outputs)] if batch == 1 else [*inputs, *outputs]
-    temp_rows = [t[0] for t in temps] if batch == 1 else list(temps)
+    temps = scratch[:need].reshape(program.n_temp, batch // rows, step)
+    if rows == 1 and batch > 1:
+        _execute(program, [*inputs, *outputs], list(temps), w, step, on_output)
+        return
+    # One symbol at a time, when the batch would not fit in whole packets but one symbol's
+    # packets are long: 1D views, which numpy dispatches at about a third of a 2D call's
+    # cost, over whole packets, instead of 2D views over short steps.
+    temp_rows = [t[0] for t in temps]
+    for b in range(batch):
+        arrays = [a[b] for a in (*inputs, *outputs)]
+        _execute(program, arrays, temp_rows, w, step, on_output if b == batch - 1 else None)
+
+
+def _execute(
+    program: Program,
+    arrays: list[U64Array],
+    temps: list[U64Array],
+    w: int,
+    step: int,
+    on_output: Callable[[int], None] | None,
+) -> None:
+    """Run the ops over `arrays` (inputs then outputs, 8 packets of w words each, along
+    the last axis) in steps of `step` words, with `temps` as the temp registers."""
     xor = np.bitwise_xor
     copy = np.bitwise_or  # x | x: a copy with the same call shape as a XOR
     segments = list(zip((0, *program.done[:-1]), program.done, strict=True))
     for c0 in range(0, w, step):
         c1 = min(w, c0 + step)
         regs = [a[..., q * w + c0 : q * w + c1] for a in arrays for q in range(8)]
-        regs += [t[..., : c1 - c0] for t in temp_rows]
+        regs += [t[..., : c1 - c0] for t in temps]
         bound = [
             (xor, regs[a], regs[b], regs[dst]) if b >= 0 else (copy, regs[a], regs[a], regs[dst])
             for dst, a, b in program.ops

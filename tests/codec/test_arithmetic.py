@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from codec import Params, encode, expand, expansion, gf256, rowcode
+from codec import Params, encode, expand, expansion, gf256, rowcode, xorsched
 from codec.codes import generator, horner_betas, parity_matrix, parity_program, solve_program
 from codec.errors import ParameterError
 from codec.xorsched import matrix_program, run
@@ -174,3 +174,30 @@ def test_every_expansion_order_gives_the_same_encoding(
         for x, y in ((a.primary, b.primary), (a.secondary, b.secondary)):
             assert bytes(x.data) == bytes(y.data) and x.leaves == y.leaves
     assert np.array_equal(expand(params, blob), matrix)
+
+
+@pytest.mark.parametrize("row_by_row", [False, True])
+@pytest.mark.parametrize("chunk_words", [None, 3])
+def test_batches_run_whole_or_row_by_row_and_report_finished_outputs(
+    row_by_row: bool, chunk_words: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if row_by_row:  # as if packets were long and the batch too big for whole packets
+        monkeypatch.setattr(xorsched, "ROW_BY_ROW_WORDS", 1)
+        monkeypatch.setattr(xorsched, "WORKING_SET", 0)
+    rng = np.random.default_rng(11)
+    s, batch = 256, 3
+    src = [_symbols(rng, 3, s) for _ in range(batch)]
+    ins = [
+        np.array([np.frombuffer(src[b][i], dtype=np.uint64) for b in range(batch)])
+        for i in range(3)
+    ]
+    outs = [np.zeros((batch, s // 8), dtype=np.uint64) for _ in range(4)]
+    expected = [reference.apply(parity_matrix(7, 3), src[b]) for b in range(batch)]
+    seen = []
+
+    def finished(t: int) -> None:  # output t must be final for every symbol of the batch
+        assert [outs[t][b].tobytes() for b in range(batch)] == [e[t] for e in expected]
+        seen.append(t)
+
+    run(parity_program(7, 3), ins, outs, chunk_words, on_output=finished)
+    assert seen == [0, 1, 2, 3]
