@@ -35,10 +35,11 @@ class SliverPair:
 
 @dataclass(frozen=True)
 class EncodedBlob:
-    """The encoder's output. Sliver data are contiguous memoryviews, not copies: primary
-    slivers 0..R-1 into the blob given to `encode` (but for a row the blob does not fill),
-    all others into the encoder's buffers (its Workspace, if one was given). Keep the blob
-    unchanged while the result is in use."""
+    """The encoder's output. Sliver data are contiguous memoryviews, not copies, into the
+    encoder's buffers (its Workspace, if one was given) and, when the blob given to
+    `encode` was immutable `bytes`, into the blob itself: primary slivers 0..R-1 but for
+    a row the blob does not fill. A mutable blob is always copied, so the result never
+    changes under its holder."""
 
     metadata: BlobMetadata
     pairs: tuple[SliverPair, ...]
@@ -65,7 +66,8 @@ def expand(params: Params, blob: Buffer, workspace: Workspace | None = None) -> 
 def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> EncodedBlob:
     """Encode `blob` into n sliver pairs and its metadata.
 
-    The result's slivers are views into `blob` and the workspace (see EncodedBlob).
+    The result's slivers are views into the workspace and, if `blob` is `bytes`, into
+    `blob` (see EncodedBlob).
     """
     ws = Workspace() if workspace is None else workspace
     n, r, c = params.n, params.R, params.C
@@ -76,7 +78,9 @@ def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> 
     corner = None
     if batch < n:  # streaming through DRAM: keep the corner in a small reused scratch
         corner = ws.get("corner", (n - r) * min(batch, n - c) * s).reshape(n - r, -1, s)
-    layout = SliverLayout(_blob_array(blob), primary, secondary, corner)
+    # Only immutable bytes are viewed in place: a caller may reuse a bytearray while a
+    # late write of the slivers is still running.
+    layout = SliverLayout(_blob_array(blob), primary, secondary, corner, isinstance(blob, bytes))
     leaves = [[b""] * n for _ in range(n)]
 
     def hash_symbols(i: int, j0: int, j1: int) -> None:

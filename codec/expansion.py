@@ -97,9 +97,10 @@ class MatrixLayout:
 class SliverLayout:
     """Primary slivers (rows of an (n, n, s) array), secondary slivers (n, R, s), the corner.
 
-    Systematic primary slivers are the blob's rows themselves, viewed in place; only rows
-    the blob does not fill are copied, zero-padded, into `primary`, which also holds the
-    parity primaries (row i: its first C symbols). The systematic symbols are copied once
+    With `alias`, systematic primary slivers are the blob's rows themselves, viewed in
+    place, and only rows the blob does not fill are copied, zero-padded, into `primary`;
+    otherwise every blob row is copied there. `primary` also holds the parity primaries
+    (row i: its first C symbols). The systematic symbols are copied once
     more, into their secondary slivers: both codes read them there. The corner
     M[R..n)[C..n) is never stored: it lives in the rest of `primary`'s rows or, when
     `corner` is given, in that scratch, reused by each batch of parity columns (its symbols
@@ -107,7 +108,12 @@ class SliverLayout:
     """
 
     def __init__(
-        self, blob: U8Array, primary: U8Array, secondary: U8Array, corner: U8Array | None
+        self,
+        blob: U8Array,
+        primary: U8Array,
+        secondary: U8Array,
+        corner: U8Array | None,
+        alias: bool,
     ) -> None:
         n, _, s = primary.shape
         r = secondary.shape[1]
@@ -116,6 +122,7 @@ class SliverLayout:
         self._r, self._c = r, c
         self._blob = blob
         blob_rows, full = _rows(blob, r, c, s)
+        full = full if alias else 0
         self._full = full
         self.rows = [blob_rows[i] if i < full else primary[i, :c] for i in range(n)]
         self._p64 = primary.view(np.uint64).reshape(n, n, s // 8)

@@ -201,3 +201,22 @@ def test_batches_run_whole_or_row_by_row_and_report_finished_outputs(
 
     run(parity_program(7, 3), ins, outs, chunk_words, on_output=finished)
     assert seen == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("in_cache", [True, False])
+def test_a_mutable_blob_is_copied_and_bytes_may_be_viewed(
+    in_cache: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not in_cache:
+        monkeypatch.setattr(expansion, "IN_CACHE_BYTES", 0)
+        monkeypatch.setattr(expansion, "BATCH_BYTES", 0)
+    params = Params.for_nodes(7)
+    raw = np.random.default_rng(3).integers(0, 256, 15 * 64 * 3, dtype=np.uint8).tobytes()
+    want = encode(params, raw)
+    for blob in (bytearray(raw), memoryview(bytearray(raw))):
+        got = encode(params, blob)
+        blob[:] = bytes(len(raw))  # the caller reuses its buffer
+        assert got.metadata == want.metadata
+        for a, b in zip(got.pairs, want.pairs, strict=True):
+            assert bytes(a.primary.data) == bytes(b.primary.data)
+            assert bytes(a.secondary.data) == bytes(b.secondary.data)
