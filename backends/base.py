@@ -5,6 +5,9 @@ grammar) in one node directory. It promises:
 
 * ``put`` is atomic: a reader sees the old value or the new one, never a mix or a prefix;
   with ``durable=True`` the new value survives a crash once ``put`` returns.
+* ``append`` adds bytes at the end of a key in one write. It is not atomic as a whole:
+  a crash or a full disk may leave a torn tail, so readers of an appended key frame and
+  verify what they read (the metadata journal does).
 * Readers and listings never see temp files.
 * Every failure is a ``NodeError`` (or ``InvalidKey`` for a malformed key, raised before
   any disk access). What to do about a failing node (retry, mark down, repair) is the
@@ -48,6 +51,14 @@ class NodeStore(abc.ABC):
         Replaces any old value.
 
         Raises InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        """
+
+    @abc.abstractmethod
+    async def append(self, key: str, data: bytes, *, durable: bool = False) -> None:
+        """Append ``data`` to ``key`` (created if missing), in one write call.
+
+        With ``durable=True`` it is on stable storage when this returns. Raises
+        InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
         """
 
     @abc.abstractmethod

@@ -1,4 +1,4 @@
-"""Small puts to several node stores from one worker thread, under a short deadline.
+"""Small writes to several node stores from one worker thread, under a short deadline.
 
 Why: a trio worker-thread round trip costs about 0.2 ms on the machines we run on, and
 seven of them in parallel, for seven tiny files, cost more than writing the files (the
@@ -10,7 +10,7 @@ The price is isolation: a node that hangs holds up the puts after it in the batc
 batch runs under a short deadline, and whatever it has not finished by then is reported
 as pending. The thread is abandoned and may still finish those puts later, which is
 safe: puts are atomic, keys are content-derived and the payloads immutable (see
-LocalStore.put). The caller sends the pending ones through each store's own per-node,
+LocalStore.put), and appends go to framed, verified logs that tolerate a repeat. The caller sends the pending ones through each store's own per-node,
 deadline-bounded path, where a hung node only ever stalls itself.
 
 Must not import: codec, walrusfs, pyfuse3.
@@ -30,17 +30,15 @@ from backends.errors import NodeError
 from backends.local import LocalStore
 
 
-async def put_batch(
-    puts: Sequence[tuple[LocalStore, str, Payload]], *, durable: bool, deadline: float
+async def run_batch(
+    jobs: Sequence[tuple[LocalStore, str, Callable[[int], None]]], *, deadline: float
 ) -> dict[int, NodeError | None]:
-    """Put each (store, key, data) in turn from one thread; outcomes by position.
+    """Run each (store, key, job) in turn from one thread; outcomes by position.
 
-    None means stored, a NodeError that it failed; positions missing from the result
-    were not done within `deadline` seconds. Raises InvalidKey (before any disk access).
+    A job is a store's blocking body of one call (LocalStore.put_job, append_job). None
+    means done, a NodeError that it failed; positions missing from the result were not
+    done within `deadline` seconds. Raises nothing else.
     """
-    jobs: list[tuple[LocalStore, str, Callable[[int], None]]] = [
-        (store, key, store.put_job(key, data, durable=durable)) for store, key, data in puts
-    ]
     outcomes: dict[int, NodeError | None] = {}
 
     def work() -> None:
@@ -55,3 +53,11 @@ async def put_batch(
     with trio.move_on_after(deadline):
         await trio.to_thread.run_sync(work, abandon_on_cancel=True)
     return dict(outcomes)  # a copy: an abandoned thread may still add to the original
+
+
+async def put_batch(
+    puts: Sequence[tuple[LocalStore, str, Payload]], *, durable: bool, deadline: float
+) -> dict[int, NodeError | None]:
+    """run_batch of puts of (store, key, data). Raises InvalidKey before any disk access."""
+    jobs = [(st, key, st.put_job(key, data, durable=durable)) for st, key, data in puts]
+    return await run_batch(jobs, deadline=deadline)

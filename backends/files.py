@@ -170,6 +170,39 @@ def write_atomic(
         os.close(dir_fd)
 
 
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def append_key(
+    root_fd: int, node: str, key: str, parts: tuple[str, ...], data: bytes, *, durable: bool
+) -> None:
+    """Append ``data`` to the key's file (created 0600 if missing), fdatasync if durable.
+
+    One write call where the kernel takes it all, so concurrent appenders do not
+    interleave on a local filesystem. Raises NodeIOError (a symlink at the key or a
+    key directory), OSError.
+    """
+    dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=True, durable=durable)
+    try:
+        try:
+            fd = os.open(parts[-1], _APPEND_FLAGS, FILE_MODE, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _refuse_symlink(node, key, key) from None
+            raise
+        try:
+            _check_regular(os.fstat(fd).st_mode, node, key)
+            _write_all(fd, (data,))
+            if durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if durable:
+            os.fsync(dir_fd)  # a new key's name must survive too
+    finally:
+        os.close(dir_fd)
+
+
 def _write_all(fd: int, pieces: tuple[bytes | memoryview, ...]) -> int:
     """Write every piece in order (one writev where the kernel takes it all); return the size."""
     views = [memoryview(p).cast("B") for p in pieces if len(p)]

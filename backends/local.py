@@ -148,6 +148,21 @@ class LocalStore(NodeStore):
             root, self.path, key, parts, payload, durable=durable
         )
 
+    async def append(self, key: str, data: bytes, *, durable: bool = False) -> None:
+        """Append ``data`` to ``key`` in one write (see NodeStore.append).
+
+        Raises InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        """
+        await self._run("append", key, self.append_job(key, data, durable=durable))
+
+    def append_job(self, key: str, data: bytes, *, durable: bool) -> Callable[[int], None]:
+        """The blocking body of an append, for `_run` or `run_blocking`. Raises InvalidKey."""
+        parts = check_key(key)
+        payload = bytes(data)  # immutable: an abandoned thread may append it later
+        return lambda root: files.append_key(
+            root, self.path, key, parts, payload, durable=durable
+        )
+
     async def get(
         self,
         key: str,

@@ -44,15 +44,9 @@ from blake3 import blake3
 
 from backends import NodeError
 from walrusfs.errors import StorageUnavailable
-from walrusfs.journal import (
-    JournalError,
-    Segment,
-    decode_change,
-    read_segment,
-    segment_hash,
-    segment_key,
-)
+from walrusfs.journal import agreed_segment, read_epoch
 from walrusfs.metadata import Change
+from walrusfs.segment import JournalError, Segment, decode_change, segment_hash
 from walrusfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -280,21 +274,25 @@ async def replay(vol: Volume, sb: Superblock, apply: Callable[[Change], None]) -
     """
     seq, prev = sb.chain_seq, bytes.fromhex(sb.chain_hash)
     applied = sb.seq
+    held = await read_epoch(vol.nodes, sb.epoch)
     while True:
-        key = segment_key(sb.epoch, seq + 1)
-        raw = await read_segment(vol.nodes, key, vol.params.f + 1)
+        raw = agreed_segment(held, seq + 1, vol.params.f + 1)
         if raw is None:
             break
-        seg = Segment.from_bytes(raw, key)
+        seg = Segment.from_bytes(raw, f"journal of epoch {sb.epoch} at {seq + 1}")
         if seg.prev != prev or seg.first_seq != seq + 1 or seg.epoch != sb.epoch:
-            log.warning("journal segment %s does not chain; recovery stops before it", key)
+            log.warning(
+                "journal segment at %d of epoch %d does not chain; recovery stops before it",
+                seq + 1,
+                sb.epoch,
+            )
             break
         for offset, record in enumerate(seg.records):
             if seg.first_seq + offset > applied:
                 try:
                     apply(decode_change(record))
                 except JournalError as exc:
-                    raise RecoveryError(f"{key}: {exc}") from exc
+                    raise RecoveryError(f"journal at {seg.first_seq + offset}: {exc}") from exc
                 applied = seg.first_seq + offset
         seq, prev = seg.last_seq, segment_hash(raw)
     return max(applied, seq), prev

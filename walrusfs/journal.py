@@ -1,158 +1,50 @@
-"""The metadata journal: every committed change, replicated to the nodes in segments.
+"""The metadata journal: every committed change, replicated to the nodes, and read back.
 
 Metadata is never held in one place only. Each committed SQLite transaction appends its
 change (the mutation's name and arguments) here; `sync` packs the pending changes into one
-segment and writes it to every writable node, and counts it committed once n-f nodes have
-it (the same quorum as blobs). close() waits for a sync and fsync() for a durable one (the
-nodes flush to stable storage); other changes are synced in the background within a second. Segments are small, so they are replicated,
-not erasure coded.
+segment, appends it to the current log file of every writable node, and counts it
+committed once n-f nodes have it (the same quorum as blobs). close() waits for a sync and
+fsync() for a durable one (the nodes flush to stable storage); other changes are synced in
+the background within a second. Segments are small, so they are replicated, not erasure
+coded; the format is in walrusfs.segment.
 
-Segment file, key `journal/e<epoch>/<first seq, 16 digits>`, format version 1:
-
-| offset | size | field                                                              |
-|-------:|-----:|--------------------------------------------------------------------|
-|      0 |    4 | magic b"WSJS"                                                      |
-|      4 |    1 | format version (1)                                                 |
-|      5 |    8 | epoch (u64 LE): one per mount session                              |
-|     13 |    8 | seq of the first record (u64 LE); records are numbered from 1     |
-|     21 |    4 | record count (u32 LE)                                              |
-|     25 |   32 | hash of the previous segment of this epoch, or of the checkpoint   |
-|     57 |    4 | body length L (u32 LE)                                             |
-|     61 |    L | body: one JSON record per line, {"op": name, "args": {...}}        |
-| 61 + L |   32 | blake3 of everything before it                                     |
-
-JSON cannot hold bytes or the block map's types, so values are tagged: {"$b": base64} for
-bytes, {"$ref": [blob_id, meta, length]} for a BlockRef, {"$map": [[k, v], ...]} for a dict
-with integer keys. Nothing read from a node is ever unpickled or evaluated.
+Appending, rather than a file per segment, keeps closing a small file cheap (an append
+costs a fraction of creating and renaming a file) and the node directories small. A
+segment whose sync failed is sent again unchanged, so every copy of a segment anywhere is
+byte-identical and a reader never has to choose between versions. `rotate` starts new
+log files at a checkpoint; `drop_history` then deletes the files the checkpoint made
+history. `read_epoch` collects the segments of a session from every node for recovery.
 
 Runs in trio tasks (append is synchronous and never yields); not thread-safe.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import functools
 import logging
-import struct
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import trio
-from blake3 import blake3
 
 from backends import NodeError, NodeStore
 from walrusfs.errors import StorageUnavailable
-from walrusfs.metadata import BlockRef, Change
+from walrusfs.metadata import Change
 from walrusfs.nodeset import NodeSet
+from walrusfs.segment import (
+    PREFIX,
+    JournalError,
+    Segment,
+    encode_change,
+    parse_log_key,
+    scan_log,
+    segment_hash,
+    segment_key,
+)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"WSJS"
-VERSION = 1
-_HEAD = struct.Struct("<4sBQQI32sI")
-PREFIX = "journal"
 # After the quorum answered, how long slower nodes may still finish before being left behind.
 QUORUM_GRACE_S = 0.2
-
-
-class JournalError(Exception):
-    """A segment is damaged, out of order, or of an unknown version."""
-
-
-def segment_key(epoch: int, first_seq: int) -> str:
-    return f"{PREFIX}/e{epoch}/{first_seq:016d}"
-
-
-def _encode(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {"$b": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, BlockRef):
-        return {"$ref": [_encode(value.blob_id), _encode(value.meta), value.length]}
-    if isinstance(value, dict):
-        if all(isinstance(k, str) for k in value):
-            return {k: _encode(v) for k, v in value.items()}
-        return {"$map": [[_encode(k), _encode(v)] for k, v in value.items()]}
-    if isinstance(value, list | tuple):
-        return [_encode(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    raise TypeError(f"cannot journal a {type(value).__name__}")
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict):
-        if "$b" in value:
-            return base64.b64decode(value["$b"], validate=True)
-        if "$ref" in value:
-            blob_id, meta, length = value["$ref"]
-            return BlockRef(_decode(blob_id), _decode(meta), int(length))
-        if "$map" in value:
-            return {_decode(k): _decode(v) for k, v in value["$map"]}
-        return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
-def encode_change(change: Change) -> bytes:
-    """One journal record: a line of JSON."""
-    return json.dumps(
-        {"op": change.op, "args": _encode(dict(change.args))}, separators=(",", ":")
-    ).encode()
-
-
-def decode_change(line: bytes) -> Change:
-    """Parse one record; raises JournalError."""
-    try:
-        doc = json.loads(line)
-        return Change(str(doc["op"]), _decode(doc["args"]))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise JournalError(f"damaged journal record: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class Segment:
-    epoch: int
-    first_seq: int
-    prev: bytes
-    records: tuple[bytes, ...]
-
-    @property
-    def last_seq(self) -> int:
-        return self.first_seq + len(self.records) - 1
-
-    def to_bytes(self) -> bytes:
-        body = b"\n".join(self.records)
-        head = _HEAD.pack(
-            MAGIC, VERSION, self.epoch, self.first_seq, len(self.records), self.prev, len(body)
-        )
-        raw = head + body
-        return raw + blake3(raw).digest()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes, where: str = "") -> Segment:
-        """Parse and check a segment; raises JournalError."""
-        if len(raw) < _HEAD.size + 32:
-            raise JournalError(f"{where}: journal segment truncated")
-        if blake3(raw[:-32]).digest() != raw[-32:]:
-            raise JournalError(f"{where}: journal segment checksum mismatch")
-        magic, version, epoch, first, count, prev, length = _HEAD.unpack_from(raw)
-        if magic != MAGIC:
-            raise JournalError(f"{where}: not a journal segment")
-        if version != VERSION:
-            raise JournalError(f"{where}: journal segment version {version} unknown")
-        body = raw[_HEAD.size : len(raw) - 32]
-        if len(body) != length:
-            raise JournalError(f"{where}: journal segment length mismatch")
-        records = tuple(body.split(b"\n")) if count else ()
-        if len(records) != count:
-            raise JournalError(f"{where}: journal segment record count mismatch")
-        return cls(epoch, first, prev, records)
-
-
-def segment_hash(raw: bytes) -> bytes:
-    return blake3(raw).digest()
 
 
 class Journal:
@@ -171,6 +63,8 @@ class Journal:
         self.prev = prev
         self.on_commit: Callable[[int], None] | None = None
         self._pending: list[bytes] = []
+        self._attempt: tuple[Segment, bytes] | None = None  # sent, not yet on a quorum
+        self._log = segment_key(epoch, seq + 1)  # the current log file of every node
         self._lock = trio.Lock()
         self.segments_written = 0
 
@@ -182,8 +76,9 @@ class Journal:
 
     def retract(self, seq: int) -> None:
         """Withdraw the last appended change (its local COMMIT failed)."""
-        if seq != self.seq or not self._pending:
-            raise ValueError(f"can only retract the last change ({self.seq}), not {seq}")
+        sent = len(self._attempt[0].records) if self._attempt else 0
+        if seq != self.seq or len(self._pending) <= sent:
+            raise ValueError(f"can only retract the last unsent change ({self.seq}), not {seq}")
         self._pending.pop()
         self.seq -= 1
 
@@ -198,19 +93,18 @@ class Journal:
         Concurrent callers share one write (group commit). With `durable`, the nodes then
         flush their filesystems (syncfs), which also makes the data blobs and earlier
         segments written since durable: fsync() needs exactly that. Raises
-        StorageUnavailable when fewer than n-f nodes take it; the changes stay pending.
+        StorageUnavailable when fewer than n-f nodes take it; the changes stay pending,
+        and the segment is sent again as it is.
         """
         target = self.seq
         async with self._lock:
-            if self.committed < target and self._pending:
-                seg = Segment(self.epoch, self.committed + 1, self.prev, tuple(self._pending))
-                raw = seg.to_bytes()
-                key = segment_key(self.epoch, seg.first_seq)
-                await self._quorum(
-                    f"metadata journal segment {key}",
-                    lambda st: st.put(key, raw, durable=False),
-                    put=(key, raw),
-                )
+            while self.committed < target and self._pending:
+                if self._attempt is None:
+                    seg = Segment(self.epoch, self.committed + 1, self.prev, tuple(self._pending))
+                    self._attempt = (seg, seg.to_bytes())
+                seg, raw = self._attempt
+                await self._append(raw)
+                self._attempt = None
                 del self._pending[: len(seg.records)]
                 self.prev = segment_hash(raw)
                 self.committed = seg.last_seq
@@ -219,6 +113,18 @@ class Journal:
                 await self._flush_filesystems()
             if self.on_commit is not None:
                 self.on_commit(self.committed)
+
+    async def rotate(self) -> tuple[int, bytes]:
+        """Sync, then cut: later segments go to new log files. Returns (seq, hash) at the cut.
+
+        Every log file started before the cut holds only segments up to it, so once a
+        checkpoint taken at the cut is committed, they may go (`drop_history`). Raises
+        StorageUnavailable.
+        """
+        await self.sync()
+        async with self._lock:
+            self._log = segment_key(self.epoch, self.committed + 1)
+            return self.committed, self.prev
 
     async def _flush_filesystems(self) -> None:
         """syncfs once per filesystem of the writable nodes; n-f nodes must be covered.
@@ -268,39 +174,33 @@ class Journal:
                 f"need {self.quorum}: {detail or 'too many nodes down'}"
             )
 
-    async def _quorum(
-        self,
-        what: str,
-        op: Callable[[NodeStore], Awaitable[None]],
-        put: tuple[str, bytes] | None = None,
-    ) -> None:
-        """Run `op` on every writable node; return once n-f succeeded (stragglers get a
-        short grace, then are left behind: a hung node must not stall every close()).
+    async def _append(self, raw: bytes) -> None:
+        """Append a segment to every writable node's log; return once n-f have it.
 
-        When `op` is the small `put` (key, bytes), healthy nodes take it in one batch.
-        Raises StorageUnavailable when fewer than n-f succeed.
+        Healthy nodes take it in one batch; stragglers get a short grace, then are left
+        behind (a hung node must not stall every close()). Raises StorageUnavailable when
+        fewer than n-f succeed.
         """
         ok: list[int] = []
         errors: dict[int, str] = {}
+        key = self._log
         writable = sorted(self.nodes.writable())
-        if put is not None:
-            done = await self.nodes.put_small([(i, *put) for i in writable], durable=False)
-            for i, outcome in done.items():
-                if outcome is None:
-                    ok.append(i)
-                else:
-                    errors[i] = str(outcome)
-            writable = [i for i in writable if i not in done]
+        done = await self.nodes.append_small([(i, key, raw) for i in writable])
+        for i, outcome in done.items():
+            if outcome is None:
+                ok.append(i)
+            else:
+                errors[i] = str(outcome)
+        rest = [i for i in writable if i not in done]
         enough, all_done = trio.Event(), trio.Event()
         if len(ok) >= self.quorum:
             enough.set()
-
-        left = len(writable)
+        left = len(rest)
 
         async def one(i: int) -> None:
             nonlocal left
             try:
-                await self.nodes.call(i, op)
+                await self.nodes.call(i, lambda st: st.append(key, raw))
                 ok.append(i)
             except NodeError as exc:
                 errors[i] = str(exc)
@@ -311,9 +211,9 @@ class Journal:
                 all_done.set()
                 enough.set()
 
-        if writable:
+        if rest:
             async with trio.open_nursery() as nursery:
-                for i in writable:
+                for i in rest:
                     nursery.start_soon(one, i)
                 await enough.wait()
                 with trio.move_on_after(QUORUM_GRACE_S):
@@ -322,27 +222,85 @@ class Journal:
         if len(ok) < self.quorum:
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
             raise StorageUnavailable(
-                f"{what}: done on only {len(ok)} nodes, need {self.quorum}: {detail or 'too many nodes down'}"
+                f"metadata journal {key}: appended on only {len(ok)} nodes, need "
+                f"{self.quorum}: {detail or 'too many nodes down'}"
             )
 
 
-async def read_segment(nodes: NodeSet, key: str, agree: int) -> bytes | None:
-    """A segment that at least `agree` nodes hold identically (and intact), or None.
+async def read_epoch(nodes: NodeSet, epoch: int) -> list[dict[int, set[bytes]]]:
+    """Every intact segment of session `epoch`, per readable node: first seq -> copies.
 
-    A committed segment is on n-f nodes, so with at most f of them bad, f+1 agree.
+    A node that cannot be listed or read is left out (it counts as holding nothing).
     """
-    copies: dict[bytes, int] = {}
+    held: list[dict[int, set[bytes]]] = []
 
     async def one(i: int) -> None:
+        found: dict[int, set[bytes]] = {}
         try:
-            raw = await nodes.call(i, lambda st: st.get(key))
-            Segment.from_bytes(raw, f"node {i} {key}")
-        except (NodeError, JournalError):
+            for key in await nodes.call(i, lambda st: st.list_keys(f"{PREFIX}/e{epoch}")):
+                if parse_log_key(key) is None:
+                    continue
+                raw = await nodes.call(i, functools.partial(_get, key))
+                for seg_raw in await trio.to_thread.run_sync(scan_log, raw, f"node {i} {key}"):
+                    seg = Segment.from_bytes(seg_raw)
+                    if seg.epoch == epoch:
+                        found.setdefault(seg.first_seq, set()).add(seg_raw)
+        except (NodeError, JournalError) as exc:
+            log.debug("journal of epoch %d on node %d unreadable: %s", epoch, i, exc)
             return
-        copies[raw] = copies.get(raw, 0) + 1
+        held.append(found)
 
     async with trio.open_nursery() as nursery:
         for i in sorted(nodes.readable()):
             nursery.start_soon(one, i)
+    return held
+
+
+def agreed_segment(held: list[dict[int, set[bytes]]], first_seq: int, agree: int) -> bytes | None:
+    """The segment starting at `first_seq` that at least `agree` nodes hold identically.
+
+    A committed segment is on n-f nodes, so with at most f of them bad, f+1 agree.
+    """
+    copies: dict[bytes, int] = {}
+    for found in held:
+        for raw in found.get(first_seq, ()):
+            copies[raw] = copies.get(raw, 0) + 1
     best = max(copies.items(), key=lambda kv: kv[1], default=None)
     return best[0] if best is not None and best[1] >= agree else None
+
+
+async def drop_history(nodes: NodeSet, epoch: int, cut: int) -> int:
+    """Delete the log files a checkpoint at (`epoch`, `cut`) made history; returns how many.
+
+    That is every log file of an earlier session, and those of this one started at or
+    before the cut (see Journal.rotate). Only call it once that checkpoint's superblock
+    is committed. Nodes that fail are left for the next time; never raises NodeError.
+    """
+    removed = 0
+
+    async def one(i: int) -> None:
+        nonlocal removed
+        try:
+            keys = await nodes.call(i, lambda st: st.list_keys(PREFIX))
+            for key in keys:
+                where = parse_log_key(key)
+                if where is not None and (
+                    where[0] < epoch or (where[0] == epoch and where[1] <= cut)
+                ):
+                    await nodes.call(i, functools.partial(_delete, key))
+                    removed += 1
+        except NodeError as exc:
+            log.debug("old journal on node %d not removed now: %s", i, exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in sorted(nodes.writable()):
+            nursery.start_soon(one, i)
+    return removed
+
+
+async def _get(key: str, store: NodeStore) -> bytes:
+    return await store.get(key)
+
+
+async def _delete(key: str, store: NodeStore) -> None:
+    await store.delete(key)

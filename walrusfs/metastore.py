@@ -24,7 +24,7 @@ from walrusfs.checkpoint import (
     restore,
     write_checkpoint,
 )
-from walrusfs.journal import Journal
+from walrusfs.journal import Journal, drop_history
 from walrusfs.metadata import Metadata
 from walrusfs.volume import Volume
 
@@ -73,6 +73,8 @@ class MetaStore:
         self.journal = journal
         self.superblock = superblock
         self._checkpointing = trio.Lock()
+        # The newest committed checkpoint's (epoch, cut): log files up to it are history.
+        self._history: tuple[int, int] | None = (superblock.epoch, superblock.chain_seq)
 
     @classmethod
     async def open(cls, vol: Volume, state_dir: str) -> MetaStore:
@@ -112,8 +114,7 @@ class MetaStore:
     async def checkpoint(self) -> None:
         """Write a new checkpoint; the journal before it is then only history."""
         async with self._checkpointing:
-            await self.journal.sync()
-            chain_seq, chain_hash = self.journal.committed, self.journal.prev
+            chain_seq, chain_hash = await self.journal.rotate()
             self.superblock = await write_checkpoint(
                 self.vol,
                 self.metadata.path,
@@ -122,6 +123,17 @@ class MetaStore:
                 chain_hash=chain_hash,
                 previous=self.superblock,
             )
+            self._history = (self.journal.epoch, chain_seq)
+
+    async def drop_history(self) -> None:
+        """Delete the journal log files the newest checkpoint made history (if not yet)."""
+        if self._history is not None:
+            epoch, cut = self._history
+            removed = await drop_history(self.vol.nodes, epoch, cut)
+            if self._history == (epoch, cut):
+                self._history = None
+            if removed:
+                log.debug("removed %d journal log files older than the checkpoint", removed)
 
     def checkpoint_due(self) -> bool:
         return self.journal.seq - self.superblock.seq >= CHECKPOINT_EVERY
@@ -135,6 +147,7 @@ class MetaStore:
                     await self.journal.sync()
                 if self.checkpoint_due():
                     await self.checkpoint()
+                await self.drop_history()
             except Exception as exc:  # nodes missing: retried on the next round, shown in status
                 log.debug("background metadata sync failed: %s", exc)
 

@@ -31,7 +31,7 @@ from backends import (
     NodeTimeout,
 )
 from backends.base import Payload
-from backends.batch import put_batch
+from backends.batch import run_batch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -163,32 +163,47 @@ class NodeSet:
     async def put_small(
         self, puts: list[tuple[int, str, Payload]], *, durable: bool
     ) -> dict[int, NodeError | None]:
-        """Try small puts on the nodes that are up, from one worker thread.
+        """Try small puts (node, key, data) on the nodes that are up, from one thread.
 
         Returns the outcome (None: stored) of each put it finished, recorded as `call`
         records them; the caller puts the rest through `call`. Only healthy local stores
         take part, and only when the batch is small (BATCH_BYTES). Raises InvalidKey.
         """
         size = sum(sum(map(len, p)) if isinstance(p, tuple) else len(p) for _, _, p in puts)
-        batch: list[tuple[int, LocalStore, str, Payload]] = []
-        for i, key, data in puts:
+        return await self._batch(
+            [(i, key, _putter(key, p, durable)) for i, key, p in puts],
+            size,
+        )
+
+    async def append_small(
+        self, appends: list[tuple[int, str, bytes]]
+    ) -> dict[int, NodeError | None]:
+        """Like put_small, for appends (node, key, data) that need not be durable."""
+        return await self._batch(
+            [(i, key, _appender(key, d)) for i, key, d in appends],
+            sum(len(d) for _, _, d in appends),
+        )
+
+    async def _batch(
+        self, items: list[tuple[int, str, Callable[[LocalStore], Job]]], size: int
+    ) -> dict[int, NodeError | None]:
+        batch: list[tuple[int, LocalStore, str, Job]] = []
+        for i, key, make in items:
             store = self.nodes[i].store
             if self.nodes[i].state is NodeState.UP and isinstance(store, LocalStore):
-                batch.append((i, store, key, data))
+                batch.append((i, store, key, make(store)))
         if size > BATCH_BYTES or len(batch) < 2:
             return {}
         t0 = trio.current_time()
-        done = await put_batch(
-            [(store, key, data) for _, store, key, data in batch],
-            durable=durable,
-            deadline=BATCH_DEADLINE,
+        done = await run_batch(
+            [(store, key, job) for _, store, key, job in batch], deadline=BATCH_DEADLINE
         )
         if len(done) < len(batch):
             # The thread goes node by node: it is stuck on the first one not done.
             self.set_state(
                 batch[len(done)][0],
                 NodeState.SUSPECT,
-                f"a batched put took over {BATCH_DEADLINE:g}s",
+                f"a batched write took over {BATCH_DEADLINE:g}s",
             )
         share = (trio.current_time() - t0) / max(1, len(done))
         outcomes: dict[int, NodeError | None] = {}
@@ -259,6 +274,17 @@ class NodeSet:
             }
             for n in self.nodes
         ]
+
+
+Job = Callable[[int], None]
+
+
+def _putter(key: str, data: Payload, durable: bool) -> Callable[[LocalStore], Job]:
+    return lambda store: store.put_job(key, data, durable=durable)
+
+
+def _appender(key: str, data: bytes) -> Callable[[LocalStore], Job]:
+    return lambda store: store.append_job(key, data, durable=False)
 
 
 def _in_trio() -> bool:

@@ -74,6 +74,21 @@ async def test_put_of_pieces_stores_them_in_order(store: LocalStore) -> None:
     assert await store.get("slivers/ab/blob") == b"head" + big + b"mutable" + big[:3]
 
 
+async def test_append_creates_then_extends_a_key(store: LocalStore, node: Path) -> None:
+    await store.append("journal/e1/log", b"one,")
+    await store.append("journal/e1/log", b"two", durable=True)
+    assert await store.get("journal/e1/log") == b"one,two"
+    assert (node / "journal" / "e1" / "log").stat().st_mode & 0o777 == 0o600
+
+
+async def test_append_refuses_a_symlink_at_the_key(store: LocalStore, node: Path) -> None:
+    (node / "target").write_bytes(b"kept")
+    (node / "log").symlink_to(node / "target")
+    with pytest.raises(NodeIOError, match="symlink"):
+        await store.append("log", b"x")
+    assert (node / "target").read_bytes() == b"kept"
+
+
 async def test_non_durable_put_is_still_readable(store: LocalStore) -> None:
     await store.put("a/b", b"fast", durable=False)
     assert await store.get("a/b") == b"fast"

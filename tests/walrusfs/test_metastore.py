@@ -14,10 +14,10 @@ import trio
 from tests.walrusfs.volumes import node_paths
 from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError
 from walrusfs.errors import StorageUnavailable
-from walrusfs.journal import Segment, segment_key
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
 from walrusfs.metadata import ROOT_INODE, BlockRef
 from walrusfs.metastore import MetaStore, db_path, format_metadata
+from walrusfs.segment import Segment, scan_log, segment_key
 from walrusfs.volume import Volume, create_volume, open_volume
 
 OPTS = {"node_timeout": 3.0, "hedge_after": 0.3, "grace": 0.3}
@@ -144,12 +144,23 @@ async def test_a_journal_below_quorum_fails_and_keeps_its_changes(tmp_path: Path
     with pytest.raises(StorageUnavailable, match="need 5"):
         await ms.sync()
     assert ms.journal.lag == 1
+    ms.metadata.create(ROOT_INODE, b"later", mode=DIR, uid=0, gid=0, now_ns=2)
     for i in (0, 1, 2):
         os.rename(paths[i] + ".away", paths[i])
     await vol.nodes.probe_all()
     await ms.sync()
     assert ms.journal.lag == 0
+    # The failed segment went out again unchanged; the later change got one of its own.
+    # So no two copies of a segment anywhere differ, and recovery never has to choose.
+    for p in paths[3:]:
+        segs = scan_log((Path(p) / ms.journal._log).read_bytes())
+        assert [Segment.from_bytes(r).first_seq for r in segs] == [1, 1, 2]  # sent twice
+        assert segs[0] == segs[1]
+    expected = dump(ms.metadata.path)
     ms.metadata.close()
+    ms2 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state2"))
+    assert dump(ms2.metadata.path) == expected
+    ms2.metadata.close()
 
 
 async def test_an_unformatted_volume_and_garbage_superblocks_are_refused(tmp_path: Path) -> None:
@@ -162,6 +173,50 @@ async def test_an_unformatted_volume_and_garbage_superblocks_are_refused(tmp_pat
         Path(p, SUPERBLOCK_KEY).write_bytes(b"{}\nnot a checksum\n")
     with pytest.raises(RecoveryError, match="held identically"):
         await MetaStore.open(vol, str(tmp_path / "s"))
+
+
+def test_a_log_yields_its_intact_segments_around_damage() -> None:
+    segs = [Segment(3, k, bytes(32), (b'{"op":"x","args":{}}',)).to_bytes() for k in (1, 2, 3)]
+    torn = segs[1][:-5]  # a crash mid-append, then later appends after it
+    log = segs[0] + b"garbage WSJS and more" + torn + segs[2] + segs[2] + segs[1][:40]
+    assert scan_log(log) == [segs[0], segs[2], segs[2]]
+    assert scan_log(b"") == [] and scan_log(b"WSJS") == []
+
+
+async def test_many_syncs_append_to_one_log_file_per_node(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    for k in range(20):
+        ms.metadata.create(ROOT_INODE, b"d%d" % k, mode=DIR, uid=0, gid=0, now_ns=k)
+        await ms.sync()
+    assert ms.journal.segments_written == 20
+    for p in paths:
+        assert len(list((Path(p) / "journal").rglob("*"))) == 2  # e<epoch>/ and its log
+    ms.metadata.close()
+
+
+async def test_checkpoints_remove_the_journal_they_made_history(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    await make_changes(ms, vol, b"1")
+    await ms.sync()
+    old = ms.journal._log
+    await ms.checkpoint()
+    await make_changes(ms, vol, b"2")
+    await ms.sync(durable=True)
+    await ms.drop_history()
+    for p in paths:
+        assert not (Path(p) / old).exists() and (Path(p) / ms.journal._log).exists()
+    expected = dump(ms.metadata.path)
+    await ms.close()
+    # A new session (epoch): the earlier one's journal goes once its checkpoint is in.
+    ms2 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state2"))
+    assert dump(ms2.metadata.path) == expected
+    await ms2.drop_history()
+    for p in paths:
+        epochs = {d.name for d in (Path(p) / "journal").iterdir() if any(d.iterdir())}
+        assert epochs <= {f"e{ms2.journal.epoch}"}
+    await ms2.close()
 
 
 def test_segments_detect_damage() -> None:
