@@ -35,11 +35,8 @@ class SliverPair:
 
 @dataclass(frozen=True)
 class EncodedBlob:
-    """The encoder's output. Sliver data are contiguous memoryviews, not copies, into the
-    encoder's buffers (its Workspace, if one was given) and, when the blob given to
-    `encode` was immutable `bytes`, into the blob itself: primary slivers 0..R-1 but for
-    a row the blob does not fill. A mutable blob is always copied, so the result never
-    changes under its holder."""
+    """The encoder's output. Sliver data are contiguous memoryviews into the encoder's own
+    buffers (its Workspace, if one was given), never into the blob."""
 
     metadata: BlobMetadata
     pairs: tuple[SliverPair, ...]
@@ -66,8 +63,7 @@ def expand(params: Params, blob: Buffer, workspace: Workspace | None = None) -> 
 def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> EncodedBlob:
     """Encode `blob` into n sliver pairs and its metadata.
 
-    The result's slivers are views into the workspace and, if `blob` is `bytes`, into
-    `blob` (see EncodedBlob).
+    With a `workspace`, the result's slivers are views into it (see Workspace).
     """
     ws = Workspace() if workspace is None else workspace
     n, r, c = params.n, params.R, params.C
@@ -78,9 +74,7 @@ def encode(params: Params, blob: Buffer, workspace: Workspace | None = None) -> 
     corner = None
     if batch < n:  # streaming through DRAM: keep the corner in a small reused scratch
         corner = ws.get("corner", (n - r) * min(batch, n - c) * s).reshape(n - r, -1, s)
-    # Only immutable bytes are viewed in place: a caller may reuse a bytearray while a
-    # late write of the slivers is still running.
-    layout = SliverLayout(_blob_array(blob), primary, secondary, corner, isinstance(blob, bytes))
+    layout = SliverLayout(_blob_array(blob), primary, secondary, corner)
     leaves = [[b""] * n for _ in range(n)]
 
     def hash_symbols(i: int, j0: int, j1: int) -> None:

@@ -204,9 +204,7 @@ def test_batches_run_whole_or_row_by_row_and_report_finished_outputs(
 
 
 @pytest.mark.parametrize("in_cache", [True, False])
-def test_a_mutable_blob_is_copied_and_bytes_may_be_viewed(
-    in_cache: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_slivers_never_view_the_blob(in_cache: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if not in_cache:
         monkeypatch.setattr(expansion, "IN_CACHE_BYTES", 0)
         monkeypatch.setattr(expansion, "BATCH_BYTES", 0)
