@@ -180,7 +180,13 @@ class BlobStore:
             self.stats.failed_puts += 1
             await self._remove(meta.blob_id, {node: files[node][0] for node in stored})
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
-            full = sum(1 for e in errors.values() if isinstance(e, NodeFull))
+            # Full now, or skipped because a write found it full before: either way the
+            # user's answer is ENOSPC, not EIO, once too many nodes are out of space.
+            full = sum(
+                1
+                for i, e in errors.items()
+                if isinstance(e, NodeFull) or self.nodes.state(i) is NodeState.FULL
+            )
             cls = NoSpace if full > self.params.f else StorageUnavailable
             raise cls(
                 f"blob stored on only {len(stored)} of {self.params.n} nodes, need {quorum}: {detail}"

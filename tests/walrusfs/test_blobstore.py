@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -13,7 +14,7 @@ import trio.lowlevel
 
 from codec import BlobMetadata
 from tests.walrusfs.volumes import flip_byte, node_paths, sliver_file, sliver_files, tmpfs
-from walrusfs.errors import StorageUnavailable
+from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.sliverfile import header_size
 from walrusfs.volume import Volume, create_volume, open_volume
 
@@ -178,6 +179,20 @@ async def test_a_full_node_misses_writes_and_is_reported_full(tmp_path: Path) ->
         leftovers = await trio.to_thread.run_sync(lambda: list(Path(paths[3]).rglob(".tmp-*")))
         assert leftovers == []  # no partial files left behind
         assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+
+
+async def test_more_than_f_full_nodes_is_no_space_also_when_known_beforehand(
+    tmp_path: Path,
+) -> None:
+    paths = node_paths(tmp_path, N)
+    with tmpfs(paths[1], "1m"), tmpfs(paths[3], "1m"), tmpfs(paths[5], "1m"):
+        await create_volume(paths, blob_size=4 << 20)
+        vol = await open_volume(paths[0], **OPTS)
+        for attempt in range(2):  # the second put skips the nodes already known to be full
+            with pytest.raises(NoSpace) as info:
+                await vol.blobs.put_blob(os.urandom(4 << 20))
+            assert info.value.errno == errno.ENOSPC, attempt
+        assert [states(vol)[i] for i in (1, 3, 5)] == ["full"] * 3
 
 
 async def test_a_node_of_another_volume_is_refused(tmp_path: Path) -> None:
