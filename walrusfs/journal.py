@@ -27,9 +27,9 @@ from collections.abc import Callable
 import trio
 
 from backends import NodeError, NodeStore
-from walrusfs.errors import StorageUnavailable
+from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.metadata import Change
-from walrusfs.nodeset import NodeSet
+from walrusfs.nodeset import NodeSet, NodeState
 from walrusfs.segment import (
     PREFIX,
     JournalError,
@@ -221,9 +221,11 @@ class Journal:
                 nursery.cancel_scope.cancel()
         if len(ok) < self.quorum:
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
-            raise StorageUnavailable(
+            full = sum(1 for node in self.nodes.nodes if node.state is NodeState.FULL)
+            cls = NoSpace if full > len(self.nodes) - self.quorum else StorageUnavailable
+            raise cls(
                 f"metadata journal {key}: appended on only {len(ok)} nodes, need "
-                f"{self.quorum}: {detail or 'too many nodes down'}"
+                f"{self.quorum}: {detail or 'too many nodes down or full'}"
             )
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.walrusfs.volumes import node_paths
+from tests.walrusfs.volumes import node_paths, tmpfs
 from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError
-from walrusfs.errors import StorageUnavailable
+from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
 from walrusfs.metadata import ROOT_INODE, BlockRef
 from walrusfs.metastore import MetaStore, db_path, format_metadata
@@ -273,3 +273,18 @@ async def test_a_durable_sync_flushes_each_filesystem_once(tmp_path: Path) -> No
         assert sum(n.calls for n in vol.nodes.nodes) - calls == 1
     finally:
         await ms.close()
+
+
+async def test_a_journal_that_finds_too_many_nodes_full_is_no_space(tmp_path: Path) -> None:
+    paths = node_paths(tmp_path / "nodes", 7)
+    with tmpfs(paths[1], "1m"), tmpfs(paths[3], "1m"), tmpfs(paths[5], "1m"):
+        await create_volume(paths, blob_size=1 << 16)
+        vol = await open_volume(paths[0], **OPTS)
+        await format_metadata(vol, str(tmp_path / "state0"), uid=0, gid=0)
+        ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+        with pytest.raises(NoSpace):
+            await vol.blobs.put_blob(os.urandom(4 << 20))  # now known to be full
+        ms.metadata.create(ROOT_INODE, b"d", mode=DIR, uid=0, gid=0, now_ns=1)
+        with pytest.raises(NoSpace):  # ENOSPC for the user, not EIO
+            await ms.sync()
+        ms.metadata.close()
