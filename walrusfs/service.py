@@ -88,7 +88,13 @@ def space_of(vol: Volume) -> SpaceFn:
                 shared.setdefault(key, []).append(node)
         if not shared:
             return Space(0, 0, overhead)
-        groups = [(g[0].total or 0, min(n.free or 0 for n in g), len(g)) for g in shared.values()]
+        # A node not probed yet (down since the mount) may share any of these filesystems:
+        # count it in each, so that df errs low, never high.
+        unknown = sum(1 for node in vol.nodes.nodes if not node.total)
+        groups = [
+            (g[0].total or 0, min(n.free or 0 for n in g), len(g) + unknown)
+            for g in shared.values()
+        ]
         return Space(
             total_bytes=min(total * p.n // k for total, _, k in groups),
             free_bytes=min(free * p.n // k for _, free, k in groups),

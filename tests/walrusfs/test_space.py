@@ -24,6 +24,17 @@ async def test_nodes_on_one_disk_share_its_space(tmp_path: Path) -> None:
     assert space.overhead == pytest.approx(7 * 8 / 15)
 
 
+async def test_nodes_down_since_the_mount_are_assumed_to_share_the_disk(tmp_path: Path) -> None:
+    paths = node_paths(tmp_path, 7)
+    await create_volume(paths)
+    for i in (2, 5):
+        os.rename(paths[i], paths[i] + ".away")
+    vol = await open_volume(paths[0])
+    await vol.nodes.probe_all()
+    st = os.statvfs(tmp_path)
+    assert (await space_of(vol)()).total_bytes == st.f_blocks * st.f_frsize  # not 7/5 of it
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 async def test_the_filesystem_that_fills_first_limits(tmp_path: Path) -> None:
     small = tmp_path / "small"
