@@ -210,8 +210,8 @@ class BlobStore:
         stored: set[int] = set()
         if len(pending) < quorum:
             return stored, errors
-        # Small blobs go to the healthy nodes in one thread job; the rest as below.
-        done = await self.nodes.put_small([(i, *files[i]) for i in pending], durable=durable)
+        # The healthy nodes take their files in one thread job; the rest as below.
+        done = await self.nodes.put_batch([(i, *files[i]) for i in pending], durable=durable)
         for i, outcome in done.items():
             if outcome is None:
                 stored.add(i)

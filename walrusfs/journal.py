@@ -185,7 +185,7 @@ class Journal:
         errors: dict[int, str] = {}
         key = self._log
         writable = sorted(self.nodes.writable())
-        done = await self.nodes.append_small([(i, key, raw) for i in writable])
+        done = await self.nodes.append_batch([(i, key, raw) for i in writable])
         for i, outcome in done.items():
             if outcome is None:
                 ok.append(i)

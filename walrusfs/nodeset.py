@@ -44,12 +44,16 @@ class NodeState(enum.Enum):
     FULL = "full"
 
 
-# Puts of at most this many bytes in all go to the healthy nodes from one worker thread
-# (backends.batch): closing a small file then costs two thread hand-offs, not sixteen.
-BATCH_BYTES = 1 << 20
-# A batch not done by then leaves its remaining puts to the per-node path, and the node
-# it is stuck on turns suspect, which keeps it out of batches until it answers again.
+# Writes of at most this many bytes in all go to the healthy nodes from one worker thread
+# (backends.batch): closing a small file then costs two thread hand-offs, not sixteen,
+# and a 4 MiB blob's seven sliver files are written about 20% faster than by seven
+# threads contending for the GIL at every syscall (measured on tmpfs and on a disk).
+BATCH_BYTES = 64 << 20
+# A batch not done within BATCH_DEADLINE + its bytes / BATCH_RATE leaves its remaining
+# writes to the per-node path, and the node it is stuck on turns suspect, which keeps it
+# out of batches until it answers again: a slow or hung node only ever stalls one batch.
 BATCH_DEADLINE = 0.25
+BATCH_RATE = 50e6
 
 # Lower ranks are preferred when choosing which nodes to read from.
 _RANK = {NodeState.UP: 0, NodeState.FULL: 0, NodeState.SUSPECT: 1, NodeState.DOWN: 2}
@@ -160,14 +164,14 @@ class NodeSet:
         self._ok(node, trio.current_time() - t0)
         return result
 
-    async def put_small(
+    async def put_batch(
         self, puts: list[tuple[int, str, Payload]], *, durable: bool
     ) -> dict[int, NodeError | None]:
-        """Try small puts (node, key, data) on the nodes that are up, from one thread.
+        """Try puts (node, key, data) on the nodes that are up, from one worker thread.
 
         Returns the outcome (None: stored) of each put it finished, recorded as `call`
         records them; the caller puts the rest through `call`. Only healthy local stores
-        take part, and only when the batch is small (BATCH_BYTES). Raises InvalidKey.
+        take part, and only up to BATCH_BYTES in all. Raises InvalidKey.
         """
         size = sum(sum(map(len, p)) if isinstance(p, tuple) else len(p) for _, _, p in puts)
         return await self._batch(
@@ -175,10 +179,10 @@ class NodeSet:
             size,
         )
 
-    async def append_small(
+    async def append_batch(
         self, appends: list[tuple[int, str, bytes]]
     ) -> dict[int, NodeError | None]:
-        """Like put_small, for appends (node, key, data) that need not be durable."""
+        """Like put_batch, for appends (node, key, data) that need not be durable."""
         return await self._batch(
             [(i, key, _appender(key, d)) for i, key, d in appends],
             sum(len(d) for _, _, d in appends),
@@ -195,15 +199,16 @@ class NodeSet:
         if size > BATCH_BYTES or len(batch) < 2:
             return {}
         t0 = trio.current_time()
+        deadline = BATCH_DEADLINE + size / BATCH_RATE
         done = await run_batch(
-            [(store, key, job) for _, store, key, job in batch], deadline=BATCH_DEADLINE
+            [(store, key, job) for _, store, key, job in batch], deadline=deadline
         )
         if len(done) < len(batch):
             # The thread goes node by node: it is stuck on the first one not done.
             self.set_state(
                 batch[len(done)][0],
                 NodeState.SUSPECT,
-                f"a batched write took over {BATCH_DEADLINE:g}s",
+                f"a batched write took over {deadline:.2f}s",
             )
         share = (trio.current_time() - t0) / max(1, len(done))
         outcomes: dict[int, NodeError | None] = {}
