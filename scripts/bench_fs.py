@@ -5,7 +5,11 @@ In one run: 1 GiB of random data written (then fsynced) and read back cold throu
 walrusfs mount and through a plain directory; the same read with 2 node directories taken
 away; extracting a tar of 2,000 small files (1-64 KiB); and the write again with the node
 directories on tmpfs. Reads are cold: the filesystem is remounted (its own cache empty)
-and the page cache dropped. Everything runs the real `walrusfs` command. Last line:
+and the page cache dropped. Everything runs the real `walrusfs` command. Two references
+put the figures in context: the same bytes walrusfs lays on the nodes (3.7x the file at
+n=7) written as plain files of sliver size, which bounds any writer on this disk; and the
+small files extracted through a FUSE passthrough served by pyfuse3 (scripts/badmount.py),
+which bounds any pyfuse3 filesystem. Last line:
 `fs n=7: write X MB/s (plain P), read Y MB/s (plain Q), degraded read Z MB/s, small files T s (plain U s)`
 """
 
@@ -21,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +70,46 @@ def read_file(path: Path, expect: memoryview) -> float:
     if pos != len(expect):
         raise SystemExit(f"{path}: read {pos} bytes, expected {len(expect)}")
     return pos / elapsed / 1e6
+
+
+def node_bytes_ceiling(where: Path, file_bytes: int, expansion: float, file_size: int) -> float:
+    """MB/s of file data when its node bytes (`expansion` times it) go to plain files.
+
+    Files of sliver size, over 7 directories, four writers, then sync, as walrusfs
+    writes them: the disk's own limit for the bytes walrusfs must store.
+    """
+    payload = os.urandom(file_size)
+    count = int(file_bytes * expansion) // file_size
+
+    def one(i: int) -> None:
+        d = where / f"node{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, payload)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # as walrusfs does
+        finally:
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(count)))
+    os.sync()
+    return file_bytes / (time.perf_counter() - t0) / 1e6
+
+
+def passthrough_small(base: Path, tar: Path) -> float | None:
+    """Seconds to extract `tar` through a pyfuse3 passthrough (badmount.py); None if it fails."""
+    src, mnt = base / "pass-src", base / "pass-mnt"
+    src.mkdir()
+    mnt.mkdir()
+    script = Path(__file__).parent / "badmount.py"
+    if subprocess.run([sys.executable, str(script), "mount", str(src), str(mnt), "--daemon"], capture_output=True).returncode:
+        return None
+    try:
+        return extract(tar, mnt / "small")
+    finally:
+        subprocess.run([sys.executable, str(script), "unmount", str(mnt)], capture_output=True)
 
 
 def small_tar(path: Path, count: int, seed: int) -> None:
@@ -144,6 +189,14 @@ def main() -> None:
         r["small"] = extract(tar, vol.mnt / "small")
         vol.umount()
         mounted.remove(vol.mnt)
+        passed = passthrough_small(base, tar)
+        if passed is not None:
+            r["passthrough_small"] = passed
+        shutil.rmtree(vol.nodes[0].parent)
+        drop_caches()
+        # n=7: 7 * (3 + 5) symbols stored per 15 of data; a 4 MiB blob's sliver file is 2.2 MiB.
+        r["node_bytes_ceiling"] = node_bytes_ceiling(base / "ceiling", args.mib * MIB, 56 / 15, 2348 << 10)
+        shutil.rmtree(base / "ceiling")
 
         tmp = base / "tmpfs"
         tmp.mkdir()
@@ -173,6 +226,12 @@ def main() -> None:
         f"degraded {r['degraded_read'] / q:.2f} (>= 0.5), small files {r['small'] / r['plain_small']:.1f}x "
         f"(<= 10x), tmpfs write {r.get('tmpfs_write', float('nan')):.0f} MB/s (>= 250)"
     )
+    if "node_bytes_ceiling" in r:
+        print(
+            f"  references: node bytes as plain files {r['node_bytes_ceiling']:.0f} MB/s of file data "
+            f"(write reaches {r['write'] / r['node_bytes_ceiling']:.2f} of it); small files through a "
+            f"pyfuse3 passthrough {r.get('passthrough_small', float('nan')):.1f} s"
+        )
     print(
         f"fs n=7: write {r['write']:.0f} MB/s (plain {p:.0f}), read {r['read']:.0f} MB/s (plain {q:.0f}), "
         f"degraded read {r['degraded_read']:.0f} MB/s, small files {r['small']:.1f} s (plain {r['plain_small']:.1f} s)"
