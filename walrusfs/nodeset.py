@@ -54,6 +54,8 @@ BATCH_BYTES = 64 << 20
 # out of batches until it answers again: a slow or hung node only ever stalls one batch.
 BATCH_DEADLINE = 0.25
 BATCH_RATE = 50e6
+# Durable puts wait for an fsync per file: only small ones are worth serialising.
+BATCH_DURABLE_BYTES = 1 << 20
 
 # Lower ranks are preferred when choosing which nodes to read from.
 _RANK = {NodeState.UP: 0, NodeState.FULL: 0, NodeState.SUSPECT: 1, NodeState.DOWN: 2}
@@ -171,9 +173,12 @@ class NodeSet:
 
         Returns the outcome (None: stored) of each put it finished, recorded as `call`
         records them; the caller puts the rest through `call`. Only healthy local stores
-        take part, and only up to BATCH_BYTES in all. Raises InvalidKey.
+        take part, and only up to BATCH_BYTES in all (BATCH_DURABLE_BYTES if `durable`).
+        Raises InvalidKey.
         """
         size = sum(sum(map(len, p)) if isinstance(p, tuple) else len(p) for _, _, p in puts)
+        if durable and size > BATCH_DURABLE_BYTES:
+            return {}  # fsyncs one after another in one thread would add up, not overlap
         return await self._batch(
             [(i, key, _putter(key, p, durable)) for i, key, p in puts],
             size,
