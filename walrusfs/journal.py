@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -137,96 +137,98 @@ class Journal:
         for i in sorted(self.nodes.writable()):
             fs = self.nodes.nodes[i].filesystem
             groups.setdefault(i if fs is None else ("fs", fs), []).append(i)
-        covered: list[int] = []
         errors: dict[int, str] = {}
-        enough, all_done = trio.Event(), trio.Event()
-        left = len(groups)
 
-        async def flush(members: list[int]) -> None:
-            nonlocal left
+        async def flush(members: list[int]) -> int:
             for i in members:  # another node of the group may still flush it
                 try:
                     await self.nodes.call(i, lambda st: st.syncfs())
                 except NodeError as exc:
                     errors[i] = str(exc)
                 else:
-                    covered.extend(members)
-                    break
-            left -= 1
-            if len(covered) >= self.quorum or left == 0:
-                enough.set()
-            if left == 0:
-                all_done.set()
+                    return len(members)
+            return 0
 
-        if groups:
-            # As in _quorum: a hung node must not stall every fsync().
-            async with trio.open_nursery() as nursery:
-                for members in groups.values():
-                    nursery.start_soon(flush, members)
-                await enough.wait()
-                with trio.move_on_after(QUORUM_GRACE_S):
-                    await all_done.wait()
-                nursery.cancel_scope.cancel()
-        if len(covered) < self.quorum:
+        covered = await _quorum_of(
+            [functools.partial(flush, members) for members in groups.values()], self.quorum
+        )
+        if covered < self.quorum:
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
             raise StorageUnavailable(
-                f"flushing the nodes to stable storage: done for only {len(covered)} nodes, "
+                f"flushing the nodes to stable storage: done for only {covered} nodes, "
                 f"need {self.quorum}: {detail or 'too many nodes down'}"
             )
 
     async def _append(self, raw: bytes) -> None:
         """Append a segment to every writable node's log; return once n-f have it.
 
-        Healthy nodes take it in one batch; stragglers get a short grace, then are left
-        behind (a hung node must not stall every close()). Raises StorageUnavailable when
-        fewer than n-f succeed.
+        Healthy nodes take it in one batch, the others one by one. Raises NoSpace or
+        StorageUnavailable when fewer than n-f succeed.
         """
-        ok: list[int] = []
         errors: dict[int, str] = {}
         key = self._log
         writable = sorted(self.nodes.writable())
         done = await self.nodes.append_batch([(i, key, raw) for i in writable])
         for i, outcome in done.items():
-            if outcome is None:
-                ok.append(i)
-            else:
+            if outcome is not None:
                 errors[i] = str(outcome)
-        rest = [i for i in writable if i not in done]
-        enough, all_done = trio.Event(), trio.Event()
-        if len(ok) >= self.quorum:
-            enough.set()
-        left = len(rest)
 
-        async def one(i: int) -> None:
-            nonlocal left
+        async def one(i: int) -> int:
             try:
                 await self.nodes.call(i, lambda st: st.append(key, raw))
-                ok.append(i)
             except NodeError as exc:
                 errors[i] = str(exc)
-            left -= 1
-            if len(ok) >= self.quorum:
-                enough.set()
-            if left == 0:
-                all_done.set()
-                enough.set()
+                return 0
+            return 1
 
-        if rest:
-            async with trio.open_nursery() as nursery:
-                for i in rest:
-                    nursery.start_soon(one, i)
-                await enough.wait()
-                with trio.move_on_after(QUORUM_GRACE_S):
-                    await all_done.wait()
-                nursery.cancel_scope.cancel()
-        if len(ok) < self.quorum:
+        ok = await _quorum_of(
+            [functools.partial(one, i) for i in writable if i not in done],
+            self.quorum,
+            have=sum(1 for outcome in done.values() if outcome is None),
+        )
+        if ok < self.quorum:
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
             full = sum(1 for node in self.nodes.nodes if node.state is NodeState.FULL)
             cls = NoSpace if full > len(self.nodes) - self.quorum else StorageUnavailable
             raise cls(
-                f"metadata journal {key}: appended on only {len(ok)} nodes, need "
+                f"metadata journal {key}: appended on only {ok} nodes, need "
                 f"{self.quorum}: {detail or 'too many nodes down or full'}"
             )
+
+
+async def _quorum_of(
+    jobs: list[Callable[[], Awaitable[int]]], quorum: int, *, have: int = 0
+) -> int:
+    """Run `jobs` at once, each returning how many nodes it covered; return the total.
+
+    Returns once the total (starting at `have`) reaches `quorum` and the other jobs have
+    had QUORUM_GRACE_S more, or once all have ended; stragglers are then cancelled, so a
+    hung node never stalls every close() or fsync().
+    """
+    total, left = have, len(jobs)
+    enough, all_done = trio.Event(), trio.Event()
+
+    async def run(job: Callable[[], Awaitable[int]]) -> None:
+        nonlocal total, left
+        got = await job()  # not `total += await job()`: that reads total before the await
+        total += got
+        left -= 1
+        if total >= quorum or left == 0:
+            enough.set()
+        if left == 0:
+            all_done.set()
+
+    if jobs:
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(run, job)
+            if total >= quorum:
+                enough.set()
+            await enough.wait()
+            with trio.move_on_after(QUORUM_GRACE_S):
+                await all_done.wait()
+            nursery.cancel_scope.cancel()
+    return total
 
 
 async def read_epoch(nodes: NodeSet, epoch: int) -> list[dict[int, set[bytes]]]:
