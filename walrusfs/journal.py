@@ -83,6 +83,11 @@ class Journal:
         self.seq -= 1
 
     @property
+    def log_key(self) -> str:
+        """The key of the log file that segments are appended to now (on every node)."""
+        return self._log
+
+    @property
     def lag(self) -> int:
         """Changes committed locally but not yet on a quorum of nodes."""
         return self.seq - self.committed

@@ -153,7 +153,7 @@ async def test_a_journal_below_quorum_fails_and_keeps_its_changes(tmp_path: Path
     # The failed segment went out again unchanged; the later change got one of its own.
     # So no two copies of a segment anywhere differ, and recovery never has to choose.
     for p in paths[3:]:
-        segs = scan_log((Path(p) / ms.journal._log).read_bytes())
+        segs = scan_log((Path(p) / ms.journal.log_key).read_bytes())
         assert [Segment.from_bytes(r).first_seq for r in segs] == [1, 1, 2]  # sent twice
         assert segs[0] == segs[1]
     expected = dump(ms.metadata.path)
@@ -200,13 +200,13 @@ async def test_checkpoints_remove_the_journal_they_made_history(tmp_path: Path) 
     ms = await MetaStore.open(vol, str(tmp_path / "state1"))
     await make_changes(ms, vol, b"1")
     await ms.sync()
-    old = ms.journal._log
+    old = ms.journal.log_key
     await ms.checkpoint()
     await make_changes(ms, vol, b"2")
     await ms.sync(durable=True)
     await ms.drop_history()
     for p in paths:
-        assert not (Path(p) / old).exists() and (Path(p) / ms.journal._log).exists()
+        assert not (Path(p) / old).exists() and (Path(p) / ms.journal.log_key).exists()
     expected = dump(ms.metadata.path)
     await ms.close()
     # A new session (epoch): the earlier one's journal goes once its checkpoint is in.
