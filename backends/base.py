@@ -132,8 +132,12 @@ class NodeStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def cleanup_temps(self, older_than: float = 3600.0) -> int:
+    async def cleanup_temps(
+        self, older_than: float = 3600.0, prefix: str = "", *, recursive: bool = True
+    ) -> int:
         """Remove temp files older than ``older_than`` seconds; return how many went.
 
-        Raises NodeDown, NodeTimeout, NodePermissionError, NodeIOError.
+        Only in the key directory ``prefix`` ("" = the whole node) and, if ``recursive``,
+        below it. Raises InvalidKey, NodeDown, NodeTimeout, NodePermissionError,
+        NodeIOError.
         """

@@ -315,8 +315,11 @@ def delete_key(root_fd: int, node: str, key: str, parts: tuple[str, ...]) -> Non
         os.close(dir_fd)
 
 
-def _scan(dir_fd: int, rel: str) -> Generator[tuple[int, str, os.DirEntry[str]], None, None]:
-    """Yield (fd of the entry's directory, key-relative dir path, entry) for a whole subtree.
+def _scan(
+    dir_fd: int, rel: str, *, recursive: bool = True
+) -> Generator[tuple[int, str, os.DirEntry[str]], None, None]:
+    """Yield (fd of the entry's directory, key-relative dir path, entry) for a whole subtree
+    (or for the directory alone if not `recursive`).
 
     Only descends into real directories named like key components; takes ownership of
     ``dir_fd`` and closes every fd it opens, even if the consumer stops early.
@@ -330,7 +333,11 @@ def _scan(dir_fd: int, rel: str) -> Generator[tuple[int, str, os.DirEntry[str]],
                     subdirs: list[str] = []
                     for entry in entries:
                         yield fd, here, entry
-                        if is_key_component(entry.name) and entry.is_dir(follow_symlinks=False):
+                        if (
+                            recursive
+                            and is_key_component(entry.name)
+                            and entry.is_dir(follow_symlinks=False)
+                        ):
                             subdirs.append(entry.name)
                 for name in subdirs:
                     child_rel = f"{here}/{name}" if here else name
@@ -368,16 +375,29 @@ def list_tree(root_fd: int, node: str, prefix: str, parts: tuple[str, ...]) -> l
     return keys
 
 
-def remove_stale_temps(root_fd: int, older_than: float) -> int:
+def remove_stale_temps(
+    root_fd: int,
+    node: str,
+    older_than: float,
+    prefix: str = "",
+    parts: tuple[str, ...] = (),
+    *,
+    recursive: bool = True,
+) -> int:
     """Unlink temp files whose mtime is more than ``older_than`` seconds ago; return the count.
 
-    Raises OSError.
+    Looks in the key directory ``parts`` (the node directory if empty), and below it if
+    ``recursive``. Raises NodeIOError (a symlinked prefix directory), OSError.
     """
     # mtime is wall-clock time stamped by the (maybe remote) filesystem, so compare with
     # the wall clock, not a monotonic one.
     cutoff = time.time() - older_than
+    try:
+        top = open_key_dir(root_fd, node, prefix, parts, create=False, durable=False)
+    except KeyNotFound:
+        return 0
     removed = 0
-    with contextlib.closing(_scan(os.dup(root_fd), "")) as walk:
+    with contextlib.closing(_scan(top, prefix, recursive=recursive)) as walk:
         for fd, _, entry in walk:
             if not is_temp_name(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue

@@ -252,11 +252,20 @@ class LocalStore(NodeStore):
         await self._run("probe", None, lambda root: files.probe(root, self.path))
         return trio.current_time() - start
 
-    async def cleanup_temps(self, older_than: float = 3600.0) -> int:
+    async def cleanup_temps(
+        self, older_than: float = 3600.0, prefix: str = "", *, recursive: bool = True
+    ) -> int:
         """Remove temp files older than ``older_than`` seconds; return how many.
 
-        Raises NodeDown, NodeTimeout, NodePermissionError, NodeIOError.
+        Only in the key directory ``prefix`` ("" = the node directory) and, if
+        ``recursive``, below it. Raises InvalidKey, NodeDown, NodeTimeout,
+        NodePermissionError, NodeIOError.
         """
+        parts = check_prefix(prefix)
         return await self._run(
-            "cleanup_temps", None, lambda root: files.remove_stale_temps(root, older_than)
+            "cleanup_temps",
+            prefix or None,
+            lambda root: files.remove_stale_temps(
+                root, self.path, older_than, prefix, parts, recursive=recursive
+            ),
         )

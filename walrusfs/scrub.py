@@ -25,6 +25,7 @@ node stores' worker threads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -32,12 +33,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from backends import KeyNotFound, NodeError
+from backends import KeyNotFound, NodeError, NodeStore
 from codec import BlobMetadata, CodecError, verify_sliver
 from walrusfs.catalog import BlobRef, BlobSource, list_slivers, missing_on
 from walrusfs.healer import RepairService
 from walrusfs.nodeset import NodeSet
 from walrusfs.repair import RateLimit, was_cancelled
+from walrusfs.segment import PREFIX as JOURNAL
+from walrusfs.sliverfile import PREFIX as SLIVERS
 from walrusfs.sliverfile import (
     SliverFileError,
     header_size,
@@ -190,6 +193,37 @@ async def sweep_node(
     return out
 
 
+# A temp file this old cannot belong to a write still under way (node calls have deadlines
+# of seconds): it is what a crash or an abandoned write left behind.
+STALE_TEMP_S = 3600.0
+
+
+async def remove_stale_temps(nodes: NodeSet, node: int, older_than: float = STALE_TEMP_S) -> int:
+    """Remove temp files older than `older_than` s on `node`, a key directory at a time.
+
+    Never raises NodeError.
+
+    Per fan-out directory, like the listing: one walk of a big node could outlast the
+    node deadline. Returns how many went.
+    """
+    removed = 0
+    prefixes = [("", False), (JOURNAL, True)] + [
+        (f"{SLIVERS}/{top:02x}", True) for top in range(256)
+    ]
+    try:
+        for prefix, recursive in prefixes:
+            removed += await nodes.call(
+                node, functools.partial(_cleanup, older_than, prefix, recursive)
+            )
+    except NodeError as exc:
+        log.debug("stale temp files on node %d left for the next pass: %s", node, exc)
+    return removed
+
+
+async def _cleanup(older_than: float, prefix: str, recursive: bool, store: NodeStore) -> int:
+    return await store.cleanup_temps(older_than, prefix, recursive=recursive)
+
+
 @dataclass
 class ScrubReport:
     """The end of a scrub pass."""
@@ -202,6 +236,7 @@ class ScrubReport:
     missing: int = 0
     orphans: int = 0
     orphans_removed: int = 0
+    temps_removed: int = 0  # stale temp files of writes that never finished
     incomplete: dict[int, str] = field(default_factory=dict)  # node -> why it was not done
     cancelled: bool = False
 
@@ -211,6 +246,8 @@ class ScrubReport:
             f"{self.duration:.1f}s: {len(self.corrupt)} corrupt, {self.missing} missing, "
             f"{self.orphans} orphans ({self.orphans_removed} removed)"
         )
+        if self.temps_removed:
+            text += f", {self.temps_removed} stale temp files removed"
         if self.incomplete:
             text += f"; nodes not scrubbed: {sorted(self.incomplete)}"
         return text + ("; cancelled" if self.cancelled else "")
@@ -225,6 +262,7 @@ class ScrubReport:
             "missing": self.missing,
             "orphans": self.orphans,
             "orphans_removed": self.orphans_removed,
+            "temps_removed": self.temps_removed,
             "incomplete": {str(k): v for k, v in self.incomplete.items()},
             "cancelled": self.cancelled,
         }
@@ -301,6 +339,8 @@ class Scrubber:
                         self.nodes, i, refs, protected, limit=self.limit, progress=progress
                     )
                 )
+                removed = await remove_stale_temps(self.nodes, i)
+                report.temps_removed += removed  # not `+= await`: other nodes run meanwhile
 
             async with trio.open_nursery() as nursery:
                 for i in readable:

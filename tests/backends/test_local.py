@@ -287,6 +287,19 @@ async def test_cleanup_temps_removes_only_stale_temps(store: LocalStore, node: P
     assert files_in(node) == ["d/k"]
 
 
+async def test_cleanup_temps_of_one_key_directory(store: LocalStore, node: Path) -> None:
+    (node / "a" / "b").mkdir(parents=True)
+    for path in (node / ".tmp-1", node / "a" / ".tmp-2", node / "a" / "b" / ".tmp-3"):
+        path.write_bytes(b"partial")
+        _age(path, 7200)
+    assert await store.cleanup_temps(prefix="a", recursive=False) == 1
+    assert await store.cleanup_temps(prefix="nothing/here") == 0
+    assert files_in(node) == [".tmp-1", "a/b/.tmp-3"]
+    assert await store.cleanup_temps(prefix="", recursive=False) == 1
+    assert await store.cleanup_temps(prefix="a") == 1
+    assert files_in(node) == []
+
+
 @pytest.mark.parametrize(
     "call",
     [

@@ -44,6 +44,23 @@ async def test_a_node_is_listed_one_fan_out_directory_per_call(tmp_path: Path) -
     assert vol.nodes.nodes[4].calls - calls == 256
 
 
+async def test_scrub_removes_temp_files_that_writes_left_behind(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, _ = await fill(vol, 3, seed=6)
+    node = Path(paths[1])
+    key_dir = next(p.parent for p in sliver_files(paths[1]))
+    (node / "journal" / "e9").mkdir(parents=True)
+    stale = [node / ".tmp-a", node / "journal" / "e9" / ".tmp-b", key_dir / ".tmp-c"]
+    fresh = key_dir / ".tmp-d"  # a write that may still be under way
+    for path in [*stale, fresh]:
+        path.write_bytes(b"half a sliver")
+    for path in stale:
+        os.utime(path, (1e9, 1e9))
+    report = await Scrubber(vol, refs, rate=None).scrub_pass()
+    assert report.temps_removed == 3 and "3 stale temp files" in report.summary()
+    assert fresh.exists() and not any(p.exists() for p in stale)
+
+
 async def test_ten_percent_corrupt_slivers_are_all_found_and_repaired(tmp_path: Path) -> None:
     vol, paths = await make_volume(tmp_path)
     refs, _ = await fill(vol, 40, seed=21)
