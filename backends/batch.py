@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from backends.base import Payload
 from backends.errors import NodeError
 from backends.local import LocalStore
 
@@ -54,10 +53,3 @@ async def run_batch(
         await trio.to_thread.run_sync(work, abandon_on_cancel=True)
     return dict(outcomes)  # a copy: an abandoned thread may still add to the original
 
-
-async def put_batch(
-    puts: Sequence[tuple[LocalStore, str, Payload]], *, durable: bool, deadline: float
-) -> dict[int, NodeError | None]:
-    """run_batch of puts of (store, key, data). Raises InvalidKey before any disk access."""
-    jobs = [(st, key, st.put_job(key, data, durable=durable)) for st, key, data in puts]
-    return await run_batch(jobs, deadline=deadline)
