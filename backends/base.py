@@ -81,6 +81,26 @@ class NodeStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def get_into(
+        self,
+        key: str,
+        offset: int,
+        into: tuple[memoryview, ...],
+        *,
+        check: Callable[[int], None] | None = None,
+    ) -> int:
+        """Read from ``offset`` straight into the writable buffers ``into``, filling one
+        after another; return the bytes read (fewer if the file is short).
+
+        ``check(count)`` runs in the worker thread as for ``get``. A call abandoned at its
+        deadline (NodeTimeout) or by cancellation may still write into ``into`` later:
+        the caller must then treat those buffers as lost.
+
+        Raises InvalidKey, ValueError (negative offset, read-only buffer), KeyNotFound,
+        NodeDown, NodeTimeout, NodePermissionError, NodeIOError.
+        """
+
+    @abc.abstractmethod
     async def size(self, key: str) -> int:
         """Return the stored length of ``key`` in bytes.
 

@@ -281,6 +281,45 @@ def read_range(
         os.close(fd)
 
 
+def read_into(
+    root_fd: int,
+    node: str,
+    key: str,
+    parts: tuple[str, ...],
+    offset: int,
+    buffers: tuple[memoryview, ...],
+) -> int:
+    """Fill ``buffers``, one after another, from ``offset`` with vectored reads; return
+    how many bytes arrived (fewer at EOF). No intermediate copy: the kernel writes the
+    caller's memory directly.
+
+    Raises KeyNotFound, NodeIOError (symlink, not a regular file), OSError.
+    """
+    fd = _open_key_file(root_fd, node, key, parts)
+    try:
+        st = os.fstat(fd)
+        _check_regular(st.st_mode, node, key)
+        want = sum(len(b) for b in buffers)
+        if offset > 0 or offset + want < st.st_size:
+            with contextlib.suppress(OSError):  # exactly this range: see read_range
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        got = 0
+        rest = [b for b in buffers if len(b)]
+        while rest:
+            n = os.preadv(fd, rest, offset + got)
+            if n == 0:
+                break
+            got += n
+            # Short reads happen on network filesystems: continue where this one ended.
+            while rest and n >= len(rest[0]):
+                n -= len(rest.pop(0))
+            if rest and n:
+                rest[0] = rest[0][n:]
+        return got
+    finally:
+        os.close(fd)
+
+
 def key_size(root_fd: int, node: str, key: str, parts: tuple[str, ...]) -> int:
     """Return the size of the key's file without opening it.
 

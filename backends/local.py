@@ -190,6 +190,33 @@ class LocalStore(NodeStore):
 
         return await self._run("get", key, read)
 
+    async def get_into(
+        self,
+        key: str,
+        offset: int,
+        into: tuple[memoryview, ...],
+        *,
+        check: Callable[[int], None] | None = None,
+    ) -> int:
+        """Read from ``offset`` into the buffers ``into`` (see NodeStore.get_into).
+
+        Raises InvalidKey, ValueError, KeyNotFound, NodeDown, NodeTimeout,
+        NodePermissionError, NodeIOError.
+        """
+        parts = check_key(key)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, not {offset}")
+        if any(b.readonly for b in into):
+            raise ValueError("get_into needs writable buffers")
+
+        def read(root: int) -> int:
+            got = files.read_into(root, self.path, key, parts, offset, into)
+            if check is not None:
+                check(got)
+            return got
+
+        return await self._run("get", key, read)
+
     async def size(self, key: str) -> int:
         """Return the stored length of ``key``.
 

@@ -125,6 +125,41 @@ async def test_get_rejects_negative_ranges(
         await store.get("r", offset, length)
 
 
+@pytest.mark.parametrize(("offset", "sizes"), [(0, (10, 90)), (5, (0, 7, 3)), (60, (30, 30)), (100, (4,))])
+async def test_get_into_fills_buffers_in_order(
+    store: LocalStore, offset: int, sizes: tuple[int, ...]
+) -> None:
+    data = bytes(range(100))
+    await store.put("r", data)
+    bufs = [bytearray(b"\xee" * n) for n in sizes]
+    seen: list[int] = []
+    got = await store.get_into("r", offset, tuple(map(memoryview, bufs)), check=seen.append)
+    expected = data[offset : offset + sum(sizes)]
+    assert got == len(expected) and seen == [got]
+    assert b"".join(bufs)[:got] == expected
+    assert set(b"".join(bufs)[got:]) <= {0xEE}  # past EOF: left untouched
+
+
+async def test_get_into_refuses_read_only_buffers_and_missing_keys(store: LocalStore) -> None:
+    await store.put("r", b"data")
+    with pytest.raises(ValueError):
+        await store.get_into("r", 0, (memoryview(b"four"),))
+    with pytest.raises(ValueError):
+        await store.get_into("r", -1, (memoryview(bytearray(4)),))
+    with pytest.raises(KeyNotFound):
+        await store.get_into("nope", 0, (memoryview(bytearray(4)),))
+
+
+async def test_get_into_propagates_what_check_raises(store: LocalStore) -> None:
+    await store.put("r", b"data")
+
+    def check(count: int) -> None:
+        raise RuntimeError(f"bad {count}")
+
+    with pytest.raises(RuntimeError, match="bad 4"):
+        await store.get_into("r", 0, (memoryview(bytearray(8)),), check=check)
+
+
 async def test_put_replaces_and_leaves_no_temps(store: LocalStore, node: Path) -> None:
     await store.put("x/k", b"first version, longer")
     await store.put("x/k", b"second")
