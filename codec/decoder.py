@@ -4,7 +4,7 @@ Slivers handed to these functions must already be verified (codec.sliver.verify_
 symbol by symbol): decoding trusts its inputs, and the caller never trusts a node.
 
 When the R systematic primary slivers are given, decoding is one copy into the output and
-no arithmetic. Otherwise the missing rows (or columns) are solved with a cached XOR program
+no arithmetic; none at all for slivers that were read straight into their place in `out`. Otherwise the missing rows (or columns) are solved with a cached XOR program
 for that erasure pattern, choosing the cheapest set of available slivers.
 
 Pure; thread-safe as long as callers do not share an `out` buffer between threads.
@@ -73,7 +73,18 @@ def _decode(
         )
     for i in range(k):
         if i in slivers:
-            blob[i] = np.frombuffer(slivers[i], dtype=np.uint8).reshape(per_sliver, s)
+            src = np.frombuffer(slivers[i], dtype=np.uint8).reshape(per_sliver, s)
+            if not _is_view_of(src, blob[i]):
+                blob[i] = src
+
+
+def _is_view_of(a: np.ndarray, b: np.ndarray) -> bool:
+    """True if `a` is exactly the memory of `b` (a sliver read straight into its place)."""
+    return bool(
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.shape == b.shape
+    )
 
 
 def decode_primaries(
