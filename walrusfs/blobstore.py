@@ -5,9 +5,9 @@ n-f nodes have stored theirs (Walrus's write quorum); stragglers get a short gra
 then whoever missed the blob is reported so repair can fill it in. Below the quorum the put
 fails as a whole and what was written is removed again.
 
-get_blob reads only the R systematic primary slivers when they are healthy: no arithmetic,
-one copy. Every byte is verified (header against the blob id, leaves against their roots,
-each symbol against its leaf) before use. A node that is down, slow past the hedge delay,
+get_blob reads only the R systematic primary slivers when they are healthy, straight into
+the blob's buffer: no arithmetic, no copy. Every byte is verified (header against the blob
+id, leaves against their roots, each symbol against its leaf) before use. A node that is down, slow past the hedge delay,
 or returns bad bytes is replaced by another sliver; with fewer than R good primaries the
 blob is decoded from secondaries. More than f bad nodes: StorageUnavailable, never a hang
 and never unverified bytes.
@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import trio
 
-from backends import NodeError, NodeFull
+from backends import NodeError, NodeFull, NodeStore, NodeTimeout
 from codec import (
     PRIMARY,
     SECONDARY,
@@ -65,6 +65,11 @@ class PutResult(NamedTuple):
 
 class _BadSliver(Exception):
     """A sliver could not be used: node error, missing, or failed verification."""
+
+    def __init__(self, why: str, abandoned: bool = False) -> None:
+        super().__init__(why)
+        #: The read's worker thread was left behind at its deadline and may still write.
+        self.abandoned = abandoned
 
 
 @dataclass
@@ -334,10 +339,14 @@ class BlobStore:
             self._remember(head)
         return head
 
-    async def _read_sliver(self, meta: BlobMetadata, axis: str, index: int) -> memoryview:
+    async def _read_sliver(
+        self, meta: BlobMetadata, axis: str, index: int, into: memoryview | None = None
+    ) -> memoryview:
         """One verified sliver's bytes; raises _BadSliver.
 
-        The header check and symbol verification run in the read's own worker thread.
+        A primary sliver is read straight into `into` if given (its place in the blob),
+        else into fresh bytes. The header check and symbol verification run in the read's
+        own worker thread.
         """
         pair = index if axis == PRIMARY else meta.n - 1 - index
         node = meta.node_of_pair(pair)
@@ -350,27 +359,46 @@ class BlobStore:
         cached = self._cached_header(meta.blob_id, pair)
         heads: list[Header] = []
 
-        def check(raw: bytes) -> None:
-            head = cached or _parse(meta, pair, raw, where)
-            data = memoryview(raw)[start : start + size]
+        def verify(raw_header: bytes, data: memoryview) -> None:
+            head = cached or _parse(meta, pair, raw_header, where)
             if len(data) != size:
                 raise SliverFileError(f"{where}: sliver file truncated")
             leaves = head.primary_leaves if axis == PRIMARY else head.secondary_leaves
             _verify_symbols(meta, axis, index, leaves, data, 0)
             heads.append(head)
 
-        # Secondary reads are rare (fewer than R good primaries): read the whole file.
-        length = start + size if axis == PRIMARY else None
+        def read(st: NodeStore) -> Awaitable[object]:
+            if into is None:
+                # Secondary reads are rare (fewer than R good primaries): the whole file.
+                length = start + size if axis == PRIMARY else None
+                return st.get(
+                    key, 0, length, check=lambda raw: verify(raw, memoryview(raw)[start:][:size])
+                )
+            if len(into) != size:
+                raise ValueError(f"{where}: a {len(into)}-byte buffer for a {size}-byte sliver")
+            head_buf = bytearray(0 if cached else hsize)
+
+            def check(got: int) -> None:
+                if got < len(head_buf) + size:
+                    raise SliverFileError(f"{where}: sliver file truncated")
+                verify(bytes(head_buf), into)
+
+            pieces = (into,) if cached else (memoryview(head_buf), into)
+            return st.get_into(key, hsize if cached else 0, pieces, check=check)
+
         try:
-            raw = await self.nodes.call(node, lambda st: st.get(key, 0, length, check=check))
+            raw = await self.nodes.call(node, read)
         except NodeError as exc:
-            raise _BadSliver(str(exc)) from exc
+            raise _BadSliver(str(exc), isinstance(exc, NodeTimeout)) from exc
         except (SliverFileError, CodecError) as exc:
             self._headers.pop((meta.blob_id, pair), None)
             self._bad(meta.blob_id, pair, node, str(exc))
             raise _BadSliver(str(exc)) from exc
         if cached is None:
             self._remember(heads[0])
+        if into is not None:
+            return into
+        assert isinstance(raw, bytes)
         return memoryview(raw)[start : start + size]
 
     def _bad(self, blob_id: bytes, pair: int, node: int, why: str) -> None:
@@ -383,13 +411,30 @@ class BlobStore:
         """How long to wait for a read before asking another node as well."""
         return min(self.hedge_after, max(0.05, 4 * self.nodes.nodes[node].latency))
 
-    async def _gather(self, meta: BlobMetadata, axis: str, need: int) -> dict[int, memoryview]:
-        """Read and verify `need` slivers of `axis`, replacing failed or slow ones."""
+    async def _gather(
+        self,
+        meta: BlobMetadata,
+        axis: str,
+        need: int,
+        into: np.ndarray | None = None,
+        abandoned: set[int] | None = None,
+    ) -> dict[int, memoryview]:
+        """Read and verify `need` slivers of `axis`, replacing failed or slow ones.
+
+        Systematic primary slivers are read straight into their rows of `into` (R x C*s).
+        A read left running (at its deadline, or cancelled once enough slivers arrived)
+        may still write its row later: its index goes into `abandoned`.
+        """
         n = meta.n
         k_sys = meta.params.R if axis == PRIMARY else meta.params.C
 
         def node_of(i: int) -> int:
             return meta.node_of_pair(i if axis == PRIMARY else n - 1 - i)
+
+        def place(i: int) -> memoryview | None:
+            if into is None or axis != PRIMARY or i >= k_sys:
+                return None
+            return memoryview(into[i])
 
         readable = self.nodes.readable()
         order = sorted(
@@ -419,13 +464,17 @@ class BlobStore:
                 nursery.start_soon(hedge)
                 t0 = trio.current_time()
                 try:
-                    got[i] = await self._read_sliver(meta, axis, i)
+                    got[i] = await self._read_sliver(meta, axis, i, place(i))
                 except _BadSliver as exc:
+                    if exc.abandoned and abandoned is not None:
+                        abandoned.add(i)
                     log.debug(
                         "blob %s: %s sliver %d unusable: %s", meta.blob_id.hex()[:16], axis, i, exc
                     )
                     launch()
                 except trio.Cancelled:
+                    if abandoned is not None:
+                        abandoned.add(i)
                     if trio.current_time() - t0 > self._hedge_delay(node_of(i)):
                         self.nodes.set_state(
                             node_of(i), NodeState.SUSPECT, "slower than the hedge delay"
@@ -441,10 +490,18 @@ class BlobStore:
         return got
 
     async def get_blob(self, blob_id: bytes, meta: bytes | BlobMetadata) -> memoryview:
-        """The whole blob (a read-only view), every byte verified. Raises StorageUnavailable."""
+        """The whole blob (a read-only view), every byte verified. Raises StorageUnavailable.
+
+        Healthy systematic slivers are read by the kernel straight into the blob's buffer:
+        no copy and no arithmetic.
+        """
         parsed = self.metadata(blob_id, meta)
         p = parsed.params
-        primaries = await self._gather(parsed, PRIMARY, p.R)
+        # Uninitialised: every byte is read or decoded into it. The heap (walrusfs.tuning)
+        # recycles these buffers, so they cost no page faults.
+        out = np.empty((p.R, p.C * parsed.symbol_size), dtype=np.uint8)
+        abandoned: set[int] = set()
+        primaries = await self._gather(parsed, PRIMARY, p.R, out, abandoned)
         if len(primaries) >= p.R:
             decode: Callable[..., object] = decode_primaries
             slivers = primaries
@@ -457,21 +514,21 @@ class BlobStore:
                     f"{len(secondaries)} of {p.C} secondary slivers readable"
                 )
             decode, slivers = decode_secondaries, secondaries
-        if decode is not decode_primaries or any(i >= p.R for i in slivers):
+        degraded = decode is not decode_primaries or any(i >= p.R for i in slivers)
+        if degraded:
             self.stats.degraded_reads += 1
+        # A thread left behind may still write its row of `out`: then decode into a new
+        # buffer (the finished rows are copied over, they no longer change).
+        target = np.empty_like(out) if abandoned else out
+        if degraded or target is not out:
 
-        def assemble() -> np.ndarray:
-            # Uninitialised: decoding writes every byte. The heap (see walrusfs.tuning)
-            # recycles these buffers, so no page faults; and the loop stays free of the
-            # allocation and the copy, which it would otherwise do for every block read.
-            out = np.empty(p.R * p.C * parsed.symbol_size, dtype=np.uint8)
-            decode(parsed, slivers, out.data)
-            return out
+            def assemble() -> None:
+                decode(parsed, slivers, target.reshape(-1).data)
 
-        out = await trio.to_thread.run_sync(assemble, limiter=self._cpu_limiter)
+            await trio.to_thread.run_sync(assemble, limiter=self._cpu_limiter)
         self.stats.gets += 1
         self.stats.get_bytes += parsed.length
-        return out.data.toreadonly()[: parsed.length]
+        return target.reshape(-1).data.toreadonly()[: parsed.length]
 
     async def get_range(
         self, blob_id: bytes, meta: bytes | BlobMetadata, offset: int, length: int

@@ -185,6 +185,33 @@ async def test_hang_is_routed_around_then_released(bad: BadVolume) -> None:
     assert not is_mounted(bad.mountpoint)
 
 
+async def test_a_hung_read_released_late_cannot_change_a_blob_already_returned(
+    bad: BadVolume,
+) -> None:
+    """get_blob reads healthy slivers straight into the blob's buffer; a read it gave up
+    on may still land there later, so that buffer must not be the one returned."""
+    vol = await open_vol(bad.paths, node_timeout=5.0, hedge_after=0.3)
+    puts, datas = await puts_touching_k(vol, 1)
+    fresh = await open_vol(bad.paths, node_timeout=5.0, hedge_after=0.3)
+    await bad.set("--hang", "--ops", "read")
+    got = await fresh.blobs.get_blob(puts[0].blob_id, puts[0].meta)
+    assert bytes(got) == datas[0]
+    assert await bad.something_hung()  # K's read was tried, and given up on
+    # What the hung read will now deliver: other bytes, in the files it already opened.
+    for f in sliver_files(bad.backing):
+        with open(f, "r+b") as fh:
+            fh.write(os.urandom(f.stat().st_size))
+    await bad.set("--ok")
+    await eventually(bad.nothing_hung)
+    store = fresh.nodes.nodes[K].store
+
+    async def thread_done() -> bool:
+        return store.busy_threads == 0
+
+    await eventually(thread_done)  # the abandoned read has landed its bytes
+    assert bytes(got) == datas[0]
+
+
 async def test_a_node_hanging_under_a_batch_of_small_puts_stalls_only_one_put(
     bad: BadVolume,
 ) -> None:
