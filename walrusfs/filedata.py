@@ -42,8 +42,10 @@ from walrusfs.metadata import BlockRef, FreedBlob, Metadata
 
 log = logging.getLogger(__name__)
 
-# Blocks fetched ahead of a sequential reader (4 MiB blocks: 12 MiB in flight).
-READ_AHEAD_BLOCKS = 3
+# Blocks fetched ahead of a sequential reader (4 MiB blocks: 24 MiB in flight). Measured
+# on 512 MiB cold reads, 6 runs each: 3 blocks ~500 MB/s, 6 ~600, 8 about the same as 6,
+# 12 ~480 (the 64 MiB cache then evicts what is about to be read).
+READ_AHEAD_BLOCKS = 6
 
 Buffer = bytes | bytearray | memoryview
 
