@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # Blocks fetched ahead of a sequential reader (4 MiB blocks: 24 MiB in flight). Measured
 # on 512 MiB cold reads, 6 runs each: 3 blocks ~500 MB/s, 6 ~600, 8 about the same as 6,
-# 12 ~480 (the 64 MiB cache then evicts what is about to be read).
+# 12 ~480 (48 of the 64 MiB cache in flight).
 READ_AHEAD_BLOCKS = 6
 
 Buffer = bytes | bytearray | memoryview
