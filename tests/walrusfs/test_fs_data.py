@@ -215,13 +215,14 @@ async def test_unreadable_blob_is_eio(fs: FileSystem, store: MemBlobStore, meta:
 
 
 async def test_read_cache_and_read_ahead(meta: Metadata, store: MemBlobStore) -> None:
-    fs = FileSystem(meta, store, cache_bytes=8 * BS)
+    ahead = READ_AHEAD_BLOCKS
+    blocks = ahead + 3
+    fs = FileSystem(meta, store, cache_bytes=2 * blocks * BS)
     ino, fh = await new_file(fs)
-    data = random.Random(7).randbytes(6 * BS)
+    data = random.Random(7).randbytes(blocks * BS)
     await fs.write(fh, 0, data)
     await fs.release(fh)
-    fresh = FileSystem(meta, store, cache_bytes=8 * BS)
-    ahead = READ_AHEAD_BLOCKS
+    fresh = FileSystem(meta, store, cache_bytes=2 * blocks * BS)
     async with trio.open_nursery() as nursery:
         await nursery.start(fresh.run_background)
         fh = await fresh.open(ino, os.O_RDONLY, 0)
@@ -233,9 +234,9 @@ async def test_read_cache_and_read_ahead(meta: Metadata, store: MemBlobStore) ->
         assert await fresh.read(fh, 0, 10) == data[:10]  # cached
         await trio.testing.wait_all_tasks_blocked()
         assert store.gets == gets + 2 + ahead  # one more block ahead; nothing fetched twice
-        assert await fresh.read(fh, 4096 + BS, 6 * BS) == data[4096 + BS :]
+        assert await fresh.read(fh, 4096 + BS, blocks * BS) == data[4096 + BS :]
         await trio.testing.wait_all_tasks_blocked()
-        assert store.gets == gets + 6  # each of the 6 blocks once, none beyond the end
+        assert store.gets == gets + blocks  # each block once, none beyond the end
         nursery.cancel_scope.cancel()
 
 
