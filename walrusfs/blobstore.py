@@ -42,6 +42,7 @@ from codec import (
     verify_symbol,
 )
 from walrusfs.errors import NoSpace, StorageUnavailable
+from walrusfs.flush import flush_filesystems
 from walrusfs.nodeset import NodeSet, NodeState
 from walrusfs.sliverfile import (
     Header,
@@ -171,19 +172,29 @@ class BlobStore:
     async def put_blob(
         self, data: bytes | bytearray | memoryview, *, durable: bool = True
     ) -> PutResult:
-        """Store a blob on at least n-f nodes.
+        """Store a blob on at least n-f nodes; `durable`: on their stable storage too.
 
+        Durable puts write their files like the others and then flush each filesystem
+        holding them once (walrusfs.flush), instead of an fsync per file and directory:
+        ~1.7x faster here with the 7 nodes on one disk, and concurrent puts share the work.
         Raises StorageUnavailable (or NoSpace when nodes are full) below the quorum.
         """
+        quorum = self.params.n - self.params.f
         async with self._puts:
             meta, files = await trio.to_thread.run_sync(
                 _encode_files, self.params, data, limiter=self._encode_limiter
             )
-            stored, errors = await self._store_files(files, durable)
-        quorum = self.params.n - self.params.f
+            stored, errors = await self._store_files(files)
+            keys = {i: key for i, (key, _) in files.items()}
+            del files  # the flush below must not hold the encoded bytes out of `_puts`
+        if durable and len(stored) >= quorum:
+            flushed, flush_errors = await flush_filesystems(self.nodes, stored, quorum)
+            for i in stored - flushed:
+                errors[i] = flush_errors.get(i, "not flushed in time: left for repair")
+            stored = flushed
         if len(stored) < quorum:
             self.stats.failed_puts += 1
-            await self._remove(meta.blob_id, {node: files[node][0] for node in stored})
+            await self._remove(meta.blob_id, {node: keys[node] for node in stored})
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
             # Full now, or skipped because a write found it full before: either way the
             # user's answer is ENOSPC, not EIO, once too many nodes are out of space.
@@ -203,9 +214,10 @@ class BlobStore:
         return PutResult(meta.blob_id, meta.to_bytes(), missed)
 
     async def _store_files(
-        self, files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]], durable: bool
+        self, files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]]
     ) -> tuple[set[int], dict[int, Exception | str]]:
-        """Write each node's file; return once a quorum (plus grace) or all have answered."""
+        """Write each node's file (not durably: see put_blob); return once a quorum (plus
+        grace) or all have answered."""
         quorum = self.params.n - self.params.f
         writable = self.nodes.writable()
         errors: dict[int, Exception | str] = {
@@ -216,7 +228,7 @@ class BlobStore:
         if len(pending) < quorum:
             return stored, errors
         # The healthy nodes take their files in one thread job; the rest as below.
-        done = await self.nodes.put_batch([(i, *files[i]) for i in pending], durable=durable)
+        done = await self.nodes.put_batch([(i, *files[i]) for i in pending])
         for i, outcome in done.items():
             if outcome is None:
                 stored.add(i)
@@ -232,7 +244,7 @@ class BlobStore:
             nonlocal left
             key, payload = files[i]
             try:
-                await self.nodes.call(i, lambda st: st.put(key, payload, durable=durable))
+                await self.nodes.call(i, lambda st: st.put(key, payload, durable=False))
                 stored.add(i)
             except NodeError as exc:
                 errors[i] = exc

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
 from backends import NodeError, NodeStore
 from walrusfs.errors import NoSpace, StorageUnavailable
+from walrusfs.flush import flush_filesystems, quorum_of
 from walrusfs.metadata import Change
 from walrusfs.nodeset import NodeSet, NodeState
 from walrusfs.segment import (
@@ -42,10 +43,6 @@ from walrusfs.segment import (
 )
 
 log = logging.getLogger(__name__)
-
-# After the quorum answered, how long slower nodes may still finish before being left behind.
-QUORUM_GRACE_S = 0.2
-
 
 class Journal:
     """The pending tail of committed changes and the writer of segments.
@@ -134,33 +131,13 @@ class Journal:
     async def _flush_filesystems(self) -> None:
         """syncfs once per filesystem of the writable nodes; n-f nodes must be covered.
 
-        Nodes on one filesystem (the same device) are all flushed by one syncfs: seven
-        node directories on one disk need one flush, not seven in a row.
         Raises StorageUnavailable.
         """
-        groups: dict[object, list[int]] = {}
-        for i in sorted(self.nodes.writable()):
-            fs = self.nodes.nodes[i].filesystem
-            groups.setdefault(i if fs is None else ("fs", fs), []).append(i)
-        errors: dict[int, str] = {}
-
-        async def flush(members: list[int]) -> int:
-            for i in members:  # another node of the group may still flush it
-                try:
-                    await self.nodes.call(i, lambda st: st.syncfs())
-                except NodeError as exc:
-                    errors[i] = str(exc)
-                else:
-                    return len(members)
-            return 0
-
-        covered = await _quorum_of(
-            [functools.partial(flush, members) for members in groups.values()], self.quorum
-        )
-        if covered < self.quorum:
+        durable, errors = await flush_filesystems(self.nodes, self.nodes.writable(), self.quorum)
+        if len(durable) < self.quorum:
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
             raise StorageUnavailable(
-                f"flushing the nodes to stable storage: done for only {covered} nodes, "
+                f"flushing the nodes to stable storage: done for only {len(durable)} nodes, "
                 f"need {self.quorum}: {detail or 'too many nodes down'}"
             )
 
@@ -186,7 +163,7 @@ class Journal:
                 return 0
             return 1
 
-        ok = await _quorum_of(
+        ok = await quorum_of(
             [functools.partial(one, i) for i in writable if i not in done],
             self.quorum,
             have=sum(1 for outcome in done.values() if outcome is None),
@@ -199,41 +176,6 @@ class Journal:
                 f"metadata journal {key}: appended on only {ok} nodes, need "
                 f"{self.quorum}: {detail or 'too many nodes down or full'}"
             )
-
-
-async def _quorum_of(
-    jobs: list[Callable[[], Awaitable[int]]], quorum: int, *, have: int = 0
-) -> int:
-    """Run `jobs` at once, each returning how many nodes it covered; return the total.
-
-    Returns once the total (starting at `have`) reaches `quorum` and the other jobs have
-    had QUORUM_GRACE_S more, or once all have ended; stragglers are then cancelled, so a
-    hung node never stalls every close() or fsync().
-    """
-    total, left = have, len(jobs)
-    enough, all_done = trio.Event(), trio.Event()
-
-    async def run(job: Callable[[], Awaitable[int]]) -> None:
-        nonlocal total, left
-        got = await job()  # not `total += await job()`: that reads total before the await
-        total += got
-        left -= 1
-        if total >= quorum or left == 0:
-            enough.set()
-        if left == 0:
-            all_done.set()
-
-    if jobs:
-        async with trio.open_nursery() as nursery:
-            for job in jobs:
-                nursery.start_soon(run, job)
-            if total >= quorum:
-                enough.set()
-            await enough.wait()
-            with trio.move_on_after(QUORUM_GRACE_S):
-                await all_done.wait()
-            nursery.cancel_scope.cancel()
-    return total
 
 
 async def read_epoch(nodes: NodeSet, epoch: int) -> list[dict[int, set[bytes]]]:

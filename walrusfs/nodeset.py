@@ -54,8 +54,6 @@ BATCH_BYTES = 64 << 20
 # out of batches until it answers again: a slow or hung node only ever stalls one batch.
 BATCH_DEADLINE = 0.25
 BATCH_RATE = 50e6
-# Durable puts wait for an fsync per file: only small ones are worth serialising.
-BATCH_DURABLE_BYTES = 1 << 20
 
 # Lower ranks are preferred when choosing which nodes to read from.
 _RANK = {NodeState.UP: 0, NodeState.FULL: 0, NodeState.SUSPECT: 1, NodeState.DOWN: 2}
@@ -166,23 +164,16 @@ class NodeSet:
         self._ok(node, trio.current_time() - t0)
         return result
 
-    async def put_batch(
-        self, puts: list[tuple[int, str, Payload]], *, durable: bool
-    ) -> dict[int, NodeError | None]:
-        """Try puts (node, key, data) on the nodes that are up, from one worker thread.
+    async def put_batch(self, puts: list[tuple[int, str, Payload]]) -> dict[int, NodeError | None]:
+        """Try puts (node, key, data), not durable, on the nodes that are up, from one
+        worker thread (durability comes from walrusfs.flush afterwards).
 
         Returns the outcome (None: stored) of each put it finished, recorded as `call`
         records them; the caller puts the rest through `call`. Only healthy local stores
-        take part, and only up to BATCH_BYTES in all (BATCH_DURABLE_BYTES if `durable`).
-        Raises InvalidKey.
+        take part, and only up to BATCH_BYTES in all. Raises InvalidKey.
         """
         size = sum(sum(map(len, p)) if isinstance(p, tuple) else len(p) for _, _, p in puts)
-        if durable and size > BATCH_DURABLE_BYTES:
-            return {}  # fsyncs one after another in one thread would add up, not overlap
-        return await self._batch(
-            [(i, key, _putter(key, p, durable)) for i, key, p in puts],
-            size,
-        )
+        return await self._batch([(i, key, _putter(key, p)) for i, key, p in puts], size)
 
     async def append_batch(
         self, appends: list[tuple[int, str, bytes]]
@@ -289,8 +280,8 @@ class NodeSet:
 Job = Callable[[int], None]
 
 
-def _putter(key: str, data: Payload, durable: bool) -> Callable[[LocalStore], Job]:
-    return lambda store: store.put_job(key, data, durable=durable)
+def _putter(key: str, data: Payload) -> Callable[[LocalStore], Job]:
+    return lambda store: store.put_job(key, data, durable=False)
 
 
 def _appender(key: str, data: bytes) -> Callable[[LocalStore], Job]:

@@ -198,9 +198,12 @@ async def test_a_hung_read_released_late_cannot_change_a_blob_already_returned(
     assert bytes(got) == datas[0]
     assert await bad.something_hung()  # K's read was tried, and given up on
     # What the hung read will now deliver: other bytes, in the files it already opened.
-    for f in sliver_files(bad.backing):
-        with open(f, "r+b") as fh:
-            fh.write(os.urandom(f.stat().st_size))
+    def scramble() -> None:
+        for f in sliver_files(bad.backing):
+            with open(f, "r+b") as fh:
+                fh.write(os.urandom(f.stat().st_size))
+
+    await trio.to_thread.run_sync(scramble)
     await bad.set("--ok")
     await eventually(bad.nothing_hung)
     store = fresh.nodes.nodes[K].store

@@ -181,6 +181,28 @@ async def test_a_full_node_misses_writes_and_is_reported_full(tmp_path: Path) ->
         assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
 
 
+async def test_a_durable_put_flushes_each_filesystem_once(tmp_path: Path) -> None:
+    paths = node_paths(tmp_path, N)
+    with tmpfs(paths[6], "64m"):  # six nodes share the disk's filesystem, one has its own
+        await create_volume(paths, blob_size=1 << 20)
+        vol = await open_volume(paths[0], **OPTS)
+
+        def calls() -> list[int]:
+            return [n.calls for n in vol.nodes.nodes]
+
+        await vol.blobs.put_blob(os.urandom(5000), durable=True)  # learns the filesystems
+        before = calls()
+        assert (await vol.blobs.put_blob(os.urandom(5000), durable=False)).missed == ()
+        middle = calls()
+        data = os.urandom(5000)
+        r = await vol.blobs.put_blob(data, durable=True)
+        after = calls()
+        assert r.missed == ()
+        flushes = [(a - m) - (m - b) for b, m, a in zip(before, middle, after, strict=True)]
+        assert sum(flushes[:6]) == 1 and flushes[6] == 1, flushes
+        assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+
+
 async def test_more_than_f_full_nodes_is_no_space_also_when_known_beforehand(
     tmp_path: Path,
 ) -> None:
