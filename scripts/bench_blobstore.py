@@ -2,13 +2,15 @@
 """Benchmark the blob store (n=7) against one plain file on the same disk, in one run.
 
 64 MiB in 4 MiB blobs are put and read back:
-- with node directories on the local disk: put (durable: every sliver file and directory
-  fsynced, as walrusfs's fsync() requires), cold get (page cache dropped where permitted),
+- with node directories on the local disk: put (durable, as walrusfs's fsync() requires:
+  on stable storage when the put returns), cold get (page cache dropped where permitted),
   degraded cold get with f nodes down, and get with f nodes hung (a FIFO in place of each
   sliver file blocks open() in the kernel, as a hung NFS mount does);
 - with node directories on tmpfs: put.
 The baseline is the same 64 MiB written (then fsynced) and read cold as one plain file in
-the same directory tree. Last line:
+the same directory tree. The machine is shared and noisy (a plain write of 64 MiB swings
+from 300 to 1300 MB/s between runs here), so the whole round, baseline included, runs
+--runs times on fresh directories and every figure is the median. Last line:
 `blobstore n=7: put X MB/s, get Y MB/s, degraded get Z MB/s, plain write P MB/s, plain read Q MB/s, tmpfs put T MB/s`
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -173,16 +176,21 @@ def main() -> None:
         help="where to put the node directories (default: a temp dir on the disk)",
     )
     parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3, help="rounds; figures are medians")
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="walrusfs-bench-", dir=args.dir or "/var/tmp"))
-    try:
-        r = trio.run(run, base, args.mib * MIB, 4 * MIB)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    rounds: list[dict[str, float]] = []
+    for _ in range(args.runs):
+        base = Path(tempfile.mkdtemp(prefix="walrusfs-bench-", dir=args.dir or "/var/tmp"))
+        try:
+            rounds.append(trio.run(run, base, args.mib * MIB, 4 * MIB))
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+    r = {k: statistics.median(rd[k] for rd in rounds if k in rd) for k in rounds[0]}
     cold = "cold" if drop_caches() else "warm (page cache could not be dropped)"
-    print(f"{args.mib} MiB in 4 MiB blobs, n=7, reads {cold}; MB/s")
+    print(f"{args.mib} MiB in 4 MiB blobs, n=7, reads {cold}; MB/s, median of {args.runs} rounds")
     for k, v in r.items():
-        print(f"  {k:14s} {v:8.0f}")
+        each = " ".join(f"{rd[k]:.0f}" for rd in rounds if k in rd)
+        print(f"  {k:14s} {v:8.0f}   ({each})")
     p, q = r["plain_write"], r["plain_read"]
     print(
         f"  ratios: put/plain write {r['put'] / p:.2f} (target >= 0.2), get/plain read {r['get'] / q:.2f} "
