@@ -7,10 +7,10 @@ fails as a whole and what was written is removed again.
 
 get_blob reads only the R systematic primary slivers when they are healthy, straight into
 the blob's buffer: no arithmetic, no copy. Every byte is verified (header against the blob
-id, leaves against their roots, each symbol against its leaf) before use. A node that is down, slow past the hedge delay,
-or returns bad bytes is replaced by another sliver; with fewer than R good primaries the
-blob is decoded from secondaries. More than f bad nodes: StorageUnavailable, never a hang
-and never unverified bytes.
+id, leaves against their roots, each symbol against its leaf) before use. A node that is
+down, slow past the hedge delay, or returns bad bytes is replaced by another sliver; with
+fewer than R good primaries the blob is decoded from secondaries. More than f bad nodes:
+StorageUnavailable, never a hang and never unverified bytes.
 
 Bounded memory: at most `max_puts` puts are in flight, each holding about 7x its blob.
 Runs in trio tasks (not thread-safe); encoding, decoding and hashing of large slivers are
@@ -176,7 +176,7 @@ class BlobStore:
 
         Durable puts write their files like the others and then flush each filesystem
         holding them once (walrusfs.flush), instead of an fsync per file and directory:
-        ~1.7x faster here with the 7 nodes on one disk, and concurrent puts share the work.
+        ~1.7x faster here with the 7 nodes on one disk.
         Raises StorageUnavailable (or NoSpace when nodes are full) below the quorum.
         """
         quorum = self.params.n - self.params.f
@@ -184,17 +184,17 @@ class BlobStore:
             meta, files = await trio.to_thread.run_sync(
                 _encode_files, self.params, data, limiter=self._encode_limiter
             )
-            stored, errors = await self._store_files(files)
+            written, errors = await self._store_files(files)
             keys = {i: key for i, (key, _) in files.items()}
             del files  # the flush below must not hold the encoded bytes out of `_puts`
-        if durable and len(stored) >= quorum:
-            flushed, flush_errors = await flush_filesystems(self.nodes, stored, quorum)
-            for i in stored - flushed:
+        stored = written
+        if durable and len(written) >= quorum:
+            stored, flush_errors = await flush_filesystems(self.nodes, written, quorum)
+            for i in written - stored:
                 errors[i] = flush_errors.get(i, "not flushed in time: left for repair")
-            stored = flushed
         if len(stored) < quorum:
             self.stats.failed_puts += 1
-            await self._remove(meta.blob_id, {node: keys[node] for node in stored})
+            await self._remove(meta.blob_id, {node: keys[node] for node in written})
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
             # Full now, or skipped because a write found it full before: either way the
             # user's answer is ENOSPC, not EIO, once too many nodes are out of space.
