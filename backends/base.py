@@ -140,7 +140,9 @@ class NodeStore(abc.ABC):
     async def syncfs(self) -> None:
         """Flush everything written to the node's filesystem to stable storage (syncfs(2)).
 
-        What `put(..., durable=False)` left in the page cache becomes durable. Raises
+        What `put(..., durable=False)` and `append` left in the page cache becomes
+        durable; where syncfs(2) does not reach the storage (a FUSE or SMB mount), by
+        fsyncing each file this store wrote since the last flush. Raises
         NodeDown, NodeTimeout, NodeIOError.
         """
 

@@ -33,7 +33,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 
 from backends.errors import KeyNotFound, NodeDown, NodeIOError
 from backends.keys import MAX_KEY_BYTES, is_key_component, is_temp_name, new_temp_name
@@ -470,6 +470,65 @@ def syncfs(root_fd: int) -> None:
     if _SYNCFS(root_fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+# Filesystem types whose syncfs(2) does not reach the storage behind them: the kernel sends
+# no sync request to a FUSE server (FUSE_SYNCFS goes to virtiofs only), nor to an SMB or
+# 9p server. Data written there is durable only once each file is fsynced.
+_SYNCFS_BLIND = ("fuse", "fuseblk", "cifs", "smb3", "9p")
+
+
+def filesystem_type(dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type (ext4, nfs4, fuse.sshfs, ...) of the mounted filesystem whose device number
+    is ``dev`` (an ``st_dev``), or None if no mount has it.
+
+    Blocking: reads procfs. Raises OSError if ``mountinfo`` cannot be read.
+    """
+    want = f"{os.major(dev)}:{os.minor(dev)}".encode()
+    with open(mountinfo, "rb") as f:
+        text = f.read()
+    for line in text.splitlines():
+        fields = line.split(b" ")
+        # id parent major:minor root mountpoint options [optional...] - type source ...
+        if len(fields) > 7 and fields[2] == want and b"-" in fields[6:]:
+            sep = fields.index(b"-", 6)
+            if sep + 1 < len(fields):
+                return os.fsdecode(fields[sep + 1])
+    return None
+
+
+def syncfs_is_durable(fstype: str | None) -> bool:
+    """Whether syncfs on a filesystem of this type puts its data on stable storage."""
+    if fstype is None:
+        return False  # unknown: take the safe road (fsync the files)
+    return not (fstype.startswith("fuse.") or fstype in _SYNCFS_BLIND)
+
+
+def fsync_keys(root_fd: int, node: str, keys: Iterable[tuple[str, tuple[str, ...]]]) -> None:
+    """fsync each (key, parts) file and, once each, the key directories holding them.
+
+    Keys deleted meanwhile are skipped. Raises NodeIOError (a symlink in the way), OSError.
+    """
+    dirs: dict[tuple[str, ...], str] = {}
+    for key, parts in keys:
+        try:
+            fd = _open_key_file(root_fd, node, key, parts)
+        except KeyNotFound:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.setdefault(parts[:-1], key)
+    for parent, key in dirs.items():
+        try:
+            fd = open_key_dir(root_fd, node, key, parent, create=False, durable=False)
+        except KeyNotFound:
+            continue
+        try:
+            os.fsync(fd)  # the renames that published the files
+        finally:
+            os.close(fd)
 
 
 def free_space(root_fd: int) -> tuple[int, int]:

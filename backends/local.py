@@ -19,13 +19,15 @@ could paper over a dropped mount or a mistyped path.
 Must not import: codec, walrusfs, pyfuse3.
 
 Thread/task safety: any number of trio tasks of one run may call a store concurrently;
-the store has no mutable state besides its limiter. Do not share a store across runs.
+the store's only mutable state is its limiter and, on a filesystem without a durable
+syncfs, the keys awaiting a flush (guarded by a lock). Do not share a store across runs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -39,6 +41,10 @@ from backends.keys import check_key, check_prefix
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Keys a store on a filesystem without durable syncfs remembers for its next flush; past
+# this, writes there are fsynced at once.
+UNSYNCED_MAX = 4096
 
 
 def _immutable(piece: Buffer) -> bytes | memoryview:
@@ -71,6 +77,10 @@ class LocalStore(NodeStore):
         self.timeout = timeout
         self.max_threads = max_threads
         self._limiter = trio.CapacityLimiter(max_threads)
+        # Where syncfs is not durable: keys written since the last flush (see syncfs).
+        self._syncfs_is_durable: bool | None = None
+        self._sync_lock = threading.Lock()
+        self._unsynced: set[tuple[str, tuple[str, ...]]] = set()
 
     @property
     def busy_threads(self) -> int:
@@ -144,9 +154,13 @@ class LocalStore(NodeStore):
         parts = check_key(key)
         pieces = data if isinstance(data, tuple) else (data,)
         payload = tuple(_immutable(p) for p in pieces)
-        return lambda root: files.write_atomic(
-            root, self.path, key, parts, payload, durable=durable
-        )
+
+        def job(root: int) -> None:
+            files.write_atomic(root, self.path, key, parts, payload, durable=durable)
+            if not durable:
+                self._note_unsynced(root, key, parts)
+
+        return job
 
     async def append(self, key: str, data: bytes, *, durable: bool = False) -> None:
         """Append ``data`` to ``key`` in one write (see NodeStore.append).
@@ -159,9 +173,36 @@ class LocalStore(NodeStore):
         """The blocking body of an append, for `_run` or `run_blocking`. Raises InvalidKey."""
         parts = check_key(key)
         payload = bytes(data)  # immutable: an abandoned thread may append it later
-        return lambda root: files.append_key(
-            root, self.path, key, parts, payload, durable=durable
-        )
+
+        def job(root: int) -> None:
+            files.append_key(root, self.path, key, parts, payload, durable=durable)
+            if not durable:
+                self._note_unsynced(root, key, parts)
+
+        return job
+
+    def _syncfs_durable(self, root: int) -> bool:
+        """Whether syncfs makes this node's writes durable (worker thread; cached)."""
+        known = self._syncfs_is_durable
+        if known is None:
+            try:
+                fstype = files.filesystem_type(os.fstat(root).st_dev)
+            except OSError:
+                fstype = None
+            known = self._syncfs_is_durable = files.syncfs_is_durable(fstype)
+        return known
+
+    def _note_unsynced(self, root: int, key: str, parts: tuple[str, ...]) -> None:
+        """After a write that was not made durable (worker thread): where syncfs will not
+        reach the storage, remember the key so that `syncfs` fsyncs it; past
+        UNSYNCED_MAX remembered keys, fsync it now instead (bounded memory)."""
+        if self._syncfs_durable(root):
+            return
+        with self._sync_lock:
+            if len(self._unsynced) < UNSYNCED_MAX:
+                self._unsynced.add((key, parts))
+                return
+        files.fsync_keys(root, self.path, [(key, parts)])
 
     async def get(
         self,
@@ -264,9 +305,25 @@ class LocalStore(NodeStore):
     async def syncfs(self) -> None:
         """Flush the node's filesystem to stable storage.
 
-        Raises NodeDown, NodeTimeout, NodeIOError.
+        On a filesystem whose syncfs(2) does not reach the storage behind it (FUSE, SMB,
+        9p: see files.syncfs_is_durable), fsync every file this store wrote without
+        durability since the last flush instead. Raises NodeDown, NodeTimeout, NodeIOError.
         """
-        await self._run("syncfs", None, files.syncfs)
+
+        def flush(root: int) -> None:
+            if self._syncfs_durable(root):
+                files.syncfs(root)
+                return
+            with self._sync_lock:
+                pending, self._unsynced = self._unsynced, set()
+            try:
+                files.fsync_keys(root, self.path, pending)
+            except BaseException:
+                with self._sync_lock:
+                    self._unsynced |= pending
+                raise
+
+        await self._run("syncfs", None, flush)
 
     async def probe(self) -> float:
         """Round-trip a tiny temp file through the node; return the seconds it took.

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 
+from backends import local
 from tests.scripts.util import (
     BOUND,
     assert_all_readable,
@@ -213,6 +214,41 @@ async def test_a_hung_read_released_late_cannot_change_a_blob_already_returned(
 
     await eventually(thread_done)  # the abandoned read has landed its bytes
     assert bytes(got) == datas[0]
+
+
+async def test_flushing_a_node_on_fuse_fsyncs_each_file_written_since(bad: BadVolume) -> None:
+    """syncfs(2) never reaches a FUSE server: a flush there must fsync the files instead."""
+    vol = await open_vol(bad.paths)
+    store = vol.nodes.nodes[K].store
+
+    async def fsyncs() -> tuple[int, int]:
+        ops = (await bad.status())["stats"]["by_op"]
+        return ops.get("fsync", 0), ops.get("fsyncdir", 0)
+
+    await store.put("t/a", b"x" * 1000, durable=False)
+    await store.append("t/log", b"y" * 100)
+    before = await fsyncs()
+    await store.syncfs()
+    after = await fsyncs()
+    assert after[0] - before[0] == 2 and after[1] - before[1] == 1  # two files, one directory
+    await store.syncfs()
+    assert await fsyncs() == after  # nothing written since: nothing to flush
+    r = await vol.blobs.put_blob(b"durable on K too" * 500, durable=True)
+    assert K not in r.missed
+    assert (await fsyncs())[0] == after[0] + 1  # K's sliver file
+
+
+async def test_a_fuse_node_with_many_unflushed_files_fsyncs_the_rest_at_once(
+    bad: BadVolume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local, "UNSYNCED_MAX", 2)  # memory for pending keys stays bounded
+    store = (await open_vol(bad.paths)).nodes.nodes[K].store
+    first = (await bad.status())["stats"]["by_op"].get("fsync", 0)
+    for name in ("a", "b", "c", "d"):
+        await store.put(f"t/{name}", b"x" * 100, durable=False)
+    assert (await bad.status())["stats"]["by_op"].get("fsync", 0) == first + 2  # c and d
+    await store.syncfs()
+    assert (await bad.status())["stats"]["by_op"]["fsync"] == first + 4
 
 
 async def test_a_node_hanging_under_a_batch_of_small_puts_stalls_only_one_put(
