@@ -288,13 +288,30 @@ def _restore_mount(node: str, doc: dict[str, object], out: Reporter) -> None:
 # -- wipe ---------------------------------------------------------------------------------
 
 
+def _remove_live_tree(node: str, tree: str) -> None:
+    """Delete `tree`, which a mount may be writing into right now, as a disk swap would.
+
+    The tree is first renamed aside (under a temp name that walrusfs never reads), so the
+    mount at once sees it gone; writers that had a directory open inside it may still add
+    a file or two, so the removal is retried until they have let go.
+    """
+    aside = os.path.join(node, f".tmp-wiped-{secrets.token_hex(8)}")
+    os.rename(tree, aside)
+    for _ in range(50):
+        shutil.rmtree(aside, ignore_errors=True)
+        if not os.path.lexists(aside):
+            return
+        time.sleep(0.1)
+    shutil.rmtree(aside)  # still busy after 5 s: report why
+
+
 def wipe(args: argparse.Namespace, out: Reporter) -> None:
     node = _node(args.node_dir)
     _require_node(node)
     files = slivers.scan(node)
     tree = os.path.join(node, "slivers")
     if os.path.isdir(tree):
-        shutil.rmtree(tree)
+        _remove_live_tree(node, tree)
     size = sum(f.size for f in files)
     out.action(
         f"removed {len(files)} sliver files ({size} bytes) from {node}",

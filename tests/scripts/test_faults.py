@@ -7,10 +7,12 @@ means routing around it, not luck.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,6 +208,36 @@ async def test_wipe(tmp_path: Path) -> None:
     assert state_of(vol, k) == "down"
     assert "not a walrusfs node directory" in str(vol.nodes.snapshot()[k]["reason"])
     await assert_all_readable(vol, puts, datas)
+
+
+async def test_wipe_of_a_node_that_is_being_written(tmp_path: Path) -> None:
+    """As in a chaos run: the mount keeps writing slivers while the disk is wiped."""
+    paths = node_paths(tmp_path)
+    await make_volume(paths)
+    puts = await put_all(await open_vol(paths), blob_data(3))
+    k = node_of_pair(puts[0], 0)
+    before = sliver_files(paths[k])
+    stop = threading.Event()
+
+    def writer() -> None:  # recreates key directories and files as fast as it can
+        i = 0
+        while not stop.is_set():
+            d = paths[k] / "slivers" / f"{i % 4:02x}" / "00"
+            with contextlib.suppress(OSError):
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"f{i}.p0").write_bytes(b"x")
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        ran = await script("faults.py", "wipe", paths[k], "--json")
+    finally:
+        stop.set()
+        thread.join()
+    assert ran.json()["slivers_removed"] == 3
+    assert not set(before) & set(sliver_files(paths[k]))
+    assert not [p for p in paths[k].iterdir() if p.name.startswith(".tmp-wiped")]
 
 
 @pytest.mark.parametrize("mode", ["flip", "truncate", "zero", "swap", "foreign"])
