@@ -4,7 +4,9 @@ Node directories often share a filesystem (all seven on one disk in a small setu
 one syncfs(2) makes everything written to that filesystem durable: the files, their
 directory entries, the renames. So a durable write is written without fsyncs and then
 flushed once per filesystem, instead of an fsync per file and per directory. The journal
-(fsync() of a file) and the blob store (durable puts) both flush this way.
+(fsync() of a file) and the blob store (durable puts) both flush this way. (On a FUSE or
+SMB mount, where syncfs never reaches the server, the node store fsyncs the files it wrote
+instead: see LocalStore.syncfs.)
 
 Runs in trio tasks of one run.
 """
