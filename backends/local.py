@@ -44,7 +44,7 @@ T = TypeVar("T")
 
 # Keys a store on a filesystem without durable syncfs remembers for its next flush; past
 # this, writes there are fsynced at once.
-UNSYNCED_MAX = 4096
+UNSYNCED_MAX = 16384  # ~150 bytes each
 
 
 def _immutable(piece: Buffer) -> bytes | memoryview:
@@ -80,7 +80,7 @@ class LocalStore(NodeStore):
         # Where syncfs is not durable: keys written since the last flush (see syncfs).
         self._syncfs_is_durable: bool | None = None
         self._sync_lock = threading.Lock()
-        self._unsynced: set[tuple[str, tuple[str, ...]]] = set()
+        self._unsynced: set[str] = set()
 
     @property
     def busy_threads(self) -> int:
@@ -200,7 +200,7 @@ class LocalStore(NodeStore):
             return
         with self._sync_lock:
             if len(self._unsynced) < UNSYNCED_MAX:
-                self._unsynced.add((key, parts))
+                self._unsynced.add(key)
                 return
         files.fsync_keys(root, self.path, [(key, parts)])
 
@@ -317,7 +317,7 @@ class LocalStore(NodeStore):
             with self._sync_lock:
                 pending, self._unsynced = self._unsynced, set()
             try:
-                files.fsync_keys(root, self.path, pending)
+                files.fsync_keys(root, self.path, [(k, check_key(k)) for k in pending])
             except BaseException:
                 with self._sync_lock:
                     self._unsynced |= pending
