@@ -9,7 +9,9 @@ and the page cache dropped. Everything runs the real `walrusfs` command. Two ref
 put the figures in context: the same bytes walrusfs lays on the nodes (3.7x the file at
 n=7) written as plain files of sliver size, which bounds any writer on this disk; and the
 small files extracted through a FUSE passthrough served by pyfuse3 (scripts/badmount.py),
-which bounds any pyfuse3 filesystem. Last line:
+which bounds any pyfuse3 filesystem. The machine is shared and noisy (a plain 1 GiB write
+swings from 300 to 850 MB/s between runs here): --rounds N repeats everything in fresh
+directories and reports medians. Last line:
 `fs n=7: write X MB/s (plain P), read Y MB/s (plain Q), degraded read Z MB/s, small files T s (plain U s)`
 """
 
@@ -20,6 +22,7 @@ import io
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -146,17 +149,12 @@ class Volume:
         walrusfs("umount", self.mnt)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mib", type=int, default=1024, help="size of the big file (default 1024)")
-    parser.add_argument("--files", type=int, default=2000)
-    parser.add_argument("--dir", default="/var/tmp", help="where to work (on the disk to measure)")
-    args = parser.parse_args()
+def one_round(args: argparse.Namespace, data: memoryview) -> dict[str, float]:
+    """Every measurement once, in fresh directories."""
     base = Path(tempfile.mkdtemp(prefix="walrusfs-benchfs-", dir=args.dir))
     mounted: list[Path] = []
+    r: dict[str, float] = {}
     try:
-        data = memoryview(np.random.default_rng(1).integers(0, 256, args.mib * MIB, dtype=np.uint8).tobytes())
-        r: dict[str, float] = {}
         plain = base / "plain"
         plain.mkdir()
         r["plain_write"] = write_file(plain / "big.bin", data)
@@ -219,9 +217,26 @@ def main() -> None:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
-    print(f"{args.mib} MiB file, {args.files} small files, n=7, node directories on the disk; MB/s or s")
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=1024, help="size of the big file (default 1024)")
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--dir", default="/var/tmp", help="where to work (on the disk to measure)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything; figures are medians")
+    args = parser.parse_args()
+    data = memoryview(np.random.default_rng(1).integers(0, 256, args.mib * MIB, dtype=np.uint8).tobytes())
+    rounds = [one_round(args, data) for _ in range(args.rounds)]
+    r = {k: statistics.median(rd[k] for rd in rounds if k in rd) for k in rounds[0]}
+    print(
+        f"{args.mib} MiB file, {args.files} small files, n=7, node directories on the disk; MB/s or s"
+        + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
+    )
     for k, v in r.items():
-        print(f"  {k:14s} {v:9.2f}")
+        each = "  (" + " ".join(f"{rd[k]:.2f}" for rd in rounds if k in rd) + ")" if args.rounds > 1 else ""
+        print(f"  {k:14s} {v:9.2f}{each}")
     p, q = r["plain_write"], r["plain_read"]
     print(
         f"  ratios: write {r['write'] / p:.2f} (target >= 0.2), read {r['read'] / q:.2f} (>= 0.7), "
