@@ -78,7 +78,7 @@ class LocalStore(NodeStore):
         self.max_threads = max_threads
         self._limiter = trio.CapacityLimiter(max_threads)
         # Where syncfs is not durable: keys written since the last flush (see syncfs).
-        self._syncfs_is_durable: bool | None = None
+        self._syncfs_is_durable: tuple[int, bool] | None = None  # (st_dev, durable)
         self._sync_lock = threading.Lock()
         self._unsynced: set[str] = set()
 
@@ -182,15 +182,17 @@ class LocalStore(NodeStore):
         return job
 
     def _syncfs_durable(self, root: int) -> bool:
-        """Whether syncfs makes this node's writes durable (worker thread; cached)."""
+        """Whether syncfs makes this node's writes durable (worker thread; cached for the
+        filesystem the node directory is on now)."""
+        dev = os.fstat(root).st_dev
         known = self._syncfs_is_durable
-        if known is None:
+        if known is None or known[0] != dev:
             try:
-                fstype = files.filesystem_type(os.fstat(root).st_dev)
+                fstype = files.filesystem_type(dev)
             except OSError:
                 fstype = None
-            known = self._syncfs_is_durable = files.syncfs_is_durable(fstype)
-        return known
+            known = self._syncfs_is_durable = (dev, files.syncfs_is_durable(fstype))
+        return known[1]
 
     def _note_unsynced(self, root: int, key: str, parts: tuple[str, ...]) -> None:
         """After a write that was not made durable (worker thread): where syncfs will not
