@@ -238,6 +238,21 @@ async def test_flushing_a_node_on_fuse_fsyncs_each_file_written_since(bad: BadVo
     assert (await fsyncs())[0] == after[0] + 1  # K's sliver file
 
 
+async def test_a_durable_put_whose_flush_fails_on_a_node_reports_it_missed(
+    bad: BadVolume,
+) -> None:
+    vol = await open_vol(bad.paths, node_timeout=5.0)
+    await bad.set("--eio", "1.0", "--ops", "fsync")
+    data = b"not durable on K" * 500
+    r = await vol.blobs.put_blob(data, durable=True)
+    assert K in r.missed  # written there, but not known to be on stable storage
+    assert (await bad.status())["stats"]["eio_injected"] > 0
+    await bad.set("--ok")
+    assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+    await vol.nodes.call(K, lambda st: st.syncfs())  # the failed flush is retried whole
+    assert (await bad.status())["stats"]["by_op"]["fsync"] >= 2
+
+
 async def test_a_fuse_node_with_many_unflushed_files_fsyncs_the_rest_at_once(
     bad: BadVolume, monkeypatch: pytest.MonkeyPatch
 ) -> None:
