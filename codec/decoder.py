@@ -4,8 +4,9 @@ Slivers handed to these functions must already be verified (codec.sliver.verify_
 symbol by symbol): decoding trusts its inputs, and the caller never trusts a node.
 
 When the R systematic primary slivers are given, decoding is one copy into the output and
-no arithmetic; none at all for slivers that were read straight into their place in `out`. Otherwise the missing rows (or columns) are solved with a cached XOR program
-for that erasure pattern, choosing the cheapest set of available slivers.
+no arithmetic, and not even the copy for slivers read straight into their place in `out`.
+Otherwise the missing rows (or columns) are solved with a cached XOR program for that
+erasure pattern, choosing the cheapest set of available slivers.
 
 Pure; thread-safe as long as callers do not share an `out` buffer between threads.
 """
