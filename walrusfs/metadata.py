@@ -7,6 +7,8 @@ changes to the nodes will be appended before COMMIT. POSIX rules (may this renam
 live in walrusfs.fs; this module records what fs decided, keeping link counts, times of
 the parents and blob reference counts consistent inside each transaction.
 
+A block's bytes are its blob's first `length` bytes with its `patches` applied in
+order (small changes committed by fsync without a new blob, see walrusfs.filedata).
 Blobs are reference counted by the block rows naming them. A mutation that drops a blob's
 count to zero deletes its row and returns it as a `FreedBlob`: the caller deletes it from
 the nodes only after the commit, so a crash leaves garbage, never a dangling reference.
@@ -34,7 +36,7 @@ from typing import Any, Protocol
 
 from walrusfs.errors import Exists, FSError, Invalid, NoData, NotFound
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROOT_INODE = 1
 
 # The on-disk format, version SCHEMA_VERSION. Foreign keys are documented, not enforced
@@ -105,6 +107,21 @@ CREATE TABLE blocks (
 ) WITHOUT ROWID;
 """
 
+# Version 2 added this table (see FileData.sync); a version 1 database lacks only it.
+_PATCHES = """
+CREATE TABLE IF NOT EXISTS patches (
+    inode       INTEGER NOT NULL, -- inodes.id of a regular file
+    block_index INTEGER NOT NULL, -- the block changed; its blocks row is the base (none:
+                                  -- zeros)
+    seq         INTEGER NOT NULL, -- order within the block: a later patch wins
+    offset      INTEGER NOT NULL, -- where in the block `data` goes
+    data        BLOB NOT NULL,    -- bytes that replace the base's there (zeros before
+                                  -- them if the base is shorter)
+    PRIMARY KEY (inode, block_index, seq)
+) WITHOUT ROWID;
+"""
+_SCHEMA += _PATCHES
+
 _INODE_COLUMNS = "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, generation"
 _SETTABLE = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "rdev"})
 
@@ -156,6 +173,7 @@ _REPLAYABLE = frozenset(
         "remove_xattr",
         "truncate",
         "set_blocks",
+        "patch_blocks",
         "delete_inode",
     }
 )
@@ -209,6 +227,12 @@ class Metadata:
                 raise Invalid("a new volume needs a positive block_size")
             self._create(block_size, root_uid, root_gid, root_mode, now_ns)
         values = dict(self._db.execute("SELECT key, value FROM meta"))
+        if values.get("schema_version") == 1:
+            self._db.executescript(
+                f"BEGIN; {_PATCHES}; UPDATE meta SET value = {SCHEMA_VERSION}"
+                " WHERE key = 'schema_version'; COMMIT;"
+            )
+            values["schema_version"] = SCHEMA_VERSION
         if values.get("schema_version") != SCHEMA_VERSION:
             self._db.close()
             raise Invalid(
@@ -219,6 +243,9 @@ class Metadata:
         if block_size is not None and block_size != self.block_size:
             self._db.close()
             raise Invalid(f"{self.path}: volume block size is {self.block_size}, not {block_size}")
+        # Inodes that may have patches: a superset (a stale entry costs one query), so that
+        # reading a block needs no second query in the common case.
+        self._patched = {r[0] for r in self._db.execute("SELECT DISTINCT inode FROM patches")}
 
     def _create(self, block_size: int, uid: int, gid: int, mode: int, now_ns: int) -> None:
         self._db.executescript("BEGIN;" + _SCHEMA)
@@ -359,6 +386,23 @@ class Metadata:
             (ino, index),
         ).fetchone()
         return None if row is None else BlockRef(bytes(row[0]), bytes(row[1]), row[2])
+
+    def patches(self, ino: int, index: int) -> list[tuple[int, bytes]]:
+        """(offset, bytes) changes to block `index` of `ino` over its base, oldest first."""
+        if ino not in self._patched:
+            return []
+        rows = self._db.execute(
+            "SELECT offset, data FROM patches WHERE inode = ? AND block_index = ? ORDER BY seq",
+            (ino, index),
+        )
+        return [(r[0], bytes(r[1])) for r in rows]
+
+    def patched_blocks(self) -> list[tuple[int, int]]:
+        """(inode, block index) of every block with patches."""
+        rows = self._db.execute(
+            "SELECT DISTINCT inode, block_index FROM patches ORDER BY inode, block_index"
+        )
+        return [(r[0], r[1]) for r in rows]
 
     def stored_bytes(self, ino: int) -> int:
         """Bytes of the file held in blobs: holes and the zeros past a block's `length`
@@ -543,17 +587,32 @@ class Metadata:
             ).fetchall()
             for (blob_id,) in gone:
                 self._unref(db, bytes(blob_id), freed)
+            db.execute(
+                "DELETE FROM patches WHERE inode = ? AND block_index >= ?", (ino, first_gone)
+            )
             if size % bs:
                 # Lowering `length` is enough: bytes past it read as zeros, so the blob
                 # needs no rewrite and re-extending the file shows zeros, not old data.
+                # Patches are cut the same way.
+                cut, index = size % bs, size // bs
                 db.execute(
                     "UPDATE blocks SET length = MIN(length, ?) WHERE inode = ? AND block_index = ?",
-                    (size % bs, ino, size // bs),
+                    (cut, ino, index),
+                )
+                db.execute(
+                    "DELETE FROM patches WHERE inode = ? AND block_index = ? AND offset >= ?",
+                    (ino, index, cut),
+                )
+                db.execute(
+                    "UPDATE patches SET data = substr(data, 1, ? - offset)"
+                    " WHERE inode = ? AND block_index = ? AND offset + length(data) > ?",
+                    (cut, ino, index, cut),
                 )
             db.execute(
                 "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
                 (size, mtime_ns, ctime_ns, ino),
             )
+        self._forget_patched(ino)
         return freed
 
     def set_blocks(
@@ -603,7 +662,52 @@ class Metadata:
                     )
                 if old is not None:
                     self._unref(db, bytes(old[0]), freed)
+                if ino in self._patched:  # the new blob holds the block whole
+                    db.execute(
+                        "DELETE FROM patches WHERE inode = ? AND block_index = ?", (ino, index)
+                    )
+        self._forget_patched(ino)
         return freed
+
+    def patch_blocks(
+        self,
+        ino: int,
+        patches: list[tuple[int, int, bytes]],
+        *,
+        size: int,
+        mtime_ns: int,
+        ctime_ns: int,
+    ) -> None:
+        """Record (block index, offset, bytes) changes over the blocks' stored bytes, and
+        set size and times: a small change to a big block is kept without rewriting its
+        blob. A later patch wins where patches overlap; one it covers whole is dropped."""
+        self._patched.add(ino)
+        with self._transaction(
+            "patch_blocks",
+            ino=ino,
+            patches=[list(p) for p in patches],
+            size=size,
+            mtime_ns=mtime_ns,
+            ctime_ns=ctime_ns,
+        ) as db:
+            cur = db.execute(
+                "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+                (size, mtime_ns, ctime_ns, ino),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"inode {ino}")
+            for index, offset, data in patches:
+                db.execute(
+                    "DELETE FROM patches WHERE inode = ? AND block_index = ?"
+                    " AND offset >= ? AND offset + length(data) <= ?",
+                    (ino, index, offset, offset + len(data)),
+                )
+                db.execute(
+                    "INSERT INTO patches(inode, block_index, seq, offset, data)"
+                    " SELECT ?, ?, COALESCE(MAX(seq), 0) + 1, ?, ? FROM patches"
+                    " WHERE inode = ? AND block_index = ?",
+                    (ino, index, offset, bytes(data), ino, index),
+                )
 
     def delete_inode(self, ino: int) -> list[FreedBlob]:
         """Remove an inode without names, with its blocks, xattrs and symlink target."""
@@ -614,10 +718,19 @@ class Metadata:
             ).fetchall()
             for (blob_id,) in gone:
                 self._unref(db, bytes(blob_id), freed)
+            db.execute("DELETE FROM patches WHERE inode = ?", (ino,))
             db.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
             db.execute("DELETE FROM symlinks WHERE inode = ?", (ino,))
             db.execute("DELETE FROM inodes WHERE id = ?", (ino,))
+        self._patched.discard(ino)
         return freed
+
+    def _forget_patched(self, ino: int) -> None:
+        """After a commit (never inside a transaction that may yet roll back)."""
+        if ino in self._patched and not self._db.execute(
+            "SELECT 1 FROM patches WHERE inode = ? LIMIT 1", (ino,)
+        ).fetchone():
+            self._patched.discard(ino)
 
     # -- helpers inside a transaction ---------------------------------------------------
 

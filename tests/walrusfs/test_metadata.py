@@ -226,6 +226,58 @@ def test_truncate_drops_and_trims_blocks(meta: Recording) -> None:
     assert len(freed) == 2 and meta.blob_count() == 0
 
 
+def test_patches_change_blocks_until_the_block_is_stored_again(
+    meta: Recording, tmp_path: Path
+) -> None:
+    f = mkfile(meta, ROOT_INODE, b"f")
+    meta.set_blocks(f, {0: ref(b"A"), 1: ref(b"B", 100)}, size=BS + 100, mtime_ns=1, ctime_ns=1)
+    meta.patch_blocks(
+        f, [(0, 10, b"abc"), (1, 90, b"x" * 20), (0, 10, b"ABCD")], size=BS + 110,
+        mtime_ns=2, ctime_ns=3,
+    )
+    assert meta.patches(f, 0) == [(10, b"ABCD")]  # a patch covered by a later one goes
+    assert meta.patches(f, 1) == [(90, b"x" * 20)] and meta.patches(f, 2) == []
+    assert (meta.get_inode(f).size, meta.get_inode(f).ctime_ns) == (BS + 110, 3)
+    meta.patch_blocks(f, [(0, 12, b"z")], size=BS + 110, mtime_ns=4, ctime_ns=4)
+    assert meta.patches(f, 0) == [(10, b"ABCD"), (12, b"z")]  # in order: the later wins
+    assert meta.patched_blocks() == [(f, 0), (f, 1)]
+    # The change replays from the journal's record of it, and survives a reopen.
+    other = Recording(tmp_path / "replayed.db", block_size=BS, now_ns=7)
+    for change in meta.changes[1:]:
+        other.apply(change)
+    assert other.patches(f, 0) == [(10, b"ABCD"), (12, b"z")]
+    other.close()
+    meta.truncate(f, BS + 95, mtime_ns=5, ctime_ns=5)  # patches are cut like blocks
+    assert meta.patches(f, 1) == [(90, b"xxxxx")]
+    meta.truncate(f, BS + 50, mtime_ns=5, ctime_ns=5)
+    assert meta.patches(f, 1) == [] and meta.patches(f, 0) == [(10, b"ABCD"), (12, b"z")]
+    meta.set_blocks(f, {0: ref(b"C")}, size=BS + 50, mtime_ns=6, ctime_ns=6)
+    assert meta.patches(f, 0) == [] and meta.patched_blocks() == []
+    meta.patch_blocks(f, [(1, 0, b"q")], size=BS + 50, mtime_ns=7, ctime_ns=7)
+    meta.delete_inode(f)
+    assert meta.patched_blocks() == []
+    with pytest.raises(errors.NotFound):
+        meta.patch_blocks(f, [(0, 0, b"gone")], size=1, mtime_ns=8, ctime_ns=8)
+    assert meta.patches(f, 0) == []  # rolled back
+
+
+def test_a_version_1_database_gains_the_patches_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "v1.db"
+    Metadata(path, block_size=BS).close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE patches")
+    db.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    m = Metadata(path)
+    f = mkfile(m, ROOT_INODE, b"f")
+    m.patch_blocks(f, [(0, 0, b"p")], size=1, mtime_ns=1, ctime_ns=1)
+    assert m.patches(f, 0) == [(0, b"p")]
+    m.close()
+
+
 def test_each_mutation_is_one_committed_change(meta: Recording) -> None:
     meta.changes.clear()
     f = mkfile(meta, ROOT_INODE, b"f")
