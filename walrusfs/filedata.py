@@ -9,6 +9,12 @@ transaction, then deletes the blobs nothing names any more. Reads look at dirty 
 in-flight blocks first, then at an LRU cache of blob bytes keyed by blob_id (content
 addressed, so it is never stale), then at the store, with read-ahead of the next block.
 
+fsync() commits a small change to a stored block as patches (the changed bytes, in the
+metadata) rather than as a new blob, and leaves the block dirty: the background flush or
+close() stores it whole later, which drops the patches. A block that has patches but no
+dirty copy (after a crash) is read as its blob with the patches applied, and becomes
+dirty, so that it is stored whole.
+
 While a file has unflushed changes its live size and times are kept here (`live`); the
 metadata row has the values of the last flush. Dirty memory is bounded: a writer over
 the limit flushes (full blocks first) before its write is accepted. A background flusher,
@@ -46,6 +52,17 @@ log = logging.getLogger(__name__)
 # on 512 MiB cold reads, 6 runs each: 3 blocks ~500 MB/s, 6 ~600, 8 about the same as 6,
 # 12 ~480 (48 of the 64 MiB cache in flight).
 READ_AHEAD_BLOCKS = 6
+# fsync() of a small change to a stored block records the changed bytes as patches in the
+# metadata (journalled to every node) instead of storing the whole block again, which
+# costs 3.7x the block at n=7: a database's 4 KiB page in a 4 MiB block, 15 MiB. A block
+# takes patches while they stay below this fraction of it (new bytes in one fsync, and in
+# all since its blob was written); the background flush then folds them into a new blob.
+PATCH_FRACTION = 4
+# Patches go to every node whole (the journal is replicated, not erasure coded): past this
+# many bytes in one fsync, storing the blocks costs the nodes less.
+PATCH_MAX_BYTES = 1 << 20
+# Changed ranges remembered per dirty block; a block changed in more places is stored whole.
+MAX_RANGES = 64
 
 Buffer = bytes | bytearray | memoryview
 
@@ -84,6 +101,10 @@ class _File:
         self.ctime_ns = ctime_ns
         self.attrs_dirty = False  # size/times differ from the metadata row
         self.dirty: dict[int, bytearray] = {}  # block index -> block bytes (may be short)
+        # Per dirty block: the (start, end) ranges that differ from its committed bytes
+        # (blob plus patches), or None if unknown (stored whole at the next sync).
+        self.changed: dict[int, list[tuple[int, int]] | None] = {}
+        self.patched: dict[int, int] = {}  # per dirty block: bytes committed as patches
         self.inflight: dict[int, bytearray] = {}  # being flushed; never mutated
         self.dirty_since: float | None = None  # trio time of the oldest unflushed change
         # Write-behind: dirty blocks written front to back from empty (a sequential
@@ -146,6 +167,21 @@ def _piece(data: Buffer, limit: int, offset: int, n: int) -> bytes:
     with memoryview(data) as view:
         out = view[offset : min(offset + n, limit)].tobytes()
     return out if len(out) == n else out + bytes(n - len(out))
+
+
+def _note_change(f: _File, index: int, start: int, end: int) -> None:
+    """Bytes [start, end) of dirty block `index` no longer match its committed bytes."""
+    ranges = f.changed.get(index)
+    if ranges is None:
+        return
+    kept = []
+    for a, b in ranges:
+        if b < start or a > end:
+            kept.append((a, b))
+        else:
+            start, end = min(a, start), max(b, end)
+    kept.append((start, end))
+    f.changed[index] = sorted(kept) if len(kept) <= MAX_RANGES else None
 
 
 class FileData:
@@ -263,6 +299,11 @@ class FileData:
                 if buf is not None:
                     return _piece(buf, len(buf), start, n)  # mutable: copy
             ref = self._meta.block(inode, index)
+            if self._meta.patches(inode, index):
+                with self._use(inode) as f:
+                    async with f.write_lock:
+                        buf = await self._materialize(f, index)
+                        return _piece(buf, len(buf), start, n)
             if ref is None:
                 return bytes(n)
             try:
@@ -295,6 +336,43 @@ class FileData:
         finally:
             del self._fetching[ref.blob_id]
             done.set()
+
+    async def _materialize(self, f: _File, index: int) -> bytearray:
+        """Block `index` as committed (its blob with its patches applied) as a dirty block,
+        so that the next flush folds the patches into a new blob. Caller holds write_lock.
+        """
+        buf = f.dirty.get(index)
+        if buf is not None:
+            return buf
+        ref = self._meta.block(f.inode, index)
+        patches = self._meta.patches(f.inode, index)
+        buf = bytearray()
+        if ref is not None:
+            buf[:] = memoryview(await self._fetch(ref))[: ref.length]
+        for offset, data in patches:
+            if offset > len(buf):
+                buf.extend(bytes(offset - len(buf)))
+            buf[offset : offset + len(data)] = data
+        f.dirty[index] = buf
+        f.changed[index] = []
+        f.patched[index] = sum(len(data) for _, data in patches)
+        self.dirty_bytes += len(buf)
+        if f.dirty_since is None:
+            f.dirty_since = trio.current_time()
+        return buf
+
+    async def fold_patches(self) -> None:
+        """Bring every patched block into memory, so that the flusher stores it whole (a
+        mount after a crash). Best effort: a block that cannot be read now is folded when
+        it is next read or written."""
+        for inode, index in self._meta.patched_blocks():
+            try:
+                await self._make_room(inode)
+                with self._use(inode) as f:
+                    async with f.write_lock:
+                        await self._materialize(f, index)
+            except Exception as exc:
+                log.warning("patched block %d of inode %d not folded yet: %s", index, inode, exc)
 
     def _prefetch(self, inode: int, index: int) -> None:
         if self._nursery is None:
@@ -338,6 +416,7 @@ class FileData:
                             f.filling.discard(index)  # a gap or a rewrite: not streaming
                         buf[start : start + n] = src[pos - offset : pos - offset + n]
                         self.dirty_bytes += len(buf) - old_len
+                        _note_change(f, index, min(start, old_len), start + n)
                         if len(buf) == bs and index in f.filling:
                             f.filling.discard(index)
                             f.completed.add(index)
@@ -354,8 +433,11 @@ class FileData:
         if buf is not None:
             return buf
         base = f.inflight.get(index)
+        changed: list[tuple[int, int]] | None = None  # unknown: the committed bytes may change
         if base is not None:
             buf = bytearray(base)  # in-flight buffers are being stored: copy
+        elif self._meta.patches(f.inode, index):
+            return await self._materialize(f, index)
         else:
             ref = self._meta.block(f.inode, index)
             if ref is None or (start == 0 and n >= ref.length):
@@ -364,7 +446,9 @@ class FileData:
             else:
                 data = await self._fetch(ref)
                 buf = bytearray(memoryview(data)[: ref.length])
+                changed = []
         f.dirty[index] = buf
+        f.changed[index] = changed
         self.dirty_bytes += len(buf)
         return buf
 
@@ -376,10 +460,16 @@ class FileData:
                 bs = self.block_size
                 for index in [i for i in f.dirty if i * bs >= size]:
                     self.dirty_bytes -= len(f.dirty.pop(index))
+                    f.changed.pop(index, None)
+                    f.patched.pop(index, None)
+                cut = size % bs
                 buf = f.dirty.get(size // bs)
-                if buf is not None and len(buf) > size % bs:
-                    self.dirty_bytes -= len(buf) - size % bs
-                    del buf[size % bs :]
+                if buf is not None and len(buf) > cut:
+                    self.dirty_bytes -= len(buf) - cut
+                    del buf[cut:]
+                    ranges = f.changed.get(size // bs)
+                    if ranges:  # the metadata cut the block's patches just the same
+                        f.changed[size // bs] = [(a, min(b, cut)) for a, b in ranges if a < cut]
                 f.size, f.mtime_ns, f.ctime_ns = size, now_ns, now_ns
                 f.attrs_dirty = False  # the row has just been written
                 if not f.dirty:
@@ -395,6 +485,8 @@ class FileData:
             for buf in f.dirty.values():
                 self.dirty_bytes -= len(buf)
             f.dirty.clear()
+            f.changed.clear()
+            f.patched.clear()
             f.attrs_dirty = False
             f.dirty_since = None
         if self._files.get(inode) is f and f.users == 0:
@@ -412,6 +504,45 @@ class FileData:
         with self._use(inode) as f:
             async with f.flush_lock:
                 await self._flush_locked(f, full_only)
+
+    async def sync(self, inode: int) -> None:
+        """fsync(2): commit the file's changes so that they survive a crash. Small changes
+        to stored blocks become patches (see PATCH_FRACTION); otherwise as flush.
+        Raises FSError."""
+        if inode not in self._files:
+            return
+        with self._use(inode) as f:
+            async with f.flush_lock:
+                if not self._commit_patches(f):
+                    await self._flush_locked(f, False)
+
+    def _commit_patches(self, f: _File) -> bool:
+        """Commit all of the file's dirty bytes as patches, or nothing and return False if
+        a block was never stored or has changed too much. Never yields: no write can slip
+        in between reading the buffers and marking them committed (flush_lock held)."""
+        if not f.dirty or f.inflight:
+            return False
+        patches: list[tuple[int, int, bytes]] = []
+        for index, buf in f.dirty.items():
+            ranges = f.changed.get(index)
+            if ranges is None:
+                return False
+            new = sum(b - a for a, b in ranges)
+            if (f.patched.get(index, 0) + new) * PATCH_FRACTION > len(buf):
+                return False
+            patches.extend((index, a, bytes(buf[a:b])) for a, b in ranges)
+        if sum(len(p[2]) for p in patches) > PATCH_MAX_BYTES:
+            return False
+        if patches or f.attrs_dirty:
+            self._meta.patch_blocks(
+                f.inode, patches, size=f.size, mtime_ns=f.mtime_ns, ctime_ns=f.ctime_ns
+            )
+        for index, _offset, data in patches:
+            f.patched[index] = f.patched.get(index, 0) + len(data)
+        for index in f.dirty:
+            f.changed[index] = []
+        f.attrs_dirty = False  # the row has just been written; the blocks stay dirty
+        return True
 
     async def flush_all(self) -> None:
         """Flush every file with unflushed changes."""
@@ -457,6 +588,8 @@ class FileData:
         bs = self.block_size
         for index, buf in picked.items():
             del f.dirty[index]
+            f.changed.pop(index, None)
+            f.patched.pop(index, None)
             f.completed.discard(index)
             f.inflight[index] = buf
         snapshot = (f.size, f.mtime_ns, f.ctime_ns)
@@ -487,6 +620,7 @@ class FileData:
                     self.dirty_bytes -= len(buf)
                 else:
                     f.dirty[index] = buf
+                    f.changed[index] = None
             self._mark_dirty(f)
             raise
         finally:
@@ -609,6 +743,7 @@ class FileData:
             self._nursery = nursery
             try:
                 task_status.started()
+                await self.fold_patches()
                 while True:
                     await trio.sleep(tick)
                     await self._flush_old()

@@ -619,8 +619,8 @@ class FileSystem:
         await self._committed(False)
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
-        """Store the file's data and make the metadata durable."""
-        await self.data.flush(self._handle(fh).inode)
+        """Commit the file's data and make the metadata durable."""
+        await self.data.sync(self._handle(fh).inode)
         await self._committed(True)
 
     async def fsyncdir(self, fh: int, datasync: bool = False) -> None:

@@ -32,6 +32,16 @@ async def read_all(fs: FileSystem, fh: int, size: int) -> bytes:
     return await fs.read(fh, 0, size + 10)
 
 
+async def read_fresh(meta: Metadata, store: MemBlobStore, ino: int, size: int) -> bytes:
+    """The file as a new FileSystem over the same volume reads it: from the store."""
+    fs = FileSystem(meta, store)
+    fh = await fs.open(ino, os.O_RDONLY, 0)
+    try:
+        return await read_all(fs, fh, size)
+    finally:
+        await fs.release(fh)
+
+
 def assert_no_leaks(fs: FileSystem, store: MemBlobStore) -> None:
     """Every stored blob is named by some block, and every named blob is stored."""
     db = fs.meta._db
@@ -414,3 +424,92 @@ async def test_special_file_handles_refuse_data(fs: FileSystem) -> None:
         await fs.setattr(d.ino, size=0)
     assert errno_of(info2.value) == errno.EISDIR
     assert (await fs.setattr(f.ino, size=100)).size == 100
+
+
+async def test_fsync_of_a_small_change_commits_patches_not_a_blob(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    data = bytearray(random.Random(3).randbytes(2 * BS + 1000))
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, data)
+    await fs.fsync(fh)
+    puts = store.puts
+    await fs.write(fh, 100, b"page")  # a database's page, and its log growing
+    await fs.write(fh, 2 * BS + 1000, b"more")
+    await fs.fsync(fh)
+    data[100:104] = b"page"
+    data += b"more"
+    assert store.puts == puts  # no block stored again
+    assert meta.patches(ino, 0) == [(100, b"page")]
+    assert meta.patches(ino, 2) == [(1000, b"more")]
+    assert meta.get_inode(ino).size == len(data)
+    await fs.fsync(fh)  # nothing new: nothing committed, nothing stored
+    assert store.puts == puts and meta.patches(ino, 0) == [(100, b"page")]
+    # A crash: what a new mount sees is the stored blocks with their patches.
+    after = FileSystem(meta, store)
+    rd = await after.open(ino, os.O_RDONLY, 0)
+    assert await read_all(after, rd, len(data)) == data
+    await after.flush(rd)  # the two patched blocks it read are stored whole
+    assert meta.patched_blocks() == [] and store.puts == puts + 2
+    await after.release(rd)
+    assert await read_fresh(meta, store, ino, len(data)) == data
+    assert_no_leaks(after, store)
+
+
+async def test_fsync_stores_a_block_whole_when_much_of_it_changed(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    _ino, fh = await new_file(fs)
+    await fs.write(fh, 0, bytes(range(256)) * (BS // 256))
+    await fs.fsync(fh)
+    puts = store.puts
+    for k in range(5):  # each small, together more than a quarter of the block
+        await fs.write(fh, k * 4096, b"\1" * (BS // 16))
+        await fs.fsync(fh)
+    assert store.puts == puts + 1 and meta.patched_blocks() == []
+    await fs.write(fh, BS + 10, b"new block")  # never stored: nothing to patch
+    await fs.fsync(fh)
+    assert store.puts == puts + 2 and meta.patched_blocks() == []
+
+
+async def test_crash_after_fsync_keeps_what_fsync_committed(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    """Random writes, truncates, fsyncs and closes, with crashes (a new FileSystem over the
+    same metadata and blobs) in between: a crash keeps exactly the file as of its last
+    fsync, close or truncate, whether that stored blocks or patches."""
+    rng = random.Random(77)
+    model, committed = bytearray(), bytearray()
+    ino, fh = await new_file(fs)
+    limit = 4 * BS
+    for step in range(300):
+        op = rng.random()
+        if op < 0.55:
+            off = rng.randrange(0, limit)
+            data = rng.randbytes(rng.choice([1, 7, 512, 4096, BS // 3]))
+            await fs.write(fh, off, data)
+            if off > len(model):
+                model.extend(bytes(off - len(model)))
+            model[off : off + len(data)] = data
+        elif op < 0.62:
+            size = rng.randrange(0, limit)
+            await fs.setattr(ino, size=size)  # committed at once, with what is stored
+            del model[size:]
+            model.extend(bytes(size - len(model)))
+            del committed[size:]
+            committed.extend(bytes(size - len(committed)))
+        elif op < 0.85:
+            await fs.fsync(fh)
+            committed[:] = model
+        elif op < 0.9:
+            await fs.flush(fh)
+            committed[:] = model
+        else:
+            fs = FileSystem(meta, store, cache_bytes=8 * BS, dirty_limit=16 * BS)
+            fh = await fs.open(ino, os.O_RDWR, 0)
+            model[:] = committed
+        assert await read_all(fs, fh, 2 * limit) == model, step
+    await fs.release(fh)
+    assert await read_fresh(meta, store, ino, 2 * limit) == model
+    assert meta.patched_blocks() == []
+    assert_no_leaks(fs, store)
