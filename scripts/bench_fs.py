@@ -3,8 +3,8 @@
 
 In one run: 1 GiB of random data written (then fsynced) and read back cold through a
 walrusfs mount and through a plain directory; the same read with 2 node directories taken
-away; extracting a tar of 2,000 small files (1-64 KiB); and the write again with the node
-directories on tmpfs. Reads are cold: the filesystem is remounted (its own cache empty)
+away; extracting a tar of 2,000 small files (1-64 KiB); 1,000 SQLite commits, each one
+fsync (a database's workload); and the write again with the node directories on tmpfs. Reads are cold: the filesystem is remounted (its own cache empty)
 and the page cache dropped. Everything runs the real `walrusfs` command. Two references
 put the figures in context: the same bytes walrusfs lays on the nodes (3.7x the file at
 n=7) written as plain files of sliver size, which bounds any writer on this disk; and the
@@ -22,6 +22,7 @@ import io
 import os
 import random
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -117,6 +118,26 @@ def passthrough_small(base: Path, tar: Path) -> float | None:
         subprocess.run([sys.executable, str(script), "unmount", str(mnt)], capture_output=True)
 
 
+def sqlite_commits(where: Path, count: int = 1000) -> float:
+    """Milliseconds per SQLite commit (WAL, synchronous=FULL: one fsync each) of a 3 KB row:
+    a database's pages rewritten in place and its log appended, every one fsynced."""
+    db = sqlite3.connect(where / "bench.db", isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
+        rows = random.Random(3)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            db.execute("INSERT INTO t (body) VALUES (?)", (rows.randbytes(3000),))
+        elapsed = time.perf_counter() - t0
+        if db.execute("PRAGMA integrity_check").fetchone() != ("ok",):
+            raise SystemExit(f"SQLite database in {where} is damaged")
+    finally:
+        db.close()
+    return elapsed / count * 1e3
+
+
 def small_tar(path: Path, count: int, seed: int) -> None:
     rng = random.Random(seed)
     with tarfile.open(path, "w") as tar:
@@ -187,7 +208,9 @@ def one_round(args: argparse.Namespace, data: memoryview) -> dict[str, float]:
         r["plain_small"] = extract(tar, base / "plain-small")
         vol.mount()
         r["small"] = extract(tar, vol.mnt / "small")
+        r["sqlite_ms"] = sqlite_commits(vol.mnt)
         vol.umount()
+        r["plain_sqlite_ms"] = sqlite_commits(base / "plain")
         mounted.remove(vol.mnt)
         passed = passthrough_small(base, tar)
         if passed is not None:
@@ -249,6 +272,10 @@ def main() -> None:
             f"(write reaches {r['write'] / r['node_bytes_ceiling']:.2f} of it); small files through a "
             f"pyfuse3 passthrough {r.get('passthrough_small', float('nan')):.1f} s"
         )
+    print(
+        f"  database: SQLite commit (WAL, an fsync each) {r['sqlite_ms']:.1f} ms "
+        f"(plain {r['plain_sqlite_ms']:.2f} ms)"
+    )
     print(
         f"fs n=7: write {r['write']:.0f} MB/s (plain {p:.0f}), read {r['read']:.0f} MB/s (plain {q:.0f}), "
         f"degraded read {r['degraded_read']:.0f} MB/s, small files {r['small']:.1f} s (plain {r['plain_small']:.1f} s)"
