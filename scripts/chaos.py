@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """A chaos run: a mixed workload through a walrusfs mount while faults are injected.
 
-The workload (create, overwrite, append, truncate, rename, delete, cp -r, rsync, tar, and
-reads checked against a shadow copy in a plain directory) runs while faults of every kind
-are injected at random: with scripts/faults.py node directories are taken away (renamed,
-removed, made read-only) and restored, wiped, and corrupted (bits flipped, truncated,
-zeroed, swapped, replaced by another blob's sliver); one node lives on a scripts/badmount.py
-passthrough that turns slow, hangs, fails with EIO, or reports the disk full, then recovers. Never more than f nodes are faulty
-at once; a node stays counted as faulty until a repair pass after its fault ended.
+The workload (create, overwrite, fsynced commits, append, truncate, rename, delete, cp -r,
+rsync, tar, and reads checked against a shadow copy in a plain directory) runs while
+faults of every kind are injected at random: with scripts/faults.py node directories are
+taken away (renamed, removed, made read-only) and restored, wiped, and corrupted (bits
+flipped, truncated, zeroed, swapped, replaced by another blob's sliver); one node lives on
+a scripts/badmount.py passthrough that turns slow, hangs, fails with EIO, or reports the
+disk full, then recovers. Never more than f nodes are faulty at once; a node stays
+counted as faulty until a repair pass after its fault ended.
 
 At the end the faults stop, `walrusfs repair` runs until the volume is whole, every file
 is compared with the shadow, `walrusfs scrub` verifies every sliver, and `walrusfs fsck`
@@ -94,6 +95,7 @@ class Workload:
                 "create",
                 "create",
                 "overwrite",
+                "commit",
                 "append",
                 "truncate",
                 "rename",
@@ -136,6 +138,27 @@ class Workload:
             with open(p, "r+b") as f:
                 f.seek(offset)
                 f.write(data)
+
+    def commit(self, files: list[str]) -> None:
+        """A database's transactions: pages rewritten in place and a log record appended,
+        each fsynced, on a file kept open."""
+        rel = self.rng.choice(files)
+        size = (self.shadow / rel).stat().st_size
+        writes = []
+        for _ in range(self.rng.randrange(1, 9)):
+            writes.append((self.rng.randrange(0, size + 1), self.rng.randbytes(4096)))
+            size = max(size, writes[-1][0] + 4096)
+            writes.append((size, self.rng.randbytes(self.rng.randrange(1, 600))))
+            size += len(writes[-1][1])
+        for p in self.both(rel):
+            fd = os.open(p, os.O_RDWR)
+            try:
+                for k, (offset, data) in enumerate(writes):
+                    os.pwrite(fd, data, offset)
+                    if k % 2:
+                        os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def append(self, files: list[str]) -> None:
         self._write(
