@@ -64,10 +64,13 @@ class Journal:
         self._log = segment_key(epoch, seq + 1)  # the current log file of every node
         self._lock = trio.Lock()
         self.segments_written = 0
+        self.log_bytes = 0  # of records appended since the current log files began
 
     def append(self, change: Change) -> int:
         """Record one committed change (synchronous); returns its seq."""
-        self._pending.append(encode_change(change))
+        record = encode_change(change)
+        self._pending.append(record)
+        self.log_bytes += len(record)
         self.seq += 1
         return self.seq
 
@@ -76,7 +79,7 @@ class Journal:
         sent = len(self._attempt[0].records) if self._attempt else 0
         if seq != self.seq or len(self._pending) <= sent:
             raise ValueError(f"can only retract the last unsent change ({self.seq}), not {seq}")
-        self._pending.pop()
+        self.log_bytes -= len(self._pending.pop())
         self.seq -= 1
 
     @property
@@ -126,6 +129,7 @@ class Journal:
         await self.sync()
         async with self._lock:
             self._log = segment_key(self.epoch, self.committed + 1)
+            self.log_bytes = sum(map(len, self._pending))
             return self.committed, self.prev
 
     async def _flush_filesystems(self) -> None:

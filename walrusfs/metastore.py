@@ -31,8 +31,11 @@ from walrusfs.volume import Volume
 log = logging.getLogger(__name__)
 
 DB_NAME = "metadata.db"
-# Checkpoint when this many changes have been journalled since the last one.
+# Checkpoint when this many changes, or bytes of them, have been journalled since the
+# last one. Bytes matter since fsync patches carry file data (up to 1 MiB a record): the
+# journal before a checkpoint is kept on every node and read back at every mount.
 CHECKPOINT_EVERY = 20_000
+CHECKPOINT_BYTES = 64 << 20
 
 
 def db_path(state_dir: str) -> str:
@@ -136,7 +139,10 @@ class MetaStore:
                 log.debug("removed %d journal log files older than the checkpoint", removed)
 
     def checkpoint_due(self) -> bool:
-        return self.journal.seq - self.superblock.seq >= CHECKPOINT_EVERY
+        return (
+            self.journal.seq - self.superblock.seq >= CHECKPOINT_EVERY
+            or self.journal.log_bytes >= CHECKPOINT_BYTES
+        )
 
     async def run_background(self, interval: float = 1.0) -> None:
         """Sync the journal every `interval` seconds and checkpoint when due; until cancelled."""

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from tests.walrusfs.volumes import node_paths, tmpfs
+from walrusfs import metastore
 from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
@@ -133,6 +134,32 @@ async def test_checkpoints_mid_session_and_replay_after_them(tmp_path: Path) -> 
     ms3 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state3"))
     assert dump(ms3.metadata.path) == expected
     ms3.metadata.close()
+
+
+async def test_patches_survive_checkpoint_and_replay_and_their_bytes_make_one_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metastore, "CHECKPOINT_BYTES", 100_000)
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    md = ms.metadata
+    f = md.create(ROOT_INODE, b"db", mode=FILE, uid=0, gid=0, now_ns=1).id
+    r = await vol.blobs.put_blob(b"x" * 1000)
+    md.set_blocks(f, {0: BlockRef(r.blob_id, r.meta, 1000)}, size=1000, mtime_ns=2, ctime_ns=2)
+    md.patch_blocks(f, [(0, 10, os.urandom(30_000))], size=30_010, mtime_ns=3, ctime_ns=3)
+    assert not ms.checkpoint_due()
+    md.patch_blocks(f, [(0, 40_000, os.urandom(50_000))], size=90_000, mtime_ns=4, ctime_ns=4)
+    assert ms.checkpoint_due()  # 80 KB of file data, 107 KB journalled: few changes, many bytes
+    await ms.checkpoint()
+    assert not ms.checkpoint_due()
+    md.patch_blocks(f, [(0, 5, b"after")], size=90_000, mtime_ns=5, ctime_ns=5)
+    await ms.sync(durable=True)
+    expected = dump(md.path)
+    assert len(expected["patches"]) == 3
+    md.close()
+    ms2 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state2"))
+    assert dump(ms2.metadata.path) == expected  # from the checkpoint, then the journal
+    ms2.metadata.close()
 
 
 async def test_a_journal_below_quorum_fails_and_keeps_its_changes(tmp_path: Path) -> None:
