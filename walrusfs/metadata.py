@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from walrusfs.errors import Exists, FSError, Invalid, NoData, NotFound
 
 SCHEMA_VERSION = 2
+STORED_CACHE = 10_000  # files whose stored_bytes are remembered
 ROOT_INODE = 1
 
 # The on-disk format, version SCHEMA_VERSION. Foreign keys are documented, not enforced
@@ -246,6 +247,7 @@ class Metadata:
         # Inodes that may have patches: a superset (a stale entry costs one query), so that
         # reading a block needs no second query in the common case.
         self._patched = {r[0] for r in self._db.execute("SELECT DISTINCT inode FROM patches")}
+        self._stored: dict[int, int] = {}  # stored_bytes, of files whose blocks are unchanged
 
     def _create(self, block_size: int, uid: int, gid: int, mode: int, now_ns: int) -> None:
         self._db.executescript("BEGIN;" + _SCHEMA)
@@ -406,11 +408,18 @@ class Metadata:
 
     def stored_bytes(self, ino: int) -> int:
         """Bytes of the file held in blobs: holes and the zeros past a block's `length`
-        take no space."""
-        row = self._db.execute(
-            "SELECT COALESCE(SUM(length), 0) FROM blocks WHERE inode = ?", (ino,)
-        ).fetchone()
-        return int(row[0])
+        take no space. Remembered per file (every getattr asks, and the sum over a
+        100 GiB file's 25,600 blocks takes ~2.4 ms) until its blocks change."""
+        used = self._stored.get(ino)
+        if used is None:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(length), 0) FROM blocks WHERE inode = ?", (ino,)
+            ).fetchone()
+            used = int(row[0])
+            if len(self._stored) >= STORED_CACHE:
+                self._stored.clear()
+            self._stored[ino] = used
+        return used
 
     def block_indexes(self, ino: int) -> list[int]:
         rows = self._db.execute(
@@ -577,6 +586,7 @@ class Metadata:
         """Set the size; blocks wholly past it go, the block across it is cut short."""
         bs = self.block_size
         freed: list[FreedBlob] = []
+        self._stored.pop(ino, None)
         with self._transaction(
             "truncate", ino=ino, size=size, mtime_ns=mtime_ns, ctime_ns=ctime_ns
         ) as db:
@@ -626,6 +636,7 @@ class Metadata:
     ) -> list[FreedBlob]:
         """Point blocks at new blobs (None: make it a hole) and set size and times."""
         freed: list[FreedBlob] = []
+        self._stored.pop(ino, None)
         with self._transaction(
             "set_blocks",
             ino=ino,
@@ -712,6 +723,7 @@ class Metadata:
     def delete_inode(self, ino: int) -> list[FreedBlob]:
         """Remove an inode without names, with its blocks, xattrs and symlink target."""
         freed: list[FreedBlob] = []
+        self._stored.pop(ino, None)
         with self._transaction("delete_inode", ino=ino) as db:
             gone = db.execute(
                 "DELETE FROM blocks WHERE inode = ? RETURNING blob_id", (ino,)

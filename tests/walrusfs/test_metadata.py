@@ -216,14 +216,18 @@ def test_set_blocks_counts_blob_references(meta: Recording) -> None:
 def test_truncate_drops_and_trims_blocks(meta: Recording) -> None:
     f = mkfile(meta, ROOT_INODE, b"f")
     meta.set_blocks(f, {i: ref(b"%d" % i) for i in range(4)}, size=4 * BS, mtime_ns=1, ctime_ns=1)
+    assert meta.stored_bytes(f) == 4 * BS  # remembered from here on, until blocks change
     freed = meta.truncate(f, BS + 100, mtime_ns=2, ctime_ns=3)
     assert sorted(b.meta for b in freed) == [b"meta-2", b"meta-3"]
-    assert meta.block_indexes(f) == [0, 1]
+    assert meta.block_indexes(f) == [0, 1] and meta.stored_bytes(f) == BS + 100
+    meta.set_blocks(f, {1: ref(b"x", 7), 5: ref(b"y", 9)}, size=5 * BS + 9, mtime_ns=2, ctime_ns=2)
+    assert meta.stored_bytes(f) == BS + 16
+    meta.set_blocks(f, {1: ref(b"1", 100), 5: None}, size=BS + 100, mtime_ns=2, ctime_ns=2)
     assert meta.block(f, 1) == ref(b"1", 100)
     meta.truncate(f, 10 * BS, mtime_ns=4, ctime_ns=4)  # growing never restores bytes
     assert meta.block(f, 1) == ref(b"1", 100) and meta.get_inode(f).size == 10 * BS
     freed = meta.truncate(f, 0, mtime_ns=5, ctime_ns=5)
-    assert len(freed) == 2 and meta.blob_count() == 0
+    assert len(freed) == 2 and meta.blob_count() == 0 and meta.stored_bytes(f) == 0
 
 
 def test_patches_change_blocks_until_the_block_is_stored_again(
