@@ -29,9 +29,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 
@@ -125,6 +127,27 @@ def open_key_dir(
 
 # Files at least this large get their writeback started as soon as they are written.
 WRITEBACK_HINT_BYTES = 256 << 10
+# Files at least this large are written with O_DIRECT when the caller asks (see
+# direct_writes_help): the page cache costs this VM ~2 ms of kernel CPU per MiB written
+# (page allocation, copy, writeback), and sliver files are most of a put's work (3.7x
+# the data at n=7). Measured, 1.6 GB of 2.3 MB files from 4 threads: 600-1000 MB/s with
+# 1.6-3.8 s of system time buffered, 1230-1340 MB/s with 0.4-0.5 s direct.
+DIRECT_MIN_BYTES = 256 << 10
+_DIRECT_ALIGN = 4096  # of memory, file offsets and lengths: a page satisfies every disk
+# Local filesystems on block devices, where O_DIRECT goes straight to the disk. Network
+# and FUSE filesystems are left buffered: there O_DIRECT means a synchronous round trip
+# per write, or is passed to a server that may not take it.
+_DIRECT_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "bcachefs"})
+# Aligned bounce buffers kept for reuse (a fresh one costs page faults), up to a size.
+_SPARE_BUFFERS = 8
+_SPARE_MAX_BYTES = 16 << 20
+_spare: list[mmap.mmap] = []
+_spare_lock = threading.Lock()
+
+
+def direct_writes_help(fstype: str | None) -> bool:
+    """Whether large files on a filesystem of this type are better written O_DIRECT."""
+    return fstype in _DIRECT_FILESYSTEMS
 
 
 def write_atomic(
@@ -135,39 +158,131 @@ def write_atomic(
     data: bytes | memoryview | tuple[bytes | memoryview, ...],
     *,
     durable: bool,
-) -> None:
+    direct: bool = False,
+) -> bool:
     """Write ``data`` (or its pieces, in order) to a temp file beside the key, fsync,
-    rename over the key, fsync the directory.
+    rename over the key, fsync the directory. With ``direct``, a large file is written
+    with O_DIRECT; returns False if the filesystem refused that (then it was written
+    buffered), else True.
 
     On any failure the temp file is removed (best effort) and the key keeps its old value.
     Raises NodeIOError (symlink or file where a key directory belongs), OSError.
     """
     dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=True, durable=durable)
     try:
-        tmp = new_temp_name()
-        fd = os.open(tmp, _CREATE_FLAGS, FILE_MODE, dir_fd=dir_fd)
-        try:
-            try:
-                size = _write_all(fd, data if isinstance(data, tuple) else (data,))
-                if durable:
-                    os.fsync(fd)
-                elif size >= WRITEBACK_HINT_BYTES:
-                    # Start writeback now, without waiting: a later fsync/syncfs then finds
-                    # little left to write, and the disk works while the caller computes.
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                # NFS reports deferred write errors at close; they must fail the put.
-                os.close(fd)
-            # rename() replaces a symlink at the key instead of following it: safe.
-            os.rename(tmp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
+        pieces = data if isinstance(data, tuple) else (data,)
+        size = sum(memoryview(p).nbytes for p in pieces)
+        refused = False
+        if direct and size >= DIRECT_MIN_BYTES:
+            refused = not _publish(dir_fd, parts[-1], pieces, size, durable=durable, direct=True)
+        if refused or not direct or size < DIRECT_MIN_BYTES:
+            _publish(dir_fd, parts[-1], pieces, size, durable=durable, direct=False)
         if durable:
             os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return not refused
+
+
+def _publish(
+    dir_fd: int,
+    name: str,
+    pieces: tuple[bytes | memoryview, ...],
+    size: int,
+    *,
+    durable: bool,
+    direct: bool,
+) -> bool:
+    """Write a temp file and rename it to `name`. False, leaving nothing behind, if
+    `direct` and the filesystem refuses O_DIRECT (EINVAL)."""
+    tmp = new_temp_name()
+    try:
+        fd = os.open(tmp, _CREATE_FLAGS | (os.O_DIRECT if direct else 0), FILE_MODE, dir_fd=dir_fd)
+    except OSError as exc:
+        if direct and exc.errno == errno.EINVAL:
+            return False
+        raise
+    published = False
+    try:
+        try:
+            if direct:
+                if not _write_direct(fd, pieces, size):
+                    return False
+            else:
+                _write_all(fd, pieces)
+            if durable:
+                os.fsync(fd)
+            elif size >= WRITEBACK_HINT_BYTES and not direct:
+                # Start writeback now, without waiting: a later fsync/syncfs then finds
+                # little left to write, and the disk works while the caller computes.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            # NFS reports deferred write errors at close; they must fail the put.
+            os.close(fd)
+        # rename() replaces a symlink at the key instead of following it: safe.
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        published = True
+    finally:
+        if not published:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+    return True
+
+
+def _write_direct(fd: int, pieces: tuple[bytes | memoryview, ...], size: int) -> bool:
+    """Write the pieces through an aligned bounce buffer, padded to the alignment, then cut
+    the file to `size`. False if the filesystem refuses (EINVAL, or a short write that
+    leaves the next one unaligned)."""
+    padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    buf = _take_buffer(padded)
+    view = memoryview(buf)
+    try:
+        pos = 0
+        for piece in pieces:
+            with memoryview(piece) as v, v.cast("B") as b:
+                view[pos : pos + len(b)] = b
+                pos += len(b)
+        view[size:padded] = bytes(padded - size)
+        done = 0
+        while done < padded:
+            if done % _DIRECT_ALIGN:
+                return False
+            try:
+                done += os.pwrite(fd, view[done:padded], done)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    return False
+                raise
+        if padded != size:
+            os.ftruncate(fd, size)
+        return True
+    finally:
+        view.release()
+        _give_buffer(buf)
+
+
+def _take_buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer of at least `size` bytes (anonymous maps are page-aligned)."""
+    with _spare_lock:
+        for i, buf in enumerate(_spare):
+            if len(buf) >= size:
+                return _spare.pop(i)
+    return mmap.mmap(-1, size)
+
+
+def _give_buffer(buf: mmap.mmap) -> None:
+    """Keep `buf` for reuse, preferring the larger buffers; close what is not kept."""
+    if len(buf) > _SPARE_MAX_BYTES:
+        buf.close()
+        return
+    with _spare_lock:
+        if len(_spare) < _SPARE_BUFFERS:
+            _spare.append(buf)
+            return
+        smallest = min(range(len(_spare)), key=lambda i: len(_spare[i]))
+        if len(_spare[smallest]) < len(buf):
+            buf, _spare[smallest] = _spare[smallest], buf
+    buf.close()
 
 
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -78,7 +78,9 @@ class LocalStore(NodeStore):
         self.max_threads = max_threads
         self._limiter = trio.CapacityLimiter(max_threads)
         # Where syncfs is not durable: keys written since the last flush (see syncfs).
-        self._syncfs_is_durable: tuple[int, bool] | None = None  # (st_dev, durable)
+        # What this node's filesystem is like, for the st_dev it was learnt on: whether
+        # syncfs makes writes durable, whether large files are written O_DIRECT.
+        self._fs_traits: tuple[int, bool, bool] | None = None
         self._sync_lock = threading.Lock()
         self._unsynced: set[str] = set()
 
@@ -156,7 +158,11 @@ class LocalStore(NodeStore):
         payload = tuple(_immutable(p) for p in pieces)
 
         def job(root: int) -> None:
-            files.write_atomic(root, self.path, key, parts, payload, durable=durable)
+            dev, syncfs_durable, direct = self._traits(root)
+            if not files.write_atomic(
+                root, self.path, key, parts, payload, durable=durable, direct=direct
+            ):
+                self._fs_traits = (dev, syncfs_durable, False)  # refused: buffered from now on
             if not durable:
                 self._note_unsynced(root, key, parts)
 
@@ -181,18 +187,26 @@ class LocalStore(NodeStore):
 
         return job
 
-    def _syncfs_durable(self, root: int) -> bool:
-        """Whether syncfs makes this node's writes durable (worker thread; cached for the
-        filesystem the node directory is on now)."""
+    def _traits(self, root: int) -> tuple[int, bool, bool]:
+        """(st_dev, syncfs is durable, write large files O_DIRECT) of the filesystem the
+        node directory is on now (worker thread; learnt once per filesystem)."""
         dev = os.fstat(root).st_dev
-        known = self._syncfs_is_durable
+        known = self._fs_traits
         if known is None or known[0] != dev:
             try:
                 fstype = files.filesystem_type(dev)
             except OSError:
                 fstype = None
-            known = self._syncfs_is_durable = (dev, files.syncfs_is_durable(fstype))
-        return known[1]
+            known = self._fs_traits = (
+                dev,
+                files.syncfs_is_durable(fstype),
+                files.direct_writes_help(fstype),
+            )
+        return known
+
+    def _syncfs_durable(self, root: int) -> bool:
+        """Whether syncfs makes this node's writes durable (worker thread)."""
+        return self._traits(root)[1]
 
     def _note_unsynced(self, root: int, key: str, parts: tuple[str, ...]) -> None:
         """After a write that was not made durable (worker thread): where syncfs will not

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from backends import local
+from backends import files, local
 from tests.scripts.util import (
     BOUND,
     assert_all_readable,
@@ -284,6 +284,27 @@ async def test_a_node_hanging_under_a_batch_of_small_puts_stalls_only_one_put(
     assert state_of(vol, K) == "up"
     for r, data in ((first, b"first past the hang" * 50), (second, b"second, around it" * 50)):
         assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+
+
+async def test_a_filesystem_refusing_o_direct_gets_the_file_written_buffered(
+    bad: BadVolume,
+) -> None:
+    """The passthrough opens its backing file with the caller's O_DIRECT and writes the
+    unaligned buffers FUSE hands it, which ext4 refuses (EINVAL): as some servers do."""
+    data = os.urandom(files.DIRECT_MIN_BYTES + 12_345)
+    root = os.open(bad.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        took = await trio.to_thread.run_sync(
+            lambda: files.write_atomic(
+                root, str(bad.mountpoint), "ab/cd", ("ab", "cd"), (data[:100], data[100:]),
+                durable=False, direct=True,
+            )
+        )
+    finally:
+        os.close(root)
+    assert took is False
+    assert (bad.backing / "ab" / "cd").read_bytes() == data
+    assert [p.name for p in (bad.backing / "ab").iterdir()] == ["cd"]  # no temp left
 
 
 async def test_unmount_frees_a_process_stuck_on_a_hung_mount(bad: BadVolume) -> None:
