@@ -195,7 +195,7 @@ class FileData:
         cache_bytes: int = 64 << 20,
         dirty_limit: int = 128 << 20,
         flush_age: float = 5.0,
-        max_parallel: int = 4,
+        max_parallel: int = 6,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self._meta = meta
