@@ -8,7 +8,7 @@ taken away (renamed, removed, made read-only) and restored, wiped, and corrupted
 flipped, truncated, zeroed, swapped, replaced by another blob's sliver); one node lives on
 a scripts/badmount.py passthrough that turns slow, hangs, fails with EIO, or reports the
 disk full, then recovers. Never more than f nodes are faulty at once; a node stays
-counted as faulty until a repair pass after its fault ended.
+counted as faulty until a scrub and a repair pass after its fault ended.
 
 At the end the faults stop, `walrusfs repair` runs until the volume is whole, every file
 is compared with the shadow, `walrusfs scrub` verifies every sliver, and `walrusfs fsck`
@@ -231,7 +231,11 @@ class Faults:
             if now >= until:
                 self._restore(i)
         if not self.away and self.dirty and self.rng.random() < 0.3:
-            # Everything is back: let repair make the faulted nodes whole again.
+            # Everything is back: scrub finds what the faults damaged silently (flipped
+            # bits, a wiped node: no read need have noticed), then repair makes the
+            # faulted nodes whole again. A repair pass alone fixes only what is known bad,
+            # so faults on other nodes could pile up past f on one blob.
+            walrusfs("scrub", self.mnt)
             walrusfs("repair", self.mnt)
             self.dirty.clear()
             return
