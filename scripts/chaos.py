@@ -234,10 +234,11 @@ class Faults:
             # Everything is back: scrub finds what the faults damaged silently (flipped
             # bits, a wiped node: no read need have noticed), then repair makes the
             # faulted nodes whole again. A repair pass alone fixes only what is known bad,
-            # so faults on other nodes could pile up past f on one blob.
-            walrusfs("scrub", self.mnt)
-            walrusfs("repair", self.mnt)
-            self.dirty.clear()
+            # so faults on other nodes could pile up past f on one blob. Either one not
+            # clean (a node not scrubbed yet, a blob not repairable yet): try again later.
+            scrub = sh([*WALRUSFS, "scrub", str(self.mnt)])
+            if scrub.returncode == 0 and sh([*WALRUSFS, "repair", str(self.mnt)]).returncode == 0:
+                self.dirty.clear()
             return
         candidates = [i for i in range(len(self.nodes)) if i not in self.away]
         if len(self.dirty) >= self.f:
