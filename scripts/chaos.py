@@ -225,20 +225,32 @@ class Faults:
         self.bad = bad  # the node behind a misbehaving FUSE mount (scripts/badmount.py), if any
         self.away: dict[int, float] = {}  # node -> when to restore
         self.dirty: set[int] = set()  # faulted since the last repair pass
+        self.silent = False  # a fault since then that only a scrub finds (corrupt, wipe)
+        self.faulted: dict[int, int] = {}  # node -> faults so far
+        # A heal under way in its own thread (faults go on meanwhile): the thread, the
+        # fault counts of the nodes it heals when it began, whether to scrub, its result.
+        self._heal: tuple[threading.Thread, dict[int, int], bool] | None = None
+        self._healed = False
 
     def step(self, now: float) -> None:
         for i, until in list(self.away.items()):
             if now >= until:
                 self._restore(i)
-        if not self.away and self.dirty and self.rng.random() < 0.3:
-            # Everything is back: scrub finds what the faults damaged silently (flipped
-            # bits, a wiped node: no read need have noticed), then repair makes the
-            # faulted nodes whole again. A repair pass alone fixes only what is known bad,
-            # so faults on other nodes could pile up past f on one blob. Either one not
-            # clean (a node not scrubbed yet, a blob not repairable yet): try again later.
-            scrub = sh([*WALRUSFS, "scrub", str(self.mnt)])
-            if scrub.returncode == 0 and sh([*WALRUSFS, "repair", str(self.mnt)]).returncode == 0:
-                self.dirty.clear()
+        if self._heal is not None and not self._heal[0].is_alive():
+            _, counts, silent = self._heal
+            self._heal = None
+            if self._healed:  # whole again, unless faulted once more meanwhile
+                self.dirty -= {i for i, k in counts.items() if self.faulted.get(i, 0) == k}
+            else:
+                self.silent = self.silent or silent
+        if self._heal is None and not self.away and self.dirty and self.rng.random() < 0.3:
+            # Everything is back: heal the faulted nodes (see _heal_now), in a thread so
+            # that a long scrub does not stop the faults.
+            counts = {i: self.faulted.get(i, 0) for i in self.dirty}
+            thread = threading.Thread(target=self._heal_now, args=(self.silent,), daemon=True)
+            self._heal = (thread, counts, self.silent)
+            self.silent = False
+            thread.start()
             return
         candidates = [i for i in range(len(self.nodes)) if i not in self.away]
         if len(self.dirty) >= self.f:
@@ -276,13 +288,16 @@ class Faults:
                 self.away[i] = now + self.rng.uniform(1, 6)
         elif kind == "wipe":
             self._run(["wipe", node], f"wipe node {i}")
+            self.silent = True
         else:
+            self.silent = True
             seed = str(self.rng.randrange(10**9))
             self._run(
                 ["corrupt", node, "--mode", kind, "--fraction", "0.2", "--seed", seed],
                 f"corrupt node {i} ({kind})",
             )
         self.dirty.add(i)
+        self.faulted[i] = self.faulted.get(i, 0) + 1
 
     def _run(self, args: list[str], what: str, tool: list[str] | None = None) -> bool:
         res = sh([*(tool or FAULTS), *args], 120)
@@ -294,7 +309,18 @@ class Faults:
         )
         return ok
 
+    def _heal_now(self, silent: bool) -> None:
+        """After a silent fault (flipped bits, a wiped node: no read need have noticed)
+        scrub finds the damage; then repair makes the faulted nodes whole again. A repair
+        pass alone fixes only what is known bad, so faults on other nodes could pile up
+        past f on one blob. Either not clean (a node not scrubbed yet, a blob not
+        repairable yet): the nodes stay faulted, to be healed later."""
+        scrubbed = not silent or sh([*WALRUSFS, "scrub", str(self.mnt)]).returncode == 0
+        self._healed = scrubbed and sh([*WALRUSFS, "repair", str(self.mnt)]).returncode == 0
+
     def stop(self) -> None:
+        if self._heal is not None:
+            self._heal[0].join()
         for i in list(self.away):
             self._restore(i)
 
