@@ -645,12 +645,7 @@ class Metadata:
             mtime_ns=mtime_ns,
             ctime_ns=ctime_ns,
         ) as db:
-            cur = db.execute(
-                "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
-                (size, mtime_ns, ctime_ns, ino),
-            )
-            if cur.rowcount == 0:
-                raise NotFound(f"inode {ino}")
+            self._set_size_and_times(db, ino, size, mtime_ns, ctime_ns)
             # Take the new references before dropping the old ones, so a block rewritten
             # with identical content never sees its blob's count touch zero.
             for ref in blocks.values():
@@ -701,12 +696,7 @@ class Metadata:
             mtime_ns=mtime_ns,
             ctime_ns=ctime_ns,
         ) as db:
-            cur = db.execute(
-                "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
-                (size, mtime_ns, ctime_ns, ino),
-            )
-            if cur.rowcount == 0:
-                raise NotFound(f"inode {ino}")
+            self._set_size_and_times(db, ino, size, mtime_ns, ctime_ns)
             for index, offset, data in patches:
                 db.execute(
                     "DELETE FROM patches WHERE inode = ? AND block_index = ?"
@@ -776,6 +766,18 @@ class Metadata:
                 "UPDATE inodes SET nlink = nlink - 1, ctime_ns = ? WHERE id = ?", (now_ns, ino)
             )
         return ino
+
+    @staticmethod
+    def _set_size_and_times(
+        db: sqlite3.Connection, ino: int, size: int, mtime_ns: int, ctime_ns: int
+    ) -> None:
+        """Raises NotFound for a missing inode."""
+        cur = db.execute(
+            "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+            (size, mtime_ns, ctime_ns, ino),
+        )
+        if cur.rowcount == 0:
+            raise NotFound(f"inode {ino}")
 
     @staticmethod
     def _add_nlink(db: sqlite3.Connection, ino: int, delta: int) -> None:
