@@ -175,16 +175,15 @@ def write_atomic(
     try:
         pieces = data if isinstance(data, tuple) else (data,)
         size = sum(memoryview(p).nbytes for p in pieces)
-        refused = False
-        if direct and size >= DIRECT_MIN_BYTES:
-            refused = not _publish(dir_fd, parts[-1], pieces, size, durable=durable, direct=True)
-        if refused or not direct or size < DIRECT_MIN_BYTES:
+        wanted = direct and size >= DIRECT_MIN_BYTES
+        took = wanted and _publish(dir_fd, parts[-1], pieces, size, durable=durable, direct=True)
+        if not took:
             _publish(dir_fd, parts[-1], pieces, size, durable=durable, direct=False)
         if durable:
             os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return not refused
+    return took or not wanted
 
 
 def _publish(

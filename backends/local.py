@@ -164,7 +164,7 @@ class LocalStore(NodeStore):
             ):
                 self._fs_traits = (dev, syncfs_durable, False)  # refused: buffered from now on
             if not durable:
-                self._note_unsynced(root, key, parts)
+                self._note_unsynced(root, key, parts, syncfs_durable)
 
         return job
 
@@ -208,11 +208,14 @@ class LocalStore(NodeStore):
         """Whether syncfs makes this node's writes durable (worker thread)."""
         return self._traits(root)[1]
 
-    def _note_unsynced(self, root: int, key: str, parts: tuple[str, ...]) -> None:
+    def _note_unsynced(
+        self, root: int, key: str, parts: tuple[str, ...], syncfs_durable: bool | None = None
+    ) -> None:
         """After a write that was not made durable (worker thread): where syncfs will not
         reach the storage, remember the key so that `syncfs` fsyncs it; past
-        UNSYNCED_MAX remembered keys, fsync it now instead (bounded memory)."""
-        if self._syncfs_durable(root):
+        UNSYNCED_MAX remembered keys, fsync it now instead (bounded memory).
+        `syncfs_durable`, if the caller has just learnt it, saves an fstat."""
+        if self._syncfs_durable(root) if syncfs_durable is None else syncfs_durable:
             return
         with self._sync_lock:
             if len(self._unsynced) < UNSYNCED_MAX:
