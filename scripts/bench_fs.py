@@ -4,12 +4,14 @@
 In one run: 1 GiB of random data written (then fsynced) and read back cold through a
 walrusfs mount and through a plain directory; the same read with 2 node directories taken
 away; extracting a tar of 2,000 small files (1-64 KiB); 1,000 SQLite commits, each one
-fsync (a database's workload); and the write again with the node directories on tmpfs. Reads are cold: the filesystem is remounted (its own cache empty)
-and the page cache dropped. Everything runs the real `walrusfs` command. Two references
-put the figures in context: the same bytes walrusfs lays on the nodes (3.7x the file at
-n=7) written as plain files of sliver size, which bounds any writer on this disk; and the
-small files extracted through a FUSE passthrough served by pyfuse3 (scripts/badmount.py),
-which bounds any pyfuse3 filesystem. The machine is shared and noisy (a plain 1 GiB write
+fsync (a database's workload); and the write again with the node directories on tmpfs.
+Reads are cold: the filesystem is remounted (its own cache empty) and the page cache
+dropped. Everything runs the real `walrusfs` command. References put the figures in
+context: the same bytes walrusfs lays on the nodes (3.7x the file at n=7) written as plain
+files of sliver size, which bounds any writer on this disk; and the small files extracted
+through a pyfuse3 passthrough to the disk (scripts/badmount.py) and through an in-memory
+pyfuse3 filesystem (scripts/memfuse.py), the floor of any pyfuse3 filesystem: kernel
+round trips and dispatch, no storage. The machine is shared and noisy (a plain 1 GiB write
 swings from 300 to 850 MB/s between runs here): --rounds N repeats everything in fresh
 directories and reports medians. Last line:
 `fs n=7: write X MB/s (plain P), read Y MB/s (plain Q), degraded read Z MB/s, small files T s (plain U s)`
@@ -123,6 +125,29 @@ def passthrough_small(base: Path, tar: Path) -> float | None:
         subprocess.run([sys.executable, str(script), "unmount", str(mnt)], capture_output=True)
 
 
+def memfuse_small(base: Path, tar: Path) -> float | None:
+    """Seconds to extract `tar` through an in-memory pyfuse3 filesystem (memfuse.py): the
+    kernel round trips and pyfuse3's dispatch alone. None if it fails."""
+    mnt = base / "mem-mnt"
+    mnt.mkdir()
+    script = Path(__file__).parent / "memfuse.py"
+    server = subprocess.Popen([sys.executable, str(script), str(mnt)])
+    try:
+        deadline = time.monotonic() + 10
+        while f" {mnt} " not in Path("/proc/self/mountinfo").read_text():
+            if server.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        return extract(tar, mnt / "small")
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def sqlite_commits(where: Path, count: int = 1000) -> float:
     """Milliseconds per SQLite commit (WAL, synchronous=FULL: one fsync each) of a 3 KB row:
     a database's pages rewritten in place and its log appended, every one fsynced."""
@@ -220,6 +245,9 @@ def one_round(args: argparse.Namespace, data: memoryview) -> dict[str, float]:
         passed = passthrough_small(base, tar)
         if passed is not None:
             r["passthrough_small"] = passed
+        floor = memfuse_small(base, tar)
+        if floor is not None:
+            r["memfuse_small"] = floor
         shutil.rmtree(vol.nodes[0].parent)
         drop_caches()
         # n=7: 7 * (3 + 5) symbols stored per 15 of data; a 4 MiB blob's sliver file is 2.3 MiB.
@@ -275,7 +303,8 @@ def main() -> None:
         print(
             f"  references: node bytes as plain files {r['node_bytes_ceiling']:.0f} MB/s of file data "
             f"(write reaches {r['write'] / r['node_bytes_ceiling']:.2f} of it); small files through a "
-            f"pyfuse3 passthrough {r.get('passthrough_small', float('nan')):.1f} s"
+            f"pyfuse3 passthrough {r.get('passthrough_small', float('nan')):.1f} s, through an "
+            f"in-memory pyfuse3 filesystem {r.get('memfuse_small', float('nan')):.1f} s"
         )
     print(
         f"  database: SQLite commit (WAL, an fsync each) {r['sqlite_ms']:.1f} ms "
