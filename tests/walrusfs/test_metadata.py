@@ -310,3 +310,54 @@ def test_checkpoint_runs_on_its_own_connection(meta: Recording) -> None:
     mkfile(meta, ROOT_INODE, b"durable")
     meta.checkpoint()
     assert meta.lookup(ROOT_INODE, b"durable") is not None
+
+
+def test_remembered_rows_and_blocks_never_go_stale(tmp_path: Path) -> None:
+    # get_inode and block answer from memory between mutations: after every kind of
+    # mutation (parents, links, renamed-over and deleted files included) they must say
+    # what a new connection to the same database reads.
+    path = tmp_path / "m.db"
+    m = Metadata(path, block_size=BS, now_ns=1)
+    try:
+        d = mkdir(m, ROOT_INODE, b"d")
+        a, b = mkfile(m, d, b"a"), mkfile(m, ROOT_INODE, b"b")
+
+        def view(md: Metadata) -> list[object]:
+            out: list[object] = []
+            for ino in (ROOT_INODE, d, a, b):
+                try:
+                    out.append(md.get_inode(ino))
+                except errors.NotFound:
+                    out.append(None)
+                out.extend(md.block(ino, index) for index in range(3))
+            return out
+
+        def same() -> None:
+            fresh = Metadata(path)
+            try:
+                assert view(m) == view(fresh)
+            finally:
+                fresh.close()
+
+        steps = [
+            lambda: m.set_blocks(
+                a, {0: ref(b"x"), 1: ref(b"y")}, size=BS + 1, mtime_ns=2, ctime_ns=2
+            ),
+            lambda: m.set_attrs(a, mode=FILE | 0o600, mtime_ns=3),
+            lambda: m.patch_blocks(a, [(1, 5, b"zz")], size=BS + 7, mtime_ns=4, ctime_ns=4),
+            lambda: m.link(a, ROOT_INODE, b"a2", now_ns=5),
+            lambda: m.truncate(a, 10, mtime_ns=6, ctime_ns=6),
+            lambda: m.set_blocks(b, {0: ref(b"x", 9)}, size=9, mtime_ns=7, ctime_ns=7),
+            lambda: m.rename(ROOT_INODE, b"b", d, b"a", now_ns=8),  # replaces a's first name
+            lambda: m.set_xattr(d, b"user.k", b"v", now_ns=9),
+            lambda: m.unlink(ROOT_INODE, b"a2", now_ns=10),
+            lambda: m.delete_inode(a),
+            lambda: m.set_blocks(b, {0: None}, size=0, mtime_ns=11, ctime_ns=11),
+        ]
+        same()
+        for step in steps:
+            view(m)  # remember everything, then change it
+            step()
+            same()
+    finally:
+        m.close()
