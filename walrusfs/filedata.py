@@ -9,16 +9,21 @@ transaction, then deletes the blobs nothing names any more. Reads look at dirty 
 in-flight blocks first, then at an LRU cache of blob bytes keyed by blob_id (content
 addressed, so it is never stale), then at the store, with read-ahead of the next block.
 
-fsync() commits a small change to a stored block as patches (the changed bytes, in the
-metadata) rather than as a new blob, and leaves the block dirty: the background flush or
-close() stores it whole later, which drops the patches. A block that has patches but no
-dirty copy (after a crash) is read as its blob with the patches applied, and becomes
-dirty, so that it is stored whole.
+fsync() commits a small change to a stored block, or a small new block, as patches (the
+changed bytes, in the metadata) rather than as a new blob, and leaves the block dirty.
+Such a *settled* file (every change committed) costs close() nothing more. Its blocks are
+stored whole, which drops the patches, when its patches would grow past a quarter of the
+block, under memory pressure, at unmount, and by the background flusher once the file is
+closed and `flush_age` old: a database that stays open is not rewritten every few
+seconds, and a file fsynced and deleted within seconds (a rollback journal) is never
+stored at all. A block that has patches but no dirty copy (after a crash) is read as its
+blob with the patches applied, and becomes dirty, so that it is stored whole.
 
 While a file has unflushed changes its live size and times are kept here (`live`); the
 metadata row has the values of the last flush. Dirty memory is bounded: a writer over
 the limit flushes (full blocks first) before its write is accepted. A background flusher,
-run in the mount's nursery, writes out files dirty for longer than `flush_age` seconds.
+run in the mount's nursery, writes out files dirty for longer than `flush_age` seconds
+(settled ones only once closed, see above).
 
 Must not import pyfuse3. Talks to the blob store only through `BlobStoreProtocol`.
 
@@ -61,6 +66,12 @@ PATCH_FRACTION = 4
 # Patches go to every node whole (the journal is replicated, not erasure coded): past this
 # many bytes in one fsync, storing the blocks costs the nodes less.
 PATCH_MAX_BYTES = 1 << 20
+# A block whose patches stay within this many bytes (and a PATCH_FRACTION of the block
+# size) takes them whatever its own size: a new small file, or a log's tail. Storing a
+# blob costs an encode and a new file on every node (4.5 ms for a 32 KiB blob at n=7
+# here); the journal append that fsync() makes anyway carries 64 KiB more to each node
+# in ~0.1 ms.
+SMALL_PATCH_BYTES = 64 << 10
 # Changed ranges remembered per dirty block; a block changed in more places is stored whole.
 MAX_RANGES = 64
 
@@ -197,14 +208,17 @@ class FileData:
         flush_age: float = 5.0,
         max_parallel: int = 6,
         clock_ns: Callable[[], int] = time.time_ns,
+        is_open: Callable[[int], bool] = lambda inode: False,
     ) -> None:
         self._meta = meta
+        self._is_open = is_open  # whether a file has open handles (walrusfs.fs knows)
         self._store = store
         self.block_size = meta.block_size
         self._cache = _BlobCache(cache_bytes)
         # Two blocks at least, or a writer could never make room for a partial block.
         self._dirty_limit = max(dirty_limit, 2 * self.block_size)
         self._flush_age = flush_age
+        self._small_patch = min(SMALL_PATCH_BYTES, self.block_size // PATCH_FRACTION)
         self._limiter = trio.CapacityLimiter(max_parallel)
         self._clock_ns = clock_ns
         self._files: dict[int, _File] = {}
@@ -440,8 +454,12 @@ class FileData:
             return await self._materialize(f, index)
         else:
             ref = self._meta.block(f.inode, index)
-            if ref is None or (start == 0 and n >= ref.length):
-                buf = bytearray()  # nothing stored, or all of it is being overwritten
+            if ref is None:
+                buf = bytearray()  # a hole: every byte written is a change over zeros
+                changed = []
+                f.filling.add(index)
+            elif start == 0 and n >= ref.length:
+                buf = bytearray()  # all of the stored bytes are being overwritten
                 f.filling.add(index)
             else:
                 data = await self._fetch(ref)
@@ -494,20 +512,30 @@ class FileData:
 
     # -- flush --------------------------------------------------------------------------
 
-    async def flush(self, inode: int, *, full_only: bool = False) -> None:
+    async def flush(self, inode: int, *, full_only: bool = False, fold: bool = True) -> None:
         """Store the file's dirty blocks (only whole ones if `full_only`) and commit them.
 
-        On failure the blocks stay dirty for a later attempt. Raises FSError.
+        Without `fold` (close(2)), a settled file is left as it is: its changes are
+        committed already, as patches. On failure the blocks stay dirty for a later
+        attempt. Raises FSError.
         """
         if inode not in self._files:
             return
         with self._use(inode) as f:
             async with f.flush_lock:
-                await self._flush_locked(f, full_only)
+                if fold or not self._settled(f):
+                    await self._flush_locked(f, full_only)
+
+    @staticmethod
+    def _settled(f: _File) -> bool:
+        """Every change of the file is committed (as patches), none is being stored."""
+        return not (f.attrs_dirty or f.inflight) and all(
+            f.changed.get(index) == [] for index in f.dirty
+        )
 
     async def sync(self, inode: int) -> None:
         """fsync(2): commit the file's changes so that they survive a crash. Small changes
-        to stored blocks become patches (see PATCH_FRACTION); otherwise as flush.
+        become patches (see PATCH_FRACTION, SMALL_PATCH_BYTES); otherwise as flush.
         Raises FSError."""
         if inode not in self._files:
             return
@@ -518,8 +546,9 @@ class FileData:
 
     def _commit_patches(self, f: _File) -> bool:
         """Commit all of the file's dirty bytes as patches, or nothing and return False if
-        a block was never stored or has changed too much. Never yields: no write can slip
-        in between reading the buffers and marking them committed (flush_lock held)."""
+        a block's committed bytes are unknown or it has changed too much. Never yields: no
+        write can slip in between reading the buffers and marking them committed
+        (flush_lock held)."""
         if not f.dirty or f.inflight:
             return False
         patches: list[tuple[int, int, bytes]] = []
@@ -527,8 +556,8 @@ class FileData:
             ranges = f.changed.get(index)
             if ranges is None:
                 return False
-            new = sum(b - a for a, b in ranges)
-            if (f.patched.get(index, 0) + new) * PATCH_FRACTION > len(buf):
+            total = f.patched.get(index, 0) + sum(b - a for a, b in ranges)
+            if total * PATCH_FRACTION > len(buf) and total > self._small_patch:
                 return False
             patches.extend((index, a, bytes(buf[a:b])) for a, b in ranges)
         if sum(len(p[2]) for p in patches) > PATCH_MAX_BYTES:
@@ -755,6 +784,8 @@ class FileData:
         for f in list(self._files.values()):
             if f.dirty_since is None or f.dirty_since > cutoff:
                 continue
+            if self._settled(f) and self._is_open(f.inode):
+                continue  # committed; stored once closed, too patched, or memory is short
             try:
                 await self.flush(f.inode)
             except Exception as exc:

@@ -165,7 +165,9 @@ class FileSystem:
         # resend whole pages at explicit offsets; appending those again at our EOF would
         # misplace data. The mount sets this; direct callers keep O_APPEND semantics.
         self.kernel_handles_append = False
-        self.data = FileData(meta, store, clock_ns=clock_ns, **filedata_options)
+        self.data = FileData(
+            meta, store, clock_ns=clock_ns, is_open=self._is_open, **filedata_options
+        )
         self.block_size = meta.block_size
         self._space = space
         self._now = clock_ns
@@ -174,6 +176,9 @@ class FileSystem:
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, int] = {}
         self._fh = itertools.count(1)
+
+    def _is_open(self, ino: int) -> bool:
+        return ino in self._opens
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -614,8 +619,9 @@ class FileSystem:
             await trio.to_thread.run_sync(self.meta.checkpoint)
 
     async def flush(self, fh: int) -> None:
-        """close(2) of one descriptor: store the file's dirty data and its metadata."""
-        await self.data.flush(self._handle(fh).inode)
+        """close(2) of one descriptor: store the file's dirty data and its metadata
+        (what fsync committed as patches is committed already, see FileData)."""
+        await self.data.flush(self._handle(fh).inode, fold=False)
         await self._committed(False)
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
@@ -632,7 +638,7 @@ class FileSystem:
         if h is None:
             return
         try:
-            await self.data.flush(h.inode)
+            await self.data.flush(h.inode, fold=False)
         finally:
             self._opens[h.inode] -= 1
             if self._opens[h.inode] <= 0:

@@ -445,13 +445,16 @@ async def test_fsync_of_a_small_change_commits_patches_not_a_blob(
     assert meta.get_inode(ino).size == len(data)
     await fs.fsync(fh)  # nothing new: nothing committed, nothing stored
     assert store.puts == puts and meta.patches(ino, 0) == [(100, b"page")]
+    await fs.flush(fh)  # close(2): everything is committed already, nothing to store
+    assert store.puts == puts and meta.patches(ino, 0) == [(100, b"page")]
     # A crash: what a new mount sees is the stored blocks with their patches.
     after = FileSystem(meta, store)
     rd = await after.open(ino, os.O_RDONLY, 0)
     assert await read_all(after, rd, len(data)) == data
-    await after.flush(rd)  # the two patched blocks it read are stored whole
-    assert meta.patched_blocks() == [] and store.puts == puts + 2
     await after.release(rd)
+    assert store.puts == puts and len(meta.patched_blocks()) == 2
+    await after.shutdown()  # the two patched blocks it read are stored whole
+    assert meta.patched_blocks() == [] and store.puts == puts + 2
     assert await read_fresh(meta, store, ino, len(data)) == data
     assert_no_leaks(after, store)
 
@@ -459,7 +462,7 @@ async def test_fsync_of_a_small_change_commits_patches_not_a_blob(
 async def test_fsync_stores_a_block_whole_when_much_of_it_changed(
     fs: FileSystem, store: MemBlobStore, meta: Metadata
 ) -> None:
-    _ino, fh = await new_file(fs)
+    ino, fh = await new_file(fs)
     await fs.write(fh, 0, bytes(range(256)) * (BS // 256))
     await fs.fsync(fh)
     puts = store.puts
@@ -467,9 +470,56 @@ async def test_fsync_stores_a_block_whole_when_much_of_it_changed(
         await fs.write(fh, k * 4096, b"\1" * (BS // 16))
         await fs.fsync(fh)
     assert store.puts == puts + 1 and meta.patched_blocks() == []
-    await fs.write(fh, BS + 10, b"new block")  # never stored: nothing to patch
+    await fs.write(fh, BS + 10, b"new block")  # a small new block takes patches too
+    await fs.fsync(fh)
+    assert store.puts == puts + 1 and meta.patches(ino, 1) == [(0, bytes(10) + b"new block")]
+    await fs.write(fh, BS + 100, b"\2" * (BS // 2))  # but not half a block
     await fs.fsync(fh)
     assert store.puts == puts + 2 and meta.patched_blocks() == []
+
+
+async def test_a_file_fsynced_then_deleted_is_never_stored(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    # A rollback journal: created, written, fsynced, closed and deleted per transaction.
+    for k in range(3):
+        ino, fh = await new_file(fs, b"db-journal")
+        await fs.write(fh, 0, b"old pages %d" % k * 100)
+        await fs.fsync(fh)
+        assert meta.patches(ino, 0) != []  # committed, through the journal
+        await fs.flush(fh)
+        await fs.unlink(R, b"db-journal")
+        await fs.release(fh)
+        await fs.forget([(ino, 1)])
+    assert store.puts == 0 and meta.patched_blocks() == []
+    assert_no_leaks(fs, store)
+
+
+async def test_an_open_settled_file_is_stored_only_once_closed(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata, autojump_clock: object
+) -> None:
+    # A database kept open and committing: the flusher does not rewrite its blocks every
+    # few seconds; they are stored once the file is closed (and old), or when too patched.
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        ino, fh = await new_file(fs)
+        await fs.write(fh, 0, b"\1" * BS)
+        await fs.fsync(fh)
+        puts = store.puts
+        for k in range(4):
+            await fs.write(fh, 4096 * k, b"page")
+            await fs.fsync(fh)
+            await trio.sleep(10)
+        assert store.puts == puts and len(meta.patches(ino, 0)) == 4
+        await fs.flush(fh)
+        await fs.release(fh)
+        await trio.sleep(10)
+        assert store.puts == puts + 1 and meta.patched_blocks() == []
+        expect = bytearray(b"\1" * BS)
+        for k in range(4):
+            expect[4096 * k : 4096 * k + 4] = b"page"
+        assert await read_fresh(meta, store, ino, BS) == expect
+        nursery.cancel_scope.cancel()
 
 
 async def test_crash_after_fsync_keeps_what_fsync_committed(
@@ -511,5 +561,7 @@ async def test_crash_after_fsync_keeps_what_fsync_committed(
         assert await read_all(fs, fh, 2 * limit) == model, step
     await fs.release(fh)
     assert await read_fresh(meta, store, ino, 2 * limit) == model
+    await fs.shutdown()
     assert meta.patched_blocks() == []
+    assert await read_fresh(meta, store, ino, 2 * limit) == model
     assert_no_leaks(fs, store)
