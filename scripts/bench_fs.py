@@ -4,16 +4,17 @@
 In one run: 1 GiB of random data written (then fsynced) and read back cold through a
 walrusfs mount and through a plain directory; the same read with 2 node directories taken
 away; extracting a tar of 2,000 small files (1-64 KiB); 1,000 SQLite commits, each one
-fsync (a database's workload); and the write again with the node directories on tmpfs.
-Reads are cold: the filesystem is remounted (its own cache empty) and the page cache
-dropped. Everything runs the real `walrusfs` command. References put the figures in
-context: the same bytes walrusfs lays on the nodes (3.7x the file at n=7) written as plain
-files of sliver size, which bounds any writer on this disk; and the small files extracted
-through a pyfuse3 passthrough to the disk (scripts/badmount.py) and through an in-memory
-pyfuse3 filesystem (scripts/memfuse.py), the floor of any pyfuse3 filesystem: kernel
-round trips and dispatch, no storage. The machine is shared and noisy (a plain 1 GiB write
-swings from 300 to 850 MB/s between runs here): --rounds N repeats everything in fresh
-directories and reports medians. Last line:
+fsync (a database's workload), and 200 more with a rollback journal; and the write again
+with the node directories on tmpfs. Reads are cold: the filesystem is remounted (its own
+cache empty) and the page cache dropped. Everything runs the real `walrusfs` command.
+References put the figures in context: the same bytes walrusfs lays on the nodes (3.7x
+the file at n=7) written as plain files of sliver size, which bounds any writer on this
+disk; and the small files extracted through a pyfuse3 passthrough to the disk
+(scripts/badmount.py) and through an in-memory pyfuse3 filesystem (scripts/memfuse.py),
+the floor of any pyfuse3 filesystem: kernel round trips and dispatch, no storage. The
+machine is shared and noisy (a plain 1 GiB write swings from 300 to 850 MB/s between runs
+here): --rounds N repeats everything in fresh directories and reports medians.
+Last line:
 `fs n=7: write X MB/s (plain P), read Y MB/s (plain Q), degraded read Z MB/s, small files T s (plain U s)`
 """
 
@@ -148,12 +149,14 @@ def memfuse_small(base: Path, tar: Path) -> float | None:
             server.wait()
 
 
-def sqlite_commits(where: Path, count: int = 1000) -> float:
-    """Milliseconds per SQLite commit (WAL, synchronous=FULL: one fsync each) of a 3 KB row:
-    a database's pages rewritten in place and its log appended, every one fsynced."""
-    db = sqlite3.connect(where / "bench.db", isolation_level=None)
+def sqlite_commits(where: Path, count: int = 1000, mode: str = "WAL") -> float:
+    """Milliseconds per SQLite commit (synchronous=FULL) of a 3 KB row. WAL: a database's
+    pages rewritten in place and its log appended, one fsync each. DELETE (SQLite's
+    default): a rollback journal created, fsynced and deleted, and the database fsynced,
+    for every commit."""
+    db = sqlite3.connect(where / f"bench-{mode.lower()}.db", isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA journal_mode = {mode}")
         db.execute("PRAGMA synchronous = FULL")
         db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
         rows = random.Random(3)
@@ -250,8 +253,10 @@ def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path])
         vol.mount()
         r["small"] = extract(tar, vol.mnt / "small")
         r["sqlite_ms"] = sqlite_commits(vol.mnt)
+        r["sqlite_delete_ms"] = sqlite_commits(vol.mnt, 200, "DELETE")
         vol.umount()
         r["plain_sqlite_ms"] = sqlite_commits(base / "plain")
+        r["plain_sqlite_delete_ms"] = sqlite_commits(base / "plain", 200, "DELETE")
         mounted.remove(vol.mnt)
         passed = passthrough_small(base, tar)
         if passed is not None:
@@ -335,7 +340,8 @@ def main() -> None:
         )
     print(
         f"  database: SQLite commit (WAL, an fsync each) {r['sqlite_ms']:.1f} ms "
-        f"(plain {r['plain_sqlite_ms']:.2f} ms)"
+        f"(plain {r['plain_sqlite_ms']:.2f} ms), with a rollback journal "
+        f"{r['sqlite_delete_ms']:.1f} ms (plain {r['plain_sqlite_delete_ms']:.2f} ms)"
     )
     print(
         f"fs n=7: write {r['write']:.0f} MB/s (plain {p:.0f}), read {r['read']:.0f} MB/s (plain {q:.0f}), "
