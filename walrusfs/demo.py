@@ -50,10 +50,15 @@ def samples() -> dict[str, bytes]:
     return files
 
 
+def mounted() -> bool:
+    return f" {MNT} " in Path("/proc/mounts").read_text()
+
+
 def main() -> int:
-    if f" {MNT} " in Path("/proc/mounts").read_text():  # an earlier demo is still mounted
+    if mounted():  # an earlier demo is still mounted
         walrusfs("umount", MNT, check=False)
-        sh("fusermount3", "-u", "-z", MNT, check=False)
+        if mounted():  # its server is gone or hung: detach it
+            sh("fusermount3", "-u", "-z", MNT, check=False)
     shutil.rmtree(ROOT, ignore_errors=True)
     MNT.mkdir(parents=True)
     print("== a volume over 7 node directories (any 2 may fail)")
