@@ -31,13 +31,13 @@ import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from walrusfs.errors import Exists, FSError, Invalid, NoData, NotFound
 
 SCHEMA_VERSION = 2
 STORED_CACHE = 10_000  # files whose stored_bytes are remembered
-# Inode rows and block references remembered between mutations (see Metadata._cached).
+# Inode rows and block references remembered between mutations (see Metadata._rows).
 ROW_CACHE = 50_000
 ROOT_INODE = 1
 
@@ -179,6 +179,18 @@ _REPLAYABLE = frozenset(
         "delete_inode",
     }
 )
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(cache: dict[K, V], key: K, value: V, most: int) -> None:
+    """Keep `value` in `cache`, starting over once it holds `most` entries (a cheap bound:
+    what is forgotten is read again from the database)."""
+    if len(cache) >= most:
+        cache.clear()
+    cache[key] = value
 
 
 class JournalSink(Protocol):
@@ -353,9 +365,7 @@ class Metadata:
         if row is None:
             raise NotFound(f"inode {ino}")
         found = InodeRow(*row)
-        if len(self._rows) >= ROW_CACHE:
-            self._rows.clear()
-        self._rows[ino] = found
+        _remember(self._rows, ino, found, ROW_CACHE)
         return found
 
     def lookup(self, parent: int, name: bytes) -> int | None:
@@ -417,9 +427,7 @@ class Metadata:
             (ino, index),
         ).fetchone()
         ref = None if row is None else BlockRef(bytes(row[0]), bytes(row[1]), row[2])
-        if len(self._blocks) >= ROW_CACHE:
-            self._blocks.clear()
-        self._blocks[key] = ref
+        _remember(self._blocks, key, ref, ROW_CACHE)
         return ref
 
     def patches(self, ino: int, index: int) -> list[tuple[int, bytes]]:
@@ -449,9 +457,7 @@ class Metadata:
                 "SELECT COALESCE(SUM(length), 0) FROM blocks WHERE inode = ?", (ino,)
             ).fetchone()
             used = int(row[0])
-            if len(self._stored) >= STORED_CACHE:
-                self._stored.clear()
-            self._stored[ino] = used
+            _remember(self._stored, ino, used, STORED_CACHE)
         return used
 
     def block_indexes(self, ino: int) -> list[int]:
