@@ -7,6 +7,9 @@
   degraded cold get with f nodes down, and get with f nodes hung (a FIFO in place of each
   sliver file blocks open() in the kernel, as a hung NFS mount does);
 - with node directories on tmpfs: put.
+A reference reads the bytes a healthy get reads (R primary slivers a blob) as plain
+unverified byte ranges, cold, as many at once: what the disk gives any reader of one file
+per sliver pair, against one sequential file.
 The baseline is the same 64 MiB written (then fsynced) and read cold as one plain file in
 the same directory tree. The machine is shared and noisy (a plain write of 64 MiB swings
 from 300 to 1300 MB/s between runs here), so the whole round, baseline included, runs
@@ -22,13 +25,14 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import trio
 
 from walrusfs.blobstore import PutResult
-from walrusfs.sliverfile import parse_key
+from walrusfs.sliverfile import header_size, parse_key, sliver_key
 from walrusfs.volume import Volume, create_volume, open_volume
 
 MIB = 1 << 20
@@ -101,6 +105,36 @@ async def get_all(vol: Volume, results: list[PutResult], data: list[bytes]) -> f
     return sum(map(len, data)) / elapsed / 1e6
 
 
+def raw_sliver_reads(vol: Volume, paths: list[str], results: list[PutResult]) -> float:
+    """MB/s of blob data when the bytes get_blob reads (the R primary slivers of each blob,
+    header included) are read cold as plain byte ranges, as many at once as get_all has,
+    and not verified: what this disk gives any reader of this layout."""
+    jobs = []
+    for res in results:
+        meta = vol.blobs.metadata(res.blob_id, res.meta)
+        size = header_size(meta.n) + meta.params.C * meta.symbol_size
+        for pair in range(meta.params.R):
+            jobs.append((os.path.join(paths[meta.node_of_pair(pair)], sliver_key(res.blob_id, pair)), size))
+
+    def read(job: tuple[str, int]) -> None:
+        path, size = job
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # as the store does: no read-ahead
+            if os.preadv(fd, [bytearray(size)], 0) != size:
+                raise SystemExit(f"{path}: short")
+        finally:
+            os.close(fd)
+
+    drop_caches()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(READERS * len(jobs) // len(results)) as pool:
+        list(pool.map(read, jobs))
+    elapsed = time.perf_counter() - t0
+    total = sum(vol.blobs.metadata(r.blob_id, r.meta).length for r in results)
+    return total / elapsed / 1e6
+
+
 def hang_node(path: str) -> list[Path]:
     """Replace every sliver file of a node with a FIFO; returns them to unblock later."""
     fifos = []
@@ -132,6 +166,7 @@ async def run(base: Path, total: int, blob: int) -> dict[str, float]:
     res["put_nosync"], _ = await put_all(vol, data, durable=False)
     await trio.to_thread.run_sync(drop_caches)
     res["get"] = await get_all(await open_volume(paths[0]), results, data)
+    res["raw_slivers"] = await trio.to_thread.run_sync(raw_sliver_reads, vol, paths, results)
     meta = vol.blobs.metadata(results[0].blob_id, results[0].meta)
     # The worst case: the two nodes holding systematic slivers of the first blob.
     victims = [meta.node_of_pair(0), meta.node_of_pair(1)]
@@ -195,6 +230,10 @@ def main() -> None:
     print(
         f"  ratios: put/plain write {r['put'] / p:.2f} (target >= 0.2), get/plain read {r['get'] / q:.2f} "
         f"(>= 0.67), degraded {r['degraded_get'] / q:.2f} (>= 0.5), hung {r['hung_get'] / q:.2f}"
+    )
+    print(
+        f"  the same sliver bytes read raw (no verification): {r['raw_slivers'] / q:.2f} of the plain "
+        f"read; get reaches {r['get'] / r['raw_slivers']:.2f} of them"
     )
     print(
         f"blobstore n=7: put {r['put']:.0f} MB/s, get {r['get']:.0f} MB/s, degraded get {r['degraded_get']:.0f} MB/s, "
