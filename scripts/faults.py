@@ -417,28 +417,58 @@ def corrupt(args: argparse.Namespace, out: Reporter) -> None:
     if not files:
         raise ScriptError(f"{node}: holds no sliver files to corrupt")
     targets = _select(files, args, rng)
+    # A mounted volume deletes sliver files as its files change: one listed by the scan
+    # may be gone when its turn comes. A random pick then takes another; a named one fails.
+    spare = [f for f in files if f not in targets] if wanted is None and args.blob is None else []
     hit: set[str] = set()
     results = []
     for target in targets:
         if target.key in hit:
             continue  # already damaged as the partner of an earlier swap
-        try:
-            if args.mode == "swap":
-                other = corruption.partner_for(target, files, hit | {t.key for t in targets}, rng)
-                result = corruption.swap(target, other)
-                hit.add(other.key)
-            elif args.mode == "foreign":
-                result = corruption.foreign(target, corruption.partner_for(target, files, hit, rng))
-            else:
-                result = corruption.damage(target, args.mode, args.region, args.bits, rng, ident)
-        except corruption.CorruptError as exc:
-            raise ScriptError(str(exc)) from None
+        while True:
+            try:
+                result, other = _corrupt_one(target, files, targets, hit, args, rng, ident)
+                break
+            except FileNotFoundError as exc:
+                gone = f"{exc.filename or target.path}: deleted since the scan (the volume is in use)"
+                files = [f for f in files if f.path != exc.filename]
+                spare = [f for f in spare if f.path != exc.filename]
+                if not spare:
+                    raise ScriptError(gone) from None
+                out.note(f"{gone}; taking another file")
+                if exc.filename == target.path:
+                    target = spare.pop(rng.randrange(len(spare)))
+            except corruption.CorruptError as exc:
+                raise ScriptError(str(exc)) from None
+        if other is not None:
+            hit.add(other.key)
         hit.add(target.key)
         results.append(result)
         _report_hit(out, args.mode, result)
     out.result(node=node, mode=args.mode, seed=seed, files=[_hit_json(r) for r in results])
     if any(not r.changed for r in results):
         out.note("some files were left unchanged (see above): their damage would prove nothing")
+
+
+def _corrupt_one(
+    target: slivers.SliverFile,
+    files: list[slivers.SliverFile],
+    targets: list[slivers.SliverFile],
+    hit: set[str],
+    args: argparse.Namespace,
+    rng: random.Random,
+    ident: dict[str, object] | None,
+) -> tuple[corruption.Hit, slivers.SliverFile | None]:
+    """Damage one file as args.mode says: (what was done, the swap partner if any).
+
+    Raises CorruptError, FileNotFoundError (the file or its partner is gone).
+    """
+    if args.mode == "swap":
+        other = corruption.partner_for(target, files, hit | {t.key for t in targets}, rng)
+        return corruption.swap(target, other), other
+    if args.mode == "foreign":
+        return corruption.foreign(target, corruption.partner_for(target, files, hit, rng)), None
+    return corruption.damage(target, args.mode, args.region, args.bits, rng, ident), None
 
 
 def _report_hit(out: Reporter, mode: str, hit: corruption.Hit) -> None:
