@@ -1,17 +1,21 @@
-"""Small writes to several node stores from one worker thread, under a short deadline.
+"""Calls on several node stores from one worker thread, under a short deadline.
 
 Why: a trio worker-thread round trip costs about 0.2 ms on the machines we run on, and
 seven of them in parallel, for seven tiny files, cost more than writing the files (the
 threads hand the GIL to each other at every syscall). Closing a small file writes a small
 blob and a journal segment to every node; one thread job over all the healthy nodes in
-turn does that several times faster.
+turn does that several times faster. Reads of a blob's systematic slivers go the same
+way: in a busy mount the event loop's thread is the bottleneck, and one job instead of
+one per sliver (each with its own task, deadline and wake-up) leaves it more time.
 
-The price is isolation: a node that hangs holds up the puts after it in the batch. So a
+The price is isolation: a node that hangs holds up the calls after it in the batch. So a
 batch runs under a short deadline, and whatever it has not finished by then is reported
-as pending. The thread is abandoned and may still finish those puts later, which is
+as pending. The thread is abandoned and may still finish those calls later, which is
 safe: puts are atomic, keys are content-derived and the payloads immutable (see
-LocalStore.put), and appends go to framed, verified logs that tolerate a repeat. The caller sends the pending ones through each store's own per-node,
-deadline-bounded path, where a hung node only ever stalls itself.
+LocalStore.put), appends go to framed, verified logs that tolerate a repeat, and a reader
+gives up the buffers of reads it did not see finish. The caller sends the pending ones
+through each store's own per-node, deadline-bounded path, where a hung node only ever
+stalls itself.
 
 Must not import: codec, walrusfs, pyfuse3.
 
@@ -30,7 +34,7 @@ from backends.local import LocalStore
 
 
 async def run_batch(
-    jobs: Sequence[tuple[LocalStore, str, Callable[[int], None]]], *, deadline: float
+    jobs: Sequence[tuple[LocalStore, str, Callable[[int], object]]], *, deadline: float
 ) -> dict[int, NodeError | None]:
     """Run each (store, key, job) in turn from one thread; outcomes by position.
 

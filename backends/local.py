@@ -263,6 +263,20 @@ class LocalStore(NodeStore):
         Raises InvalidKey, ValueError, KeyNotFound, NodeDown, NodeTimeout,
         NodePermissionError, NodeIOError.
         """
+        return await self._run("get", key, self.get_into_job(key, offset, into, check=check))
+
+    def get_into_job(
+        self,
+        key: str,
+        offset: int,
+        into: tuple[memoryview, ...],
+        *,
+        check: Callable[[int], None] | None = None,
+    ) -> Callable[[int], int]:
+        """The blocking body of get_into, for `_run` or `run_blocking` (see put_job).
+
+        Raises InvalidKey, ValueError.
+        """
         parts = check_key(key)
         if offset < 0:
             raise ValueError(f"offset must be >= 0, not {offset}")
@@ -275,7 +289,7 @@ class LocalStore(NodeStore):
                 check(got)
             return got
 
-        return await self._run("get", key, read)
+        return read
 
     async def size(self, key: str) -> int:
         """Return the stored length of ``key``.

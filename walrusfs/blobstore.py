@@ -6,9 +6,13 @@ then whoever missed the blob is reported so repair can fill it in. Below the quo
 fails as a whole and what was written is removed again.
 
 get_blob reads only the R systematic primary slivers when they are healthy, straight into
-the blob's buffer: no arithmetic, no copy. Every byte is verified (header against the blob
-id, leaves against their roots, each symbol against its leaf) before use. A node that is
-down, slow past the hedge delay, or returns bad bytes is replaced by another sliver; with
+the blob's buffer: no arithmetic, no copy; one worker thread reads and verifies all R in
+turn (NodeSet.read_batch), which left a busy mount's event loop a quarter less work per
+block than a task, deadline and thread hop per sliver (1 GiB cold through the mount:
+main thread 0.72-0.92 s against 0.96-1.76 s; 471-532 MB/s against 312-489). Every byte
+is verified (header against the blob id, leaves against their roots, each symbol against
+its leaf) before use. A node that is down, slow past the hedge delay (past the batch's
+deadline, on the healthy path), or returns bad bytes is replaced by another sliver; with
 fewer than R good primaries the blob is decoded from secondaries. More than f bad nodes:
 StorageUnavailable, never a hang and never unverified bytes.
 
@@ -128,6 +132,34 @@ def _verify_symbols(
     s = meta.symbol_size
     for k in range(len(data) // s):
         verify_symbol(meta, axis, index, leaves, first + k, data[k * s : (k + 1) * s])
+
+
+def _batch_check(
+    meta: BlobMetadata,
+    index: int,
+    where: str,
+    cached: Header | None,
+    head_buf: bytearray,
+    row: memoryview,
+    found: dict[int, Header],
+    damaged: dict[int, str],
+) -> Callable[[int], None]:
+    """The check of one batched systematic read (see BlobStore._read_systematic). It runs
+    in the batch's thread and notes damage instead of raising it: run_batch would stop
+    at an exception that is not a node error, and leave the other reads undone."""
+    size = len(row)
+
+    def check(got: int) -> None:
+        try:
+            if got < len(head_buf) + size:
+                raise SliverFileError(f"{where}: sliver file truncated")
+            head = cached or _parse(meta, index, bytes(head_buf), where)
+            _verify_symbols(meta, PRIMARY, index, head.primary_leaves, row, 0)
+            found[index] = head
+        except (SliverFileError, CodecError) as exc:
+            damaged[index] = str(exc)
+
+    return check
 
 
 class BlobStore:
@@ -434,12 +466,14 @@ class BlobStore:
         need: int,
         into: np.ndarray | None = None,
         abandoned: set[int] | None = None,
+        skip: set[int] | None = None,
     ) -> dict[int, memoryview]:
         """Read and verify `need` slivers of `axis`, replacing failed or slow ones.
 
         Systematic primary slivers are read straight into their rows of `into` (R x C*s).
         A read left running (at its deadline, or cancelled once enough slivers arrived)
-        may still write its row later: its index goes into `abandoned`.
+        may still write its row later: its index goes into `abandoned`. Slivers in `skip`
+        (found damaged already) are not read.
         """
         n = meta.n
         k_sys = meta.params.R if axis == PRIMARY else meta.params.C
@@ -453,8 +487,9 @@ class BlobStore:
             return memoryview(into[i])
 
         readable = self.nodes.readable()
+        skip = skip or set()
         order = sorted(
-            (i for i in range(n) if node_of(i) in readable),
+            (i for i in range(n) if node_of(i) in readable and i not in skip),
             key=lambda i: (self.nodes.rank(node_of(i)), i >= k_sys, i),
         )
         got: dict[int, memoryview] = {}
@@ -505,6 +540,49 @@ class BlobStore:
                 launch()
         return got
 
+    async def _read_systematic(
+        self, meta: BlobMetadata, out: np.ndarray
+    ) -> tuple[dict[int, memoryview] | None, bool, set[int]]:
+        """The healthy path: the R systematic primaries read into their rows of `out` by
+        one worker thread (NodeSet.read_batch), each verified there.
+
+        Returns (slivers, spoiled, damaged). Slivers is None when the batch did not run
+        (a node not healthy or not local) or a read failed, found damage, or overran the
+        deadline; the caller then gathers them sliver by sliver, with hedging, except the
+        damaged ones (already reported). Spoiled: the batch's thread was left behind and
+        may still write into `out`.
+        """
+        hsize = header_size(meta.n)
+        found: dict[int, Header] = {}
+        damaged: dict[int, str] = {}
+        reads: list[tuple[int, str, int, tuple[memoryview, ...], Callable[[int], None]]] = []
+        for i in range(meta.params.R):
+            node = meta.node_of_pair(i)
+            key = sliver_key(meta.blob_id, i)
+            cached = self._cached_header(meta.blob_id, i)
+            row = memoryview(out[i])
+            head_buf = bytearray(0 if cached else hsize)
+            check = _batch_check(
+                meta, i, f"node {node} {key}", cached, head_buf, row, found, damaged
+            )
+            pieces = (row,) if cached else (memoryview(head_buf), row)
+            reads.append((node, key, hsize if cached else 0, pieces, check))
+        outcomes = await self.nodes.read_batch(reads)
+        if outcomes is None:
+            return None, False, set()
+        # Copies: a thread left behind may still add to them.
+        found, damaged = dict(found), dict(damaged)
+        for i, why in damaged.items():
+            self._headers.pop((meta.blob_id, i), None)
+            self._bad(meta.blob_id, i, meta.node_of_pair(i), why)
+        if len(found) < meta.params.R:
+            # Every read done and checked writes nothing more; one not seen done might.
+            return None, len(outcomes) < len(reads), set(damaged)
+        for head in found.values():
+            self._remember(head)
+        self.stats.extra["batched_gets"] = self.stats.extra.get("batched_gets", 0) + 1
+        return {i: memoryview(out[i]) for i in found}, False, set()
+
     async def get_blob(self, blob_id: bytes, meta: bytes | BlobMetadata) -> memoryview:
         """The whole blob (a read-only view), every byte verified. Raises StorageUnavailable.
 
@@ -517,7 +595,11 @@ class BlobStore:
         # recycles these buffers, so they cost no page faults.
         out = np.empty((p.R, p.C * parsed.symbol_size), dtype=np.uint8)
         abandoned: set[int] = set()
-        primaries = await self._gather(parsed, PRIMARY, p.R, out, abandoned)
+        primaries, spoiled, damaged = await self._read_systematic(parsed, out)
+        if primaries is None:
+            if spoiled:
+                out = np.empty_like(out)  # the batch's thread, left behind, may write the old one
+            primaries = await self._gather(parsed, PRIMARY, p.R, out, abandoned, skip=damaged)
         if len(primaries) >= p.R:
             decode: Callable[..., object] = decode_primaries
             slivers = primaries

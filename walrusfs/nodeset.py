@@ -184,13 +184,41 @@ class NodeSet:
             sum(len(d) for _, _, d in appends),
         )
 
+    async def read_batch(
+        self, reads: list[tuple[int, str, int, tuple[memoryview, ...], Callable[[int], None]]]
+    ) -> dict[int, NodeError | None] | None:
+        """Reads (node, key, offset, buffers, check) from one worker thread, as put_batch
+        writes: returns the outcome (None: read, and `check` passed it the byte count) of
+        each read it finished; a missing key is the node's answer, not its fault.
+
+        None when it did not start (a node not healthy or not local, or too many bytes):
+        the buffers are untouched then. Otherwise the thread may be left behind at the
+        deadline, and still write into the buffers of the reads it did not finish.
+        Raises InvalidKey, ValueError.
+        """
+        size = sum(sum(map(len, into)) for _, _, _, into, _ in reads)
+        if size > BATCH_BYTES or len(reads) < 2 or not all(self._batchable(r[0]) for r in reads):
+            return None
+        return await self._batch(
+            [(i, key, _reader(key, off, into, check)) for i, key, off, into, check in reads],
+            size,
+            "read",
+        )
+
+    def _batchable(self, index: int) -> bool:
+        node = self.nodes[index]
+        return node.state is NodeState.UP and isinstance(node.store, LocalStore)
+
     async def _batch(
-        self, items: list[tuple[int, str, Callable[[LocalStore], Job]]], size: int
+        self,
+        items: list[tuple[int, str, Callable[[LocalStore], Job]]],
+        size: int,
+        what: str = "write",
     ) -> dict[int, NodeError | None]:
         batch: list[tuple[int, LocalStore, str, Job]] = []
         for i, key, make in items:
             store = self.nodes[i].store
-            if self.nodes[i].state is NodeState.UP and isinstance(store, LocalStore):
+            if self._batchable(i) and isinstance(store, LocalStore):
                 batch.append((i, store, key, make(store)))
         if size > BATCH_BYTES or len(batch) < 2:
             return {}
@@ -204,14 +232,14 @@ class NodeSet:
             self.set_state(
                 batch[len(done)][0],
                 NodeState.SUSPECT,
-                f"a batched write took over {deadline:.2f}s",
+                f"a batched {what} took over {deadline:.2f}s",
             )
         share = (trio.current_time() - t0) / max(1, len(done))
         outcomes: dict[int, NodeError | None] = {}
         for pos, outcome in done.items():
             node = self.nodes[batch[pos][0]]
             node.calls += 1
-            if outcome is None:
+            if outcome is None or isinstance(outcome, KeyNotFound):
                 self._ok(node, share)
             else:
                 self._failed(node, outcome)
@@ -277,11 +305,17 @@ class NodeSet:
         ]
 
 
-Job = Callable[[int], None]
+Job = Callable[[int], object]
 
 
 def _putter(key: str, data: Payload) -> Callable[[LocalStore], Job]:
     return lambda store: store.put_job(key, data, durable=False)
+
+
+def _reader(
+    key: str, offset: int, into: tuple[memoryview, ...], check: Callable[[int], None]
+) -> Callable[[LocalStore], Job]:
+    return lambda store: store.get_into_job(key, offset, into, check=check)
 
 
 def _appender(key: str, data: bytes) -> Callable[[LocalStore], Job]:

@@ -167,6 +167,48 @@ async def test_a_hung_node_does_not_stall_reads(tmp_path: Path) -> None:
         os.close(fd)
 
 
+async def test_healthy_gets_read_their_systematic_slivers_in_one_batch(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(600_000)
+    r = await vol.blobs.put_blob(data)
+    for _ in range(2):  # header read with the sliver, then from the cache
+        assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+    assert vol.blobs.stats.extra["batched_gets"] == 2
+    down = systematic_nodes(vol, r.meta)[1]
+    os.rename(paths[down], paths[down] + ".away")
+    vol2 = await open_volume(paths[0], **OPTS)
+    assert bytes(await vol2.blobs.get_blob(r.blob_id, r.meta)) == data
+    assert vol2.blobs.stats.extra.get("batched_gets", 0) == 0
+    assert vol2.blobs.stats.degraded_reads == 1
+
+
+async def test_a_batch_left_behind_never_writes_into_a_returned_blob(tmp_path: Path) -> None:
+    """The batch reads the systematic slivers in turn: one hung on the first leaves the
+    thread behind, which reads the others later, into the buffer it was given."""
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(600_000)
+    r = await vol.blobs.put_blob(data)
+    first, *others = systematic_nodes(vol, r.meta)
+    path = sliver_file(paths[first], r.blob_id)
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        with trio.fail_after(OPTS["node_timeout"]):
+            got = await vol.blobs.get_blob(r.blob_id, r.meta)
+        assert bytes(got) == data
+        assert states(vol)[first] == "suspect"
+        # What the thread left behind reads next is changed, then it is let go.
+        for i in others:
+            victim = sliver_file(paths[i], r.blob_id)
+            raw = bytearray(victim.read_bytes())
+            raw[header_size(N) :] = bytes(len(raw) - header_size(N))
+            victim.write_bytes(bytes(raw))
+    finally:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    await trio.sleep(1.0)  # the thread reads two small files and ends
+    assert bytes(got) == data
+
+
 async def test_a_full_node_misses_writes_and_is_reported_full(tmp_path: Path) -> None:
     paths = node_paths(tmp_path, N)
     with tmpfs(paths[3], "1m"):
