@@ -6,10 +6,11 @@ then whoever missed the blob is reported so repair can fill it in. Below the quo
 fails as a whole and what was written is removed again.
 
 get_blob reads only the R systematic primary slivers when they are healthy, straight into
-the blob's buffer: no arithmetic, no copy; one worker thread reads and verifies all R in
-turn (NodeSet.read_batch), which left a busy mount's event loop a quarter less work per
-block than a task, deadline and thread hop per sliver (1 GiB cold through the mount:
-main thread 0.72-0.92 s against 0.96-1.76 s; 471-532 MB/s against 312-489). Every byte
+the blob's buffer: no arithmetic, no copy. One worker thread reads and verifies all R in
+turn (NodeSet.read_batch), with parity primaries in place of those on nodes that are down.
+That left a busy mount's event loop a quarter less work per block than a task, deadline
+and thread hop per sliver (1 GiB cold through the mount: main thread 0.72-0.92 s
+against 0.96-1.76 s; 471-532 MB/s against 312-489). Every byte
 is verified (header against the blob id, leaves against their roots, each symbol against
 its leaf) before use. A node that is down, slow past the hedge delay (past the batch's
 deadline, on the healthy path), or returns bad bytes is replaced by another sliver; with
@@ -144,7 +145,7 @@ def _batch_check(
     found: dict[int, Header],
     damaged: dict[int, str],
 ) -> Callable[[int], None]:
-    """The check of one batched systematic read (see BlobStore._read_systematic). It runs
+    """The check of one batched primary sliver read (see BlobStore._read_batched). It runs
     in the batch's thread and notes damage instead of raising it: run_batch would stop
     at an exception that is not a node error, and leave the other reads undone."""
     size = len(row)
@@ -540,27 +541,37 @@ class BlobStore:
                 launch()
         return got
 
-    async def _read_systematic(
+    async def _read_batched(
         self, meta: BlobMetadata, out: np.ndarray
     ) -> tuple[dict[int, memoryview] | None, bool, set[int]]:
-        """The healthy path: the R systematic primaries read into their rows of `out` by
-        one worker thread (NodeSet.read_batch), each verified there.
+        """The usual path: R primaries read by one worker thread (NodeSet.read_batch) and
+        verified there, the systematic ones straight into their rows of `out`. Those
+        are the ones read while their nodes are up; a parity primary stands in for each
+        that is not (a degraded read, decoded by the caller).
 
         Returns (slivers, spoiled, damaged). Slivers is None when the batch did not run
-        (a node not healthy or not local) or a read failed, found damage, or overran the
-        deadline; the caller then gathers them sliver by sliver, with hedging, except the
-        damaged ones (already reported). Spoiled: the batch's thread was left behind and
-        may still write into `out`.
+        (a chosen node suspect, or not local) or a read failed, found damage, or overran
+        the deadline; the caller then gathers them sliver by sliver, with hedging, except
+        the damaged ones (already reported). Spoiled: the batch's thread was left behind
+        and may still write into `out`.
         """
         hsize = header_size(meta.n)
+        size = meta.params.C * meta.symbol_size
+        readable = self.nodes.readable()
+        chosen = sorted(
+            (i for i in range(meta.n) if meta.node_of_pair(i) in readable),
+            key=lambda i: (self.nodes.rank(meta.node_of_pair(i)), i >= meta.params.R, i),
+        )[: meta.params.R]
         found: dict[int, Header] = {}
         damaged: dict[int, str] = {}
+        rows: dict[int, memoryview] = {}
         reads: list[tuple[int, str, int, tuple[memoryview, ...], Callable[[int], None]]] = []
-        for i in range(meta.params.R):
+        for i in chosen:
             node = meta.node_of_pair(i)
             key = sliver_key(meta.blob_id, i)
             cached = self._cached_header(meta.blob_id, i)
-            row = memoryview(out[i])
+            buf = out[i] if i < meta.params.R else np.empty(size, dtype=np.uint8)
+            rows[i] = row = buf.data
             head_buf = bytearray(0 if cached else hsize)
             check = _batch_check(
                 meta, i, f"node {node} {key}", cached, head_buf, row, found, damaged
@@ -581,7 +592,7 @@ class BlobStore:
         for head in found.values():
             self._remember(head)
         self.stats.extra["batched_gets"] = self.stats.extra.get("batched_gets", 0) + 1
-        return {i: memoryview(out[i]) for i in found}, False, set()
+        return rows, False, set()
 
     async def get_blob(self, blob_id: bytes, meta: bytes | BlobMetadata) -> memoryview:
         """The whole blob (a read-only view), every byte verified. Raises StorageUnavailable.
@@ -595,7 +606,7 @@ class BlobStore:
         # recycles these buffers, so they cost no page faults.
         out = np.empty((p.R, p.C * parsed.symbol_size), dtype=np.uint8)
         abandoned: set[int] = set()
-        primaries, spoiled, damaged = await self._read_systematic(parsed, out)
+        primaries, spoiled, damaged = await self._read_batched(parsed, out)
         if primaries is None:
             if spoiled:
                 out = np.empty_like(out)  # the batch's thread, left behind, may write the old one
