@@ -111,12 +111,13 @@ def layout(data: bytes, identity: dict[str, object] | None) -> Layout:
                 meta = None
             if meta is not None:
                 s, p, n = meta.symbol_size, meta.params, meta.n
-                leaves_end = meta_end + 64 * n
+                leaves_end = min(size, meta_end + 64 * n)
                 h = header_size(n)
+                # Clipped to the file: one damaged before may be shorter than its header says.
                 return Layout(
                     header=((0, _RESERVED), (_RESERVED + 1, leaves_end)),
-                    primary=(h, h + p.C * s),
-                    secondary=(h + p.C * s, h + (p.C + p.R) * s),
+                    primary=(min(size, h), min(size, h + p.C * s)),
+                    secondary=(min(size, h + p.C * s), min(size, h + (p.C + p.R) * s)),
                 )
     return _layout_from_identity(size, identity)
 

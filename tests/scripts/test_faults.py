@@ -303,6 +303,22 @@ async def test_corrupt_fraction_and_a_path_off_walrusfs(tmp_path: Path) -> None:
     assert ran.rc == 1 and "only 4" in ran.err
 
 
+async def test_a_file_damaged_before_can_be_damaged_again(tmp_path: Path) -> None:
+    """A truncated file is shorter than its header says: flips land within it."""
+    paths = node_paths(tmp_path)
+    await make_volume(paths)
+    await put_all(await open_vol(paths), blob_data(2))
+    await script("faults.py", "corrupt", paths[4], "--mode", "truncate", "--region", "secondary",
+                 "--fraction", "1", "--seed", "1")  # fmt: skip
+    before = [p.read_bytes() for p in sliver_files(paths[4])]
+    for seed in range(4):
+        await script("faults.py", "corrupt", paths[4], "--mode", "flip", "--fraction", "1",
+                     "--seed", seed)  # fmt: skip
+    after = [p.read_bytes() for p in sliver_files(paths[4])]
+    assert [len(b) for b in after] == [len(b) for b in before]
+    assert all(a != b for a, b in zip(after, before, strict=True))
+
+
 async def test_list_shows_what_the_node_holds(tmp_path: Path) -> None:
     paths = node_paths(tmp_path)
     await make_volume(paths)
