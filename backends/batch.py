@@ -34,24 +34,32 @@ from backends.local import LocalStore
 
 
 async def run_batch(
-    jobs: Sequence[tuple[LocalStore, str, Callable[[int], object]]], *, deadline: float
+    jobs: Sequence[tuple[LocalStore, str, Callable[[int], object]]],
+    *,
+    deadline: float,
+    on_exit: Callable[[], None] | None = None,
 ) -> dict[int, NodeError | None]:
     """Run each (store, key, job) in turn from one thread; outcomes by position.
 
-    A job is a store's blocking body of one call (LocalStore.put_job, append_job). None
-    means done, a NodeError that it failed; positions missing from the result were not
-    done within `deadline` seconds. Raises nothing else.
+    A job is a store's blocking body of one call (LocalStore.put_job, append_job,
+    get_into_job). None means done, a NodeError that it failed; positions missing from
+    the result were not done within `deadline` seconds. `on_exit` is called from the
+    thread as it ends, also when it was left behind. Raises nothing else.
     """
     outcomes: dict[int, NodeError | None] = {}
 
     def work() -> None:
-        for pos, (store, key, job) in enumerate(jobs):
-            try:
-                store.run_blocking(key, job)
-            except NodeError as exc:
-                outcomes[pos] = exc
-            else:
-                outcomes[pos] = None
+        try:
+            for pos, (store, key, job) in enumerate(jobs):
+                try:
+                    store.run_blocking(key, job)
+                except NodeError as exc:
+                    outcomes[pos] = exc
+                else:
+                    outcomes[pos] = None
+        finally:
+            if on_exit is not None:
+                on_exit()
 
     with trio.move_on_after(deadline):
         await trio.to_thread.run_sync(work, abandon_on_cancel=True)

@@ -578,7 +578,9 @@ class BlobStore:
             )
             pieces = (row,) if cached else (memoryview(head_buf), row)
             reads.append((node, key, hsize if cached else 0, pieces, check))
-        outcomes = await self.nodes.read_batch(reads)
+        # As long as the careful path would wait for each in turn before asking another.
+        deadline = sum(self._hedge_delay(node) for node, *_ in reads)
+        outcomes = await self.nodes.read_batch(reads, deadline)
         if outcomes is None:
             return None, False, set()
         # Copies: a thread left behind may still add to them.

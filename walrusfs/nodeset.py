@@ -13,6 +13,7 @@ Runs in the trio task that owns the mount; not thread-safe (trio tasks only).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable
@@ -76,6 +77,7 @@ class Node:
     total: int | None = None
     filesystem: int | None = None  # nodes with the same id share free space
     since: float = field(default=0.0)
+    stuck_batches: int = 0  # batch threads left behind on this node, not ended yet
 
 
 class NodeSet:
@@ -185,12 +187,15 @@ class NodeSet:
         )
 
     async def read_batch(
-        self, reads: list[tuple[int, str, int, tuple[memoryview, ...], Callable[[int], None]]]
+        self,
+        reads: list[tuple[int, str, int, tuple[memoryview, ...], Callable[[int], None]]],
+        deadline: float | None = None,
     ) -> dict[int, NodeError | None] | None:
         """Reads (node, key, offset, buffers, check) from one worker thread, as put_batch
         writes: returns the outcome (None: read, and `check` passed it the byte count) of
         each read it finished; a missing key is the node's answer, not its fault.
 
+        `deadline`, if given, shortens the batch's own (see BATCH_DEADLINE).
         None when it did not start (a node not healthy or not local, or too many bytes):
         the buffers are untouched then. Otherwise the thread may be left behind at the
         deadline, and still write into the buffers of the reads it did not finish.
@@ -203,17 +208,26 @@ class NodeSet:
             [(i, key, _reader(key, off, into, check)) for i, key, off, into, check in reads],
             size,
             "read",
+            deadline,
         )
 
     def _batchable(self, index: int) -> bool:
+        # A node that still holds a batch thread left behind gets no more: a hung mount
+        # would otherwise take one more thread, and stall one more batch, each time a
+        # probe found it up again.
         node = self.nodes[index]
-        return node.state is NodeState.UP and isinstance(node.store, LocalStore)
+        return (
+            node.state is NodeState.UP
+            and isinstance(node.store, LocalStore)
+            and not node.stuck_batches
+        )
 
     async def _batch(
         self,
         items: list[tuple[int, str, Callable[[LocalStore], Job]]],
         size: int,
         what: str = "write",
+        deadline: float | None = None,
     ) -> dict[int, NodeError | None]:
         batch: list[tuple[int, LocalStore, str, Job]] = []
         for i, key, make in items:
@@ -223,17 +237,30 @@ class NodeSet:
         if size > BATCH_BYTES or len(batch) < 2:
             return {}
         t0 = trio.current_time()
-        deadline = BATCH_DEADLINE + size / BATCH_RATE
+        longest = BATCH_DEADLINE + size / BATCH_RATE
+        deadline = longest if deadline is None else min(deadline, longest)
+        token = trio.lowlevel.current_trio_token()
+        left: dict[str, int | bool] = {"ended": False}
+
+        def ended() -> None:  # in the trio thread, once the batch's thread has ended
+            left["ended"] = True
+            if "node" in left:
+                self.nodes[int(left["node"])].stuck_batches -= 1
+
+        def on_exit() -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(ended)
+
         done = await run_batch(
-            [(store, key, job) for _, store, key, job in batch], deadline=deadline
+            [(store, key, job) for _, store, key, job in batch], deadline=deadline, on_exit=on_exit
         )
         if len(done) < len(batch):
             # The thread goes node by node: it is stuck on the first one not done.
-            self.set_state(
-                batch[len(done)][0],
-                NodeState.SUSPECT,
-                f"a batched {what} took over {deadline:.2f}s",
-            )
+            stuck = batch[len(done)][0]
+            if not left["ended"]:
+                left["node"] = stuck
+                self.nodes[stuck].stuck_batches += 1
+            self.set_state(stuck, NodeState.SUSPECT, f"a batched {what} took over {deadline:.2f}s")
         share = (trio.current_time() - t0) / max(1, len(done))
         outcomes: dict[int, NodeError | None] = {}
         for pos, outcome in done.items():

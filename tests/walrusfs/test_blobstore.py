@@ -212,6 +212,32 @@ async def test_a_batch_left_behind_never_writes_into_a_returned_blob(tmp_path: P
     assert bytes(got) == data
 
 
+async def test_a_node_holding_a_stuck_batch_gets_no_more_batches(tmp_path: Path) -> None:
+    """Probes find a node with one hung file up again; its stuck thread keeps it out of
+    batches, so it is not asked again and again, one more stuck thread each time."""
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(600_000)
+    r = await vol.blobs.put_blob(data)
+    hung = systematic_nodes(vol, r.meta)[0]
+    path = sliver_file(paths[hung], r.blob_id)
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+        assert vol.nodes.nodes[hung].stuck_batches == 1
+        for _ in range(3):
+            await vol.nodes.probe(hung)
+            assert states(vol)[hung] == "up"
+            with trio.fail_after(OPTS["node_timeout"]):
+                assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+            assert vol.nodes.nodes[hung].stuck_batches == 1
+    finally:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    with trio.fail_after(OPTS["node_timeout"]):
+        while vol.nodes.nodes[hung].stuck_batches:  # noqa: ASYNC110 - a thread, not a task, ends it
+            await trio.sleep(0.01)  # the thread ends, and says so
+
+
 async def test_a_full_node_misses_writes_and_is_reported_full(tmp_path: Path) -> None:
     paths = node_paths(tmp_path, N)
     with tmpfs(paths[3], "1m"):
