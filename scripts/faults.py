@@ -439,7 +439,10 @@ def corrupt(args: argparse.Namespace, out: Reporter) -> None:
                 if exc.filename == target.path:
                     target = spare.pop(rng.randrange(len(spare)))
             except corruption.CorruptError as exc:
-                raise ScriptError(str(exc)) from None
+                if not spare:
+                    raise ScriptError(f"{target.key}: {exc}") from None
+                out.note(f"{target.key}: {exc}; taking another file")
+                target = spare.pop(rng.randrange(len(spare)))
         if other is not None:
             hit.add(other.key)
         hit.add(target.key)

@@ -95,7 +95,8 @@ def _ranges(lay: Layout, region: str, rng: random.Random) -> list[tuple[int, int
         names = [region]
     ranges = [r for name in names for r in lay.region(name) if r[1] > r[0]]
     if not ranges:
-        raise CorruptError(f"the file has no {region} bytes to damage")
+        what = "bytes" if region == "all" else f"{region} bytes"
+        raise CorruptError(f"the file has no {what} to damage (cut short before?)")
     return ranges
 
 
