@@ -30,6 +30,7 @@ from backends import (
     NodeFull,
     NodeStore,
     NodeTimeout,
+    RemoteMountStore,
 )
 from backends.base import Payload
 from backends.batch import run_batch
@@ -196,13 +197,18 @@ class NodeSet:
         each read it finished; a missing key is the node's answer, not its fault.
 
         `deadline`, if given, shortens the batch's own (see BATCH_DEADLINE).
-        None when it did not start (a node not healthy or not local, or too many bytes):
+        None when it did not start (a node not healthy, not local or on a remote mount, or
+        too many bytes):
         the buffers are untouched then. Otherwise the thread may be left behind at the
         deadline, and still write into the buffers of the reads it did not finish.
         Raises InvalidKey, ValueError.
         """
         size = sum(sum(map(len, into)) for _, _, _, into, _ in reads)
         if size > BATCH_BYTES or len(reads) < 2 or not all(self._batchable(r[0]) for r in reads):
+            return None
+        if any(isinstance(self.nodes[r[0]].store, RemoteMountStore) for r in reads):
+            # Over a network each read waits out its round trips: in turn, they would add
+            # up where the careful path overlaps them.
             return None
         return await self._batch(
             [(i, key, _reader(key, off, into, check)) for i, key, off, into, check in reads],

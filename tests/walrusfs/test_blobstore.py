@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.lowlevel
 
+from backends import RemoteMountStore
 from codec import BlobMetadata
 from tests.walrusfs.volumes import flip_byte, node_paths, sliver_file, sliver_files, tmpfs
 from walrusfs.errors import NoSpace, StorageUnavailable
@@ -183,6 +184,16 @@ async def test_gets_read_their_primaries_in_one_batch_also_degraded(tmp_path: Pa
     assert bytes(await vol2.blobs.get_blob(r.blob_id, r.meta)) == data
     assert vol2.blobs.stats.extra["batched_gets"] == 1
     assert vol2.blobs.stats.degraded_reads == 1
+
+
+async def test_nodes_on_remote_mounts_are_read_in_parallel_not_batched(tmp_path: Path) -> None:
+    with tmpfs(str(tmp_path / "mnt"), "64m"):
+        vol, _ = await make_volume(tmp_path / "mnt")
+        assert all(isinstance(n.store, RemoteMountStore) for n in vol.nodes.nodes)
+        data = os.urandom(600_000)
+        r = await vol.blobs.put_blob(data)
+        assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+        assert "batched_gets" not in vol.blobs.stats.extra
 
 
 async def test_a_batch_left_behind_never_writes_into_a_returned_blob(tmp_path: Path) -> None:
