@@ -14,7 +14,14 @@ import trio.lowlevel
 
 from backends import RemoteMountStore
 from codec import BlobMetadata
-from tests.walrusfs.volumes import flip_byte, node_paths, sliver_file, sliver_files, tmpfs
+from tests.walrusfs.volumes import (
+    flip_byte,
+    hung_file,
+    node_paths,
+    sliver_file,
+    sliver_files,
+    tmpfs,
+)
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.sliverfile import header_size
 from walrusfs.volume import Volume, create_volume, open_volume
@@ -155,17 +162,10 @@ async def test_a_hung_node_does_not_stall_reads(tmp_path: Path) -> None:
     data = os.urandom(400_000)
     r = await vol.blobs.put_blob(data)
     hung = systematic_nodes(vol, r.meta)[0]
-    path = sliver_file(paths[hung], r.blob_id)
-    path.unlink()
-    os.mkfifo(path)
-    try:
+    with hung_file(sliver_file(paths[hung], r.blob_id)):
         with trio.fail_after(OPTS["node_timeout"]):  # well before the hung read would time out
             assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
         assert states(vol)[hung] == "suspect"
-    finally:
-        # Unblock the abandoned reader thread so nothing is left behind.
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        os.close(fd)
 
 
 async def test_gets_read_their_primaries_in_one_batch_also_degraded(tmp_path: Path) -> None:
@@ -203,10 +203,7 @@ async def test_a_batch_left_behind_never_writes_into_a_returned_blob(tmp_path: P
     data = os.urandom(600_000)
     r = await vol.blobs.put_blob(data)
     first, *others = systematic_nodes(vol, r.meta)
-    path = sliver_file(paths[first], r.blob_id)
-    path.unlink()
-    os.mkfifo(path)
-    try:
+    with hung_file(sliver_file(paths[first], r.blob_id)):
         with trio.fail_after(OPTS["node_timeout"]):
             got = await vol.blobs.get_blob(r.blob_id, r.meta)
         assert bytes(got) == data
@@ -217,8 +214,6 @@ async def test_a_batch_left_behind_never_writes_into_a_returned_blob(tmp_path: P
             raw = bytearray(victim.read_bytes())
             raw[header_size(N) :] = bytes(len(raw) - header_size(N))
             victim.write_bytes(bytes(raw))
-    finally:
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
     await trio.sleep(1.0)  # the thread reads two small files and ends
     assert bytes(got) == data
 
@@ -230,10 +225,7 @@ async def test_a_node_holding_a_stuck_batch_gets_no_more_batches(tmp_path: Path)
     data = os.urandom(600_000)
     r = await vol.blobs.put_blob(data)
     hung = systematic_nodes(vol, r.meta)[0]
-    path = sliver_file(paths[hung], r.blob_id)
-    path.unlink()
-    os.mkfifo(path)
-    try:
+    with hung_file(sliver_file(paths[hung], r.blob_id)):
         assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
         assert vol.nodes.nodes[hung].stuck_batches == 1
         for _ in range(3):
@@ -242,8 +234,6 @@ async def test_a_node_holding_a_stuck_batch_gets_no_more_batches(tmp_path: Path)
             with trio.fail_after(OPTS["node_timeout"]):
                 assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
             assert vol.nodes.nodes[hung].stuck_batches == 1
-    finally:
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
     with trio.fail_after(OPTS["node_timeout"]):
         while vol.nodes.nodes[hung].stuck_batches:  # noqa: ASYNC110 - a thread, not a task, ends it
             await trio.sleep(0.01)  # the thread ends, and says so

@@ -37,6 +37,19 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 @contextlib.contextmanager
+def hung_file(path: Path) -> Iterator[None]:
+    """A FIFO in place of `path` while inside: open() of it blocks in the kernel, as on a
+    hung mount. On the way out the FIFO is opened for writing, which lets a reader stuck
+    in open() go on (and find no regular file)."""
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        yield
+    finally:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@contextlib.contextmanager
 def tmpfs(path: str, size: str) -> Iterator[None]:
     """A small real tmpfs at `path` (root only); always lazily unmounted afterwards."""
     os.makedirs(path, exist_ok=True)
