@@ -246,12 +246,14 @@ class NodeSet:
         longest = BATCH_DEADLINE + size / BATCH_RATE
         deadline = longest if deadline is None else min(deadline, longest)
         token = trio.lowlevel.current_trio_token()
-        left: dict[str, int | bool] = {"ended": False}
+        finished = False
+        stuck: int | None = None  # the node the thread was left behind on, if it was
 
         def ended() -> None:  # in the trio thread, once the batch's thread has ended
-            left["ended"] = True
-            if "node" in left:
-                self.nodes[int(left["node"])].stuck_batches -= 1
+            nonlocal finished
+            finished = True
+            if stuck is not None:
+                self.nodes[stuck].stuck_batches -= 1
 
         def on_exit() -> None:
             with contextlib.suppress(trio.RunFinishedError):
@@ -262,11 +264,11 @@ class NodeSet:
         )
         if len(done) < len(batch):
             # The thread goes node by node: it is stuck on the first one not done.
-            stuck = batch[len(done)][0]
-            if not left["ended"]:
-                left["node"] = stuck
-                self.nodes[stuck].stuck_batches += 1
-            self.set_state(stuck, NodeState.SUSPECT, f"a batched {what} took over {deadline:.2f}s")
+            index = batch[len(done)][0]
+            if not finished:
+                stuck = index
+                self.nodes[index].stuck_batches += 1
+            self.set_state(index, NodeState.SUSPECT, f"a batched {what} took over {deadline:.2f}s")
         share = (trio.current_time() - t0) / max(1, len(done))
         outcomes: dict[int, NodeError | None] = {}
         for pos, outcome in done.items():
