@@ -12,9 +12,9 @@ the file at n=7) written as plain files of sliver size, which bounds any writer 
 disk; and the small files extracted through a pyfuse3 passthrough to the disk
 (scripts/badmount.py) and, with the big file's cold read, through an in-memory
 pyfuse3 filesystem (scripts/memfuse.py): the floor of any pyfuse3 filesystem, kernel round
-trips and dispatch with no storage behind them. The
-machine is shared and noisy (a plain 1 GiB write swings from 300 to 850 MB/s between runs
-here): --rounds N repeats everything in fresh directories and reports medians.
+trips and dispatch with no storage behind them. The machine is shared and noisy (a plain
+1 GiB write swings from 300 to 850 MB/s between runs here): --rounds N repeats everything
+in fresh directories and reports medians.
 Last line:
 `fs n=7: write X MB/s (plain P), read Y MB/s (plain Q), degraded read Z MB/s, small files T s (plain U s)`
 """
