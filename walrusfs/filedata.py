@@ -74,6 +74,8 @@ PATCH_MAX_BYTES = 1 << 20
 SMALL_PATCH_BYTES = 64 << 10
 # Changed ranges remembered per dirty block; a block changed in more places is stored whole.
 MAX_RANGES = 64
+# A length that reaches past the end of any blob.
+WHOLE_BLOB = 1 << 62
 
 Buffer = bytes | bytearray | memoryview
 
@@ -86,8 +88,8 @@ class BlobStoreProtocol(Protocol):
         ...
 
     async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> Buffer:
-        """Verified bytes of the blob (never written to afterwards). Raises an FSError (EIO)
-        if they cannot be read."""
+        """Verified bytes of the blob (never written to afterwards), clipped to its end (so
+        WHOLE_BLOB asks for all of it). Raises an FSError (EIO) if they cannot be read."""
         ...
 
     async def delete_blob(self, blob_id: bytes, meta: bytes) -> None: ...
@@ -334,22 +336,30 @@ class FileData:
         raise FSError(errno.EIO, f"block {index} of inode {inode} keeps changing under a read")
 
     async def _fetch(self, ref: BlockRef) -> Buffer:
+        """The block's stored bytes (`ref.length` of them, fewer only if the blob is short).
+
+        The whole blob is read and cached: for a pack, the small files stored with this
+        one are usually read next (a tree is read as it was written).
+        """
+        end = ref.start + ref.length
         while True:
-            data = self._cache.get(ref.blob_id, ref.length)
+            data = self._cache.get(ref.blob_id, end)
             if data is not None:
-                return data
+                break
             pending = self._fetching.get(ref.blob_id)
             if pending is None:
+                done = self._fetching[ref.blob_id] = trio.Event()
+                try:
+                    data = await self._store.get_range(ref.blob_id, ref.meta, 0, WHOLE_BLOB)
+                    self._cache.put(ref.blob_id, data)
+                finally:
+                    del self._fetching[ref.blob_id]
+                    done.set()
                 break
             await pending.wait()  # someone (read-ahead) is fetching it; then retry
-        done = self._fetching[ref.blob_id] = trio.Event()
-        try:
-            data = await self._store.get_range(ref.blob_id, ref.meta, 0, ref.length)
-            self._cache.put(ref.blob_id, data)
+        if ref.start == 0 and len(data) == ref.length:
             return data
-        finally:
-            del self._fetching[ref.blob_id]
-            done.set()
+        return memoryview(data).toreadonly()[ref.start : end]
 
     async def _materialize(self, f: _File, index: int) -> bytearray:
         """Block `index` as committed (its blob with its patches applied) as a dirty block,

@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar
 
 from walrusfs.errors import Exists, FSError, Invalid, NoData, NotFound
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STORED_CACHE = 10_000  # files whose stored_bytes are remembered
 # Inode rows and block references remembered between mutations (see Metadata._rows).
 ROW_CACHE = 50_000
@@ -105,6 +105,9 @@ CREATE TABLE blocks (
     blob_id     BLOB NOT NULL,    -- blobs.blob_id holding the block's bytes
     length      INTEGER NOT NULL, -- bytes of the blob that belong to the block; the rest
                                   -- of the block reads as zeros (truncate only lowers it)
+    start       INTEGER NOT NULL DEFAULT 0,
+                                  -- where in the blob those bytes begin (0 unless the
+                                  -- blob is a pack of several small blocks)
     PRIMARY KEY (inode, block_index)
 ) WITHOUT ROWID;
 """
@@ -123,6 +126,10 @@ CREATE TABLE IF NOT EXISTS patches (
 ) WITHOUT ROWID;
 """
 _SCHEMA += _PATCHES
+
+# Version 3 added where in its blob a block starts: small files share blobs (packs, see
+# FileData). A version 2 database lacks only the column, and every block starts at 0.
+_BLOCK_START = "ALTER TABLE blocks ADD COLUMN start INTEGER NOT NULL DEFAULT 0;"
 
 _INODE_COLUMNS = "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, generation"
 _SETTABLE = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "rdev"})
@@ -147,11 +154,12 @@ class InodeRow:
 
 @dataclass(frozen=True, slots=True)
 class BlockRef:
-    """Where one block of a file lives: `length` bytes at the start of a blob."""
+    """Where one block of a file lives: `length` bytes of a blob, from `start` on."""
 
     blob_id: bytes
     meta: bytes
     length: int
+    start: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,10 +254,11 @@ class Metadata:
                 raise Invalid("a new volume needs a positive block_size")
             self._create(block_size, root_uid, root_gid, root_mode, now_ns)
         values = dict(self._db.execute("SELECT key, value FROM meta"))
-        if values.get("schema_version") == 1:
+        upgrades = {1: _PATCHES + _BLOCK_START, 2: _BLOCK_START}
+        if values.get("schema_version") in upgrades:
             self._db.executescript(
-                f"BEGIN; {_PATCHES}; UPDATE meta SET value = {SCHEMA_VERSION}"
-                " WHERE key = 'schema_version'; COMMIT;"
+                f"BEGIN; {upgrades[values['schema_version']]}; UPDATE meta SET value ="
+                f" {SCHEMA_VERSION} WHERE key = 'schema_version'; COMMIT;"
             )
             values["schema_version"] = SCHEMA_VERSION
         if values.get("schema_version") != SCHEMA_VERSION:
@@ -422,11 +431,11 @@ class Metadata:
         if key in self._blocks:
             return self._blocks[key]
         row = self._db.execute(
-            "SELECT b.blob_id, o.meta, b.length FROM blocks b JOIN blobs o USING (blob_id)"
-            " WHERE b.inode = ? AND b.block_index = ?",
+            "SELECT b.blob_id, o.meta, b.length, b.start FROM blocks b JOIN blobs o"
+            " USING (blob_id) WHERE b.inode = ? AND b.block_index = ?",
             (ino, index),
         ).fetchone()
-        ref = None if row is None else BlockRef(bytes(row[0]), bytes(row[1]), row[2])
+        ref = None if row is None else BlockRef(bytes(row[0]), bytes(row[1]), row[2], row[3])
         _remember(self._blocks, key, ref, ROW_CACHE)
         return ref
 
@@ -701,9 +710,9 @@ class Metadata:
                 ).fetchone()
                 if ref is not None:
                     db.execute(
-                        "INSERT INTO blocks(inode, block_index, blob_id, length)"
-                        " VALUES (?, ?, ?, ?)",
-                        (ino, index, ref.blob_id, ref.length),
+                        "INSERT INTO blocks(inode, block_index, blob_id, length, start)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (ino, index, ref.blob_id, ref.length, ref.start),
                     )
                 if old is not None:
                     self._unref(db, bytes(old[0]), freed)

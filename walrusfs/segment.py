@@ -27,8 +27,9 @@ segment whose hash checks and skip anything else (a torn tail, a repeat, garbage
 looking for the next magic: a segment is only ever trusted whole and verified.
 
 JSON cannot hold bytes or the block map's types, so values are tagged: {"$b": base64} for
-bytes, {"$ref": [blob_id, meta, length]} for a BlockRef, {"$map": [[k, v], ...]} for a dict
-with integer keys. Nothing read from a node is ever unpickled or evaluated.
+bytes, {"$ref": [blob_id, meta, length]} or {"$ref": [blob_id, meta, length, start]} for
+a BlockRef (the start only when it is not 0, so that records of unpacked blocks read as
+they did before packs), {"$map": [[k, v], ...]} for a dict with integer keys. Nothing read from a node is ever unpickled or evaluated.
 
 Pure (no I/O); thread-safe.
 """
@@ -63,7 +64,8 @@ def _encode(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$b": base64.b64encode(bytes(value)).decode()}
     if isinstance(value, BlockRef):
-        return {"$ref": [_encode(value.blob_id), _encode(value.meta), value.length]}
+        ref = [_encode(value.blob_id), _encode(value.meta), value.length]
+        return {"$ref": [*ref, value.start] if value.start else ref}
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value):
             return {k: _encode(v) for k, v in value.items()}
@@ -80,8 +82,11 @@ def _decode(value: Any) -> Any:
         if "$b" in value:
             return base64.b64decode(value["$b"], validate=True)
         if "$ref" in value:
-            blob_id, meta, length = value["$ref"]
-            return BlockRef(_decode(blob_id), _decode(meta), int(length))
+            blob_id, meta, length, *start = value["$ref"]
+            if len(start) > 1:
+                raise ValueError("a block reference of more than four items")
+            first = int(start[0]) if start else 0
+            return BlockRef(_decode(blob_id), _decode(meta), int(length), first)
         if "$map" in value:
             return {_decode(k): _decode(v) for k, v in value["$map"]}
         return {k: _decode(v) for k, v in value.items()}

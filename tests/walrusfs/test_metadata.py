@@ -265,21 +265,27 @@ def test_patches_change_blocks_until_the_block_is_stored_again(
     assert meta.patches(f, 0) == []  # rolled back
 
 
-def test_a_version_1_database_gains_the_patches_table(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_database_is_upgraded(tmp_path: Path, version: int) -> None:
     import sqlite3
 
-    path = tmp_path / "v1.db"
+    path = tmp_path / f"v{version}.db"
     Metadata(path, block_size=BS).close()
     db = sqlite3.connect(path)
-    db.execute("DROP TABLE patches")
-    db.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+    if version == 1:
+        db.execute("DROP TABLE patches")  # version 2 added it
+    db.execute("ALTER TABLE blocks DROP COLUMN start")  # version 3 added it
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
     db.commit()
     db.close()
     m = Metadata(path)
     f = mkfile(m, ROOT_INODE, b"f")
     m.patch_blocks(f, [(0, 0, b"p")], size=1, mtime_ns=1, ctime_ns=1)
     assert m.patches(f, 0) == [(0, b"p")]
+    ref = BlockRef(b"b" * 32, b"meta", 10, start=20)
+    m.set_blocks(f, {1: ref}, size=BS + 10, mtime_ns=2, ctime_ns=2)
     m.close()
+    assert Metadata(path).block(f, 1) == ref
 
 
 def test_each_mutation_is_one_committed_change(meta: Recording) -> None:

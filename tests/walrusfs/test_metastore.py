@@ -16,9 +16,16 @@ from walrusfs import metastore
 from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
-from walrusfs.metadata import ROOT_INODE, BlockRef
+from walrusfs.metadata import ROOT_INODE, BlockRef, Change
 from walrusfs.metastore import MetaStore, db_path, format_metadata
-from walrusfs.segment import Segment, scan_log, segment_key
+from walrusfs.segment import (
+    JournalError,
+    Segment,
+    decode_change,
+    encode_change,
+    scan_log,
+    segment_key,
+)
 from walrusfs.volume import Volume, create_volume, open_volume
 
 OPTS = {"node_timeout": 3.0, "hedge_after": 0.3, "grace": 0.3}
@@ -160,6 +167,38 @@ async def test_patches_survive_checkpoint_and_replay_and_their_bytes_make_one_du
     ms2 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state2"))
     assert dump(ms2.metadata.path) == expected  # from the checkpoint, then the journal
     ms2.metadata.close()
+
+
+async def test_blocks_sharing_a_blob_survive_checkpoint_and_replay(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    md = ms.metadata
+    r = await vol.blobs.put_blob(b"aaaa" + b"bbbbbb")  # a pack of two small files
+    f = md.create(ROOT_INODE, b"a", mode=FILE, uid=0, gid=0, now_ns=1).id
+    g = md.create(ROOT_INODE, b"b", mode=FILE, uid=0, gid=0, now_ns=1).id
+    md.set_blocks(f, {0: BlockRef(r.blob_id, r.meta, 4)}, size=4, mtime_ns=2, ctime_ns=2)
+    await ms.checkpoint()
+    md.set_blocks(g, {0: BlockRef(r.blob_id, r.meta, 6, 4)}, size=6, mtime_ns=3, ctime_ns=3)
+    await ms.sync(durable=True)
+    expected = dump(md.path)
+    md.close()
+    ms2 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state2"))
+    assert dump(ms2.metadata.path) == expected  # from the checkpoint, then the journal
+    assert ms2.metadata.block(g, 0) == BlockRef(r.blob_id, r.meta, 6, 4)
+    assert ms2.metadata.blob_refcount(r.blob_id) == 2
+    ms2.metadata.close()
+
+
+def test_a_block_reference_names_its_start_only_inside_a_pack() -> None:
+    plain = Change("set_blocks", {"blocks": {0: BlockRef(b"i" * 32, b"m", 5)}})
+    packed = Change("set_blocks", {"blocks": {0: BlockRef(b"i" * 32, b"m", 5, 7)}})
+    assert b"[5]" not in encode_change(plain) and b",5]" in encode_change(plain)
+    assert b",5,7]" in encode_change(packed)
+    # Records written before packs (three items) read as blocks at the blob's start.
+    assert decode_change(encode_change(plain)) == plain
+    assert decode_change(encode_change(packed)) == packed
+    with pytest.raises(JournalError):
+        decode_change(encode_change(packed).replace(b",5,7]", b",5,7,9]"))
 
 
 async def test_a_journal_below_quorum_fails_and_keeps_its_changes(tmp_path: Path) -> None:
