@@ -41,7 +41,7 @@ import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -249,6 +249,15 @@ class FileData:
             f.users -= 1
             if f.users == 0 and f.is_clean() and self._files.get(inode) is f:
                 del self._files[inode]
+
+    def unsaved_bytes(self) -> int:
+        """Bytes of changes a crash of this process would lose: in memory, not committed
+        (a settled file's are, as patches, while they wait to be stored whole)."""
+        return sum(
+            sum(map(len, f.inflight.values()))
+            + (0 if self._settled(f) else sum(map(len, f.dirty.values())))
+            for f in self._files.values()
+        )
 
     def live(self, inode: int) -> Live | None:
         """Size and times of `inode` if newer than its metadata row, else None."""
@@ -526,15 +535,22 @@ class FileData:
         """Store the file's dirty blocks (only whole ones if `full_only`) and commit them.
 
         Without `fold` (close(2)), a settled file is left as it is: its changes are
-        committed already, as patches. On failure the blocks stay dirty for a later
-        attempt. Raises FSError.
+        committed already, as patches. So is a small file: its bytes are committed as
+        patches (what fsync() does) and stored later in a pack with others (see _pack).
+        On failure the blocks stay dirty for a later attempt. Raises FSError.
         """
         if inode not in self._files:
             return
         with self._use(inode) as f:
             async with f.flush_lock:
-                if fold or not self._settled(f):
+                if fold or not (
+                    self._settled(f) or (self._packable(f) and self._commit_patches(f))
+                ):
                     await self._flush_locked(f, full_only)
+
+    def _packable(self, f: _File) -> bool:
+        """A small file (all of its unstored bytes, that is), which a pack may store."""
+        return bool(f.dirty) and not f.inflight and sum(map(len, f.dirty.values())) <= self._small_patch
 
     @staticmethod
     def _settled(f: _File) -> bool:
@@ -584,7 +600,8 @@ class FileData:
         return True
 
     async def flush_all(self) -> None:
-        """Flush every file with unflushed changes."""
+        """Flush every file with unflushed changes (the small settled ones in packs)."""
+        await self._pack([f for f in self._files.values() if self._settled(f)])
         for inode in list(self._files):
             await self.flush(inode)
 
@@ -622,19 +639,63 @@ class FileData:
             finally:
                 f.behind = False
 
-    async def _store_and_commit(self, f: _File, picked: dict[int, bytearray]) -> None:
-        """Store `picked` dirty blocks as blobs, then commit them (flush_lock held)."""
-        bs = self.block_size
+    @staticmethod
+    def _take(f: _File, picked: dict[int, bytearray]) -> tuple[int, int, int]:
+        """Move `picked` dirty blocks in flight, to be stored; returns the size and times
+        to commit with them (flush_lock held)."""
         for index, buf in picked.items():
             del f.dirty[index]
             f.changed.pop(index, None)
             f.patched.pop(index, None)
             f.completed.discard(index)
             f.inflight[index] = buf
-        snapshot = (f.size, f.mtime_ns, f.ctime_ns)
-        complete = not f.dirty
-        if complete:
+        if not f.dirty:
             f.dirty_since = None
+        return f.size, f.mtime_ns, f.ctime_ns
+
+    def _untake(
+        self, f: _File, picked: dict[int, bytearray], patched: dict[int, int] | None = None
+    ) -> None:
+        """They were not stored: dirty again, unless rewritten meanwhile. With `patched`
+        (bytes of patches by block) they were settled, and are again: committed as they
+        are, none of their bytes a change."""
+        for index, buf in picked.items():
+            del f.inflight[index]
+            if index in f.dirty:  # rewritten meanwhile: the newer copy wins
+                self.dirty_bytes -= len(buf)
+            elif patched is None:
+                f.dirty[index] = buf
+                f.changed[index] = None
+            else:
+                f.dirty[index] = buf
+                f.changed[index] = []
+                f.patched[index] = patched.get(index, 0)
+        if patched is None:
+            self._mark_dirty(f)
+        elif f.dirty_since is None:
+            f.dirty_since = trio.current_time()
+
+    def _stored(
+        self, f: _File, picked: dict[int, bytearray], snapshot: tuple[int, int, int], complete: bool
+    ) -> None:
+        """They are stored and committed, with the size and times of `snapshot`."""
+        for index, buf in picked.items():
+            del f.inflight[index]
+            self.dirty_bytes -= len(buf)
+        if complete and not f.dirty and snapshot == (f.size, f.mtime_ns, f.ctime_ns):
+            f.attrs_dirty = False
+
+    def _round_done(self, pinned: list[bytes]) -> None:
+        self._pinned.subtract(pinned)
+        self._pinned += Counter()  # drop zero counts
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def _store_and_commit(self, f: _File, picked: dict[int, bytearray]) -> None:
+        """Store `picked` dirty blocks as blobs, then commit them (flush_lock held)."""
+        bs = self.block_size
+        snapshot = self._take(f, picked)
+        complete = not f.dirty
         refs: dict[int, BlockRef | None] = {}
         pinned: list[bytes] = []
         try:
@@ -653,28 +714,95 @@ class FileData:
                 f.inode, refs, size=size, mtime_ns=snapshot[1], ctime_ns=snapshot[2]
             )
         except BaseException:
-            for index, buf in picked.items():
-                del f.inflight[index]
-                if index in f.dirty:  # rewritten meanwhile: the newer copy wins
-                    self.dirty_bytes -= len(buf)
-                else:
-                    f.dirty[index] = buf
-                    f.changed[index] = None
-            self._mark_dirty(f)
+            self._untake(f, picked)
             raise
         finally:
-            self._pinned.subtract(pinned)
-            self._pinned += Counter()  # drop zero counts
-            self._progress.set()
-            self._progress = trio.Event()
+            self._round_done(pinned)
+        self._stored(f, picked, snapshot, complete)
         for index, buf in picked.items():
-            del f.inflight[index]
-            self.dirty_bytes -= len(buf)
             ref = refs[index]
             if ref is not None:
                 self._cache.put(ref.blob_id, buf)
-        if complete and not f.dirty and snapshot == (f.size, f.mtime_ns, f.ctime_ns):
-            f.attrs_dirty = False
+        await self.free(freed)
+
+    async def _pack(self, files: list[_File]) -> int:
+        """Store the small ones of these settled files together, in blobs of up to a
+        block (packs); returns how many were stored.
+
+        A small file costs a blob otherwise: an encode and a new file on every node for
+        a few KiB. Files whose flush_lock is taken are left to whoever holds it.
+        """
+        with ExitStack() as stack:
+            taken: list[_File] = []
+            for f in sorted(files, key=lambda f: f.inode):
+                if f.flush_lock.locked() or not (self._settled(f) and self._packable(f)):
+                    continue
+                stack.enter_context(self._use(f.inode))
+                f.flush_lock.acquire_nowait()
+                stack.callback(f.flush_lock.release)
+                taken.append(f)
+            stored = 0
+            while taken:
+                group: list[_File] = []
+                rest: list[_File] = []
+                size = 0
+                for f in taken:
+                    if not (self._settled(f) and self._packable(f)):
+                        continue  # written to while a pack was stored: left to a flush
+                    n = sum(map(len, f.dirty.values()))
+                    if group and size + n > self.block_size:
+                        rest.append(f)
+                    else:
+                        group.append(f)
+                        size += n
+                if group:
+                    await self._store_pack(group)
+                stored += len(group)
+                taken = rest
+            return stored
+
+    async def _store_pack(self, files: list[_File]) -> None:
+        """Store all dirty blocks of `files` as one blob, then commit each file's (their
+        flush_locks held). A file not committed when this fails keeps its blocks dirty."""
+        picked = {f.inode: dict(f.dirty) for f in files}
+        patched = {f.inode: dict(f.patched) for f in files}
+        snapshots = {f.inode: self._take(f, picked[f.inode]) for f in files}
+        pack = bytearray()
+        where: dict[tuple[int, int], int] = {}  # (inode, block index) -> start in the pack
+        for f in files:
+            for index, buf in picked[f.inode].items():
+                if not _is_zero(buf):  # an all-zero block is stored as a hole
+                    where[f.inode, index] = len(pack)
+                    pack += buf
+        pinned: list[bytes] = []
+        freed: list[FreedBlob] = []
+        todo = list(files)
+        try:
+            blob_id, meta = b"", b""
+            if pack:
+                blob_id, meta = await self._put(pack)
+                pinned.append(blob_id)
+            while todo:
+                f = todo[0]
+                refs = {
+                    index: None
+                    if (f.inode, index) not in where
+                    else BlockRef(blob_id, meta, len(buf), where[f.inode, index])
+                    for index, buf in picked[f.inode].items()
+                }
+                size, mtime_ns, ctime_ns = snapshots[f.inode]
+                freed += self._meta.set_blocks(
+                    f.inode, refs, size=size, mtime_ns=mtime_ns, ctime_ns=ctime_ns
+                )
+                self._stored(todo.pop(0), picked[f.inode], snapshots[f.inode], complete=True)
+        except BaseException:
+            for f in todo:
+                self._untake(f, picked[f.inode], patched[f.inode])
+            raise
+        finally:
+            self._round_done(pinned)
+        if pack:
+            self._cache.put(blob_id, pack)
         await self.free(freed)
 
     async def _put_block(
@@ -753,8 +881,11 @@ class FileData:
             victim = self._pick_victim(inode)
             if victim is None:
                 await self._progress.wait()  # all of it is in flight: wait for a flush
-            else:
+            elif not (self._settled(victim) and await self._pack(self._closed_settled())):
                 await self.flush(victim.inode, full_only=self._has_full(victim))
+
+    def _closed_settled(self) -> list[_File]:
+        return [f for f in self._files.values() if self._settled(f) and not self._is_open(f.inode)]
 
     def _has_full(self, f: _File) -> bool:
         return any(len(b) == self.block_size for b in f.dirty.values())
@@ -791,6 +922,13 @@ class FileData:
 
     async def _flush_old(self) -> None:
         cutoff = trio.current_time() - self._flush_age
+        # Small closed files wait for a pack to fill, as long as the others wait.
+        small = [f for f in self._closed_settled() if self._packable(f)]
+        if sum(sum(map(len, f.dirty.values())) for f in small) >= self.block_size or any(
+            f.dirty_since is not None and f.dirty_since <= cutoff for f in small
+        ):
+            with suppress(Exception):  # the flush below says what fails
+                await self._pack(small)
         for f in list(self._files.values()):
             if f.dirty_since is None or f.dirty_since > cutoff:
                 continue

@@ -208,10 +208,12 @@ class FileSystem:
         if stat.S_ISREG(row.mode):
             # st_blocks counts what is stored, so du and sparse-aware copies (cp, tar -S,
             # rsync -S) see holes; unflushed bytes count too, bounded by all dirty memory.
-            used = self.meta.stored_bytes(row.id)
             live = self.data.live(row.id)
-            if live is not None:
+            if live is None:
+                used = min(size, self.meta.stored_bytes(row.id))
+            else:  # its patches are (mostly) its dirty blocks, counted below
                 size, mtime, ctime = live.size, live.mtime_ns, live.ctime_ns
+                used = self.meta.stored_bytes(row.id, patches=False)
                 used = min(size, used + self.data.dirty_bytes)
         return Attrs(
             row.id,

@@ -172,7 +172,7 @@ class Mounted:
             "nodes": vol.nodes.snapshot(),
             "files": md.inode_count(),
             "blobs": md.blob_count(),
-            "dirty_bytes": getattr(data, "dirty_bytes", 0),
+            "dirty_bytes": 0 if data is None else data.unsaved_bytes(),
             "journal_lag": self.metastore.journal.lag,
             "degraded_blobs": len(self.blobs.missed),
             "health": self.health(),

@@ -62,8 +62,11 @@ async def test_roundtrip_sizes_and_reopen(
     await fs.flush(fh)
     assert await read_all(fs, fh, size) == data
     await fs.release(fh)
-    assert len(meta.block_indexes(ino)) == -(-size // BS)
     assert meta.get_inode(ino).size == size
+    # Committed at close: a fresh FileSystem reads it (a small file from its patches)...
+    assert await read_fresh(meta, store, ino, size) == data
+    await fs.data.flush_all()  # ...stored whole (a small file in a pack) at the latest now
+    assert len(meta.block_indexes(ino)) == -(-size // BS)
     # A fresh FileSystem on the same volume reads it back from the store.
     fs2 = FileSystem(meta, store)
     fh2 = await fs2.open(ino, os.O_RDONLY, 0)
@@ -113,14 +116,17 @@ async def test_sparse_file_at_10_gib_stores_one_block(fs: FileSystem, store: Mem
     await fs.write(fh, far, b"tail")
     await fs.write(fh, 5, b"head")
     await fs.flush(fh)
+    await fs.data.flush_all()  # a small file's blocks: stored in a pack
     assert (await fs.getattr(ino)).size == far + 4
     assert fs.meta.block_indexes(ino) == [0, far // BS]
-    assert store.puts == 2
+    assert store.puts == 1
     assert await fs.read(fh, far - 3, 10) == b"\0\0\0tail"
     assert await fs.read(fh, 5 * 2**30, 8) == bytes(8)  # a hole reads as zeros
     assert await fs.read(fh, 0, 12) == b"\0" * 5 + b"head\0\0\0"
     await fs.setattr(ino, size=far // 2)  # truncating a huge sparse file drops one block
-    assert fs.meta.block_indexes(ino) == [0] and store.deletes == 1
+    assert fs.meta.block_indexes(ino) == [0]
+    assert store.deletes == 0 and fs.meta.blob_refcount(next(iter(store.blobs))) == 1  # the pack
+    assert await fs.read(fh, 0, 12) == b"\0" * 5 + b"head\0\0\0"
 
 
 async def test_truncate_down_then_up_reads_zeros(fs: FileSystem) -> None:
@@ -197,16 +203,16 @@ async def test_overwrite_frees_the_old_blob(fs: FileSystem, store: MemBlobStore)
 
 async def test_failed_flush_keeps_data_and_retries(fs: FileSystem, store: MemBlobStore) -> None:
     ino, fh = await new_file(fs)
-    await fs.write(fh, 0, b"precious" * 1000)
+    await fs.write(fh, 0, b"precious" * 5000)  # not small: stored at close
     store.fail_puts = True
     with pytest.raises(Exception) as info:
         await fs.flush(fh)
     assert errno_of(info.value) == errno.EIO
     assert await fs.read(fh, 0, 8) == b"precious"  # still served from memory
-    assert fs.meta.get_inode(ino).size == 0 and (await fs.getattr(ino)).size == 8000
+    assert fs.meta.get_inode(ino).size == 0 and (await fs.getattr(ino)).size == 40_000
     store.fail_puts = False
     await fs.flush(fh)
-    assert fs.meta.get_inode(ino).size == 8000 and fs.data.dirty_bytes == 0
+    assert fs.meta.get_inode(ino).size == 40_000 and fs.data.dirty_bytes == 0
     await fs.release(fh)
 
 
@@ -214,6 +220,7 @@ async def test_unreadable_blob_is_eio(fs: FileSystem, store: MemBlobStore, meta:
     ino, fh = await new_file(fs)
     await fs.write(fh, 0, b"z" * 100)
     await fs.release(fh)
+    await fs.data.flush_all()  # in a pack, no longer in the metadata
     fresh = FileSystem(meta, store)  # nothing cached
     store.fail_gets = True
     fh = await fresh.open(ino, os.O_RDONLY, 0)
@@ -279,8 +286,10 @@ async def test_sequential_writer_has_completed_blocks_stored_at_once(
         assert store.puts == 3 and fs.meta.block_indexes(ino) == [0, 1, 2]
         assert fs.meta.get_inode(ino).size == 3 * BS  # never more than is stored
         assert await fs.read(fh, 0, len(data) + 1) == data
-        await fs.release(fh)
-        assert store.puts == 4 and fs.meta.get_inode(ino).size == len(data)
+        await fs.release(fh)  # the 10 bytes left are small: committed, stored in a pack
+        assert store.puts == 3 and fs.meta.get_inode(ino).size == len(data)
+        await fs.data.flush_all()
+        assert store.puts == 4 and fs.meta.block_indexes(ino) == [0, 1, 2, 3]
         nursery.cancel_scope.cancel()
 
 
@@ -321,8 +330,84 @@ async def test_background_flusher_writes_old_dirty_data(
         nursery.cancel_scope.cancel()
 
 
+async def small_files(fs: FileSystem, count: int, seed: int = 1) -> dict[int, bytes]:
+    """`count` new files of 1 byte to 16 KiB (small: BS // 4 at most), written and closed."""
+    rng = random.Random(seed)
+    files = {}
+    for i in range(count):
+        data = rng.randbytes(rng.randint(1, BS // 4))
+        ino, fh = await new_file(fs, b"small%d" % i)
+        await fs.write(fh, 0, data)
+        await fs.release(fh)
+        files[ino] = data
+    return files
+
+
+async def test_small_files_are_committed_at_close_and_stored_together(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata, autojump_clock: object
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        files = await small_files(fs, 12)
+        assert store.puts == 0  # committed as patches: no blob per file
+        for ino, data in files.items():  # all there for a mount that starts afresh
+            assert await read_fresh(meta, store, ino, len(data)) == data
+            assert (await FileSystem(meta, store).getattr(ino)).blocks == -(-len(data) // 512)
+        await trio.sleep(10)  # the flusher stores them: a few packs of up to a block
+        total = sum(map(len, files.values()))
+        assert -(-total // BS) <= store.puts <= 2 * -(-total // BS) < len(files)
+        assert all(len(blob) <= BS for blob in store.blobs.values())
+        starts = {(meta.block(ino, 0).blob_id, meta.block(ino, 0).start) for ino in files}
+        assert len(starts) == len(files) and not meta.patched_blocks()
+        for ino, data in files.items():
+            assert await read_fresh(meta, store, ino, len(data)) == data
+        assert_no_leaks(fs, store)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_pack_lives_while_any_of_its_files_does(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    files = await small_files(fs, 3, seed=2)
+    await fs.data.flush_all()
+    assert store.puts == 1
+    (pack,) = store.blobs
+    first, *rest = files
+    # Rewritten in part: stored again (in a pack of its own), the old pack still named.
+    fh = await fs.open(first, os.O_RDWR, 0)
+    await fs.write(fh, 0, b"new")
+    await fs.release(fh)
+    await fs.data.flush_all()
+    expect = b"new" + files[first][3:]
+    assert await read_fresh(meta, store, first, len(expect)) == expect
+    assert meta.blob_refcount(pack) == len(rest) and store.deletes == 0
+    for i, ino in enumerate(rest):
+        await fs.unlink(R, b"small%d" % (i + 1))
+        await fs.forget([(ino, 1)])  # the kernel lets go: the file is gone
+        assert (pack in store.blobs) == (ino != rest[-1])
+    assert_no_leaks(fs, store)
+
+
+async def test_a_pack_that_fails_keeps_its_files_in_memory(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    files = await small_files(fs, 4, seed=3)
+    store.fail_puts = True
+    with pytest.raises(Exception) as info:
+        await fs.data.flush_all()
+    assert errno_of(info.value) == errno.EIO
+    store.fail_puts = False
+    for ino, data in files.items():
+        assert await read_fresh(meta, store, ino, len(data)) == data  # committed still
+    await fs.data.flush_all()
+    assert store.puts == 1 and fs.data.dirty_bytes == 0 and not meta.patched_blocks()
+    for ino, data in files.items():
+        assert await read_fresh(meta, store, ino, len(data)) == data
+    assert_no_leaks(fs, store)
+
+
 async def test_put_racing_a_delete_of_the_same_blob(fs: FileSystem, store: MemBlobStore) -> None:
-    content = b"shared" * 100
+    content = b"shared" * 3000  # not small: a blob of its own at close
     a, fa = await new_file(fs, b"a")
     await fs.write(fa, 0, content)
     await fs.flush(fa)  # blob X is stored, named by a
@@ -341,12 +426,12 @@ async def test_put_racing_a_delete_of_the_same_blob(fs: FileSystem, store: MemBl
     assert len(store.blobs) == 1
     rd = FileSystem(fs.meta, store)
     fh = await rd.open(b, os.O_RDONLY, 0)
-    assert await rd.read(fh, 0, 1000) == content
+    assert await rd.read(fh, 0, len(content)) == content
     assert_no_leaks(fs, store)
 
 
 async def test_delete_racing_a_put_of_the_same_blob(fs: FileSystem, store: MemBlobStore) -> None:
-    content = b"again" * 100
+    content = b"again" * 4000  # not small: a blob of its own at close
     a, fa = await new_file(fs, b"a")
     await fs.write(fa, 0, content)
     await fs.flush(fa)
