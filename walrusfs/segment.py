@@ -8,28 +8,39 @@ can be deleted) and after a failed append (which may have left a torn tail). A v
 written before log files existed has one segment per file: the same thing, read the same
 way.
 
-Segment, format version 1:
+Segment, format version 2 (version 1, still read, joined its records with b"\n" instead of
+prefixing each with its length):
 
 | offset | size | field                                                              |
 |-------:|-----:|--------------------------------------------------------------------|
 |      0 |    4 | magic b"WSJS"                                                      |
-|      4 |    1 | format version (1)                                                 |
+|      4 |    1 | format version (2)                                                 |
 |      5 |    8 | epoch (u64 LE): one per mount session                              |
 |     13 |    8 | seq of the first record (u64 LE); records are numbered from 1     |
 |     21 |    4 | record count (u32 LE)                                              |
 |     25 |   32 | hash of the previous segment of this epoch, or of the checkpoint   |
 |     57 |    4 | body length L (u32 LE)                                             |
-|     61 |    L | body: one JSON record per line, {"op": name, "args": {...}}        |
+|     61 |    L | body: the records (see below)                                      |
 | 61 + L |   32 | blake3 of everything before it                                     |
+
+The body is the records, each a u32 LE length and the record. A record is a JSON text
+{"op": name, "args": {...}}, then, if it has attachments, b"\0" and their bytes one after
+another (JSON text never holds a raw NUL).
 
 A log file is a sequence of segments with nothing between them. Readers take every
 segment whose hash checks and skip anything else (a torn tail, a repeat, garbage) by
 looking for the next magic: a segment is only ever trusted whole and verified.
 
-JSON cannot hold bytes or the block map's types, so values are tagged: {"$b": base64} for
-bytes, {"$ref": [blob_id, meta, length]} or {"$ref": [blob_id, meta, length, start]} for
-a BlockRef (the start only when it is not 0, so that records of unpacked blocks read as
-they did before packs), {"$map": [[k, v], ...]} for a dict with integer keys. Nothing read from a node is ever unpickled or evaluated.
+JSON cannot hold bytes or the block map's types, so values are tagged:
+- {"$a": [start, length]} for bytes of ATTACH_MIN or more: an attachment's. Base64 would
+  make a small file's bytes (at close) or a database page (at fsync) a third longer on
+  every node, and the JSON encoder would scan them character by character;
+- {"$b": base64} for shorter bytes;
+- {"$ref": [blob_id, meta, length]} or {"$ref": [blob_id, meta, length, start]} for a
+  BlockRef (the start only when it is not 0, so records of unpacked blocks read as
+  they did before packs);
+- {"$map": [[k, v], ...]} for a dict with integer keys.
+Nothing read from a node is ever unpickled or evaluated.
 
 Pure (no I/O); thread-safe.
 """
@@ -47,7 +58,9 @@ from blake3 import blake3
 from walrusfs.metadata import BlockRef, Change
 
 MAGIC = b"WSJS"
-VERSION = 1
+VERSION = 2
+ATTACH_MIN = 64
+_LENGTH = struct.Struct("<I")
 _HEAD = struct.Struct("<4sBQQI32sI")
 PREFIX = "journal"
 
@@ -60,25 +73,48 @@ def segment_key(epoch: int, first_seq: int) -> str:
     return f"{PREFIX}/e{epoch}/{first_seq:016d}"
 
 
-def _encode(value: Any) -> Any:
+class _Attachments:
+    """The raw bytes of one record, after its JSON text."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes | bytearray | memoryview) -> list[int]:
+        where = [self.size, len(data)]
+        self.parts.append(bytes(data))
+        self.size += len(data)
+        return where
+
+
+def _encode(value: Any, attach: _Attachments) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
+        if len(value) >= ATTACH_MIN:
+            return {"$a": attach.add(value)}
         return {"$b": base64.b64encode(bytes(value)).decode()}
     if isinstance(value, BlockRef):
-        ref = [_encode(value.blob_id), _encode(value.meta), value.length]
+        ref = [_encode(value.blob_id, attach), _encode(value.meta, attach), value.length]
         return {"$ref": [*ref, value.start] if value.start else ref}
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value):
-            return {k: _encode(v) for k, v in value.items()}
-        return {"$map": [[_encode(k), _encode(v)] for k, v in value.items()]}
+            return {k: _encode(v, attach) for k, v in value.items()}
+        return {"$map": [[_encode(k, attach), _encode(v, attach)] for k, v in value.items()]}
     if isinstance(value, list | tuple):
-        return [_encode(v) for v in value]
+        return [_encode(v, attach) for v in value]
     if value is None or isinstance(value, bool | int | float | str):
         return value
     raise TypeError(f"cannot journal a {type(value).__name__}")
 
 
-def _decode(value: Any) -> Any:
+def _decode(value: Any, attached: bytes) -> Any:
     if isinstance(value, dict):
+        if "$a" in value:
+            start, length = value["$a"]
+            if not (isinstance(start, int) and isinstance(length, int)):
+                raise ValueError("an attachment's place is not two integers")
+            if start < 0 or length < 0 or start + length > len(attached):
+                raise ValueError("an attachment past the record's end")
+            return attached[start : start + length]
         if "$b" in value:
             return base64.b64decode(value["$b"], validate=True)
         if "$ref" in value:
@@ -86,27 +122,31 @@ def _decode(value: Any) -> Any:
             if len(start) > 1:
                 raise ValueError("a block reference of more than four items")
             first = int(start[0]) if start else 0
-            return BlockRef(_decode(blob_id), _decode(meta), int(length), first)
+            return BlockRef(
+                _decode(blob_id, attached), _decode(meta, attached), int(length), first
+            )
         if "$map" in value:
-            return {_decode(k): _decode(v) for k, v in value["$map"]}
-        return {k: _decode(v) for k, v in value.items()}
+            return {_decode(k, attached): _decode(v, attached) for k, v in value["$map"]}
+        return {k: _decode(v, attached) for k, v in value.items()}
     if isinstance(value, list):
-        return [_decode(v) for v in value]
+        return [_decode(v, attached) for v in value]
     return value
 
 
 def encode_change(change: Change) -> bytes:
-    """One journal record: a line of JSON."""
-    return json.dumps(
-        {"op": change.op, "args": _encode(dict(change.args))}, separators=(",", ":")
-    ).encode()
+    """One journal record: JSON text, then its attachments if it has any."""
+    attach = _Attachments()
+    args = _encode(dict(change.args), attach)
+    text = json.dumps({"op": change.op, "args": args}, separators=(",", ":")).encode()
+    return b"".join([text, b"\0", *attach.parts]) if attach.parts else text
 
 
-def decode_change(line: bytes) -> Change:
+def decode_change(record: bytes) -> Change:
     """Parse one record; raises JournalError."""
+    text, _, attached = record.partition(b"\0")
     try:
-        doc = json.loads(line)
-        return Change(str(doc["op"]), _decode(doc["args"]))
+        doc = json.loads(text)
+        return Change(str(doc["op"]), _decode(doc["args"], attached))
     except (ValueError, KeyError, TypeError) as exc:
         raise JournalError(f"damaged journal record: {exc}") from exc
 
@@ -123,7 +163,7 @@ class Segment:
         return self.first_seq + len(self.records) - 1
 
     def to_bytes(self) -> bytes:
-        body = b"\n".join(self.records)
+        body = b"".join(piece for r in self.records for piece in (_LENGTH.pack(len(r)), r))
         head = _HEAD.pack(
             MAGIC, VERSION, self.epoch, self.first_seq, len(self.records), self.prev, len(body)
         )
@@ -140,15 +180,32 @@ class Segment:
         magic, version, epoch, first, count, prev, length = _HEAD.unpack_from(raw)
         if magic != MAGIC:
             raise JournalError(f"{where}: not a journal segment")
-        if version != VERSION:
+        if version not in (1, VERSION):
             raise JournalError(f"{where}: journal segment version {version} unknown")
         body = raw[_HEAD.size : len(raw) - 32]
         if len(body) != length:
             raise JournalError(f"{where}: journal segment length mismatch")
-        records = tuple(body.split(b"\n")) if count else ()
-        if len(records) != count:
+        records = _split(body, version) if count else ()
+        if records is None or len(records) != count:
             raise JournalError(f"{where}: journal segment record count mismatch")
         return cls(epoch, first, prev, records)
+
+
+def _split(body: bytes, version: int) -> tuple[bytes, ...] | None:
+    """The records of a segment body; None if they do not fill it exactly."""
+    if version == 1:
+        return tuple(body.split(b"\n"))
+    records = []
+    pos = 0
+    while pos < len(body):
+        if pos + _LENGTH.size > len(body):
+            return None
+        (n,) = _LENGTH.unpack_from(body, pos)
+        pos += _LENGTH.size + n
+        if pos > len(body):
+            return None
+        records.append(body[pos - n : pos])
+    return tuple(records)
 
 
 def segment_hash(raw: bytes) -> bytes:
