@@ -41,7 +41,7 @@ import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,6 +76,8 @@ SMALL_PATCH_BYTES = 64 << 10
 MAX_RANGES = 64
 # A length that reaches past the end of any blob.
 WHOLE_BLOB = 1 << 62
+# Packs remembered as read from (see FileData._fetch).
+PACKS_SEEN = 4096
 
 Buffer = bytes | bytearray | memoryview
 
@@ -227,6 +229,7 @@ class FileData:
         self.dirty_bytes = 0  # dirty + in-flight block bytes, all files
         self._progress = trio.Event()  # set (and replaced) whenever a flush ends
         self._fetching: dict[bytes, trio.Event] = {}
+        self._packs_seen: set[bytes] = set()  # packs a block was read from (see _fetch)
         self._nursery: trio.Nursery | None = None  # for read-ahead, while the flusher runs
         self._flush_failing = False
         # put/delete race guards, see _put and free.
@@ -347,8 +350,10 @@ class FileData:
     async def _fetch(self, ref: BlockRef) -> Buffer:
         """The block's stored bytes (`ref.length` of them, fewer only if the blob is short).
 
-        The whole blob is read and cached: for a pack, the small files stored with this
-        one are usually read next (a tree is read as it was written).
+        Whole blobs are read and cached. A block in a pack is read alone the first time
+        (a few KiB, not the pack's MiBs); from the second block of the same pack on, the
+        reader is taken to go through what was written together (a tree, as it was
+        written), and the whole pack is read and cached.
         """
         end = ref.start + ref.length
         while True:
@@ -359,6 +364,16 @@ class FileData:
             if pending is None:
                 done = self._fetching[ref.blob_id] = trio.Event()
                 try:
+                    if ref.blob_id not in self._packs_seen:
+                        data = await self._store.get_range(
+                            ref.blob_id, ref.meta, ref.start, ref.length
+                        )
+                        if ref.start == 0:  # the blob's first bytes: the whole if unpacked
+                            self._cache.put(ref.blob_id, data)
+                        if len(self._packs_seen) >= PACKS_SEEN:
+                            self._packs_seen.clear()  # a cheap bound
+                        self._packs_seen.add(ref.blob_id)
+                        return data
                     data = await self._store.get_range(ref.blob_id, ref.meta, 0, WHOLE_BLOB)
                     self._cache.put(ref.blob_id, data)
                 finally:
@@ -550,7 +565,9 @@ class FileData:
 
     def _packable(self, f: _File) -> bool:
         """A small file (all of its unstored bytes, that is), which a pack may store."""
-        return bool(f.dirty) and not f.inflight and sum(map(len, f.dirty.values())) <= self._small_patch
+        if not f.dirty or f.inflight:
+            return False
+        return sum(map(len, f.dirty.values())) <= self._small_patch
 
     @staticmethod
     def _settled(f: _File) -> bool:
@@ -885,7 +902,8 @@ class FileData:
                 await self.flush(victim.inode, full_only=self._has_full(victim))
 
     def _closed_settled(self) -> list[_File]:
-        return [f for f in self._files.values() if self._settled(f) and not self._is_open(f.inode)]
+        files = self._files.values()
+        return [f for f in files if self._settled(f) and not self._is_open(f.inode)]
 
     def _has_full(self, f: _File) -> bool:
         return any(len(b) == self.block_size for b in f.dirty.values())
@@ -927,8 +945,15 @@ class FileData:
         if sum(sum(map(len, f.dirty.values())) for f in small) >= self.block_size or any(
             f.dirty_since is not None and f.dirty_since <= cutoff for f in small
         ):
-            with suppress(Exception):  # the flush below says what fails
+            try:
                 await self._pack(small)
+            except Exception as exc:  # they stay in memory; the flush below says what fails
+                log.log(
+                    logging.DEBUG if is_known(exc) else logging.ERROR,
+                    "packing small files failed: %s",
+                    exc,
+                    exc_info=not is_known(exc),
+                )
         for f in list(self._files.values()):
             if f.dirty_since is None or f.dirty_since > cutoff:
                 continue

@@ -19,6 +19,7 @@ class MemBlobStore:
         self.blobs: dict[bytes, bytes] = {}
         self.puts = 0
         self.gets = 0
+        self.got: list[tuple[int, int]] = []  # (offset, bytes) of each get
         self.deletes = 0
         self.fail_puts = False
         self.fail_gets = False
@@ -59,7 +60,9 @@ class MemBlobStore:
             raise StorageUnavailable(f"memblobs: blob {blob_id.hex()[:16]} is gone")
         assert meta == self._meta(blob_id, len(content)), "metadata does not match the blob"
         assert 0 <= offset < len(content), "range outside the blob"
-        return content[offset : offset + length]  # clipped to the blob, as the real one
+        data = content[offset : offset + length]  # clipped to the blob, as the real one
+        self.got.append((offset, len(data)))
+        return data
 
     async def delete_blob(self, blob_id: bytes, meta: bytes) -> None:
         await trio.lowlevel.checkpoint()

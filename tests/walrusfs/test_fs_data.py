@@ -388,6 +388,24 @@ async def test_a_pack_lives_while_any_of_its_files_does(
     assert_no_leaks(fs, store)
 
 
+async def test_one_file_of_a_pack_is_read_alone_and_a_second_reads_the_pack(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    files = await small_files(fs, 6, seed=4)
+    await fs.data.flush_all()
+    (content,) = store.blobs.values()
+    reader = FileSystem(meta, store)  # nothing cached
+    inos = list(files)
+    for k, ino in enumerate(inos):
+        fh = await reader.open(ino, os.O_RDONLY, 0)
+        assert await reader.read(fh, 0, BS) == files[ino]
+        await reader.release(fh)
+        if k == 0:  # a cat of one file reads that file's bytes only
+            assert store.got == [(meta.block(ino, 0).start, len(files[ino]))]
+    # The second file's read takes the whole pack, and the rest come from the cache.
+    assert store.got[1:] == [(0, len(content))] and store.gets == 2
+
+
 async def test_a_pack_that_fails_keeps_its_files_in_memory(
     fs: FileSystem, store: MemBlobStore, meta: Metadata
 ) -> None:
