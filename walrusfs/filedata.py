@@ -85,8 +85,9 @@ Buffer = bytes | bytearray | memoryview
 class BlobStoreProtocol(Protocol):
     """What filedata needs from the blob store (walrusfs.blobstore implements it)."""
 
-    async def put_blob(self, data: Buffer) -> tuple[bytes, bytes]:
-        """Store `data`; return (blob_id, metadata). Same content, same blob_id."""
+    async def put_blob(self, data: Buffer, *, durable: bool = False) -> tuple[bytes, bytes]:
+        """Store `data` on a quorum of nodes (`durable`: on their stable storage too);
+        return (blob_id, metadata). Same content, same blob_id."""
         ...
 
     async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> Buffer:
@@ -711,6 +712,9 @@ class FileData:
     async def _store_and_commit(self, f: _File, picked: dict[int, bytearray]) -> None:
         """Store `picked` dirty blocks as blobs, then commit them (flush_lock held)."""
         bs = self.block_size
+        # A blob that replaces patches must be as safe as they were: fsync() may have
+        # made them durable, and the commit below deletes them.
+        durable_blocks = {index for index in picked if f.patched.get(index)}
         snapshot = self._take(f, picked)
         complete = not f.dirty
         refs: dict[int, BlockRef | None] = {}
@@ -721,7 +725,8 @@ class FileData:
                     if _is_zero(buf):
                         refs[index] = None  # an all-zero block is stored as a hole
                     else:
-                        nursery.start_soon(self._put_block, index, buf, refs, pinned)
+                        durable = index in durable_blocks
+                        nursery.start_soon(self._put_block, index, buf, refs, pinned, durable)
             size = snapshot[0]
             if not complete:
                 # Blocks left dirty may lie below: do not claim bytes not yet stored.
@@ -797,7 +802,7 @@ class FileData:
         try:
             blob_id, meta = b"", b""
             if pack:
-                blob_id, meta = await self._put(pack)
+                blob_id, meta = await self._put(pack, durable=True)  # it replaces patches
                 pinned.append(blob_id)
             while todo:
                 f = todo[0]
@@ -823,13 +828,18 @@ class FileData:
         await self.free(freed)
 
     async def _put_block(
-        self, index: int, buf: bytearray, refs: dict[int, BlockRef | None], pinned: list[bytes]
+        self,
+        index: int,
+        buf: bytearray,
+        refs: dict[int, BlockRef | None],
+        pinned: list[bytes],
+        durable: bool,
     ) -> None:
-        blob_id, meta = await self._put(buf)
+        blob_id, meta = await self._put(buf, durable=durable)
         pinned.append(blob_id)
         refs[index] = BlockRef(blob_id, meta, len(buf))
 
-    async def _put(self, buf: bytearray) -> tuple[bytes, bytes]:
+    async def _put(self, buf: bytearray, *, durable: bool = False) -> tuple[bytes, bytes]:
         """put_blob, safe against a concurrent delete of the same blob_id.
 
         The blob_id is only known when the put returns. If a delete of that id started
@@ -843,7 +853,7 @@ class FileData:
             self._watchers[token] = seen
             try:
                 async with self._limiter:
-                    blob_id, meta = await self._store.put_blob(buf)
+                    blob_id, meta = await self._store.put_blob(buf, durable=durable)
             finally:
                 del self._watchers[token]
             deleting = self._deleting.get(blob_id)

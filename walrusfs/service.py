@@ -49,10 +49,12 @@ class FsBlobs:
         self.metastore = metastore
         self.missed: dict[bytes, tuple[int, ...]] = {}
 
-    async def put_blob(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
-        # Into the nodes' page cache: close() needs n-f nodes to hold the data, fsync()
-        # then flushes the nodes (MetaStore.sync(durable=True) runs syncfs on them).
-        r = await self.blobs.put_blob(data, durable=False)
+    async def put_blob(
+        self, data: bytes | bytearray | memoryview, *, durable: bool = False
+    ) -> tuple[bytes, bytes]:
+        # Usually into the nodes' page cache: close() needs n-f nodes to hold the data,
+        # fsync() then flushes the nodes (MetaStore.sync(durable=True) runs syncfs on them).
+        r = await self.blobs.put_blob(data, durable=durable)
         if r.missed:
             self.missed[r.blob_id] = r.missed  # for repair to fill in
         return r.blob_id, r.meta

@@ -18,6 +18,7 @@ class MemBlobStore:
     def __init__(self) -> None:
         self.blobs: dict[bytes, bytes] = {}
         self.puts = 0
+        self.durable_puts = 0  # of them, on stable storage
         self.gets = 0
         self.got: list[tuple[int, int]] = []  # (offset, bytes) of each get
         self.deletes = 0
@@ -33,7 +34,9 @@ class MemBlobStore:
     def _meta(blob_id: bytes, length: int) -> bytes:
         return b"mem1" + length.to_bytes(8, "big") + blob_id[:4]
 
-    async def put_blob(self, data: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+    async def put_blob(
+        self, data: bytes | bytearray | memoryview, *, durable: bool = False
+    ) -> tuple[bytes, bytes]:
         content = bytes(data)  # copy now: the caller's buffer is only borrowed
         await trio.lowlevel.checkpoint()
         if self.fail_puts:
@@ -41,6 +44,7 @@ class MemBlobStore:
         blob_id = blake3.blake3(content).digest()
         self.blobs[blob_id] = content
         self.puts += 1
+        self.durable_puts += durable
         if self.put_gate is not None and content.startswith(self.gate_prefix):
             # Stored but not yet acknowledged, like slivers written before the reply.
             self.puts_waiting += 1

@@ -357,6 +357,7 @@ async def test_small_files_are_committed_at_close_and_stored_together(
         total = sum(map(len, files.values()))
         assert -(-total // BS) <= store.puts <= 2 * -(-total // BS) < len(files)
         assert all(len(blob) <= BS for blob in store.blobs.values())
+        assert store.durable_puts == store.puts  # they replace patches fsync may have made
         starts = {(meta.block(ino, 0).blob_id, meta.block(ino, 0).start) for ino in files}
         assert len(starts) == len(files) and not meta.patched_blocks()
         for ino, data in files.items():
@@ -404,6 +405,24 @@ async def test_one_file_of_a_pack_is_read_alone_and_a_second_reads_the_pack(
             assert store.got == [(meta.block(ino, 0).start, len(files[ino]))]
     # The second file's read takes the whole pack, and the rest come from the cache.
     assert store.got[1:] == [(0, len(content))] and store.gets == 2
+
+
+async def test_a_blob_replacing_patches_is_stored_durably(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"d" * (2 * BS))
+    await fs.release(fh)  # close(): on a quorum of nodes, not yet on their disks
+    assert store.puts == 2 and store.durable_puts == 0
+    fh = await fs.open(ino, os.O_RDWR, 0)
+    await fs.write(fh, BS + 5, b"page")
+    await fs.fsync(fh)  # a patch, durable
+    await fs.release(fh)
+    await fs.data.flush_all()  # the patched block, stored whole: as safe as its patch
+    assert store.puts == 3 and store.durable_puts == 1 and not meta.patched_blocks()
+    assert await read_fresh(meta, store, ino, 2 * BS) == b"d" * (BS + 5) + b"page" + b"d" * (
+        BS - 9
+    )
 
 
 async def test_a_pack_that_fails_keeps_its_files_in_memory(
