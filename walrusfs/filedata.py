@@ -1,8 +1,8 @@
 """File bytes <-> blocks <-> blobs: dirty buffers, the read cache, flushing.
 
 Role: a file's content is a sequence of blocks of the volume's block size; block k holds
-bytes [k*bs, (k+1)*bs) and is stored as one immutable, content-addressed blob (a missing
-block is a hole and reads as zeros). Writes patch in-memory *dirty* copies of blocks
+bytes [k*bs, (k+1)*bs) and is stored as one immutable, content-addressed blob, or in a
+pack (below); a missing block is a hole and reads as zeros. Writes patch in-memory *dirty* copies of blocks
 (read-modify-write: a partly written block is loaded first). A flush puts dirty blocks
 as blobs in parallel, then switches the file's block map, size and times in ONE metadata
 transaction, then deletes the blobs nothing names any more. Reads look at dirty and
@@ -18,6 +18,12 @@ closed and `flush_age` old: a database that stays open is not rewritten every fe
 seconds, and a file fsynced and deleted within seconds (a rollback journal) is never
 stored at all. A block that has patches but no dirty copy (after a crash) is read as its
 blob with the patches applied, and becomes dirty, so that it is stored whole.
+
+close() commits a small file (SMALL_PATCH_BYTES of unstored bytes at most) the same way,
+and the flusher stores small settled files together: one blob (a *pack*) holds the
+blocks of many files, each at its own start. A block is one blob, or a range of a pack;
+a pack lives while any block names it. A blob that replaces patches is put durably:
+fsync() may have made them so, and the commit that names the blob drops them.
 
 While a file has unflushed changes its live size and times are kept here (`live`); the
 metadata row has the values of the last flush. Dirty memory is bounded: a writer over
