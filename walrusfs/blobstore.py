@@ -205,20 +205,19 @@ class BlobStore:
             parsed = meta
         else:
             known = self._parsed.get(meta)
-            if known is not None and known.blob_id == blob_id:
-                return known
-            try:
-                parsed = BlobMetadata.from_bytes(meta)
-            except CodecError as exc:
-                raise StorageUnavailable(
-                    f"blob {blob_id.hex()[:16]}: damaged metadata ({exc})"
-                ) from exc
+            if known is None:
+                try:
+                    known = BlobMetadata.from_bytes(meta)
+                except CodecError as exc:
+                    raise StorageUnavailable(
+                        f"blob {blob_id.hex()[:16]}: damaged metadata ({exc})"
+                    ) from exc
+                if len(self._parsed) >= PARSED_CACHE:
+                    self._parsed.clear()  # a cheap bound: what is forgotten is parsed again
+                self._parsed[bytes(meta)] = known
+            parsed = known
         if parsed.blob_id != blob_id:
             raise StorageUnavailable(f"blob {blob_id.hex()[:16]}: metadata belongs to another blob")
-        if not isinstance(meta, BlobMetadata):
-            if len(self._parsed) >= PARSED_CACHE:
-                self._parsed.clear()  # a cheap bound: what is forgotten is parsed again
-            self._parsed[bytes(meta)] = parsed
         return parsed
 
     # -- put ------------------------------------------------------------------------------
