@@ -141,6 +141,9 @@ class _File:
     def is_clean(self) -> bool:
         return not (self.dirty or self.inflight or self.attrs_dirty)
 
+    def dirty_size(self) -> int:
+        return sum(map(len, self.dirty.values()))
+
 
 class _BlobCache:
     """LRU of blob bytes by blob_id, bounded in bytes."""
@@ -182,6 +185,13 @@ def _is_zero(buf: bytearray) -> bool:
     if buf[0] or buf[-1]:
         return False
     return not bool(np.frombuffer(buf, dtype=np.uint8).any())
+
+
+def _block_of(blob: Buffer, ref: BlockRef) -> Buffer:
+    """The block's bytes of `blob` (the blob itself when they are all of it)."""
+    if ref.start == 0 and len(blob) == ref.length:
+        return blob
+    return memoryview(blob).toreadonly()[ref.start : ref.start + ref.length]
 
 
 def _piece(data: Buffer, limit: int, offset: int, n: int) -> bytes:
@@ -265,7 +275,7 @@ class FileData:
         (a settled file's are, as patches, while they wait to be stored whole)."""
         return sum(
             sum(map(len, f.inflight.values()))
-            + (0 if self._settled(f) else sum(map(len, f.dirty.values())))
+            + (0 if self._settled(f) else f.dirty_size())
             for f in self._files.values()
         )
 
@@ -355,42 +365,38 @@ class FileData:
         raise FSError(errno.EIO, f"block {index} of inode {inode} keeps changing under a read")
 
     async def _fetch(self, ref: BlockRef) -> Buffer:
-        """The block's stored bytes (`ref.length` of them, fewer only if the blob is short).
-
-        Whole blobs are read and cached. A block in a pack is read alone the first time
-        (a few KiB, not the pack's MiBs); from the second block of the same pack on, the
-        reader is taken to go through what was written together (a tree, as it was
-        written), and the whole pack is read and cached.
-        """
-        end = ref.start + ref.length
+        """The block's stored bytes (`ref.length` of them, fewer only if the blob is short)."""
         while True:
-            data = self._cache.get(ref.blob_id, end)
+            data = self._cache.get(ref.blob_id, ref.start + ref.length)
             if data is not None:
-                break
+                return _block_of(data, ref)
             pending = self._fetching.get(ref.blob_id)
             if pending is None:
-                done = self._fetching[ref.blob_id] = trio.Event()
-                try:
-                    if ref.blob_id not in self._packs_seen:
-                        data = await self._store.get_range(
-                            ref.blob_id, ref.meta, ref.start, ref.length
-                        )
-                        if ref.start == 0:  # the blob's first bytes: the whole if unpacked
-                            self._cache.put(ref.blob_id, data)
-                        if len(self._packs_seen) >= PACKS_SEEN:
-                            self._packs_seen.clear()  # a cheap bound
-                        self._packs_seen.add(ref.blob_id)
-                        return data
-                    data = await self._store.get_range(ref.blob_id, ref.meta, 0, WHOLE_BLOB)
-                    self._cache.put(ref.blob_id, data)
-                finally:
-                    del self._fetching[ref.blob_id]
-                    done.set()
                 break
             await pending.wait()  # someone (read-ahead) is fetching it; then retry
-        if ref.start == 0 and len(data) == ref.length:
+        done = self._fetching[ref.blob_id] = trio.Event()
+        try:
+            return await self._load(ref)
+        finally:
+            del self._fetching[ref.blob_id]
+            done.set()
+
+    async def _load(self, ref: BlockRef) -> Buffer:
+        """_fetch from the store. Whole blobs are read and cached. A block in a pack is read
+        alone the first time (a few KiB, not the pack's MiBs); from the second block of
+        the same pack on, the reader is taken to go through what was written together (a
+        tree, as it was written), and the whole pack is read and cached."""
+        if ref.blob_id not in self._packs_seen:
+            data = await self._store.get_range(ref.blob_id, ref.meta, ref.start, ref.length)
+            if ref.start == 0:  # the blob's first bytes: the whole of it if not a pack
+                self._cache.put(ref.blob_id, data)
+            if len(self._packs_seen) >= PACKS_SEEN:
+                self._packs_seen.clear()  # a cheap bound
+            self._packs_seen.add(ref.blob_id)
             return data
-        return memoryview(data).toreadonly()[ref.start : end]
+        data = await self._store.get_range(ref.blob_id, ref.meta, 0, WHOLE_BLOB)
+        self._cache.put(ref.blob_id, data)
+        return _block_of(data, ref)
 
     async def _materialize(self, f: _File, index: int) -> bytearray:
         """Block `index` as committed (its blob with its patches applied) as a dirty block,
@@ -574,7 +580,7 @@ class FileData:
         """A small file (all of its unstored bytes, that is), which a pack may store."""
         if not f.dirty or f.inflight:
             return False
-        return sum(map(len, f.dirty.values())) <= self._small_patch
+        return f.dirty_size() <= self._small_patch
 
     @staticmethod
     def _settled(f: _File) -> bool:
@@ -777,7 +783,7 @@ class FileData:
                 for f in taken:
                     if not (self._settled(f) and self._packable(f)):
                         continue  # written to while a pack was stored: left to a flush
-                    n = sum(map(len, f.dirty.values()))
+                    n = f.dirty_size()
                     if group and size + n > self.block_size:
                         rest.append(f)
                     else:
@@ -936,7 +942,7 @@ class FileData:
             # partial block that the writer will complete, and rewrite, moments later.
             return None
         pool = full or dirty
-        return max(pool, key=lambda f: sum(map(len, f.dirty.values())), default=None)
+        return max(pool, key=_File.dirty_size, default=None)
 
     async def run_flusher(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -958,7 +964,7 @@ class FileData:
         cutoff = trio.current_time() - self._flush_age
         # Small closed files wait for a pack to fill, as long as the others wait.
         small = [f for f in self._closed_settled() if self._packable(f)]
-        if sum(sum(map(len, f.dirty.values())) for f in small) >= self.block_size or any(
+        if sum(f.dirty_size() for f in small) >= self.block_size or any(
             f.dirty_since is not None and f.dirty_since <= cutoff for f in small
         ):
             try:
