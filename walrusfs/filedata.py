@@ -631,6 +631,12 @@ class FileData:
 
     async def flush_all(self) -> None:
         """Flush every file with unflushed changes (the small settled ones in packs)."""
+        for f in list(self._files.values()):
+            if f.flush_lock.locked():
+                # A close finishing (release is asynchronous): a pack skips a file whose
+                # lock is taken, and the flush below would give each block a blob.
+                async with f.flush_lock:
+                    pass
         await self._pack([f for f in self._files.values() if self._settled(f)])
         for inode in list(self._files):
             await self.flush(inode)

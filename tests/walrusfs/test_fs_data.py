@@ -389,6 +389,22 @@ async def test_a_pack_lives_while_any_of_its_files_does(
     assert_no_leaks(fs, store)
 
 
+async def test_unmount_waits_for_a_close_in_progress_and_packs_its_file(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    files = await small_files(fs, 3, seed=3)
+    busy = fs.data._files[next(iter(files))].flush_lock  # as a late release(2) holds it
+    await busy.acquire()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.data.flush_all)
+        await trio.sleep(0.01)
+        assert store.puts == 0  # waiting for the close, not storing that file alone
+        busy.release()
+    assert store.puts == 1 and not meta.patched_blocks()
+    for ino, data in files.items():
+        assert await read_fresh(meta, store, ino, len(data)) == data
+
+
 async def test_one_file_of_a_pack_is_read_alone_and_a_second_reads_the_pack(
     fs: FileSystem, store: MemBlobStore, meta: Metadata
 ) -> None:
