@@ -84,6 +84,12 @@ MAX_RANGES = 64
 WHOLE_BLOB = 1 << 62
 # Packs remembered as read from (see FileData._fetch).
 PACKS_SEEN = 4096
+# A pack whose live blocks fill less than 1/COMPACT_FRACTION of it has those blocks
+# stored again (in a new pack) and is deleted: deleting small files must free space
+# too. Rewriting moves at most half of what it frees.
+COMPACT_FRACTION = 2
+# Thinned blobs looked at per round of the flusher (an indexed query each).
+COMPACT_CHECKS = 256
 
 Buffer = bytes | bytearray | memoryview
 
@@ -102,6 +108,11 @@ class BlobStoreProtocol(Protocol):
         ...
 
     async def delete_blob(self, blob_id: bytes, meta: bytes) -> None: ...
+
+    def blob_length(self, blob_id: bytes, meta: bytes) -> int:
+        """The blob's length in bytes, as its metadata says (no I/O). Raises an FSError if
+        the metadata is damaged."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +210,13 @@ def _piece(data: Buffer, limit: int, offset: int, n: int) -> bytes:
     with memoryview(data) as view:
         out = view[offset : min(offset + n, limit)].tobytes()
     return out if len(out) == n else out + bytes(n - len(out))
+
+
+def _log_failed(what: str, exc: Exception) -> None:
+    """A background step failed: expected storage trouble quietly, a bug loudly."""
+    known = is_known(exc)
+    level = logging.DEBUG if known else logging.ERROR
+    log.log(level, "%s failed: %s", what, exc, exc_info=not known)
 
 
 def _note_change(f: _File, index: int, start: int, end: int) -> None:
@@ -845,6 +863,63 @@ class FileData:
             self._cache.put(blob_id, pack)
         await self.free(freed)
 
+    async def compact_packs(self) -> int:
+        """Store again the live blocks of packs that are mostly dead bytes, up to a new
+        pack's worth, so that those packs are freed; returns how many blocks moved.
+
+        A pack lives while any block names it, so files deleted from it leave dead bytes
+        on every node. A moved block is read into memory as committed (settled), then
+        packed like a small file just closed. A block in use (dirty, patched, changed
+        meanwhile) is left: a flush of its file frees its old reference anyway.
+        """
+        moved: dict[int, _File] = {}
+        budget = self.block_size
+        with ExitStack() as stack:
+            for blob_id in self._meta.take_thinned(COMPACT_CHECKS):
+                if budget <= 0:
+                    self._meta.recheck_blob(blob_id)  # the next round looks at it
+                    continue
+                users = self._meta.blob_blocks(blob_id)
+                if not self._mostly_dead(blob_id, users):
+                    continue
+                for inode, index, ref in users:
+                    try:
+                        f = stack.enter_context(self._use(inode))
+                        async with f.write_lock:
+                            if not self._movable(f, index, ref):
+                                continue
+                            await self._materialize(f, index)
+                    except FSError as exc:  # deleted meanwhile, or unreadable now
+                        log.debug("block %d of inode %d not moved: %s", index, inode, exc)
+                        continue
+                    moved[inode] = f
+                    budget -= ref.length
+            if moved:
+                await self._pack(list(moved.values()))
+        return len(moved)
+
+    def _mostly_dead(self, blob_id: bytes, users: list[tuple[int, int, BlockRef]]) -> bool:
+        if not users or any(ref.length > self._small_patch for _, _, ref in users):
+            return False  # gone already, or not a pack of small blocks
+        try:
+            length = self._store.blob_length(blob_id, users[0][2].meta)
+        except FSError:
+            return False  # its reads fail the same way; repair and fsck report it
+        live = 0
+        end = 0
+        for start, stop in sorted({(r.start, r.start + r.length) for _, _, r in users}):
+            live += max(0, stop - max(start, end))
+            end = max(end, stop)
+        return live * COMPACT_FRACTION < length
+
+    def _movable(self, f: _File, index: int, ref: BlockRef) -> bool:
+        return (
+            index not in f.dirty
+            and index not in f.inflight
+            and self._meta.block(f.inode, index) == ref
+            and not self._meta.patches(f.inode, index)
+        )
+
     async def _put_block(
         self,
         index: int,
@@ -960,6 +1035,7 @@ class FileData:
             try:
                 task_status.started()
                 await self.fold_patches()
+                self._meta.recheck_packs()
                 while True:
                     await trio.sleep(tick)
                     await self._flush_old()
@@ -976,12 +1052,7 @@ class FileData:
             try:
                 await self._pack(small)
             except Exception as exc:  # they stay in memory; the flush below says what fails
-                log.log(
-                    logging.DEBUG if is_known(exc) else logging.ERROR,
-                    "packing small files failed: %s",
-                    exc,
-                    exc_info=not is_known(exc),
-                )
+                _log_failed("packing small files", exc)
         for f in list(self._files.values()):
             if f.dirty_since is None or f.dirty_since > cutoff:
                 continue
@@ -1002,3 +1073,7 @@ class FileData:
                 if self._flush_failing:
                     log.info("background flush works again")
                 self._flush_failing = False
+        try:
+            await self.compact_packs()
+        except Exception as exc:  # the blocks stay where they are; the next round retries
+            _log_failed("compacting packs", exc)

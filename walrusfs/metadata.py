@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 from walrusfs.errors import Exists, FSError, Invalid, NoData, NotFound
 
 SCHEMA_VERSION = 3
+THINNED_MAX = 1 << 16  # thinned blobs remembered; more wait for the next mount
 STORED_CACHE = 10_000  # files whose stored_bytes are remembered
 # Inode rows and block references remembered between mutations (see Metadata._rows).
 ROW_CACHE = 50_000
@@ -111,6 +112,8 @@ CREATE TABLE blocks (
     PRIMARY KEY (inode, block_index)
 ) WITHOUT ROWID;
 """
+
+_BLOCKS_BY_BLOB = "CREATE INDEX IF NOT EXISTS blocks_by_blob ON blocks(blob_id)"
 
 # Version 2 added this table (see FileData.sync); a version 1 database lacks only it.
 _PATCHES = """
@@ -271,6 +274,8 @@ class Metadata:
         if block_size is not None and block_size != self.block_size:
             self._db.close()
             raise Invalid(f"{self.path}: volume block size is {self.block_size}, not {block_size}")
+        # An index, not a schema change: older databases gain it, older code ignores it.
+        self._db.execute(_BLOCKS_BY_BLOB)
         # Inodes that may have patches: a superset (a stale entry costs one query), so that
         # reading a block needs no second query in the common case.
         self._patched = {r[0] for r in self._db.execute("SELECT DISTINCT inode FROM patches")}
@@ -282,6 +287,9 @@ class Metadata:
         # 1 MiB read asked for its inode and its block each time.
         self._rows: dict[int, InodeRow] = {}
         self._blocks: dict[tuple[int, int], BlockRef | None] = {}
+        # Blobs that lost a block but not their last one: a pack may now be mostly dead
+        # bytes (see FileData.compact_packs). A superset: a rolled-back drop stays in it.
+        self._thinned: set[bytes] = set()
 
     def _create(self, block_size: int, uid: int, gid: int, mode: int, now_ns: int) -> None:
         self._db.executescript("BEGIN;" + _SCHEMA)
@@ -489,6 +497,34 @@ class Metadata:
             "SELECT refcount FROM blobs WHERE blob_id = ?", (blob_id,)
         ).fetchone()
         return 0 if row is None else int(row[0])
+
+    def blob_blocks(self, blob_id: bytes) -> list[tuple[int, int, BlockRef]]:
+        """Every block that names the blob: (inode, block index, reference)."""
+        rows = self._db.execute(
+            "SELECT b.inode, b.block_index, o.meta, b.length, b.start FROM blocks b"
+            " JOIN blobs o USING (blob_id) WHERE b.blob_id = ?",
+            (blob_id,),
+        )
+        return [(r[0], r[1], BlockRef(blob_id, bytes(r[2]), r[3], r[4])) for r in rows]
+
+    def take_thinned(self, limit: int) -> list[bytes]:
+        """Up to `limit` blobs that lost a block since they were last taken; forgotten here."""
+        taken: list[bytes] = []
+        while self._thinned and len(taken) < limit:
+            taken.append(self._thinned.pop())
+        return taken
+
+    def recheck_blob(self, blob_id: bytes) -> None:
+        """Take it as thinned again (looked at later)."""
+        if len(self._thinned) < THINNED_MAX:
+            self._thinned.add(blob_id)
+
+    def recheck_packs(self) -> None:
+        """Take every pack as thinned (a mount: what was dropped before is not known)."""
+        rows = self._db.execute(
+            "SELECT DISTINCT blob_id FROM blocks WHERE start > 0 LIMIT ?", (THINNED_MAX,)
+        )
+        self._thinned.update(bytes(r[0]) for r in rows)
 
     def blob_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0])
@@ -848,8 +884,7 @@ class Metadata:
             (now_ns, now_ns, nlink_delta, ino),
         )
 
-    @staticmethod
-    def _unref(db: sqlite3.Connection, blob_id: bytes, freed: list[FreedBlob]) -> None:
+    def _unref(self, db: sqlite3.Connection, blob_id: bytes, freed: list[FreedBlob]) -> None:
         row = db.execute(
             "UPDATE blobs SET refcount = refcount - 1 WHERE blob_id = ? RETURNING refcount, meta",
             (blob_id,),
@@ -859,3 +894,6 @@ class Metadata:
         if row[0] <= 0:
             db.execute("DELETE FROM blobs WHERE blob_id = ?", (blob_id,))
             freed.append(FreedBlob(blob_id, bytes(row[1])))
+            self._thinned.discard(blob_id)
+        elif len(self._thinned) < THINNED_MAX:
+            self._thinned.add(blob_id)

@@ -59,6 +59,9 @@ class FsBlobs:
             self.missed[r.blob_id] = r.missed  # for repair to fill in
         return r.blob_id, r.meta
 
+    def blob_length(self, blob_id: bytes, meta: bytes) -> int:
+        return self.blobs.metadata(blob_id, meta).length
+
     async def get_range(
         self, blob_id: bytes, meta: bytes, offset: int, length: int
     ) -> bytes | memoryview:

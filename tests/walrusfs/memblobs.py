@@ -54,6 +54,10 @@ class MemBlobStore:
                 self.puts_waiting -= 1
         return blob_id, self._meta(blob_id, len(content))
 
+    def blob_length(self, blob_id: bytes, meta: bytes) -> int:
+        assert meta[:4] == b"mem1" and meta[12:] == blob_id[:4], "not this blob's metadata"
+        return int.from_bytes(meta[4:12], "big")
+
     async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> bytes:
         await trio.lowlevel.checkpoint()
         self.gets += 1

@@ -330,12 +330,14 @@ async def test_background_flusher_writes_old_dirty_data(
         nursery.cancel_scope.cancel()
 
 
-async def small_files(fs: FileSystem, count: int, seed: int = 1) -> dict[int, bytes]:
-    """`count` new files of 1 byte to 16 KiB (small: BS // 4 at most), written and closed."""
+async def small_files(
+    fs: FileSystem, count: int, seed: int = 1, most: int = BS // 4
+) -> dict[int, bytes]:
+    """`count` new files of 1 byte to `most` (small: BS // 4 at most), written and closed."""
     rng = random.Random(seed)
     files = {}
     for i in range(count):
-        data = rng.randbytes(rng.randint(1, BS // 4))
+        data = rng.randbytes(rng.randint(1, most))
         ino, fh = await new_file(fs, b"small%d" % i)
         await fs.write(fh, 0, data)
         await fs.release(fh)
@@ -457,6 +459,93 @@ async def test_a_pack_that_fails_keeps_its_files_in_memory(
     for ino, data in files.items():
         assert await read_fresh(meta, store, ino, len(data)) == data
     assert_no_leaks(fs, store)
+
+
+async def delete_small(fs: FileSystem, files: dict[int, bytes], ino: int) -> None:
+    """Delete a file `small_files` made, for good (the kernel lets go of it too)."""
+    await fs.unlink(R, b"small%d" % list(files).index(ino))
+    await fs.forget([(ino, 1)])
+
+
+def live_fraction(store: MemBlobStore, pack: bytes, files: dict[int, bytes]) -> float:
+    return sum(map(len, files.values())) / len(store.blobs[pack])
+
+
+async def test_a_pack_mostly_deleted_is_rewritten_and_freed(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    files = await small_files(fs, 8, seed=5, most=BS // 8)  # one pack
+    await fs.data.flush_all()
+    (pack,) = store.blobs
+    inos = list(files)
+    await delete_small(fs, files, inos[0])
+    assert await fs.data.compact_packs() == 0  # mostly live: left as it is
+    for ino in inos[1:6]:
+        await delete_small(fs, files, ino)
+    kept = {ino: files[ino] for ino in inos[6:]}
+    assert live_fraction(store, pack, kept) < 0.5
+    attrs = {ino: await fs.getattr(ino) for ino in kept}
+    assert await fs.data.compact_packs() == len(kept)
+    # A new pack holds what lives; the old one is gone from the nodes.
+    assert pack not in store.blobs and store.puts == 2 and store.durable_puts == 2
+    (new,) = store.blobs
+    assert len(store.blobs[new]) == sum(map(len, kept.values()))
+    for ino, data in kept.items():
+        assert await read_fresh(meta, store, ino, len(data)) == data
+        assert await fs.getattr(ino) == attrs[ino]  # moving bytes is not a change
+    assert fs.data.dirty_bytes == 0 and not meta.patched_blocks()
+    assert await fs.data.compact_packs() == 0
+    assert_no_leaks(fs, store)
+
+
+async def test_a_block_being_rewritten_stays_and_frees_the_pack_when_stored(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    files = await small_files(fs, 6, seed=7, most=BS // 8)
+    await fs.data.flush_all()
+    (pack,) = store.blobs
+    inos = list(files)
+    for ino in inos[:4]:
+        await delete_small(fs, files, ino)
+    busy, idle = inos[4:]
+    assert live_fraction(store, pack, {busy: files[busy], idle: files[idle]}) < 0.5
+    fh = await fs.open(busy, os.O_RDWR, 0)
+    await fs.write(fh, 0, b"new")  # dirty: its bytes are its writer's to store
+    assert await fs.data.compact_packs() == 1
+    assert meta.blob_refcount(pack) == 1  # the busy file still names it
+    await fs.release(fh)
+    await fs.data.flush_all()
+    assert pack not in store.blobs
+    assert await read_fresh(meta, store, busy, BS) == b"new" + files[busy][3:]
+    assert await read_fresh(meta, store, idle, BS) == files[idle]
+    assert_no_leaks(fs, store)
+
+
+async def test_packs_thinned_before_a_mount_are_compacted_by_its_flusher(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata, autojump_clock: object
+) -> None:
+    files = await small_files(fs, 8, seed=5, most=BS // 8)  # one pack
+    await fs.data.flush_all()
+    (pack,) = store.blobs
+    for ino in list(files)[:6]:
+        await delete_small(fs, files, ino)
+    kept = {ino: files[ino] for ino in list(files)[6:]}
+    again = Metadata(meta.path)  # the next mount: it has not seen those files go
+    try:
+        mount = FileSystem(again, store, space=fake_space)
+        assert await mount.data.compact_packs() == 0
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mount.run_background)
+            await trio.sleep(1)
+            assert pack in store.blobs  # the rewritten blocks wait to fill a pack...
+            await trio.sleep(10)
+            assert pack not in store.blobs  # ...or for flush_age
+            nursery.cancel_scope.cancel()
+        for ino, data in kept.items():
+            assert await read_fresh(again, store, ino, len(data)) == data
+        assert_no_leaks(mount, store)
+    finally:
+        again.close()
 
 
 async def test_put_racing_a_delete_of_the_same_blob(fs: FileSystem, store: MemBlobStore) -> None:
