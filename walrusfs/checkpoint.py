@@ -103,6 +103,11 @@ class Superblock:
         )
 
 
+# A snapshot is compacted when more than 1/VACUUM_FRACTION of its pages are free.
+VACUUM_FRACTION = 4
+FREE_AND_ALL = ("freelist_count", "page_count")
+
+
 def snapshot(db_path: str) -> tuple[bytes, int]:
     """A consistent copy of the database and the journal seq it contains (blocking)."""
     src = sqlite3.connect(db_path)
@@ -111,6 +116,12 @@ def snapshot(db_path: str) -> tuple[bytes, int]:
         dst = sqlite3.connect(tmp)
         try:
             src.backup(dst)  # one step: a single read transaction, so consistent
+            free, pages = (dst.execute(f"PRAGMA {p}").fetchone()[0] for p in FREE_AND_ALL)
+            if free * VACUUM_FRACTION > pages:
+                # Pages freed since (small files' bytes, in patches until packed) would
+                # be stored and erasure coded with every checkpoint: a volume that took
+                # 2,000 small files had 2,109 of 2,140 pages free. Only the copy shrinks.
+                dst.execute("VACUUM")
             row = dst.execute("SELECT value FROM meta WHERE key = 'journal_seq'").fetchone()
         finally:
             dst.close()

@@ -13,11 +13,11 @@ import pytest
 import trio
 
 from tests.walrusfs.volumes import node_paths, tmpfs
-from walrusfs import metastore
-from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError
+from walrusfs import checkpoint, metastore
+from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError, install, snapshot
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
-from walrusfs.metadata import ROOT_INODE, BlockRef, Change
+from walrusfs.metadata import ROOT_INODE, BlockRef, Change, Metadata
 from walrusfs.metastore import MetaStore, db_path, format_metadata
 from walrusfs.segment import (
     JournalError,
@@ -168,6 +168,29 @@ async def test_patches_survive_checkpoint_and_replay_and_their_bytes_make_one_du
     ms2 = await MetaStore.open(await open_volume(paths[0], **OPTS), str(tmp_path / "state2"))
     assert dump(ms2.metadata.path) == expected  # from the checkpoint, then the journal
     ms2.metadata.close()
+
+
+def test_a_snapshot_leaves_the_pages_freed_since_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    md = Metadata(tmp_path / "m.db", block_size=1 << 16)
+    try:
+        files = [
+            md.create(ROOT_INODE, b"f%d" % i, mode=FILE, uid=0, gid=0, now_ns=1).id
+            for i in range(20)
+        ]
+        for f in files:  # small files' bytes wait in patches for their pack
+            md.patch_blocks(f, [(0, 0, os.urandom(50_000))], size=50_000, mtime_ns=2, ctime_ns=2)
+        for f in files:
+            md.truncate(f, 0, mtime_ns=3, ctime_ns=3)  # and leave
+        expected = dump(md.path)
+        data = snapshot(md.path)[0]
+        monkeypatch.setattr(checkpoint, "VACUUM_FRACTION", 0)
+        assert len(data) < len(snapshot(md.path)[0]) // 10
+        install(str(tmp_path / "restored.db"), data)
+        assert dump(str(tmp_path / "restored.db")) == expected
+    finally:
+        md.close()
 
 
 async def test_blocks_sharing_a_blob_survive_checkpoint_and_replay(tmp_path: Path) -> None:
