@@ -55,7 +55,7 @@ import numpy as np
 import trio
 
 from walrusfs.errors import FSError, errno_of, is_known
-from walrusfs.metadata import BlockRef, FreedBlob, Metadata
+from walrusfs.metadata import THINNED_MAX, BlockRef, FreedBlob, Metadata
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,10 @@ PACKS_SEEN = 4096
 COMPACT_FRACTION = 2
 # Thinned blobs looked at per round of the flusher (an indexed query each).
 COMPACT_CHECKS = 256
+# Seconds a pack must keep all of its blocks before it is looked at: a tree being
+# deleted, or rewritten by tar or rsync, drops the rest of the pack moments later, and
+# blocks moved before that would be stored again for nothing.
+COMPACT_QUIET = 15.0
 
 Buffer = bytes | bytearray | memoryview
 
@@ -265,6 +269,7 @@ class FileData:
         self._progress = trio.Event()  # set (and replaced) whenever a flush ends
         self._fetching: dict[bytes, trio.Event] = {}
         self._packs_seen: set[bytes] = set()  # packs a block was read from (see _fetch)
+        self._thinned: dict[bytes, float] = {}  # blobs that lost blocks, and when (trio)
         self._nursery: trio.Nursery | None = None  # for read-ahead, while the flusher runs
         self._flush_failing = False
         # put/delete race guards, see _put and free.
@@ -863,22 +868,28 @@ class FileData:
             self._cache.put(blob_id, pack)
         await self.free(freed)
 
-    async def compact_packs(self) -> int:
-        """Store again the live blocks of packs that are mostly dead bytes, up to a new
-        pack's worth, so that those packs are freed; returns how many blocks moved.
+    async def compact_packs(self, *, quiet_for: float = COMPACT_QUIET) -> int:
+        """Store again the live blocks of packs that are mostly dead bytes and lost none
+        for `quiet_for` seconds, up to a new pack's worth, so that those packs are freed;
+        returns how many files had blocks moved.
 
         A pack lives while any block names it, so files deleted from it leave dead bytes
         on every node. A moved block is read into memory as committed (settled), then
-        packed like a small file just closed. A block in use (dirty, patched, changed
+        packed at once with the others. A block in use (dirty, patched, changed
         meanwhile) is left: a flush of its file frees its old reference anyway.
         """
+        now = trio.current_time()
+        for blob_id in self._meta.take_thinned(THINNED_MAX):
+            if blob_id in self._thinned or len(self._thinned) < THINNED_MAX:
+                self._thinned[blob_id] = now  # the last time it was seen losing a block
+        quiet = [b for b, when in self._thinned.items() if when <= now - quiet_for]
         moved: dict[int, _File] = {}
         budget = self.block_size
         with ExitStack() as stack:
-            for blob_id in self._meta.take_thinned(COMPACT_CHECKS):
+            for blob_id in quiet[:COMPACT_CHECKS]:
                 if budget <= 0:
-                    self._meta.recheck_blob(blob_id)  # the next round looks at it
-                    continue
+                    break  # the next round looks at the rest
+                del self._thinned[blob_id]
                 users = self._meta.blob_blocks(blob_id)
                 if not self._mostly_dead(blob_id, users):
                     continue

@@ -514,11 +514,6 @@ class Metadata:
             taken.append(self._thinned.pop())
         return taken
 
-    def recheck_blob(self, blob_id: bytes) -> None:
-        """Take it as thinned again (looked at later)."""
-        if len(self._thinned) < THINNED_MAX:
-            self._thinned.add(blob_id)
-
     def recheck_packs(self) -> None:
         """Take every pack as thinned (a mount: what was dropped before is not known)."""
         rows = self._db.execute(
