@@ -21,8 +21,9 @@ blob with the patches applied, and becomes dirty, so that it is stored whole.
 
 close() commits a small file (SMALL_PATCH_BYTES of unstored bytes at most) the same way,
 and the flusher stores small settled files together: one blob (a *pack*) holds the
-blocks of many files, each at its own start. A block is one blob, or a range of a pack;
-a pack lives while any block names it. A blob that replaces patches is put durably:
+blocks of many files, each at its own start after a short header. A block is one blob,
+or a range of a pack; a pack lives while any block names it, and one that is mostly
+dead bytes has its live blocks packed again (compact_packs). A blob that replaces patches is put durably:
 fsync() may have made them so, and the commit that names the blob drops them.
 
 While a file has unflushed changes its live size and times are kept here (`live`); the
@@ -84,6 +85,9 @@ MAX_RANGES = 64
 WHOLE_BLOB = 1 << 62
 # Packs remembered as read from (see FileData._fetch).
 PACKS_SEEN = 4096
+# The first bytes of every pack, so that no block in a pack starts at 0: a mount finds
+# every pack (Metadata.recheck_packs), also one whose only block left is its first.
+PACK_HEADER = b"walrusfs pack 1\n"
 # A pack whose live blocks fill less than 1/COMPACT_FRACTION of it has those blocks
 # stored again (in a new pack) and is deleted: deleting small files must free space
 # too. Rewriting moves at most half of what it frees.
@@ -830,7 +834,7 @@ class FileData:
         picked = {f.inode: dict(f.dirty) for f in files}
         patched = {f.inode: dict(f.patched) for f in files}
         snapshots = {f.inode: self._take(f, picked[f.inode]) for f in files}
-        pack = bytearray()
+        pack = bytearray(PACK_HEADER)
         where: dict[tuple[int, int], int] = {}  # (inode, block index) -> start in the pack
         for f in files:
             for index, buf in picked[f.inode].items():
@@ -842,7 +846,7 @@ class FileData:
         todo = list(files)
         try:
             blob_id, meta = b"", b""
-            if pack:
+            if where:
                 blob_id, meta = await self._put(pack, durable=True)  # it replaces patches
                 pinned.append(blob_id)
             while todo:
@@ -864,7 +868,7 @@ class FileData:
             raise
         finally:
             self._round_done(pinned)
-        if pack:
+        if where:
             self._cache.put(blob_id, pack)
         await self.free(freed)
 
@@ -910,8 +914,8 @@ class FileData:
         return len(moved)
 
     def _mostly_dead(self, blob_id: bytes, users: list[tuple[int, int, BlockRef]]) -> bool:
-        if not users or any(ref.length > self._small_patch for _, _, ref in users):
-            return False  # gone already, or not a pack of small blocks
+        if not users or any(r.start == 0 or r.length > self._small_patch for _, _, r in users):
+            return False  # gone already, or not a pack
         try:
             length = self._store.blob_length(blob_id, users[0][2].meta)
         except FSError:
@@ -921,7 +925,7 @@ class FileData:
         for start, stop in sorted({(r.start, r.start + r.length) for _, _, r in users}):
             live += max(0, stop - max(start, end))
             end = max(end, stop)
-        return live * COMPACT_FRACTION < length
+        return live * COMPACT_FRACTION < length - len(PACK_HEADER)
 
     def _movable(self, f: _File, index: int, ref: BlockRef) -> bool:
         return (
