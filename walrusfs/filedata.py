@@ -23,8 +23,9 @@ close() commits a small file (SMALL_PATCH_BYTES of unstored bytes at most) the s
 and the flusher stores small settled files together: one blob (a *pack*) holds the
 blocks of many files, each at its own start after a short header. A block is one blob,
 or a range of a pack; a pack lives while any block names it, and one that is mostly
-dead bytes has its live blocks packed again (compact_packs). A blob that replaces patches is put durably:
-fsync() may have made them so, and the commit that names the blob drops them.
+dead bytes has its live blocks packed again (compact_packs). A blob that replaces
+patches is put durably: fsync() may have made them so, and the commit that names the
+blob drops them.
 
 While a file has unflushed changes its live size and times are kept here (`live`); the
 metadata row has the values of the last flush. Dirty memory is bounded: a writer over
