@@ -693,10 +693,13 @@ class Metadata:
                 # needs no rewrite and re-extending the file shows zeros, not old data.
                 # Patches are cut the same way.
                 cut, index = size % bs, size // bs
-                db.execute(
-                    "UPDATE blocks SET length = MIN(length, ?) WHERE inode = ? AND block_index = ?",
+                row = db.execute(
+                    "UPDATE blocks SET length = MIN(length, ?) WHERE inode = ? AND block_index = ?"
+                    " RETURNING blob_id, start",
                     (cut, ino, index),
-                )
+                ).fetchone()
+                if row is not None and row[1] > 0 and len(self._thinned) < THINNED_MAX:
+                    self._thinned.add(bytes(row[0]))  # a pack: bytes past the cut are dead
                 db.execute(
                     "DELETE FROM patches WHERE inode = ? AND block_index = ? AND offset >= ?",
                     (ino, index, cut),

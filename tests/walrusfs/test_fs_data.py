@@ -498,6 +498,21 @@ async def test_a_pack_mostly_deleted_is_rewritten_and_freed(
     assert_no_leaks(fs, store)
 
 
+async def test_files_cut_short_in_a_pack_thin_it_too(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    files = await small_files(fs, 4, seed=8, most=BS // 8)
+    await fs.data.flush_all()
+    (pack,) = store.blobs
+    for ino in files:
+        await fs.setattr(ino, size=1)  # the rest of each file's bytes are dead
+    assert await fs.data.compact_packs(quiet_for=0) == len(files)
+    assert pack not in store.blobs
+    for ino, data in files.items():
+        assert await read_fresh(meta, store, ino, BS) == data[:1]
+    assert_no_leaks(fs, store)
+
+
 async def test_a_block_being_rewritten_stays_and_frees_the_pack_when_stored(
     fs: FileSystem, store: MemBlobStore, meta: Metadata
 ) -> None:
