@@ -467,6 +467,16 @@ async def delete_small(fs: FileSystem, files: dict[int, bytes], ino: int) -> Non
     await fs.forget([(ino, 1)])
 
 
+async def one_pack(
+    fs: FileSystem, store: MemBlobStore, count: int, seed: int
+) -> tuple[dict[int, bytes], bytes]:
+    """`small_files` (an eighth of a block at most each), stored: in one pack."""
+    files = await small_files(fs, count, seed=seed, most=BS // 8)
+    await fs.data.flush_all()
+    (pack,) = store.blobs
+    return files, pack
+
+
 def live_fraction(store: MemBlobStore, pack: bytes, files: dict[int, bytes]) -> float:
     return sum(map(len, files.values())) / len(store.blobs[pack])
 
@@ -474,9 +484,7 @@ def live_fraction(store: MemBlobStore, pack: bytes, files: dict[int, bytes]) -> 
 async def test_a_pack_mostly_deleted_is_rewritten_and_freed(
     fs: FileSystem, store: MemBlobStore, meta: Metadata
 ) -> None:
-    files = await small_files(fs, 8, seed=5, most=BS // 8)  # one pack
-    await fs.data.flush_all()
-    (pack,) = store.blobs
+    files, pack = await one_pack(fs, store, 8, seed=5)
     inos = list(files)
     await delete_small(fs, files, inos[0])
     assert await fs.data.compact_packs(quiet_for=0) == 0  # mostly live: left as it is
@@ -501,9 +509,7 @@ async def test_a_pack_mostly_deleted_is_rewritten_and_freed(
 async def test_files_cut_short_in_a_pack_thin_it_too(
     fs: FileSystem, store: MemBlobStore, meta: Metadata
 ) -> None:
-    files = await small_files(fs, 4, seed=8, most=BS // 8)
-    await fs.data.flush_all()
-    (pack,) = store.blobs
+    files, pack = await one_pack(fs, store, 4, seed=8)
     for ino in files:
         await fs.setattr(ino, size=1)  # the rest of each file's bytes are dead
     assert await fs.data.compact_packs(quiet_for=0) == len(files)
@@ -516,9 +522,7 @@ async def test_files_cut_short_in_a_pack_thin_it_too(
 async def test_a_block_being_rewritten_stays_and_frees_the_pack_when_stored(
     fs: FileSystem, store: MemBlobStore, meta: Metadata
 ) -> None:
-    files = await small_files(fs, 6, seed=7, most=BS // 8)
-    await fs.data.flush_all()
-    (pack,) = store.blobs
+    files, pack = await one_pack(fs, store, 6, seed=7)
     inos = list(files)
     for ino in inos[:4]:
         await delete_small(fs, files, ino)
@@ -539,9 +543,7 @@ async def test_a_block_being_rewritten_stays_and_frees_the_pack_when_stored(
 async def test_packs_thinned_before_a_mount_are_compacted_by_its_flusher(
     fs: FileSystem, store: MemBlobStore, meta: Metadata, autojump_clock: object
 ) -> None:
-    files = await small_files(fs, 8, seed=5, most=BS // 8)  # one pack
-    await fs.data.flush_all()
-    (pack,) = store.blobs
+    files, pack = await one_pack(fs, store, 8, seed=5)
     first, *rest = files
     assert meta.block(first, 0).start > 0  # no block of a pack starts at 0, not even its first
     for ino in rest:
