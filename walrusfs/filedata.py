@@ -302,8 +302,7 @@ class FileData:
         """Bytes of changes a crash of this process would lose: in memory, not committed
         (a settled file's are, as patches, while they wait to be stored whole)."""
         return sum(
-            sum(map(len, f.inflight.values()))
-            + (0 if self._settled(f) else f.dirty_size())
+            sum(map(len, f.inflight.values())) + (0 if self._settled(f) else f.dirty_size())
             for f in self._files.values()
         )
 
@@ -360,9 +359,7 @@ class FileData:
             pos += n
         return b"".join(pieces)
 
-    async def _read_block(
-        self, inode: int, index: int, start: int, n: int
-    ) -> bytes | memoryview:
+    async def _read_block(self, inode: int, index: int, start: int, n: int) -> bytes | memoryview:
         for _attempt in range(3):
             f = self._files.get(inode)
             if f is not None:

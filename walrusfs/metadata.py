@@ -821,9 +821,12 @@ class Metadata:
 
     def _forget_patched(self, ino: int) -> None:
         """After a commit (never inside a transaction that may yet roll back)."""
-        if ino in self._patched and not self._db.execute(
-            "SELECT 1 FROM patches WHERE inode = ? LIMIT 1", (ino,)
-        ).fetchone():
+        if (
+            ino in self._patched
+            and not self._db.execute(
+                "SELECT 1 FROM patches WHERE inode = ? LIMIT 1", (ino,)
+            ).fetchone()
+        ):
             self._patched.discard(ino)
 
     # -- helpers inside a transaction ---------------------------------------------------

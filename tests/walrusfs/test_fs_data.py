@@ -438,9 +438,7 @@ async def test_a_blob_replacing_patches_is_stored_durably(
     await fs.release(fh)
     await fs.data.flush_all()  # the patched block, stored whole: as safe as its patch
     assert store.puts == 3 and store.durable_puts == 1 and not meta.patched_blocks()
-    assert await read_fresh(meta, store, ino, 2 * BS) == b"d" * (BS + 5) + b"page" + b"d" * (
-        BS - 9
-    )
+    assert await read_fresh(meta, store, ino, 2 * BS) == b"d" * (BS + 5) + b"page" + b"d" * (BS - 9)
 
 
 async def test_a_pack_that_fails_keeps_its_files_in_memory(
