@@ -795,36 +795,35 @@ class FileData:
         block (packs); returns how many were stored.
 
         A small file costs a blob otherwise: an encode and a new file on every node for
-        a few KiB. Files whose flush_lock is taken are left to whoever holds it.
+        a few KiB. Files whose flush_lock is taken are left to whoever holds it. Locks
+        are taken one pack at a time: a close() of a file in a later pack does not wait
+        for the earlier ones to be stored.
         """
-        with ExitStack() as stack:
-            taken: list[_File] = []
-            for f in sorted(files, key=lambda f: f.inode):
+        todo = sorted(files, key=lambda f: f.inode)
+        stored = 0
+        while todo:
+            group: list[_File] = []
+            rest: list[_File] = []
+            size = len(PACK_HEADER)
+            for f in todo:
                 if f.flush_lock.locked() or not (self._settled(f) and self._packable(f)):
-                    continue
-                stack.enter_context(self._use(f.inode))
-                f.flush_lock.acquire_nowait()
-                stack.callback(f.flush_lock.release)
-                taken.append(f)
-            stored = 0
-            while taken:
-                group: list[_File] = []
-                rest: list[_File] = []
-                size = 0
-                for f in taken:
-                    if not (self._settled(f) and self._packable(f)):
-                        continue  # written to while a pack was stored: left to a flush
-                    n = f.dirty_size()
-                    if group and size + n > self.block_size:
-                        rest.append(f)
-                    else:
-                        group.append(f)
-                        size += n
-                if group:
+                    continue  # busy, or written to while a pack was stored: left to a flush
+                n = f.dirty_size()
+                if group and size + n > self.block_size:
+                    rest.append(f)
+                else:
+                    group.append(f)
+                    size += n
+            if group:
+                with ExitStack() as stack:
+                    for f in group:
+                        stack.enter_context(self._use(f.inode))
+                        f.flush_lock.acquire_nowait()
+                        stack.callback(f.flush_lock.release)
                     await self._store_pack(group)
-                stored += len(group)
-                taken = rest
-            return stored
+            stored += len(group)
+            todo = rest
+        return stored
 
     async def _store_pack(self, files: list[_File]) -> None:
         """Store all dirty blocks of `files` as one blob, then commit each file's (their

@@ -407,6 +407,34 @@ async def test_unmount_waits_for_a_close_in_progress_and_packs_its_file(
         assert await read_fresh(meta, store, ino, len(data)) == data
 
 
+async def test_a_close_waits_only_for_the_pack_its_file_is_in(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    files = await small_files(fs, 12, seed=9)  # more than a block: packs of a few files
+    assert sum(map(len, files.values())) > BS
+    first, last = min(files), max(files)  # packed first and last
+    store.put_gate = trio.Event()
+    closed: list[int] = []
+
+    async def close_one(ino: int) -> None:
+        fh = await fs.open(ino, os.O_RDONLY, 0)
+        await fs.release(fh)
+        closed.append(ino)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.data.flush_all)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.puts_waiting == 1  # the first pack, not yet acknowledged
+        nursery.start_soon(close_one, first)
+        nursery.start_soon(close_one, last)
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed == [last]  # the file being packed waits; a later one does not
+        store.put_gate.set()
+    assert closed == [last, first] and store.puts >= 2 and not meta.patched_blocks()
+    for ino, data in files.items():
+        assert await read_fresh(meta, store, ino, len(data)) == data
+
+
 async def test_one_file_of_a_pack_is_read_alone_and_a_second_reads_the_pack(
     fs: FileSystem, store: MemBlobStore, meta: Metadata
 ) -> None:
