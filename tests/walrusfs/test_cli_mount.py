@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.walrusfs.clivol import Vol, mounted, run, server_pid
+from tests.walrusfs.volumes import sliver_files
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
 
@@ -187,6 +188,37 @@ def test_kill_9_after_closing_small_files_keeps_them(vol: Vol, tmp_path: Path) -
     db.close()
     vol.mount()
     assert {name: (vol.mnt / name).read_bytes() for name in files} == files
+
+
+def test_deleting_most_small_files_frees_their_packs(vol: Vol) -> None:
+    """Deleted just before an unmount, so the next mount finds the thinned packs and
+    stores what lives in them again (after COMPACT_QUIET), and the old packs go."""
+    vol.mount()
+    rng = random.Random(5)
+    files = {f"f{i}": rng.randbytes(rng.randint(1, 16_000)) for i in range(60)}
+    for name, data in files.items():
+        (vol.mnt / name).write_bytes(data)
+    run("umount", vol.mnt)  # stores them in packs
+    db = sqlite3.connect(vol.state / "metadata.db")
+    packs = [bytes(r[0]) for r in db.execute("SELECT DISTINCT blob_id FROM blocks")]
+    db.close()
+    assert 2 <= len(packs) < 10
+    node = str(vol.nodes[0])
+    before = len(sliver_files(node))
+    vol.mount()
+    kept = {name: data for i, (name, data) in enumerate(files.items()) if i % 10 == 0}
+    for name in files.keys() - kept.keys():
+        (vol.mnt / name).unlink()
+    run("umount", vol.mnt)
+    assert len(sliver_files(node)) == before  # nothing freed yet: every pack lives
+    vol.mount()
+    deadline = time.monotonic() + 120
+    while any(p.name[:64] in {b.hex() for b in packs} for p in sliver_files(node)):
+        assert time.monotonic() < deadline, "the thinned packs were not freed"
+        time.sleep(0.5)
+    assert {name: (vol.mnt / name).read_bytes() for name in kept} == kept
+    run("umount", vol.mnt)
+    assert len(sliver_files(node)) < before
 
 
 def test_f_nodes_lost_during_io_and_f_plus_one_fails_fast(vol: Vol) -> None:
