@@ -57,7 +57,7 @@ import numpy as np
 import trio
 
 from walrusfs.errors import FSError, errno_of, is_known
-from walrusfs.metadata import THINNED_MAX, BlockRef, FreedBlob, Metadata
+from walrusfs.metadata import THINNED_MAX, BlockRef, BlockUpdate, FreedBlob, Metadata
 
 log = logging.getLogger(__name__)
 
@@ -826,8 +826,8 @@ class FileData:
         return stored
 
     async def _store_pack(self, files: list[_File]) -> None:
-        """Store all dirty blocks of `files` as one blob, then commit each file's (their
-        flush_locks held). A file not committed when this fails keeps its blocks dirty."""
+        """Store all dirty blocks of `files` as one blob, then commit them in one
+        transaction (their flush_locks held). If this fails, they stay settled."""
         picked = {f.inode: dict(f.dirty) for f in files}
         patched = {f.inode: dict(f.patched) for f in files}
         snapshots = {f.inode: self._take(f, picked[f.inode]) for f in files}
@@ -839,32 +839,34 @@ class FileData:
                     where[f.inode, index] = len(pack)
                     pack += buf
         pinned: list[bytes] = []
-        freed: list[FreedBlob] = []
-        todo = list(files)
         try:
             blob_id, meta = b"", b""
             if where:
                 blob_id, meta = await self._put(pack, durable=True)  # it replaces patches
                 pinned.append(blob_id)
-            while todo:
-                f = todo[0]
-                refs = {
+            updates: list[BlockUpdate] = []
+            for f in files:
+                size, mtime_ns, ctime_ns = snapshots[f.inode]
+                refs: dict[int, BlockRef | None] = {
                     index: None
                     if (f.inode, index) not in where
                     else BlockRef(blob_id, meta, len(buf), where[f.inode, index])
                     for index, buf in picked[f.inode].items()
                 }
-                size, mtime_ns, ctime_ns = snapshots[f.inode]
-                freed += self._meta.set_blocks(
-                    f.inode, refs, size=size, mtime_ns=mtime_ns, ctime_ns=ctime_ns
+                updates.append(
+                    BlockUpdate(
+                        ino=f.inode, blocks=refs, size=size, mtime_ns=mtime_ns, ctime_ns=ctime_ns
+                    )
                 )
-                self._stored(todo.pop(0), picked[f.inode], snapshots[f.inode], complete=True)
+            freed = self._meta.set_blocks_many(updates)  # all of them, or none
         except BaseException:
-            for f in todo:
+            for f in files:
                 self._untake(f, picked[f.inode], patched[f.inode])
             raise
         finally:
             self._round_done(pinned)
+        for f in files:
+            self._stored(f, picked[f.inode], snapshots[f.inode], complete=True)
         if where:
             self._cache.put(blob_id, pack)
         await self.free(freed)

@@ -31,7 +31,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypedDict, TypeVar
 
 from walrusfs.errors import Exists, FSError, Invalid, NoData, NotFound
 
@@ -165,6 +165,17 @@ class BlockRef:
     start: int = 0
 
 
+class BlockUpdate(TypedDict):
+    """One file's part of `set_blocks_many`: the arguments of set_blocks, by name (a
+    dict, so that the journal records it as it records any change's arguments)."""
+
+    ino: int
+    blocks: dict[int, BlockRef | None]
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
 @dataclass(frozen=True, slots=True)
 class FreedBlob:
     """A blob no block names any more; delete it from the nodes after the commit."""
@@ -186,6 +197,7 @@ _REPLAYABLE = frozenset(
         "remove_xattr",
         "truncate",
         "set_blocks",
+        "set_blocks_many",
         "patch_blocks",
         "delete_inode",
     }
@@ -727,7 +739,6 @@ class Metadata:
     ) -> list[FreedBlob]:
         """Point blocks at new blobs (None: make it a hole) and set size and times."""
         freed: list[FreedBlob] = []
-        self._stored.pop(ino, None)
         with self._transaction(
             "set_blocks",
             ino=ino,
@@ -736,35 +747,60 @@ class Metadata:
             mtime_ns=mtime_ns,
             ctime_ns=ctime_ns,
         ) as db:
-            self._set_size_and_times(db, ino, size, mtime_ns, ctime_ns)
-            # Take the new references before dropping the old ones, so a block rewritten
-            # with identical content never sees its blob's count touch zero.
-            for ref in blocks.values():
-                if ref is not None:
-                    db.execute(
-                        "INSERT INTO blobs(blob_id, meta, refcount) VALUES (?, ?, 1)"
-                        " ON CONFLICT(blob_id) DO UPDATE SET refcount = refcount + 1",
-                        (ref.blob_id, ref.meta),
-                    )
-            for index, ref in blocks.items():
-                old = db.execute(
-                    "DELETE FROM blocks WHERE inode = ? AND block_index = ? RETURNING blob_id",
-                    (ino, index),
-                ).fetchone()
-                if ref is not None:
-                    db.execute(
-                        "INSERT INTO blocks(inode, block_index, blob_id, length, start)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (ino, index, ref.blob_id, ref.length, ref.start),
-                    )
-                if old is not None:
-                    self._unref(db, bytes(old[0]), freed)
-                if ino in self._patched:  # the new blob holds the block whole
-                    db.execute(
-                        "DELETE FROM patches WHERE inode = ? AND block_index = ?", (ino, index)
-                    )
+            self._set_blocks_in(db, ino, blocks, size, mtime_ns, ctime_ns, freed)
         self._forget_patched(ino)
         return freed
+
+    def set_blocks_many(self, files: list[BlockUpdate]) -> list[FreedBlob]:
+        """set_blocks of several files in one transaction and one journal record: a pack
+        commits its files at once, not a transaction each (16% of the event loop's
+        thread in a small-file tar)."""
+        freed: list[FreedBlob] = []
+        with self._transaction("set_blocks_many", files=files) as db:
+            for u in files:
+                self._set_blocks_in(
+                    db, u["ino"], u["blocks"], u["size"], u["mtime_ns"], u["ctime_ns"], freed
+                )
+        for u in files:
+            self._forget_patched(u["ino"])
+        return freed
+
+    def _set_blocks_in(
+        self,
+        db: sqlite3.Connection,
+        ino: int,
+        blocks: Mapping[int, BlockRef | None],
+        size: int,
+        mtime_ns: int,
+        ctime_ns: int,
+        freed: list[FreedBlob],
+    ) -> None:
+        self._stored.pop(ino, None)
+        self._set_size_and_times(db, ino, size, mtime_ns, ctime_ns)
+        # Take the new references before dropping the old ones, so a block rewritten with
+        # identical content never sees its blob's count touch zero.
+        for ref in blocks.values():
+            if ref is not None:
+                db.execute(
+                    "INSERT INTO blobs(blob_id, meta, refcount) VALUES (?, ?, 1)"
+                    " ON CONFLICT(blob_id) DO UPDATE SET refcount = refcount + 1",
+                    (ref.blob_id, ref.meta),
+                )
+        for index, ref in blocks.items():
+            old = db.execute(
+                "DELETE FROM blocks WHERE inode = ? AND block_index = ? RETURNING blob_id",
+                (ino, index),
+            ).fetchone()
+            if ref is not None:
+                db.execute(
+                    "INSERT INTO blocks(inode, block_index, blob_id, length, start)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (ino, index, ref.blob_id, ref.length, ref.start),
+                )
+            if old is not None:
+                self._unref(db, bytes(old[0]), freed)
+            if ino in self._patched:  # the new blob holds the block whole
+                db.execute("DELETE FROM patches WHERE inode = ? AND block_index = ?", (ino, index))
 
     def patch_blocks(
         self,

@@ -17,7 +17,7 @@ from walrusfs import checkpoint, metastore
 from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError, install, snapshot
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
-from walrusfs.metadata import ROOT_INODE, BlockRef, Change, Metadata
+from walrusfs.metadata import ROOT_INODE, BlockRef, BlockUpdate, Change, Metadata
 from walrusfs.metastore import MetaStore, db_path, format_metadata
 from walrusfs.segment import (
     JournalError,
@@ -203,6 +203,24 @@ async def test_blocks_sharing_a_blob_survive_checkpoint_and_replay(tmp_path: Pat
     md.set_blocks(f, {0: BlockRef(r.blob_id, r.meta, 4)}, size=4, mtime_ns=2, ctime_ns=2)
     await ms.checkpoint()
     md.set_blocks(g, {0: BlockRef(r.blob_id, r.meta, 6, 4)}, size=6, mtime_ns=3, ctime_ns=3)
+    # A pack commits its files in one record; one of them had patches, one a hole.
+    h = md.create(ROOT_INODE, b"c", mode=FILE, uid=0, gid=0, now_ns=1).id
+    k = md.create(ROOT_INODE, b"d", mode=FILE, uid=0, gid=0, now_ns=1).id
+    md.patch_blocks(h, [(0, 0, b"cc")], size=2, mtime_ns=4, ctime_ns=4)
+    p = await vol.blobs.put_blob(b"hdr" + b"cc" + b"ddd")
+    in_p = BlockRef(p.blob_id, p.meta, 2, 3)
+    md.set_blocks_many(
+        [
+            BlockUpdate(ino=h, blocks={0: in_p}, size=2, mtime_ns=5, ctime_ns=5),
+            BlockUpdate(
+                ino=k,
+                blocks={0: BlockRef(p.blob_id, p.meta, 3, 5), 1: None},
+                size=3,
+                mtime_ns=5,
+                ctime_ns=5,
+            ),
+        ]
+    )
     await ms.sync(durable=True)
     expected = dump(md.path)
     md.close()
@@ -210,6 +228,8 @@ async def test_blocks_sharing_a_blob_survive_checkpoint_and_replay(tmp_path: Pat
     assert dump(ms2.metadata.path) == expected  # from the checkpoint, then the journal
     assert ms2.metadata.block(g, 0) == BlockRef(r.blob_id, r.meta, 6, 4)
     assert ms2.metadata.blob_refcount(r.blob_id) == 2
+    assert ms2.metadata.block(h, 0) == in_p and ms2.metadata.get_inode(k).mtime_ns == 5
+    assert ms2.metadata.blob_refcount(p.blob_id) == 2 and not ms2.metadata.patched_blocks()
     ms2.metadata.close()
 
 
