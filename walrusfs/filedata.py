@@ -2,12 +2,13 @@
 
 Role: a file's content is a sequence of blocks of the volume's block size; block k holds
 bytes [k*bs, (k+1)*bs) and is stored as one immutable, content-addressed blob, or in a
-pack (below); a missing block is a hole and reads as zeros. Writes patch in-memory *dirty* copies of blocks
-(read-modify-write: a partly written block is loaded first). A flush puts dirty blocks
-as blobs in parallel, then switches the file's block map, size and times in ONE metadata
-transaction, then deletes the blobs nothing names any more. Reads look at dirty and
-in-flight blocks first, then at an LRU cache of blob bytes keyed by blob_id (content
-addressed, so it is never stale), then at the store, with read-ahead of the next block.
+pack (below); a missing block is a hole and reads as zeros. Writes patch in-memory
+*dirty* copies of blocks (read-modify-write: a partly written block is loaded first).
+A flush puts dirty blocks as blobs in parallel, then switches the file's block map, size
+and times in ONE metadata transaction, then deletes the blobs nothing names any more.
+Reads look at dirty and in-flight blocks first, then at an LRU cache of blob bytes keyed
+by blob_id (content addressed, so it is never stale), then at the store, with read-ahead
+of the next block.
 
 fsync() commits a small change to a stored block, or a small new block, as patches (the
 changed bytes, in the metadata) rather than as a new blob, and leaves the block dirty.
@@ -407,14 +408,17 @@ class FileData:
             done.set()
 
     async def _load(self, ref: BlockRef) -> Buffer:
-        """_fetch from the store. Whole blobs are read and cached. A block in a pack is read
-        alone the first time (a few KiB, not the pack's MiBs); from the second block of
-        the same pack on, the reader is taken to go through what was written together (a
-        tree, as it was written), and the whole pack is read and cached."""
+        """_fetch from the store. A blob of its own is read and cached. A block in a pack
+        (it starts past the header) is read alone the first time (a few KiB, not the
+        pack's MiBs); from the second block of the same pack on, the reader is taken to
+        go through what was written together (a tree, as it was written), and the whole
+        pack is read and cached."""
+        if ref.start == 0:
+            data = await self._store.get_range(ref.blob_id, ref.meta, 0, ref.length)
+            self._cache.put(ref.blob_id, data)
+            return data
         if ref.blob_id not in self._packs_seen:
             data = await self._store.get_range(ref.blob_id, ref.meta, ref.start, ref.length)
-            if ref.start == 0:  # the blob's first bytes: the whole of it if not a pack
-                self._cache.put(ref.blob_id, data)
             if len(self._packs_seen) >= PACKS_SEEN:
                 self._packs_seen.clear()  # a cheap bound
             self._packs_seen.add(ref.blob_id)
