@@ -886,7 +886,7 @@ class FileData:
         meanwhile) is left: a flush of its file frees its old reference anyway.
         """
         now = trio.current_time()
-        for blob_id in self._meta.take_thinned(THINNED_MAX):
+        for blob_id in self._meta.take_thinned():
             if blob_id in self._thinned or len(self._thinned) < THINNED_MAX:
                 self._thinned[blob_id] = now  # the last time it was seen losing a block
         quiet = [b for b, when in self._thinned.items() if when <= now - quiet_for]

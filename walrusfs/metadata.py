@@ -519,11 +519,9 @@ class Metadata:
         )
         return [(r[0], r[1], BlockRef(blob_id, bytes(r[2]), r[3], r[4])) for r in rows]
 
-    def take_thinned(self, limit: int) -> list[bytes]:
-        """Up to `limit` blobs that lost a block since they were last taken; forgotten here."""
-        taken: list[bytes] = []
-        while self._thinned and len(taken) < limit:
-            taken.append(self._thinned.pop())
+    def take_thinned(self) -> set[bytes]:
+        """The blobs that lost a block since they were last taken; forgotten here."""
+        taken, self._thinned = self._thinned, set()
         return taken
 
     def recheck_packs(self) -> None:
@@ -531,7 +529,12 @@ class Metadata:
         rows = self._db.execute(
             "SELECT DISTINCT blob_id FROM blocks WHERE start > 0 LIMIT ?", (THINNED_MAX,)
         )
-        self._thinned.update(bytes(r[0]) for r in rows)
+        for (blob_id,) in rows:
+            self._thin(bytes(blob_id))
+
+    def _thin(self, blob_id: bytes) -> None:
+        if len(self._thinned) < THINNED_MAX:
+            self._thinned.add(blob_id)
 
     def blob_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0])
@@ -710,8 +713,8 @@ class Metadata:
                     " RETURNING blob_id, start",
                     (cut, ino, index),
                 ).fetchone()
-                if row is not None and row[1] > 0 and len(self._thinned) < THINNED_MAX:
-                    self._thinned.add(bytes(row[0]))  # a pack: bytes past the cut are dead
+                if row is not None and row[1] > 0:
+                    self._thin(bytes(row[0]))  # a pack: its bytes past the cut are dead
                 db.execute(
                     "DELETE FROM patches WHERE inode = ? AND block_index = ? AND offset >= ?",
                     (ino, index, cut),
@@ -932,5 +935,5 @@ class Metadata:
             db.execute("DELETE FROM blobs WHERE blob_id = ?", (blob_id,))
             freed.append(FreedBlob(blob_id, bytes(row[1])))
             self._thinned.discard(blob_id)
-        elif len(self._thinned) < THINNED_MAX:
-            self._thinned.add(blob_id)
+        else:
+            self._thin(blob_id)
