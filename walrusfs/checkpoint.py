@@ -105,7 +105,6 @@ class Superblock:
 
 # A snapshot is compacted when more than 1/VACUUM_FRACTION of its pages are free.
 VACUUM_FRACTION = 4
-FREE_AND_ALL = ("freelist_count", "page_count")
 
 
 def snapshot(db_path: str) -> tuple[bytes, int]:
@@ -116,7 +115,8 @@ def snapshot(db_path: str) -> tuple[bytes, int]:
         dst = sqlite3.connect(tmp)
         try:
             src.backup(dst)  # one step: a single read transaction, so consistent
-            free, pages = (dst.execute(f"PRAGMA {p}").fetchone()[0] for p in FREE_AND_ALL)
+            free = dst.execute("PRAGMA freelist_count").fetchone()[0]
+            pages = dst.execute("PRAGMA page_count").fetchone()[0]
             if free * VACUUM_FRACTION > pages:
                 # Pages freed since (small files' bytes, in patches until packed) would
                 # be stored and erasure coded with every checkpoint: a volume that took

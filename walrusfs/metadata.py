@@ -755,9 +755,8 @@ class Metadata:
         return freed
 
     def set_blocks_many(self, files: list[BlockUpdate]) -> list[FreedBlob]:
-        """set_blocks of several files in one transaction and one journal record: a pack
-        commits its files at once, not a transaction each (16% of the event loop's
-        thread in a small-file tar)."""
+        """set_blocks of several files in one transaction and one journal record: a pack's
+        files are committed together or not at all."""
         freed: list[FreedBlob] = []
         with self._transaction("set_blocks_many", files=files) as db:
             for u in files:
