@@ -281,7 +281,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {n['latency_ms']:7.2f} ms  errors {n['errors']} corrupt {n['corrupt']}  {n['path']}{reason}"
         )
     print(
-        f"  files {st['files']}, blobs {st['blobs']}, dirty {_human(st['dirty_bytes'])}, journal lag {st['journal_lag']}"
+        f"  files {st['files']}, blobs {st['blobs']}, dirty {_human(st['dirty_bytes'])}, journal lag {st['journal_lag']}, "
+        f"freed blobs awaiting deletion {st.get('deletes_pending', 0)}"
     )
     health = st.get("health")
     if isinstance(health, dict):

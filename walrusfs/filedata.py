@@ -5,7 +5,8 @@ bytes [k*bs, (k+1)*bs) and is stored as one immutable, content-addressed blob, o
 pack (below); a missing block is a hole and reads as zeros. Writes patch in-memory
 *dirty* copies of blocks (read-modify-write: a partly written block is loaded first).
 A flush puts dirty blocks as blobs in parallel, then switches the file's block map, size
-and times in ONE metadata transaction, then deletes the blobs nothing names any more.
+and times in ONE metadata transaction; the blobs nothing names any more are then deleted
+(walrusfs.reclaim: once that transaction is on the nodes' stable storage).
 Reads look at dirty and in-flight blocks first, then at an LRU cache of blob bytes keyed
 by blob_id (content addressed, so it is never stale), then at the store, with read-ahead
 of the next block.
@@ -39,7 +40,7 @@ Must not import pyfuse3. Talks to the blob store only through `BlobStoreProtocol
 Thread/task safety: trio tasks of one thread. Per file, `write_lock` orders writes and
 truncates (a block load awaits the store) and `flush_lock` keeps one flush or truncate at
 a time. A put and a delete of the same blob_id may race (content addressing makes two
-files share blobs); `_put` and `free` make that safe, see there.
+files share blobs); walrusfs.reclaim makes that safe.
 """
 
 from __future__ import annotations
@@ -48,17 +49,17 @@ import errno
 import logging
 import os
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import trio
 
 from walrusfs.errors import FSError, errno_of, is_known
 from walrusfs.metadata import THINNED_MAX, BlockRef, BlockUpdate, FreedBlob, Metadata
+from walrusfs.reclaim import BlobStoreProtocol, Buffer, Reclaimer
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +101,6 @@ COMPACT_CHECKS = 256
 # deleted, or rewritten by tar or rsync, drops the rest of the pack moments later, and
 # blocks moved before that would be stored again for nothing.
 COMPACT_QUIET = 15.0
-
-Buffer = bytes | bytearray | memoryview
-
-
-class BlobStoreProtocol(Protocol):
-    """What filedata needs from the blob store (walrusfs.blobstore implements it)."""
-
-    async def put_blob(self, data: Buffer, *, durable: bool = False) -> tuple[bytes, bytes]:
-        """Store `data` on a quorum of nodes (`durable`: on their stable storage too);
-        return (blob_id, metadata). Same content, same blob_id."""
-        ...
-
-    async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> Buffer:
-        """Verified bytes of the blob (never written to afterwards), clipped to its end (so
-        WHOLE_BLOB asks for all of it). Raises an FSError (EIO) if they cannot be read."""
-        ...
-
-    async def delete_blob(self, blob_id: bytes, meta: bytes) -> None: ...
-
-    def blob_length(self, blob_id: bytes, meta: bytes) -> int:
-        """The blob's length in bytes, as its metadata says (no I/O). Raises an FSError if
-        the metadata is damaged."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,10 +256,7 @@ class FileData:
         self._thinned: dict[bytes, float] = {}  # blobs that lost blocks, and when (trio)
         self._nursery: trio.Nursery | None = None  # for read-ahead, while the flusher runs
         self._flush_failing = False
-        # put/delete race guards, see _put and free.
-        self._pinned: Counter[bytes] = Counter()
-        self._deleting: dict[bytes, trio.Event] = {}
-        self._watchers: dict[object, set[bytes]] = {}
+        self._reclaim = Reclaimer(store, meta.blob_refcount, self._limiter, self._cache.discard)
 
     # -- state --------------------------------------------------------------------------
 
@@ -306,6 +281,11 @@ class FileData:
             sum(map(len, f.inflight.values())) + (0 if self._settled(f) else f.dirty_size())
             for f in self._files.values()
         )
+
+    @property
+    def deletes_pending(self) -> int:
+        """Freed blobs waiting for their delete round (walrusfs.reclaim)."""
+        return self._reclaim.pending
 
     def live(self, inode: int) -> Live | None:
         """Size and times of `inode` if newer than its metadata row, else None."""
@@ -659,7 +639,8 @@ class FileData:
         return True
 
     async def flush_all(self) -> None:
-        """Flush every file with unflushed changes (the small settled ones in packs)."""
+        """Flush every file with unflushed changes (the small settled ones in packs), and
+        delete the blobs freed so far."""
         for f in list(self._files.values()):
             if f.flush_lock.locked():
                 # A close finishing (release is asynchronous): a pack skips a file whose
@@ -669,6 +650,7 @@ class FileData:
         await self._pack([f for f in self._files.values() if self._settled(f)])
         for inode in list(self._files):
             await self.flush(inode)
+        await self._reclaim.drain()
 
     async def _flush_locked(self, f: _File, full_only: bool) -> None:
         bs = self.block_size
@@ -751,8 +733,7 @@ class FileData:
             f.attrs_dirty = False
 
     def _round_done(self, pinned: list[bytes]) -> None:
-        self._pinned.subtract(pinned)
-        self._pinned += Counter()  # drop zero counts
+        self._reclaim.unpin(pinned)
         self._progress.set()
         self._progress = trio.Event()
 
@@ -846,7 +827,7 @@ class FileData:
         try:
             blob_id, meta = b"", b""
             if where:
-                blob_id, meta = await self._put(pack, durable=True)  # it replaces patches
+                blob_id, meta = await self._reclaim.put(pack, durable=True)  # it replaces patches
                 pinned.append(blob_id)
             updates: list[BlockUpdate] = []
             for f in files:
@@ -946,71 +927,13 @@ class FileData:
         pinned: list[bytes],
         durable: bool,
     ) -> None:
-        blob_id, meta = await self._put(buf, durable=durable)
+        blob_id, meta = await self._reclaim.put(buf, durable=durable)
         pinned.append(blob_id)
         refs[index] = BlockRef(blob_id, meta, len(buf))
 
-    async def _put(self, buf: bytearray, *, durable: bool = False) -> tuple[bytes, bytes]:
-        """put_blob, safe against a concurrent delete of the same blob_id.
-
-        The blob_id is only known when the put returns. If a delete of that id started
-        while we were putting, our slivers may be among those deleted: wait for the
-        delete and put again. Once returned, the id is pinned until our commit, and
-        `free` leaves pinned ids alone.
-        """
-        while True:
-            token = object()
-            seen: set[bytes] = set()
-            self._watchers[token] = seen
-            try:
-                async with self._limiter:
-                    blob_id, meta = await self._store.put_blob(buf, durable=durable)
-            finally:
-                del self._watchers[token]
-            deleting = self._deleting.get(blob_id)
-            if deleting is not None:
-                await deleting.wait()
-            elif blob_id not in seen:
-                self._pinned[blob_id] += 1
-                return blob_id, meta
-
     async def free(self, freed: list[FreedBlob]) -> None:
-        """Delete blobs whose last reference was just committed away (unless named again).
-
-        While the background tasks run (a mount), the deletes go on there: close() and
-        fsync() need the new data stored, not the old removed, and a delete waits for the
-        journal to reach the nodes first. Without them (tests, tools) it waits here.
-        """
-        victims = []
-        for blob in freed:
-            if (
-                self._pinned[blob.blob_id]
-                or blob.blob_id in self._deleting
-                or self._meta.blob_refcount(blob.blob_id)
-            ):
-                continue  # named again (or about to be) since the commit
-            self._deleting[blob.blob_id] = trio.Event()
-            for seen in self._watchers.values():
-                seen.add(blob.blob_id)
-            self._cache.discard(blob.blob_id)
-            victims.append(blob)
-        if victims and self._nursery is not None:
-            for blob in victims:
-                self._nursery.start_soon(self._delete_one, blob)
-        elif victims:
-            async with trio.open_nursery() as nursery:
-                for blob in victims:
-                    nursery.start_soon(self._delete_one, blob)
-
-    async def _delete_one(self, blob: FreedBlob) -> None:
-        try:
-            async with self._limiter:
-                await self._store.delete_blob(blob.blob_id, blob.meta)
-        except Exception as exc:
-            # Garbage on the nodes, not a user-visible error: a scrub collects it.
-            log.warning("blob %s not deleted: %s", blob.blob_id.hex(), exc)
-        finally:
-            self._deleting.pop(blob.blob_id).set()
+        """Delete blobs whose last reference was just committed away (walrusfs.reclaim)."""
+        await self._reclaim.free(freed)
 
     # -- memory pressure and the background flusher -------------------------------------
 
@@ -1051,6 +974,7 @@ class FileData:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
+                await nursery.start(self._reclaim.run)
                 task_status.started()
                 await self.fold_patches()
                 self._meta.recheck_packs()

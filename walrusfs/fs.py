@@ -54,8 +54,9 @@ from walrusfs.errors import (
     Range,
     TooBig,
 )
-from walrusfs.filedata import BlobStoreProtocol, FileData
+from walrusfs.filedata import FileData
 from walrusfs.metadata import ROOT_INODE, InodeRow, Metadata
+from walrusfs.reclaim import BlobStoreProtocol
 
 NAME_MAX = 255
 PATH_MAX = 4096

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 
 import trio
 
@@ -44,11 +43,13 @@ from walrusfs.segment import (
 
 log = logging.getLogger(__name__)
 
+
 class Journal:
     """The pending tail of committed changes and the writer of segments.
 
     `seq` is the number of the last appended record, `committed` of the last one stored on
-    a quorum of nodes. `prev` is the hash that the next segment chains to.
+    a quorum of nodes, `durable` of the last one on their stable storage (the records it
+    starts from are taken to be). `prev` is the hash that the next segment chains to.
     """
 
     def __init__(self, nodes: NodeSet, quorum: int, epoch: int, seq: int, prev: bytes) -> None:
@@ -57,12 +58,13 @@ class Journal:
         self.epoch = epoch
         self.seq = seq
         self.committed = seq
+        self.durable = seq
         self.prev = prev
-        self.on_commit: Callable[[int], None] | None = None
         self._pending: list[bytes] = []
         self._attempt: tuple[Segment, bytes] | None = None  # sent, not yet on a quorum
         self._log = segment_key(epoch, seq + 1)  # the current log file of every node
-        self._lock = trio.Lock()
+        self._lock = trio.Lock()  # one segment append at a time
+        self._flush_lock = trio.Lock()  # one flush of the nodes at a time
         self.segments_written = 0
         self.log_bytes = 0  # of records appended since the current log files began
 
@@ -114,10 +116,17 @@ class Journal:
                 self.prev = segment_hash(raw)
                 self.committed = seg.last_seq
                 self.segments_written += 1
-            if durable:
+        if not durable:
+            return
+        # Outside the append lock: a flush can take seconds on a busy disk, and close()
+        # needs only appends. One flush at a time, shared by the callers it covers.
+        async with self._flush_lock:
+            if self.durable < target:
+                # Records are on the nodes before this flush starts, and their blobs were
+                # written before them: it makes all of them durable.
+                reached = self.committed
                 await self._flush_filesystems()
-            if self.on_commit is not None:
-                self.on_commit(self.committed)
+                self.durable = max(self.durable, reached)
 
     async def rotate(self) -> tuple[int, bytes]:
         """Sync, then cut: later segments go to new log files. Returns (seq, hash) at the cut.

@@ -10,7 +10,7 @@ everything is stored.
 close() returns once a file's blobs and the journal record naming them are on n-f nodes
 (in their page caches: a crash of this process or machine loses nothing); fsync() also
 makes the nodes flush to stable storage. A blob is deleted from the nodes only after the
-change that freed it is in the journal there.
+change that freed it is on their stable storage (walrusfs.reclaim).
 
 Only walrusfs.mount imports pyfuse3; this module stays importable without a mount.
 Runs in trio tasks.
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 class FsBlobs:
-    """The blob store as the filesystem sees it (walrusfs.filedata.BlobStoreProtocol)."""
+    """The blob store as the filesystem sees it (walrusfs.reclaim.BlobStoreProtocol)."""
 
     def __init__(self, blobs: BlobStore, metastore: MetaStore) -> None:
         self.blobs = blobs
@@ -69,10 +69,11 @@ class FsBlobs:
             return await self.blobs.get_blob(blob_id, meta)  # whole block: no copy
         return await self.blobs.get_range(blob_id, meta, offset, length)
 
+    async def settle(self) -> None:
+        await self.metastore.sync(durable=True)
+
     async def delete_blob(self, blob_id: bytes, meta: bytes) -> None:
-        # The change that freed the blob must be on the nodes first: a crash before that
-        # recovers a state that still names the blob.
-        await self.metastore.sync()
+        # Called after settle() (walrusfs.reclaim): no state that can come back names it.
         self.missed.pop(blob_id, None)
         await self.blobs.delete_blob(blob_id, meta)
 
@@ -179,6 +180,7 @@ class Mounted:
             "blobs": md.blob_count(),
             "dirty_bytes": 0 if data is None else data.unsaved_bytes(),
             "journal_lag": self.metastore.journal.lag,
+            "deletes_pending": 0 if data is None else data.deletes_pending,
             "degraded_blobs": len(self.blobs.missed),
             "health": self.health(),
             "repair": self.repair.status(),

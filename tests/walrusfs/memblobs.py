@@ -1,4 +1,4 @@
-"""An honest in-memory blob store implementing walrusfs.filedata.BlobStoreProtocol.
+"""An honest in-memory blob store implementing walrusfs.reclaim.BlobStoreProtocol.
 
 Content addressed with blake3 like the real store, so identical blocks share a blob; it
 counts puts, gets and deletes, and can fail or hold operations so tests can prove blobs
@@ -22,6 +22,8 @@ class MemBlobStore:
         self.gets = 0
         self.got: list[tuple[int, int]] = []  # (offset, bytes) of each get
         self.deletes = 0
+        self.settles = 0
+        self.events: list[str] = []  # "settle" and "delete", in order
         self.fail_puts = False
         self.fail_gets = False
         # While set, operations wait for the event: lets a test interleave tasks.
@@ -54,6 +56,11 @@ class MemBlobStore:
                 self.puts_waiting -= 1
         return blob_id, self._meta(blob_id, len(content))
 
+    async def settle(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.settles += 1
+        self.events.append("settle")
+
     def blob_length(self, blob_id: bytes, meta: bytes) -> int:
         assert meta[:4] == b"mem1" and meta[12:] == blob_id[:4], "not this blob's metadata"
         return int.from_bytes(meta[4:12], "big")
@@ -77,4 +84,5 @@ class MemBlobStore:
         if self.delete_gate is not None:
             await self.delete_gate.wait()
         self.deletes += 1
+        self.events.append("delete")
         self.blobs.pop(blob_id, None)

@@ -19,6 +19,7 @@ import pytest
 
 from tests.walrusfs.clivol import Vol, mounted, run, server_pid
 from tests.walrusfs.volumes import sliver_files
+from walrusfs.control import query
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
 
@@ -54,6 +55,21 @@ def test_mount_use_status_umount(vol: Vol, tmp_path: Path) -> None:
     assert st["files"] >= 3 and st["journal_lag"] == 0 and st["dirty_bytes"] == 0
     text = run("status", vol.mnt).stdout
     assert "node 6: up" in text
+    (vol.mnt / "gone.bin").write_bytes(os.urandom(300_000))
+    found = query(str(vol.mnt), "blobs-of", path="gone.bin")["blobs"]
+    blobs = {str(b) for b in found}  # type: ignore[attr-defined]
+
+    def held() -> set[str]:
+        return {p.name[:64] for p in sliver_files(str(vol.nodes[0]))} & blobs
+
+    assert held() == blobs
+    (vol.mnt / "gone.bin").unlink()  # its blobs go in the next delete round
+    deadline = time.monotonic() + 60
+    while json.loads(run("status", vol.mnt, "--json").stdout)["deletes_pending"]:
+        assert time.monotonic() < deadline, "the freed blobs were never deleted"
+        time.sleep(0.2)
+    assert not held()
+    assert "awaiting deletion 0" in run("status", vol.mnt).stdout
     pid = st["pid"]
     run("umount", vol.mnt)
     assert not mounted(vol.mnt)

@@ -593,6 +593,80 @@ async def test_packs_thinned_before_a_mount_are_compacted_by_its_flusher(
         again.close()
 
 
+async def test_a_freed_blob_is_deleted_only_after_a_settle(
+    fs: FileSystem, store: MemBlobStore
+) -> None:
+    """A blob goes once the change that freed it is on stable storage on the nodes: a
+    power loss must not bring back a state that names a deleted blob."""
+    _ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"a" * BS)
+    await fs.flush(fh)
+    store.events.clear()
+    await fs.write(fh, 0, b"b" * BS)
+    await fs.flush(fh)
+    assert store.events == ["settle", "delete"] and len(store.blobs) == 1
+    await fs.release(fh)
+
+
+async def test_blobs_freed_while_the_flusher_runs_go_in_rounds(
+    fs: FileSystem, store: MemBlobStore, autojump_clock: object
+) -> None:
+    async def overwrite(fh: int, byte: int) -> None:
+        await fs.write(fh, 0, bytes([byte]) * BS)
+        await fs.flush(fh)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        fhs = []
+        for k in range(4):
+            _ino, fh = await new_file(fs, b"f%d" % k)
+            await overwrite(fh, k + 1)
+            fhs.append(fh)
+        store.events.clear()
+        for k, fh in enumerate(fhs):
+            await overwrite(fh, k + 10)
+        await trio.sleep(5)
+        # The first free starts a round at once; the others wait for the next one: a
+        # tree being rewritten costs a flush of the nodes a second, not one per file.
+        assert store.events == ["settle", "delete", "settle"] + ["delete"] * 3
+        await overwrite(fhs[3], 20)
+        await trio.testing.wait_all_tasks_blocked()  # its round is done: the next waits
+        assert store.events[-2:] == ["settle", "delete"]
+        store.events.clear()
+        # A blob freed and named again before its round stays.
+        await overwrite(fhs[0], 21)  # frees blob 10...
+        await overwrite(fhs[1], 10)  # ...which file 1 names again, freeing blob 11
+        assert fs.data.deletes_pending == 2 and store.events == []
+        await trio.sleep(5)
+        assert store.events == ["settle", "delete"]
+        assert blake3.blake3(bytes([10]) * BS).digest() in store.blobs
+        for fh in fhs:
+            await fs.release(fh)
+        nursery.cancel_scope.cancel()
+    assert_no_leaks(fs, store)
+
+
+async def test_blobs_still_queued_at_unmount_are_deleted(
+    fs: FileSystem, store: MemBlobStore
+) -> None:
+    _ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"a" * BS)
+    await fs.flush(fh)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        store.delete_gate = trio.Event()
+        await fs.write(fh, 0, b"b" * BS)
+        await fs.flush(fh)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.events[-1] == "settle" and store.deletes == 0  # deleting, held
+        nursery.cancel_scope.cancel()  # the kernel is gone: the background stops
+    store.delete_gate = None
+    await fs.release(fh)
+    await fs.shutdown()
+    assert store.deletes == 1
+    assert_no_leaks(fs, store)
+
+
 async def test_put_racing_a_delete_of_the_same_blob(fs: FileSystem, store: MemBlobStore) -> None:
     content = b"shared" * 3000  # not small: a blob of its own at close
     a, fa = await new_file(fs, b"a")

@@ -414,15 +414,28 @@ def test_db_path_is_inside_the_state_dir(tmp_path: Path) -> None:
     assert db_path(str(tmp_path)) == str(tmp_path / "metadata.db")
 
 
-async def test_a_durable_sync_flushes_each_filesystem_once(tmp_path: Path) -> None:
+async def test_a_durable_sync_flushes_each_filesystem_once_and_only_when_needed(
+    tmp_path: Path,
+) -> None:
     vol, _ = await new_volume(tmp_path)
     ms = await MetaStore.open(vol, str(tmp_path / "state"))
     try:
         await vol.nodes.probe_all()  # learns that all seven nodes share one filesystem
-        await ms.sync()
-        calls = sum(n.calls for n in vol.nodes.nodes)
-        await ms.sync(durable=True)  # nothing pending: only the flush
-        assert sum(n.calls for n in vol.nodes.nodes) - calls == 1
+
+        def calls() -> int:
+            return sum(n.calls for n in vol.nodes.nodes)
+
+        async def change_and_sync(name: bytes, durable: bool) -> int:
+            ms.metadata.create(ROOT_INODE, name, mode=DIR, uid=0, gid=0, now_ns=1)
+            before = calls()
+            await ms.sync(durable=durable)
+            return calls() - before
+
+        appends = await change_and_sync(b"a", durable=False)
+        assert await change_and_sync(b"b", durable=True) == appends + 1  # the one flush
+        before = calls()
+        await ms.sync(durable=True)  # nothing since the last flush: nothing to do
+        assert calls() == before
     finally:
         await ms.close()
 
