@@ -32,8 +32,8 @@ from walrusfs.metadata import FreedBlob
 
 log = logging.getLogger(__name__)
 
-# Seconds between delete rounds, each one flush (syncfs) of the nodes: measured against a
-# 1 GiB write the rounds cost nothing visible; one per freed blob would cost a flush each.
+# Seconds between delete rounds, each one flush (syncfs) of the nodes. 1 GiB overwritten
+# in place (256 blobs freed) took as long as with deletes after a plain journal sync.
 REAP_EVERY = 1.0
 
 Buffer = bytes | bytearray | memoryview
