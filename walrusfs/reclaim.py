@@ -145,7 +145,8 @@ class Reclaimer:
         try:
             task_status.started()
             while True:
-                await self._queued.wait()
+                if not self._queue:  # else a round failed: try again
+                    await self._queued.wait()
                 self._queued = trio.Event()
                 await self._round()
                 await trio.sleep(REAP_EVERY)
@@ -163,6 +164,8 @@ class Reclaimer:
 
     async def _round(self, *, raise_errors: bool = False) -> None:
         batch, self._queue = self._queue, []
+        if not batch:
+            return
         self._in_round = len(batch)
         try:
             try:

@@ -25,6 +25,7 @@ class MemBlobStore:
         self.settles = 0
         self.events: list[str] = []  # "settle" and "delete", in order
         self.fail_puts = False
+        self.fail_settles = False
         self.fail_gets = False
         # While set, operations wait for the event: lets a test interleave tasks.
         self.put_gate: trio.Event | None = None
@@ -58,6 +59,8 @@ class MemBlobStore:
 
     async def settle(self) -> None:
         await trio.lowlevel.checkpoint()
+        if self.fail_settles:
+            raise StorageUnavailable("memblobs: too few nodes to flush")
         self.settles += 1
         self.events.append("settle")
 

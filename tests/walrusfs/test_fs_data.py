@@ -646,6 +646,27 @@ async def test_blobs_freed_while_the_flusher_runs_go_in_rounds(
     assert_no_leaks(fs, store)
 
 
+async def test_deletes_that_could_not_settle_are_tried_again(
+    fs: FileSystem, store: MemBlobStore, autojump_clock: object
+) -> None:
+    _ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"a" * BS)
+    await fs.flush(fh)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        store.fail_settles = True  # more than f nodes away: no flush reaches a quorum
+        await fs.write(fh, 0, b"b" * BS)
+        await fs.flush(fh)
+        await trio.sleep(5)
+        assert store.deletes == 0 and fs.data.deletes_pending == 1
+        store.fail_settles = False  # back: the queued delete goes without a new free
+        await trio.sleep(5)
+        assert store.deletes == 1 and fs.data.deletes_pending == 0
+        nursery.cancel_scope.cancel()
+    await fs.release(fh)
+    assert_no_leaks(fs, store)
+
+
 async def test_blobs_still_queued_at_unmount_are_deleted(
     fs: FileSystem, store: MemBlobStore
 ) -> None:
