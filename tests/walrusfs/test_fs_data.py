@@ -593,17 +593,21 @@ async def test_packs_thinned_before_a_mount_are_compacted_by_its_flusher(
         again.close()
 
 
+async def overwrite(fs: FileSystem, fh: int, byte: int) -> None:
+    """A whole block of `byte` at 0, stored: frees the blob it replaces, if any."""
+    await fs.write(fh, 0, bytes([byte]) * BS)
+    await fs.flush(fh)
+
+
 async def test_a_freed_blob_is_deleted_only_after_a_settle(
     fs: FileSystem, store: MemBlobStore
 ) -> None:
     """A blob goes once the change that freed it is on stable storage on the nodes: a
     power loss must not bring back a state that names a deleted blob."""
     _ino, fh = await new_file(fs)
-    await fs.write(fh, 0, b"a" * BS)
-    await fs.flush(fh)
+    await overwrite(fs, fh, 1)
     store.events.clear()
-    await fs.write(fh, 0, b"b" * BS)
-    await fs.flush(fh)
+    await overwrite(fs, fh, 2)
     assert store.events == ["settle", "delete"] and len(store.blobs) == 1
     await fs.release(fh)
 
@@ -611,31 +615,27 @@ async def test_a_freed_blob_is_deleted_only_after_a_settle(
 async def test_blobs_freed_while_the_flusher_runs_go_in_rounds(
     fs: FileSystem, store: MemBlobStore, autojump_clock: object
 ) -> None:
-    async def overwrite(fh: int, byte: int) -> None:
-        await fs.write(fh, 0, bytes([byte]) * BS)
-        await fs.flush(fh)
-
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run_background)
         fhs = []
         for k in range(4):
             _ino, fh = await new_file(fs, b"f%d" % k)
-            await overwrite(fh, k + 1)
+            await overwrite(fs, fh, k + 1)
             fhs.append(fh)
         store.events.clear()
         for k, fh in enumerate(fhs):
-            await overwrite(fh, k + 10)
+            await overwrite(fs, fh, k + 10)
         await trio.sleep(5)
         # The first free starts a round at once; the others wait for the next one: a
         # tree being rewritten costs a flush of the nodes a second, not one per file.
         assert store.events == ["settle", "delete", "settle"] + ["delete"] * 3
-        await overwrite(fhs[3], 20)
+        await overwrite(fs, fhs[3], 20)
         await trio.testing.wait_all_tasks_blocked()  # its round is done: the next waits
         assert store.events[-2:] == ["settle", "delete"]
         store.events.clear()
         # A blob freed and named again before its round stays.
-        await overwrite(fhs[0], 21)  # frees blob 10...
-        await overwrite(fhs[1], 10)  # ...which file 1 names again, freeing blob 11
+        await overwrite(fs, fhs[0], 21)  # frees blob 10...
+        await overwrite(fs, fhs[1], 10)  # ...which file 1 names again, freeing blob 11
         assert fs.data.deletes_pending == 2 and store.events == []
         await trio.sleep(5)
         assert store.events == ["settle", "delete"]
@@ -650,13 +650,11 @@ async def test_deletes_that_could_not_settle_are_tried_again(
     fs: FileSystem, store: MemBlobStore, autojump_clock: object
 ) -> None:
     _ino, fh = await new_file(fs)
-    await fs.write(fh, 0, b"a" * BS)
-    await fs.flush(fh)
+    await overwrite(fs, fh, 1)
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run_background)
         store.fail_settles = True  # more than f nodes away: no flush reaches a quorum
-        await fs.write(fh, 0, b"b" * BS)
-        await fs.flush(fh)
+        await overwrite(fs, fh, 2)
         await trio.sleep(5)
         assert store.deletes == 0 and fs.data.deletes_pending == 1
         store.fail_settles = False  # back: the queued delete goes without a new free
@@ -671,13 +669,11 @@ async def test_blobs_still_queued_at_unmount_are_deleted(
     fs: FileSystem, store: MemBlobStore
 ) -> None:
     _ino, fh = await new_file(fs)
-    await fs.write(fh, 0, b"a" * BS)
-    await fs.flush(fh)
+    await overwrite(fs, fh, 1)
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run_background)
         store.delete_gate = trio.Event()
-        await fs.write(fh, 0, b"b" * BS)
-        await fs.flush(fh)
+        await overwrite(fs, fh, 2)
         await trio.testing.wait_all_tasks_blocked()
         assert store.events[-1] == "settle" and store.deletes == 0  # deleting, held
         nursery.cancel_scope.cancel()  # the kernel is gone: the background stops
