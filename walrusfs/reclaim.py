@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 # in place (256 blobs freed) took as long as with deletes after a plain journal sync.
 REAP_EVERY = 1.0
 
+# Freed blobs kept waiting while their rounds fail (more than f nodes away): ~1 KiB each at
+# n=7. Past it the oldest are left on the nodes, where a scrub finds and removes them.
+QUEUE_MAX = 16_384
+
 Buffer = bytes | bytearray | memoryview
 
 
@@ -74,8 +78,12 @@ class Reclaimer:
         refcount: Callable[[bytes], int],
         limiter: trio.CapacityLimiter,
         forget: Callable[[bytes], None],
+        *,
+        queue_max: int = QUEUE_MAX,
     ) -> None:
         self._store = store
+        self._queue_max = queue_max
+        self._overflowing = False
         self._refcount = refcount  # how many committed blocks name a blob
         self._limiter = limiter  # shared with the caller's other store calls
         self._forget = forget  # drop a blob from the caller's caches
@@ -87,6 +95,7 @@ class Reclaimer:
         self._deleting: dict[bytes, trio.Event] = {}
         self._watchers: dict[object, set[bytes]] = {}
         self.rounds = 0  # settles made for deletes
+        self.left_to_scrub = 0  # freed blobs dropped from a full queue
 
     @property
     def pending(self) -> int:
@@ -129,6 +138,16 @@ class Reclaimer:
             return
         if self._background:
             self._queue.extend(freed)
+            if len(self._queue) > self._queue_max:
+                dropped = len(self._queue) - self._queue_max
+                del self._queue[:dropped]
+                if not self._overflowing:  # said once per outage, not per free
+                    log.warning(
+                        "over %d freed blobs wait for the nodes: the oldest are left for a scrub",
+                        self._queue_max,
+                    )
+                    self._overflowing = True
+                self.left_to_scrub += dropped
             self._queued.set()
             return
         try:
@@ -177,6 +196,7 @@ class Reclaimer:
                 log.debug("deletes wait for the nodes: %s", exc)
                 return
             self.rounds += 1
+            self._overflowing = False
             await self._delete(batch)
         finally:
             self._in_round = 0
