@@ -99,7 +99,8 @@ class Journal:
 
         Concurrent callers share one write (group commit). With `durable`, the nodes then
         flush their filesystems (syncfs), which also makes the data blobs and earlier
-        segments written since durable: fsync() needs exactly that. Raises
+        segments written since durable: fsync() needs exactly that; none is needed when
+        a flush since these changes did it already (`durable`). Raises
         StorageUnavailable when fewer than n-f nodes take it; the changes stay pending,
         and the segment is sent again as it is.
         """
