@@ -7,9 +7,8 @@ pack (below); a missing block is a hole and reads as zeros. Writes patch in-memo
 A flush puts dirty blocks as blobs in parallel, then switches the file's block map, size
 and times in ONE metadata transaction; the blobs nothing names any more are then deleted
 (walrusfs.reclaim: once that transaction is on the nodes' stable storage).
-Reads look at dirty and in-flight blocks first, then at an LRU cache of blob bytes keyed
-by blob_id (content addressed, so it is never stale), then at the store, with read-ahead
-of the next block.
+Reads look at dirty and in-flight blocks first, then at stored blocks (walrusfs.blobcache:
+an LRU of blob bytes, then the store), with read-ahead of the next blocks.
 
 fsync() commits a small change to a stored block, or a small new block, as patches (the
 changed bytes, in the metadata) rather than as a new blob, and leaves the block dirty.
@@ -49,7 +48,6 @@ import errno
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -57,6 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
+from walrusfs.blobcache import BlockFetcher
 from walrusfs.errors import FSError, errno_of, is_known
 from walrusfs.metadata import THINNED_MAX, BlockRef, BlockUpdate, FreedBlob, Metadata
 from walrusfs.reclaim import BlobStoreProtocol, Buffer, Reclaimer
@@ -84,10 +83,6 @@ PATCH_MAX_BYTES = 1 << 20
 SMALL_PATCH_BYTES = 64 << 10
 # Changed ranges remembered per dirty block; a block changed in more places is stored whole.
 MAX_RANGES = 64
-# A length that reaches past the end of any blob.
-WHOLE_BLOB = 1 << 62
-# Packs remembered as read from (see FileData._fetch).
-PACKS_SEEN = 4096
 # The first bytes of every pack, so that no block in a pack starts at 0: a mount finds
 # every pack (Metadata.recheck_packs), also one whose only block left is its first.
 PACK_HEADER = b"walrusfs pack 1\n"
@@ -144,53 +139,12 @@ class _File:
         return sum(map(len, self.dirty.values()))
 
 
-class _BlobCache:
-    """LRU of blob bytes by blob_id, bounded in bytes."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self._items: OrderedDict[bytes, Buffer] = OrderedDict()
-
-    def get(self, blob_id: bytes, length: int) -> Buffer | None:
-        data = self._items.get(blob_id)
-        if data is None or len(data) < length:  # a shorter copy cannot serve this read
-            return None
-        self._items.move_to_end(blob_id)
-        return data
-
-    def put(self, blob_id: bytes, data: Buffer) -> None:
-        self.discard(blob_id)
-        if len(data) > self.capacity:
-            return
-        self._items[blob_id] = data
-        self.used += len(data)
-        while self.used > self.capacity:
-            _, old = self._items.popitem(last=False)
-            self.used -= len(old)
-
-    def discard(self, blob_id: bytes) -> None:
-        old = self._items.pop(blob_id, None)
-        if old is not None:
-            self.used -= len(old)
-
-    def __contains__(self, blob_id: bytes) -> bool:
-        return blob_id in self._items
-
-
 def _is_zero(buf: bytearray) -> bool:
     if not buf:
         return True
     if buf[0] or buf[-1]:
         return False
     return not bool(np.frombuffer(buf, dtype=np.uint8).any())
-
-
-def _block_of(blob: Buffer, ref: BlockRef) -> Buffer:
-    """The block's bytes of `blob` (the blob itself when they are all of it)."""
-    if ref.start == 0 and len(blob) == ref.length:
-        return blob
-    return memoryview(blob).toreadonly()[ref.start : ref.start + ref.length]
 
 
 def _piece(data: Buffer, limit: int, offset: int, n: int) -> bytes:
@@ -241,7 +195,7 @@ class FileData:
         self._is_open = is_open  # whether a file has open handles (walrusfs.fs knows)
         self._store = store
         self.block_size = meta.block_size
-        self._cache = _BlobCache(cache_bytes)
+        self._blobs = BlockFetcher(store, cache_bytes)
         # Two blocks at least, or a writer could never make room for a partial block.
         self._dirty_limit = max(dirty_limit, 2 * self.block_size)
         self._flush_age = flush_age
@@ -251,12 +205,10 @@ class FileData:
         self._files: dict[int, _File] = {}
         self.dirty_bytes = 0  # dirty + in-flight block bytes, all files
         self._progress = trio.Event()  # set (and replaced) whenever a flush ends
-        self._fetching: dict[bytes, trio.Event] = {}
-        self._packs_seen: set[bytes] = set()  # packs a block was read from (see _fetch)
         self._thinned: dict[bytes, float] = {}  # blobs that lost blocks, and when (trio)
         self._nursery: trio.Nursery | None = None  # for read-ahead, while the flusher runs
         self._flush_failing = False
-        self._reclaim = Reclaimer(store, meta.blob_refcount, self._limiter, self._cache.discard)
+        self._reclaim = Reclaimer(store, meta.blob_refcount, self._limiter, self._blobs.forget)
 
     # -- state --------------------------------------------------------------------------
 
@@ -358,7 +310,7 @@ class FileData:
             if ref is None:
                 return bytes(n)
             try:
-                data = await self._fetch(ref)
+                data = await self._blobs.fetch(ref)
             except FSError:
                 # A flush or truncate may have replaced the block and deleted its blob
                 # while we read it: then read the new version instead of failing.
@@ -369,43 +321,6 @@ class FileData:
                 return memoryview(data).toreadonly()[start : start + n]
             return _piece(data, ref.length, start, n)
         raise FSError(errno.EIO, f"block {index} of inode {inode} keeps changing under a read")
-
-    async def _fetch(self, ref: BlockRef) -> Buffer:
-        """The block's stored bytes (`ref.length` of them, fewer only if the blob is short)."""
-        while True:
-            data = self._cache.get(ref.blob_id, ref.start + ref.length)
-            if data is not None:
-                return _block_of(data, ref)
-            pending = self._fetching.get(ref.blob_id)
-            if pending is None:
-                break
-            await pending.wait()  # someone (read-ahead) is fetching it; then retry
-        done = self._fetching[ref.blob_id] = trio.Event()
-        try:
-            return await self._load(ref)
-        finally:
-            del self._fetching[ref.blob_id]
-            done.set()
-
-    async def _load(self, ref: BlockRef) -> Buffer:
-        """_fetch from the store. A blob of its own is read and cached. A block in a pack
-        (it starts past the header) is read alone the first time (a few KiB, not the
-        pack's MiBs); from the second block of the same pack on, the reader is taken to
-        go through what was written together (a tree, as it was written), and the whole
-        pack is read and cached."""
-        if ref.start == 0:
-            data = await self._store.get_range(ref.blob_id, ref.meta, 0, ref.length)
-            self._cache.put(ref.blob_id, data)
-            return data
-        if ref.blob_id not in self._packs_seen:
-            data = await self._store.get_range(ref.blob_id, ref.meta, ref.start, ref.length)
-            if len(self._packs_seen) >= PACKS_SEEN:
-                self._packs_seen.clear()  # a cheap bound
-            self._packs_seen.add(ref.blob_id)
-            return data
-        data = await self._store.get_range(ref.blob_id, ref.meta, 0, WHOLE_BLOB)
-        self._cache.put(ref.blob_id, data)
-        return _block_of(data, ref)
 
     async def _materialize(self, f: _File, index: int) -> bytearray:
         """Block `index` as committed (its blob with its patches applied) as a dirty block,
@@ -418,7 +333,7 @@ class FileData:
         patches = self._meta.patches(f.inode, index)
         buf = bytearray()
         if ref is not None:
-            buf[:] = memoryview(await self._fetch(ref))[: ref.length]
+            buf[:] = memoryview(await self._blobs.fetch(ref))[: ref.length]
         for offset, data in patches:
             if offset > len(buf):
                 buf.extend(bytes(offset - len(buf)))
@@ -451,15 +366,8 @@ class FileData:
         if f is not None and (index in f.dirty or index in f.inflight):
             return
         ref = self._meta.block(inode, index)
-        if ref is None or ref.blob_id in self._cache or ref.blob_id in self._fetching:
-            return
-        self._nursery.start_soon(self._prefetch_one, ref)
-
-    async def _prefetch_one(self, ref: BlockRef) -> None:
-        try:
-            await self._fetch(ref)
-        except Exception as exc:  # the read that needs it will report it
-            log.debug("read-ahead of blob %s failed: %s", ref.blob_id.hex(), exc)
+        if ref is not None:
+            self._blobs.prefetch(self._nursery, ref)
 
     # -- write and truncate -------------------------------------------------------------
 
@@ -518,7 +426,7 @@ class FileData:
                 buf = bytearray()  # all of the stored bytes are being overwritten
                 f.filling.add(index)
             else:
-                data = await self._fetch(ref)
+                data = await self._blobs.fetch(ref)
                 buf = bytearray(memoryview(data)[: ref.length])
                 changed = []
         f.dirty[index] = buf
@@ -772,7 +680,7 @@ class FileData:
         for index, buf in picked.items():
             ref = refs[index]
             if ref is not None:
-                self._cache.put(ref.blob_id, buf)
+                self._blobs.remember(ref.blob_id, buf)
         await self.free(freed)
 
     async def _pack(self, files: list[_File]) -> int:
@@ -853,7 +761,7 @@ class FileData:
         for f in files:
             self._stored(f, picked[f.inode], snapshots[f.inode], complete=True)
         if where:
-            self._cache.put(blob_id, pack)
+            self._blobs.remember(blob_id, pack)
         await self.free(freed)
 
     async def compact_packs(self, *, quiet_for: float = COMPACT_QUIET) -> int:
