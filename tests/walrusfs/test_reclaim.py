@@ -1,15 +1,24 @@
-"""The reclaimer alone: deletes in rounds after a settle, bounded while rounds fail."""
+"""Deletes of freed blobs: bounded while rounds fail, and after a durable flush on a real
+volume."""
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import trio
 
 from tests.walrusfs.memblobs import MemBlobStore
-from walrusfs.metadata import FreedBlob
+from tests.walrusfs.volumes import node_paths, sliver_files
+from walrusfs.blobstore import BlobStore
+from walrusfs.fs import FileSystem
+from walrusfs.metadata import ROOT_INODE, FreedBlob
+from walrusfs.metastore import MetaStore, format_metadata
 from walrusfs.reclaim import Reclaimer
+from walrusfs.service import FsBlobs
+from walrusfs.volume import create_volume, open_volume
 
 
 async def test_a_queue_kept_while_the_nodes_are_away_is_bounded(
@@ -38,3 +47,41 @@ async def test_a_queue_kept_while_the_nodes_are_away_is_bounded(
         assert reclaim.pending == 0 and store.deletes == 3
         assert set(store.blobs) == {b.blob_id for b in freed[:5]}
         nursery.cancel_scope.cancel()
+
+
+class SpiedBlobs(FsBlobs):
+    """The real FsBlobs, noting how far the journal was durable at each delete."""
+
+    def __init__(self, blobs: BlobStore, ms: MetaStore) -> None:
+        super().__init__(blobs, ms)
+        self.deleted: list[tuple[bytes, int, int]] = []  # (blob_id, durable seq, seq)
+
+    async def delete_blob(self, blob_id: bytes, meta: bytes) -> None:
+        journal = self.metastore.journal
+        self.deleted.append((blob_id, journal.durable, journal.seq))
+        await super().delete_blob(blob_id, meta)
+
+
+async def test_a_real_volume_deletes_a_blob_after_its_freeing_record_is_durable(
+    tmp_path: Path,
+) -> None:
+    paths = node_paths(tmp_path / "nodes", 7)
+    await create_volume(paths, blob_size=1 << 16)
+    vol = await open_volume(paths[0], node_timeout=10.0)
+    await format_metadata(vol, str(tmp_path / "state0"), uid=0, gid=0)
+    ms = await MetaStore.open(vol, str(tmp_path / "state"))
+    try:
+        blobs = SpiedBlobs(vol.blobs, ms)
+        fs = FileSystem(ms.metadata, blobs, commit=lambda durable: ms.sync(durable=durable))
+        fh, attrs = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, 0, 0)
+        await fs.write(fh, 0, b"a" * (1 << 16))
+        await fs.flush(fh)
+        (old,) = [ref.blob_id for ref in [ms.metadata.block(attrs.ino, 0)] if ref]
+        await fs.write(fh, 0, b"b" * (1 << 16))
+        await fs.flush(fh)  # commits the new block, freeing the old blob
+        freed_at = ms.journal.seq
+        assert [(b, durable >= freed_at) for b, durable, _ in blobs.deleted] == [(old, True)]
+        assert not any(p.name.startswith(old.hex()) for p in sliver_files(paths[0]))
+        await fs.release(fh)
+    finally:
+        await ms.close()
