@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict, TypeVar
 
-from walrusfs.errors import Exists, FSError, Invalid, NoData, NotFound
+from walrusfs.errors import Exists, FSError, Invalid, NoData, NoSpace, NotFound
 
 SCHEMA_VERSION = 3
 THINNED_MAX = 1 << 16  # thinned blobs remembered; more wait for the next mount
@@ -326,9 +326,12 @@ class Metadata:
         try:
             yield self._db
             self._commit(Change(op, args))
-        except BaseException:
+        except BaseException as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                # The disk of the state directory, not the nodes: say so, as ENOSPC.
+                raise NoSpace(f"the metadata's disk is full ({self.path}): {exc}") from exc
             raise
         finally:
             # Forget every remembered answer once the mutation is over (not before: its

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.walrusfs.volumes import tmpfs
 from walrusfs import errors
 from walrusfs.metadata import ROOT_INODE, BlockRef, Change, FreedBlob, Metadata
 
@@ -367,3 +370,27 @@ def test_remembered_rows_and_blocks_never_go_stale(tmp_path: Path) -> None:
             same()
     finally:
         m.close()
+
+
+def test_a_full_state_disk_is_enospc_and_loses_nothing_committed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with tmpfs(str(state), "512k"):
+        m = Metadata(state / "meta.db", block_size=BS, root_uid=0, root_gid=0, now_ns=1)
+        try:
+            ino = mkfile(m, ROOT_INODE, b"f")
+            value = bytes(60_000)
+            names = []
+            with pytest.raises(errors.NoSpace, match="metadata's disk is full") as caught:
+                for k in range(100):
+                    m.set_xattr(ino, b"user.k%d" % k, value, now_ns=2)
+                    names.append(b"user.k%d" % k)
+            assert errors.errno_of(caught.value) == errno.ENOSPC
+            assert 0 < len(names) < 100
+            # What was committed stays, the failed change left nothing, and the
+            # database works again once there is room.
+            assert sorted(m.list_xattrs(ino)) == sorted(names)
+            subprocess.run(["mount", "-o", "remount,size=16m", str(state)], check=True)
+            m.set_xattr(ino, b"user.later", b"v", now_ns=3)
+            assert m.get_xattr(ino, b"user.later") == b"v"
+        finally:
+            m.close()
