@@ -21,6 +21,7 @@ import time
 import trio
 
 from walrusfs import __version__
+from walrusfs.errors import message_of
 
 log = logging.getLogger("walrusfs")
 
@@ -172,7 +173,7 @@ def _mount_foreground(args: argparse.Namespace) -> int:
     except BaseException as exc:
         if ready_fd is not None:
             try:
-                os.write(ready_fd, f"error: {_message(exc)}\n".encode())
+                os.write(ready_fd, f"error: {message_of(exc)}\n".encode())
             except OSError:
                 pass
         raise
@@ -224,7 +225,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from walrusfs.control import ControlError, query
+    from walrusfs.control import ControlError, query, take_outcome
 
     try:
         pid = int(str(query(args.mountpoint)["pid"]))
@@ -247,6 +248,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"walrusfs: error: the server (pid {pid}) is still storing data after {args.timeout:g}s"
             )
+    outcome = take_outcome(args.mountpoint) if pid is not None else None
+    if pid is not None and outcome != "ok":
+        why = outcome.removeprefix("error: ") if outcome else "it ended without saying"
+        raise SystemExit(
+            f"walrusfs: error: unmounted {args.mountpoint}, but not everything may be stored: "
+            f"{why} (see the log; the next mount recovers what the journal holds)"
+        )
     print(f"unmounted {args.mountpoint}: all data and metadata stored")
     return 0
 
@@ -364,12 +372,6 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return fsck.run(args)
 
 
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        return _message(exc.exceptions[0])
-    return str(exc) or type(exc).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -405,12 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except expected as exc:
-        print(f"walrusfs: error: {_message(exc)}", file=sys.stderr)
+        print(f"walrusfs: error: {message_of(exc)}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
         first = group.exceptions[0] if group.exceptions else group
         if isinstance(first, expected):
-            print(f"walrusfs: error: {_message(first)}", file=sys.stderr)
+            print(f"walrusfs: error: {message_of(first)}", file=sys.stderr)
             return 1
         raise
 

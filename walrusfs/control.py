@@ -5,7 +5,9 @@ One Unix socket per mount, at a path derived from the mountpoint's real path, un
 only the mounting user can ask. Protocol: the client sends one JSON line {"cmd": ...},
 the server answers one JSON line and closes. Commands: "status", "repair", "scrub" (run a
 pass and return its report), "replace-node" (with "index" and "dir") and "blobs-of" (with
-"path" inside the mount: the blob ids of that file, for the fault tools).
+"path" inside the mount: the blob ids of that file, for the fault tools). Beside the
+socket the mount leaves, when it ends, whether everything was stored (`take_outcome`),
+for `walrusfs umount` to report.
 
 The server runs in the mount's trio nursery; the client is plain blocking code for the CLI.
 """
@@ -39,6 +41,41 @@ def socket_path(mountpoint: str) -> str:
     """Where the mount at `mountpoint` listens (blocking: resolves the path)."""
     digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:20]
     return os.path.join(socket_dir(), f"{digest}.sock")
+
+
+def outcome_path(mountpoint: str) -> str:
+    """Where the mount at `mountpoint` says how its unmount ended (blocking)."""
+    return socket_path(mountpoint).removesuffix(".sock") + ".exit"
+
+
+def write_outcome(mountpoint: str, outcome: str | None) -> None:
+    """Record how the unmount ended: None when everything was stored, else why not; or
+    clear the record (`outcome` "", when a mount starts). Blocking; never raises."""
+    path = outcome_path(mountpoint)
+    try:
+        if outcome == "":
+            _remove(path)
+            return
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write("ok\n" if outcome is None else f"error: {outcome}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot record how the unmount ended at %s: %s", path, exc)
+
+
+def take_outcome(mountpoint: str) -> str | None:
+    """What the mount recorded when it ended ("ok" or "error: ..."), removing it; None if
+    it recorded nothing (it crashed, or was not a walrusfs mount)."""
+    path = outcome_path(mountpoint)
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        os.unlink(path)
+    except OSError:
+        return None
+    return text or None
 
 
 def _remove(path: str) -> None:

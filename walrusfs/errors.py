@@ -143,6 +143,12 @@ def errno_of(exc: BaseException) -> int:
     return _errno.EIO
 
 
+def message_of(exc: BaseException) -> str:
+    """What to tell a user of `exc`: its first leaf's message (or its type's name)."""
+    leaf = _leaves(exc)[0] if isinstance(exc, BaseExceptionGroup) and exc.exceptions else exc
+    return str(leaf) or type(leaf).__name__
+
+
 def is_known(exc: BaseException) -> bool:
     """True if every leaf of `exc` is an error we expect (so it needs no traceback)."""
     return all(_known_errno(leaf) is not None for leaf in _leaves(exc))

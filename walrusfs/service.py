@@ -28,7 +28,8 @@ import trio
 
 from walrusfs.blobstore import BlobStore
 from walrusfs.catalog import Catalog
-from walrusfs.control import CommandError, serve_control
+from walrusfs.control import CommandError, serve_control, write_outcome
+from walrusfs.errors import message_of
 from walrusfs.fs import Space, SpaceFn
 from walrusfs.healer import RepairService, ReplaceError
 from walrusfs.lock import MountLock
@@ -239,7 +240,25 @@ async def open_for_mount(opts: MountOptions) -> Volume:
 
 
 async def run_mount(opts: MountOptions, ready: Callable[[], object] | None = None) -> None:
-    """Mount and serve until unmounted; raises VolumeError, MountLockError, RecoveryError."""
+    """Mount and serve until unmounted; raises VolumeError, MountLockError, RecoveryError.
+
+    Leaves beside the control socket whether everything was stored in the end (see
+    walrusfs.control.take_outcome): `walrusfs umount` reports it.
+    """
+    await trio.to_thread.run_sync(write_outcome, opts.mountpoint, "")
+    failure: BaseException | None = None
+    try:
+        await _serve_volume(opts, ready)
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        outcome = None if failure is None else message_of(failure)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(write_outcome, opts.mountpoint, outcome)
+
+
+async def _serve_volume(opts: MountOptions, ready: Callable[[], object] | None) -> None:
     from walrusfs.fs import FileSystem
     from walrusfs.mount import serve
 

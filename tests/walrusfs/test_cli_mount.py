@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.walrusfs.clivol import Vol, mounted, run, server_pid
-from tests.walrusfs.volumes import sliver_files
+from tests.walrusfs.volumes import sliver_files, tmpfs
 from walrusfs.control import query
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
@@ -302,3 +302,24 @@ def test_mount_helper_for_mount_8(vol: Vol) -> None:
     assert res.returncode == 0, res.stderr
     st = json.loads(run("status", vol.mnt, "--json").stdout)
     assert st["nodes"][2]["state"] == "up" and st["nodes"][2]["path"] == str(moved)
+
+
+def test_umount_says_when_not_everything_was_stored(vol: Vol) -> None:
+    """With the state directory's disk full, close() fails with ENOSPC and the final
+    flush cannot finish: `umount` must say so, not that all was stored."""
+    with tmpfs(str(vol.state), "3m"):
+        vol.mount()
+        closed = {}
+        with pytest.raises(OSError) as err:
+            for i in range(1000):
+                data = os.urandom(30_000)
+                (vol.mnt / f"f{i}").write_bytes(data)
+                closed[f"f{i}"] = data
+        assert err.value.errno == errno.ENOSPC and closed
+        res = run("umount", vol.mnt, check=False)
+        assert res.returncode == 1 and "not everything may be stored" in res.stderr
+        assert not mounted(vol.mnt)
+        subprocess.run(["mount", "-o", "remount,size=64m", str(vol.state)], check=True)
+        vol.mount()  # what close() had committed is recovered from the journal
+        assert {name: (vol.mnt / name).read_bytes() for name in closed} == closed
+        assert "all data and metadata stored" in run("umount", vol.mnt).stdout
