@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 
 from backends.remote import mount_devices
+from walrusfs.errors import is_known, message_of
 from walrusfs.fs import FileSystem
 from walrusfs.fuse_ops import FuseOperations
 
@@ -109,8 +110,15 @@ async def serve(
         try:
             with trio.CancelScope(shield=True):
                 await fs.shutdown()
-        except Exception:
-            log.error("flushing at unmount failed: unflushed data is lost", exc_info=True)
+        except Exception as exc:
+            # What a close() or fsync() committed is in the journal on the nodes and comes
+            # back at the next mount; what none did (a close that failed) may be lost.
+            log.error(
+                "flushing at unmount failed (%s): changes that no close() or fsync() "
+                "committed may be lost",
+                message_of(exc),
+                exc_info=not is_known(exc),
+            )
             raise
         finally:
             pyfuse3.close(unmount=True)  # lazy: cannot fail on a busy mount
