@@ -248,8 +248,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"walrusfs: error: the server (pid {pid}) is still storing data after {args.timeout:g}s"
             )
-    outcome = take_outcome(args.mountpoint) if pid is not None else None
-    if pid is not None and outcome != "ok":
+    if pid is None:
+        raise SystemExit(
+            f"walrusfs: error: unmounted {args.mountpoint}, but no walrusfs server answered "
+            "there: whether everything was stored is unknown (the next mount recovers what "
+            "the journal holds)"
+        )
+    outcome = take_outcome(args.mountpoint)
+    if outcome != "ok":
         why = outcome.removeprefix("error: ") if outcome else "it ended without saying"
         raise SystemExit(
             f"walrusfs: error: unmounted {args.mountpoint}, but not everything may be stored: "

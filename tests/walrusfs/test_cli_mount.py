@@ -323,3 +323,20 @@ def test_umount_says_when_not_everything_was_stored(vol: Vol) -> None:
         vol.mount()  # what close() had committed is recovered from the journal
         assert {name: (vol.mnt / name).read_bytes() for name in closed} == closed
         assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
+def test_umount_of_a_dead_mount_does_not_claim_it_stored_everything(vol: Vol) -> None:
+    vol.mount()
+    (vol.mnt / "f").write_bytes(b"closed, so in the journal")
+    pid = server_pid(vol.mnt)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}"):  # gone before umount asks for it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    res = run("umount", vol.mnt, check=False)
+    assert res.returncode == 1 and "no walrusfs server answered" in res.stderr
+    assert not mounted(vol.mnt)
+    vol.mount()
+    assert (vol.mnt / "f").read_bytes() == b"closed, so in the journal"
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
