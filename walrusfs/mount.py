@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable
 
 import pyfuse3
@@ -78,12 +79,15 @@ async def serve(
     *,
     allow_other: bool = False,
     ready: Callable[[], object] | None = None,
+    stop_signals: tuple[int, ...] = (),
 ) -> None:
     """Mount `fs` at `mountpoint` and serve it until unmounted (or cancelled).
 
     `ready` is called once the kernel has set up the mount (INIT answered) and background
-    work runs. Raises RuntimeError if the mount fails; re-raises whatever stopped the
-    main loop.
+    work runs. Any of `stop_signals` (main thread only) unmounts as `umount` does: a
+    system shutting down sends SIGTERM, and the mount must then store what it holds
+    rather than die with it. Raises RuntimeError if the mount fails; re-raises whatever
+    stopped the main loop.
     """
     negotiated = trio.Event()
     ops = FuseOperations(fs, on_init=negotiated.set)
@@ -94,10 +98,19 @@ async def serve(
         await pyfuse3.main()
         nursery.cancel_scope.cancel()  # unmounted: stop the background work
 
+    async def stop_on_signal() -> None:
+        with trio.open_signal_receiver(*stop_signals) as received:
+            async for signum in received:
+                log.info("%s: unmounting %s", signal.Signals(signum).name, mountpoint)
+                pyfuse3.terminate()  # main() returns; the shutdown below stores everything
+                return
+
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(fs.run_background)
             nursery.start_soon(main_loop, nursery)
+            if stop_signals:
+                nursery.start_soon(stop_on_signal)
             # The kernel sets the mount's read-ahead while it processes INIT: raise it
             # after that, or it is lowered again.
             await negotiated.wait()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -287,7 +288,13 @@ async def _serve_volume(opts: MountOptions, ready: Callable[[], object] | None) 
                 await nursery.start(repair.run_forever)
                 await nursery.start(scrubber.run_forever)
                 await nursery.start(serve_control, opts.mountpoint, mounted.handle)
-                await serve(fs, opts.mountpoint, allow_other=opts.allow_other, ready=ready)
+                await serve(
+                    fs,
+                    opts.mountpoint,
+                    allow_other=opts.allow_other,
+                    ready=ready,
+                    stop_signals=(signal.SIGTERM, signal.SIGINT),
+                )
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

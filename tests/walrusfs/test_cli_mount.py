@@ -340,3 +340,20 @@ def test_umount_of_a_dead_mount_does_not_claim_it_stored_everything(vol: Vol) ->
     vol.mount()
     assert (vol.mnt / "f").read_bytes() == b"closed, so in the journal"
     assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
+def test_sigterm_unmounts_and_stores_like_umount(vol: Vol) -> None:
+    """A system shutting down sends SIGTERM: the mount must store what it holds (here a
+    rename the journal has not synced yet) and unmount, not leave a dead mount."""
+    vol.mount()
+    (vol.mnt / "a").write_bytes(b"content")
+    (vol.mnt / "a").rename(vol.mnt / "b")
+    pid = server_pid(vol.mnt)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{pid}") or mounted(vol.mnt):
+        assert time.monotonic() < deadline, "the server did not unmount on SIGTERM"
+        time.sleep(0.05)
+    vol.mount()
+    assert sorted(os.listdir(vol.mnt)) == ["b"] and (vol.mnt / "b").read_bytes() == b"content"
+    run("umount", vol.mnt)
