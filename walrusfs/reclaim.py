@@ -9,7 +9,7 @@ not, since a filesystem does not promise to keep that order.
 
 While the mount's background runs (`run`), a round starts at most every REAP_EVERY
 seconds, so that a tree being deleted or rewritten costs one flush of the nodes a second,
-not one per file. Without it (tests, tools) `free` settles and deletes at once.
+not one per file. Without it (tests, tools) `free` drains the queue at once.
 
 Content addressing makes files share blobs, so a put and a delete of the same blob_id
 may race: `put` waits out a delete of the id it got and puts again, and returns the id
@@ -94,7 +94,6 @@ class Reclaimer:
         self._pinned: Counter[bytes] = Counter()
         self._deleting: dict[bytes, trio.Event] = {}
         self._watchers: dict[object, set[bytes]] = {}
-        self.rounds = 0  # settles made for deletes
         self.left_to_scrub = 0  # freed blobs dropped from a full queue
 
     @property
@@ -136,27 +135,21 @@ class Reclaimer:
         are named again first: in the next round while `run` runs, else now."""
         if not freed:
             return
+        self._queue.extend(freed)
+        if len(self._queue) > self._queue_max:
+            dropped = len(self._queue) - self._queue_max
+            del self._queue[:dropped]
+            if not self._overflowing:  # said once per outage, not per free
+                log.warning(
+                    "over %d freed blobs wait for the nodes: the oldest are left for a scrub",
+                    self._queue_max,
+                )
+                self._overflowing = True
+            self.left_to_scrub += dropped
         if self._background:
-            self._queue.extend(freed)
-            if len(self._queue) > self._queue_max:
-                dropped = len(self._queue) - self._queue_max
-                del self._queue[:dropped]
-                if not self._overflowing:  # said once per outage, not per free
-                    log.warning(
-                        "over %d freed blobs wait for the nodes: the oldest are left for a scrub",
-                        self._queue_max,
-                    )
-                    self._overflowing = True
-                self.left_to_scrub += dropped
             self._queued.set()
-            return
-        try:
-            await self._store.settle()
-        except Exception as exc:  # garbage on the nodes, not a user-visible error
-            log.warning("%d freed blobs not deleted: %s", len(freed), exc)
-            return
-        self.rounds += 1
-        await self._delete(freed)
+        else:
+            await self.drain()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Delete freed blobs in rounds, until cancelled; what is left stays queued."""
@@ -173,12 +166,13 @@ class Reclaimer:
             self._background = False
 
     async def drain(self) -> None:
-        """Delete every queued blob now (unmount); what cannot be, a scrub collects."""
+        """Delete every queued blob now (unmount); what cannot be waits for the next
+        round or drain, or, if the mount ends first, for a scrub."""
         while self._queue:
             try:
                 await self._round(raise_errors=True)
-            except Exception as exc:
-                log.warning("%d freed blobs left on the nodes: %s", len(self._queue), exc)
+            except Exception as exc:  # garbage on the nodes, not a user-visible error
+                log.warning("%d freed blobs not deleted yet: %s", len(self._queue), exc)
                 return
 
     async def _round(self, *, raise_errors: bool = False) -> None:
@@ -195,7 +189,6 @@ class Reclaimer:
                     raise
                 log.debug("deletes wait for the nodes: %s", exc)
                 return
-            self.rounds += 1
             self._overflowing = False
             await self._delete(batch)
         finally:

@@ -22,7 +22,6 @@ class MemBlobStore:
         self.gets = 0
         self.got: list[tuple[int, int]] = []  # (offset, bytes) of each get
         self.deletes = 0
-        self.settles = 0
         self.events: list[str] = []  # "settle" and "delete", in order
         self.fail_puts = False
         self.fail_settles = False
@@ -61,7 +60,6 @@ class MemBlobStore:
         await trio.lowlevel.checkpoint()
         if self.fail_settles:
             raise StorageUnavailable("memblobs: too few nodes to flush")
-        self.settles += 1
         self.events.append("settle")
 
     def blob_length(self, blob_id: bytes, meta: bytes) -> int:
