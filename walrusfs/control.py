@@ -48,14 +48,16 @@ def outcome_path(mountpoint: str) -> str:
     return socket_path(mountpoint).removesuffix(".sock") + ".exit"
 
 
+def clear_outcome(mountpoint: str) -> None:
+    """Forget how an earlier mount at `mountpoint` ended (a mount starts). Blocking."""
+    _remove(outcome_path(mountpoint))
+
+
 def write_outcome(mountpoint: str, outcome: str | None) -> None:
-    """Record how the unmount ended: None when everything was stored, else why not; or
-    clear the record (`outcome` "", when a mount starts). Blocking; never raises."""
+    """Record how the unmount ended: None when everything was stored, else why not.
+    Blocking; never raises."""
     path = outcome_path(mountpoint)
     try:
-        if outcome == "":
-            _remove(path)
-            return
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         tmp = f"{path}.{os.getpid()}"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:

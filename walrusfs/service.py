@@ -29,7 +29,7 @@ import trio
 
 from walrusfs.blobstore import BlobStore
 from walrusfs.catalog import Catalog
-from walrusfs.control import CommandError, serve_control, write_outcome
+from walrusfs.control import CommandError, clear_outcome, serve_control, write_outcome
 from walrusfs.errors import message_of
 from walrusfs.fs import Space, SpaceFn
 from walrusfs.healer import RepairService, ReplaceError
@@ -246,7 +246,7 @@ async def run_mount(opts: MountOptions, ready: Callable[[], object] | None = Non
     Leaves beside the control socket whether everything was stored in the end (see
     walrusfs.control.take_outcome): `walrusfs umount` reports it.
     """
-    await trio.to_thread.run_sync(write_outcome, opts.mountpoint, "")
+    await trio.to_thread.run_sync(clear_outcome, opts.mountpoint)
     failure: BaseException | None = None
     try:
         await _serve_volume(opts, ready)
