@@ -37,14 +37,15 @@ async def run_batch(
     jobs: Sequence[tuple[LocalStore, str, Callable[[int], object]]],
     *,
     deadline: float,
-    on_exit: Callable[[], None] | None = None,
+    on_exit: Callable[[dict[int, NodeError | None]], None] | None = None,
 ) -> dict[int, NodeError | None]:
     """Run each (store, key, job) in turn from one thread; outcomes by position.
 
     A job is a store's blocking body of one call (LocalStore.put_job, append_job,
     get_into_job). None means done, a NodeError that it failed; positions missing from
     the result were not done within `deadline` seconds. `on_exit` is called from the
-    thread as it ends, also when it was left behind. Raises nothing else.
+    thread as it ends, also when it was left behind, with every outcome by then: what
+    the calls left pending came to. Raises nothing else.
     """
     outcomes: dict[int, NodeError | None] = {}
 
@@ -59,7 +60,7 @@ async def run_batch(
                     outcomes[pos] = None
         finally:
             if on_exit is not None:
-                on_exit()
+                on_exit(dict(outcomes))
 
     with trio.move_on_after(deadline):
         await trio.to_thread.run_sync(work, abandon_on_cancel=True)

@@ -57,6 +57,8 @@ BATCH_BYTES = 64 << 20
 BATCH_DEADLINE = 0.25
 BATCH_RATE = 50e6
 
+_NO_ANSWER = object()  # a batch position its thread never reached
+
 # Lower ranks are preferred when choosing which nodes to read from.
 _RANK = {NodeState.UP: 0, NodeState.FULL: 0, NodeState.SUSPECT: 1, NodeState.DOWN: 2}
 
@@ -247,28 +249,39 @@ class NodeSet:
         deadline = longest if deadline is None else min(deadline, longest)
         token = trio.lowlevel.current_trio_token()
         finished = False
-        stuck: int | None = None  # the node the thread was left behind on, if it was
+        stuck: tuple[int, int] | None = None  # (position, node) the thread was left on
+        why = f"a batched {what} took over {deadline:.2f}s"
 
-        def ended() -> None:  # in the trio thread, once the batch's thread has ended
+        def ended(final: dict[int, NodeError | None]) -> None:  # in the trio thread
             nonlocal finished
             finished = True
-            if stuck is not None:
-                self.nodes[stuck].stuck_batches -= 1
+            if stuck is None:
+                return
+            pos, index = stuck
+            node = self.nodes[index]
+            node.stuck_batches -= 1
+            late = final.get(pos, _NO_ANSWER)
+            if node.state is NodeState.SUSPECT and node.reason == why and (
+                late is None or isinstance(late, KeyNotFound)
+            ):
+                # Late, not hung: a cold disk or a busy moment. Left suspect, it would be
+                # read last until a probe, and reads would decode around a healthy node.
+                self._ok(node, trio.current_time() - t0)
 
-        def on_exit() -> None:
+        def on_exit(final: dict[int, NodeError | None]) -> None:
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(ended)
+                token.run_sync_soon(ended, final)
 
         done = await run_batch(
             [(store, key, job) for _, store, key, job in batch], deadline=deadline, on_exit=on_exit
         )
-        if len(done) < len(batch):
-            # The thread goes node by node: it is stuck on the first one not done.
+        if len(done) < len(batch) and not finished:
+            # The thread goes node by node: it is stuck on the first one not done. (One
+            # that ended meanwhile was only late; the caller redoes what it left.)
             index = batch[len(done)][0]
-            if not finished:
-                stuck = index
-                self.nodes[index].stuck_batches += 1
-            self.set_state(index, NodeState.SUSPECT, f"a batched {what} took over {deadline:.2f}s")
+            stuck = (len(done), index)
+            self.nodes[index].stuck_batches += 1
+            self.set_state(index, NodeState.SUSPECT, why)
         share = (trio.current_time() - t0) / max(1, len(done))
         outcomes: dict[int, NodeError | None] = {}
         for pos, outcome in done.items():

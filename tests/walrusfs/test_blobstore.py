@@ -6,13 +6,14 @@ import errno
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
 
-from backends import RemoteMountStore
+from backends import NodeIOError, RemoteMountStore
 from codec import BlobMetadata
 from tests.walrusfs.volumes import (
     flip_byte,
@@ -347,3 +348,50 @@ async def test_metadata_of_another_blob_is_refused(tmp_path: Path) -> None:
         await vol.blobs.get_blob(a.blob_id, b.meta)
     with pytest.raises(StorageUnavailable, match="damaged"):
         await vol.blobs.get_blob(a.blob_id, b"garbage")
+
+
+async def test_a_batch_that_was_only_late_leaves_its_node_up(tmp_path: Path) -> None:
+    """A batched read overrunning its deadline makes its node suspect (it may be hung);
+    once the read comes back, late but done, the node is up again by itself. Left
+    suspect, it would be read last until something else called it, and healthy reads
+    would decode around it (what a cold disk did to a 1 GiB read through the mount)."""
+    vol, _ = await make_volume(tmp_path)
+    for i in (1, 2):
+        await vol.nodes.nodes[i].store.put("k", b"sliver bytes")
+    slow = threading.Event()
+
+    def late(count: int) -> None:  # in the batch's thread, after the real read
+        slow.wait(10)
+
+    bufs = [memoryview(bytearray(12)) for _ in range(2)]
+    reads = [(1, "k", 0, (bufs[0],), late), (2, "k", 0, (bufs[1],), lambda count: None)]
+    done = await vol.nodes.read_batch(reads, deadline=0.05)
+    assert done == {}  # nothing in time: the caller reads around it
+    assert states(vol)[1] == "suspect" and vol.nodes.nodes[1].stuck_batches == 1
+    slow.set()
+    with trio.fail_after(OPTS["node_timeout"]):
+        while vol.nodes.nodes[1].stuck_batches:  # noqa: ASYNC110 - a thread, not a task, ends it
+            await trio.sleep(0.01)
+    assert states(vol)[1] == "up" and states(vol)[2] == "up"
+    assert bytes(bufs[0]) == bytes(bufs[1]) == b"sliver bytes"
+
+
+async def test_a_batch_that_failed_late_leaves_its_node_suspect(tmp_path: Path) -> None:
+    vol, _ = await make_volume(tmp_path)
+    for i in (1, 2):
+        await vol.nodes.nodes[i].store.put("k", b"sliver bytes")
+    slow = threading.Event()
+
+    def late_eio(count: int) -> None:  # the read ends late, and with an I/O error
+        slow.wait(10)
+        raise NodeIOError("input/output error", path=vol.nodes.nodes[1].store.path, key="k")
+
+    into = (memoryview(bytearray(12)),)
+    reads = [(1, "k", 0, into, late_eio), (2, "k", 0, into, lambda count: None)]
+    await vol.nodes.read_batch(reads, deadline=0.05)
+    assert states(vol)[1] == "suspect"
+    slow.set()
+    with trio.fail_after(OPTS["node_timeout"]):
+        while vol.nodes.nodes[1].stuck_batches:  # noqa: ASYNC110 - a thread, not a task, ends it
+            await trio.sleep(0.01)
+    assert states(vol)[1] == "suspect"  # it did not answer right: still read last
