@@ -95,6 +95,17 @@ class BlobMetadata:
         )
         return head + roots
 
+    @staticmethod
+    def length_of(data: bytes | memoryview) -> int:
+        """The blob length in serialized metadata, without parsing the rest (summing
+        millions of them); raises FormatError if the header is not blob metadata."""
+        if len(data) < _HEAD.size:
+            raise FormatError("blob metadata truncated")
+        magic, version, _n, _f, length = _HEAD.unpack_from(data)
+        if magic != MAGIC or version != VERSION:
+            raise FormatError("not blob metadata of this version")
+        return int(length)
+
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> BlobMetadata:
         """Parse serialized metadata; raises FormatError on anything malformed."""

@@ -298,6 +298,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  files {st['files']}, blobs {st['blobs']}, dirty {_human(st['dirty_bytes'])}, journal lag {st['journal_lag']}, "
         f"freed blobs awaiting deletion {st.get('deletes_pending', 0)}"
     )
+    use = st.get("usage")
+    if isinstance(use, dict):
+        packs = (
+            f"; packs {_human(use['pack_bytes'])}, {_human(use['pack_dead_bytes'])} of it no longer used"
+            if use["pack_bytes"]
+            else ""
+        )
+        print(
+            f"  data {_human(use['file_bytes'])} in files ({_human(use['data_bytes'])} of it in blobs, "
+            f"the rest holes or not yet packed); blobs {_human(use['blob_bytes'])}, about "
+            f"{_human(use['node_bytes'])} on the nodes{packs}"
+        )
     health = st.get("health")
     if isinstance(health, dict):
         print(

@@ -18,8 +18,8 @@ Must not import pyfuse3, trio, or the blob store.
 Thread/task safety: one `Metadata` belongs to one thread (the trio thread); calls never
 yield, so a check in fs followed by a mutation here is atomic for trio tasks. Calls do
 block on SQLite, on purpose: they are short, hit the page cache, and never fsync (WAL,
-synchronous=OFF); a thread hop per call would cost more than the call. The one slow
-operation, `checkpoint`, opens its own connection and is meant to run in a worker thread.
+synchronous=OFF); a thread hop per call would cost more than the call. The slow ones,
+`checkpoint` and `usage`, open their own connection and are meant for a worker thread.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import errno
 import os
 import sqlite3
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict, TypeVar
@@ -202,6 +202,52 @@ _REPLAYABLE = frozenset(
         "delete_inode",
     }
 )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the files hold and what that takes (see `usage`)."""
+
+    file_bytes: int  # the regular files' sizes, summed (holes included, as ls shows them)
+    data_bytes: int  # bytes of file data held in blobs, summed over the files' blocks
+    blobs: int
+    blob_bytes: int  # bytes of the distinct blobs, each counted once
+    pack_bytes: int  # of those, in packs (blobs holding several files' small blocks)
+    pack_dead_bytes: int  # bytes in packs that no block names any more
+
+
+def usage(path: str, length_of: Callable[[bytes], int], pack_header: int) -> Usage:
+    """Sum up the database at `path` in one read transaction of its own connection:
+    blocking and O(blobs), for a worker thread while the mount goes on.
+
+    `length_of(meta)` is a blob's length (the metadata is opaque here); a pack's blocks
+    start after its `pack_header` bytes, a plain blob's at 0.
+    """
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("BEGIN")
+        (sizes,) = db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM inodes WHERE mode & ? = ?",
+            (stat.S_IFMT(0xFFFF), stat.S_IFREG),
+        ).fetchone()
+        (data,) = db.execute("SELECT COALESCE(SUM(length), 0) FROM blocks").fetchone()
+        count = total = packed = dead = 0
+        rows = db.execute(
+            "SELECT b.meta, COALESCE(SUM(k.length), 0), COALESCE(MAX(k.start), 0)"
+            " FROM blobs b LEFT JOIN blocks k ON k.blob_id = b.blob_id GROUP BY b.blob_id"
+        )
+        for meta, live, last_start in rows:
+            length = length_of(bytes(meta))
+            count += 1
+            total += length
+            if last_start > 0:
+                packed += length
+                dead += max(0, length - pack_header - live)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return Usage(int(sizes), int(data), count, total, packed, dead)
 
 
 K = TypeVar("K")

@@ -27,14 +27,17 @@ from dataclasses import dataclass
 
 import trio
 
+from codec import BlobMetadata
 from walrusfs.blobstore import BlobStore
 from walrusfs.catalog import Catalog
 from walrusfs.control import CommandError, clear_outcome, serve_control, write_outcome
 from walrusfs.errors import message_of
+from walrusfs.filedata import PACK_HEADER
 from walrusfs.fs import Space, SpaceFn
 from walrusfs.healer import RepairService, ReplaceError
 from walrusfs.lock import MountLock
 from walrusfs.metadata import ROOT_INODE
+from walrusfs.metadata import usage as metadata_usage
 from walrusfs.metastore import MetaStore
 from walrusfs.nodeset import Node, NodeState
 from walrusfs.scrub import Scrubber
@@ -166,10 +169,27 @@ class Mounted:
             "survives": {str(k): c for k, c in sorted(survives.items()) if c},
         }
 
-    def status(self) -> dict[str, object]:
+    async def usage(self) -> dict[str, int]:
+        """Bytes held and stored (walrusfs.metadata.usage), and about what the nodes hold
+        for them: each blob takes n sliver pairs of R + C symbols, R x C symbols a blob."""
+        md, p = self.metastore.metadata, self.vol.params
+        got = await trio.to_thread.run_sync(
+            metadata_usage, md.path, BlobMetadata.length_of, len(PACK_HEADER)
+        )
+        return {
+            "file_bytes": got.file_bytes,
+            "data_bytes": got.data_bytes,
+            "blob_bytes": got.blob_bytes,
+            "node_bytes": got.blob_bytes * p.n * (p.R + p.C) // (p.R * p.C),
+            "pack_bytes": got.pack_bytes,
+            "pack_dead_bytes": got.pack_dead_bytes,
+        }
+
+    async def status(self) -> dict[str, object]:
         vol, md = self.vol, self.metastore.metadata
         stats = vol.blobs.stats
         data = getattr(self.fs, "data", None)
+        usage = await self.usage()
         return {
             "mountpoint": self.opts.mountpoint,
             "pid": os.getpid(),
@@ -180,6 +200,7 @@ class Mounted:
             "nodes": vol.nodes.snapshot(),
             "files": md.inode_count(),
             "blobs": md.blob_count(),
+            "usage": usage,
             "dirty_bytes": 0 if data is None else data.unsaved_bytes(),
             "journal_lag": self.metastore.journal.lag,
             "deletes_pending": 0 if data is None else data.deletes_pending,
@@ -209,7 +230,7 @@ class Mounted:
         """One control command (see walrusfs.control). Raises CommandError."""
         cmd = request.get("cmd")
         if cmd == "status":
-            return self.status()
+            return await self.status()
         if cmd == "repair":
             return (await self.repair.pass_once()).to_dict()
         if cmd == "scrub":

@@ -41,6 +41,10 @@ def test_metadata_roundtrip_and_rejects_garbage() -> None:
         BlobMetadata.from_bytes(raw[:-1])
     with pytest.raises(FormatError, match="parameters"):
         BlobMetadata.from_bytes(raw[:5] + (3).to_bytes(2, "little") + raw[7:])
+    assert BlobMetadata.length_of(raw) == len(b"hello walrus")
+    for bad in (b"XXXX" + raw[4:], raw[:4] + b"\x09" + raw[5:], raw[:8]):
+        with pytest.raises(FormatError):
+            BlobMetadata.length_of(bad)
 
 
 def test_blob_id_commits_to_length_and_every_root() -> None:

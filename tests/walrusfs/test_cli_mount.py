@@ -82,6 +82,41 @@ def test_mount_use_status_umount(vol: Vol, tmp_path: Path) -> None:
     assert sha(vol.mnt / "tree" / Path(__file__).name) == sha(Path(__file__))
 
 
+def test_status_shows_the_data_and_what_it_takes(vol: Vol) -> None:
+    vol.mount()
+    (vol.mnt / "big.bin").write_bytes(os.urandom(700_000))  # 256K blocks: 3 blobs
+    for i in range(10):
+        (vol.mnt / f"small{i}").write_bytes(os.urandom(10_000))  # together: one pack
+    with open(vol.mnt / "sparse", "wb") as f:
+        f.truncate(5_000_000)  # a hole: no blob
+    run("umount", vol.mnt)  # stores the small files' pack
+    vol.mount()
+    use = json.loads(run("status", vol.mnt, "--json").stdout)["usage"]
+    pack = 100_000 + len(b"walrusfs pack 1\n")
+    assert use == {
+        "file_bytes": 5_800_000,
+        "data_bytes": 800_000,
+        "blob_bytes": 700_000 + pack,
+        "node_bytes": (700_000 + pack) * 7 * (3 + 5) // (3 * 5),
+        "pack_bytes": pack,
+        "pack_dead_bytes": 0,
+    }
+    for i in range(4):
+        (vol.mnt / f"small{i}").unlink()
+    deadline = time.monotonic() + 60
+    # Their blocks go once the kernel forgets the inodes (asynchronously); the pack stays,
+    # most of it still used.
+    while (use := json.loads(run("status", vol.mnt, "--json").stdout)["usage"])[
+        "pack_dead_bytes"
+    ] < 40_000:
+        assert time.monotonic() < deadline, f"deleted files still held: {use}"
+        time.sleep(0.2)
+    assert use["pack_dead_bytes"] == 40_000 and use["data_bytes"] == 760_000
+    text = run("status", vol.mnt).stdout
+    assert "data 5.5 MiB in files (742.2 KiB of it in blobs" in text
+    assert "packs 97.7 KiB, 39.1 KiB of it no longer used" in text
+
+
 def test_second_mount_is_refused(vol: Vol, tmp_path: Path) -> None:
     vol.mount()
     other = tmp_path / "mnt2"
