@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -224,6 +225,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
 
 
+def _listed_mount(path: str) -> bool:
+    """Whether the kernel lists a mount at `path` (also one whose server is gone, which
+    stat() cannot tell from a broken directory)."""
+    want = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split(" ")
+            if len(fields) < 2:
+                continue
+            # Spaces and the like are octal escapes there (\040).
+            where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+            if where == want:
+                return True
+    return False
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from walrusfs.control import ControlError, query, take_outcome
 
@@ -231,6 +248,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         pid = int(str(query(args.mountpoint)["pid"]))
     except ControlError:
         pid = None
+    if pid is None and not _listed_mount(args.mountpoint):
+        raise SystemExit(f"walrusfs: error: {args.mountpoint}: nothing is mounted there")
     res = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"walrusfs: error: {res.stderr.strip() or 'fusermount3 failed'}")
@@ -415,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in handlers:
         parser.print_help(sys.stderr)
         return 2
+    if args.command in ("status", "fsck"):
+        # Their output piped into `head`: end quietly, as other tools do, not with an
+        # error about a broken pipe. (Not the server: a client gone must not stop it.)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     from walrusfs.checkpoint import RecoveryError
     from walrusfs.control import ControlError
     from walrusfs.errors import FSError

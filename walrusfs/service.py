@@ -240,16 +240,48 @@ class Mounted:
         if cmd == "replace-node":
             try:
                 index = int(str(request["index"]))
-                warnings = await self.repair.replace_node(index, str(request["dir"]))
-            except (KeyError, ValueError, ReplaceError) as exc:
+                new_dir = str(request["dir"])
+                check_apart(self.opts.mountpoint, {"the new node directory": new_dir})
+                warnings = await self.repair.replace_node(index, new_dir)
+            except (KeyError, ValueError, ReplaceError, VolumeError) as exc:
                 raise CommandError(f"replace-node: {exc}") from exc
             return {"warnings": warnings}
         raise CommandError(f"unknown command {cmd!r}")
 
 
+def check_apart(mountpoint: str, dirs: dict[str, str]) -> None:
+    """Refuse a mountpoint that is, holds, or lies inside a directory the mount itself
+    uses (`dirs`: a description of each -> its path). Mounted over, the directory would
+    be hidden, and the server's own I/O to it would come back through its own mount: a
+    deadlock. Paths are compared as written and with the mountpoint's symlinks resolved;
+    node paths are not resolved, since a hung node would hang that. Raises VolumeError.
+    """
+    mnts = {os.path.abspath(mountpoint), os.path.realpath(mountpoint)}
+    for what, path in dirs.items():
+        p = os.path.abspath(path)
+        for mnt in mnts:
+            if p == mnt:
+                raise VolumeError(f"the mountpoint {mountpoint} is {what}; mount somewhere else")
+            if os.path.commonpath([p, mnt]) == mnt:
+                raise VolumeError(
+                    f"{what} ({path}) is inside the mountpoint {mountpoint}: the mount would "
+                    "hide it; mount somewhere else"
+                )
+            if os.path.commonpath([p, mnt]) == p:
+                raise VolumeError(
+                    f"the mountpoint {mountpoint} is inside {what} ({path}); mount somewhere else"
+                )
+
+
 async def open_for_mount(opts: MountOptions) -> Volume:
-    """Open the volume and refuse when more than f nodes are unusable. Raises VolumeError."""
+    """Open the volume and refuse when more than f nodes are unusable, or when the
+    mountpoint would cover a node or the state directory. Raises VolumeError."""
     vol = await open_volume(opts.node_dir, opts.overrides, node_timeout=opts.node_timeout)
+    check_apart(
+        opts.mountpoint,
+        {f"node {n.index}'s directory": n.store.path for n in vol.nodes.nodes}
+        | {"the state directory": opts.state_dir},
+    )
     bad = [n for n in vol.nodes.nodes if n.state is NodeState.DOWN]
     if len(bad) > vol.params.f:
         lines = "\n".join(f"  node {n.index} ({n.store.path}): {n.reason}" for n in bad)

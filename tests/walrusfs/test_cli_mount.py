@@ -117,6 +117,38 @@ def test_status_shows_the_data_and_what_it_takes(vol: Vol) -> None:
     assert "packs 97.7 KiB, 39.1 KiB of it no longer used" in text
 
 
+def test_a_mount_that_would_cover_what_it_uses_is_refused(vol: Vol, tmp_path: Path) -> None:
+    """Mounted over a node's directory (a slip of the finger: `mount node0 node1`), the
+    server's own I/O to that node would come back through its own mount."""
+    before = sorted(p.name for p in vol.nodes[1].iterdir())
+    res = run("mount", "--state-dir", vol.state, vol.nodes[0], vol.nodes[1], check=False)
+    assert res.returncode == 1 and "the mountpoint" in res.stderr
+    assert "is node 1's directory" in res.stderr
+    assert not mounted(vol.nodes[1])
+    res = run("mount", "--state-dir", vol.state, vol.nodes[0], tmp_path, check=False)
+    assert res.returncode == 1 and "is inside the mountpoint" in res.stderr
+    assert not mounted(tmp_path)
+    inner = vol.nodes[3] / "mnt"
+    inner.mkdir()
+    res = run("mount", "--state-dir", vol.state, vol.nodes[0], inner, check=False)
+    assert res.returncode == 1 and "is inside node 3's directory" in res.stderr
+    inner.rmdir()
+    res = vol.mount("--state-dir", vol.mnt / "state", check=False)
+    assert res.returncode == 1 and "the state directory" in res.stderr
+    assert not mounted(vol.mnt)
+    assert sorted(p.name for p in vol.nodes[1].iterdir()) == before
+    vol.mount()  # and the volume is none the worse
+    (vol.mnt / "f").write_bytes(b"fine")
+    res = run("replace-node", vol.mnt, "2", vol.mnt / "new2", check=False)
+    assert res.returncode == 1 and "is inside the mountpoint" in res.stderr
+    assert (vol.mnt / "f").read_bytes() == b"fine"
+
+
+def test_umount_of_what_is_not_mounted_says_so(vol: Vol) -> None:
+    res = run("umount", vol.mnt, check=False)
+    assert res.returncode == 1 and f"{vol.mnt}: nothing is mounted there" in res.stderr
+
+
 def test_second_mount_is_refused(vol: Vol, tmp_path: Path) -> None:
     vol.mount()
     other = tmp_path / "mnt2"
