@@ -40,7 +40,7 @@ from walrusfs.identity import NodeIdentity, read_identity, write_identity
 from walrusfs.nodeset import NodeState
 from walrusfs.repair import Counters, RepairEngine, was_cancelled
 from walrusfs.sliverfile import parse_key
-from walrusfs.volume import Volume, make_store
+from walrusfs.volume import Volume, make_store, nested
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,14 @@ def _prepare_new_node(new_dir: str, others: list[str]) -> tuple[str, str]:
     Blocking. Raises ReplaceError.
     """
     path = os.path.abspath(new_dir)
-    if os.path.realpath(path) in {os.path.realpath(o) for o in others}:
+    real, other_real = os.path.realpath(path), {os.path.realpath(o) for o in others}
+    if real in other_real:
         raise ReplaceError(f"{path}: is already another node of this volume")
+    pair = nested([real, *other_real])
+    if pair is not None:
+        raise ReplaceError(
+            f"{pair[0]} is inside {pair[1]}: node directories must not be inside one another"
+        )
     if os.path.lexists(path) and not os.path.isdir(path):
         raise ReplaceError(f"{path}: exists and is not a directory")
     try:

@@ -48,6 +48,19 @@ def _mount_of(path: str) -> str:
     return "" if p == "/" else p
 
 
+def nested(paths: list[str]) -> tuple[str, str] | None:
+    """Two of `paths` (absolute, resolved) of which the first lies inside the second.
+
+    Nodes must be apart: one inside another would go with it (deleted, replaced, its disk
+    lost), two nodes at once, and its files would be foreign entries in the other.
+    """
+    for inner in paths:
+        for outer in paths:
+            if inner != outer and os.path.commonpath([inner, outer]) == outer:
+                return inner, outer
+    return None
+
+
 def _check_empty(path: str) -> None:
     if os.path.lexists(path) and not os.path.isdir(path):
         raise VolumeError(f"{path}: exists and is not a directory")
@@ -84,6 +97,11 @@ async def create_volume(
     real = await trio.to_thread.run_sync(lambda: {os.path.realpath(p) for p in paths})
     if len(real) != len(paths):
         raise VolumeError("the same directory is named twice")
+    pair = nested(sorted(real))
+    if pair is not None:
+        raise VolumeError(
+            f"{pair[0]} is inside {pair[1]}: node directories must not be inside one another"
+        )
     for p in paths:
         try:
             await trio.to_thread.run_sync(_check_empty, p)

@@ -55,6 +55,9 @@ async def test_f_nodes_replaced_at_once_are_rebuilt_while_in_use(tmp_path: Path)
 
     with pytest.raises(ReplaceError, match="already another node"):
         await svc.replace_node(1, paths[2])
+    with pytest.raises(ReplaceError, match="must not be inside one another"):
+        await svc.replace_node(1, os.path.join(paths[2], "inside"))
+    assert not os.path.exists(os.path.join(paths[2], "inside"))
     with trio.fail_after(NO_HANG):
         async with trio.open_nursery() as nursery:
             await nursery.start(

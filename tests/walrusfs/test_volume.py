@@ -39,6 +39,11 @@ async def test_create_refuses_bad_input(tmp_path: Path) -> None:
         await create_volume(taken)
     with pytest.raises(VolumeError, match="twice"):
         await create_volume([str(tmp_path / "e")] * 4)
+    outer = str(tmp_path / "f" / "n0")
+    nested = [outer, os.path.join(outer, "n1"), *node_paths(tmp_path / "f", 4)[2:]]
+    with pytest.raises(VolumeError, match="inside one another"):
+        await create_volume(nested)
+    assert not os.path.exists(os.path.join(outer, "walrusfs-node.json"))
 
 
 async def test_node_directories_are_private(tmp_path: Path) -> None:
