@@ -150,9 +150,11 @@ def _mount_foreground(args: argparse.Namespace) -> int:
 
     ready_fd = args.ready_fd
 
-    def ready() -> None:
+    def ready(warnings: list[str]) -> None:  # the log has them already
         if ready_fd is not None:
-            os.write(ready_fd, b"ok\n")
+            # One line each: the first says the mount is ready, the others are warnings.
+            lines = ["ok", *(w.replace("\n", " ") for w in warnings)]
+            os.write(ready_fd, "".join(f"{x}\n" for x in lines).encode())
             os.close(ready_fd)
 
     mountpoint = os.path.abspath(args.mountpoint)
@@ -216,8 +218,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         answer = pipe.readline().decode().strip()
+        warnings = [w.decode().strip() for w in pipe] if answer == "ok" else []
     if answer == "ok":
         print(f"mounted at {args.mountpoint} (server pid {child.pid}, log {log_path})")
+        for line in warnings:
+            print(f"walrusfs: warning: {line}", file=sys.stderr)
+        if warnings:
+            print(
+                f"walrusfs: warning: the mount works without {'it' if len(warnings) == 1 else 'them'}; "
+                "`walrusfs status` shows when the nodes are well again",
+                file=sys.stderr,
+            )
         return 0
     child.wait(timeout=30)
     raise SystemExit(

@@ -293,7 +293,9 @@ async def open_for_mount(opts: MountOptions) -> Volume:
     return vol
 
 
-async def run_mount(opts: MountOptions, ready: Callable[[], object] | None = None) -> None:
+async def run_mount(
+    opts: MountOptions, ready: Callable[[list[str]], object] | None = None
+) -> None:
     """Mount and serve until unmounted; raises VolumeError, MountLockError, RecoveryError.
 
     Leaves beside the control socket whether everything was stored in the end (see
@@ -312,7 +314,19 @@ async def run_mount(opts: MountOptions, ready: Callable[[], object] | None = Non
             await trio.to_thread.run_sync(write_outcome, opts.mountpoint, outcome)
 
 
-async def _serve_volume(opts: MountOptions, ready: Callable[[], object] | None) -> None:
+def unwell(vol: Volume) -> list[str]:
+    """A line for each node the mount goes on without, or with trouble: what `mount`
+    prints as warnings (the log has them too, but nobody reads it at mount time)."""
+    return [
+        f"node {n.index} ({n.store.path}) is {n.state.value}: {n.reason or 'no reason given'}"
+        for n in vol.nodes.nodes
+        if n.state is not NodeState.UP
+    ]
+
+
+async def _serve_volume(
+    opts: MountOptions, ready: Callable[[list[str]], object] | None
+) -> None:
     from walrusfs.fs import FileSystem
     from walrusfs.mount import serve
 
@@ -345,7 +359,7 @@ async def _serve_volume(opts: MountOptions, ready: Callable[[], object] | None) 
                     fs,
                     opts.mountpoint,
                     allow_other=opts.allow_other,
-                    ready=ready,
+                    ready=None if ready is None else lambda: ready(unwell(vol)),
                     stop_signals=(signal.SIGTERM, signal.SIGINT),
                 )
                 nursery.cancel_scope.cancel()

@@ -144,6 +144,21 @@ def test_a_mount_that_would_cover_what_it_uses_is_refused(vol: Vol, tmp_path: Pa
     assert (vol.mnt / "f").read_bytes() == b"fine"
 
 
+def test_mount_without_a_node_says_so(vol: Vol) -> None:
+    os.rename(vol.nodes[4], f"{vol.nodes[4]}.away")
+    res = vol.mount()
+    assert mounted(vol.mnt) and res.returncode == 0
+    assert f"warning: node 4 ({vol.nodes[4]}) is down" in res.stderr
+    assert "works without it" in res.stderr
+    (vol.mnt / "f").write_bytes(b"written with a node away")
+    assert (vol.mnt / "f").read_bytes() == b"written with a node away"
+    run("umount", vol.mnt)
+    os.rename(f"{vol.nodes[4]}.away", vol.nodes[4])
+    res = vol.mount()
+    assert res.stderr == ""  # all well: nothing to warn about
+    assert (vol.mnt / "f").read_bytes() == b"written with a node away"
+
+
 def test_umount_of_what_is_not_mounted_says_so(vol: Vol) -> None:
     res = run("umount", vol.mnt, check=False)
     assert res.returncode == 1 and f"{vol.mnt}: nothing is mounted there" in res.stderr
