@@ -97,6 +97,7 @@ class NodeSet:
     ) -> None:
         self.nodes = [Node(i, s) for i, s in enumerate(stores)]
         self._identity_check = identity_check
+        self._probe_soon = False  # a node turned suspect: probe_forever looks early
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -121,6 +122,8 @@ class NodeSet:
             node.reason = reason or node.reason
             return
         old, node.state, node.reason = node.state, state, reason
+        if state is NodeState.SUSPECT:
+            self._probe_soon = True
         node.since = trio.current_time() if _in_trio() else 0.0
         name = f"node {index} ({node.store.path})"
         if state is NodeState.UP:
@@ -329,11 +332,20 @@ class NodeSet:
             for i in range(len(self.nodes)):
                 nursery.start_soon(self.probe, i)
 
-    async def probe_forever(self, interval: float = 5.0) -> None:
-        """Background task: keep states and free space current. Runs until cancelled."""
+    async def probe_forever(self, interval: float = 5.0, soon: float = 0.5) -> None:
+        """Background task: keep states and free space current. Runs until cancelled.
+
+        A node that turned suspect is probed within `soon` seconds, not `interval`: one
+        slow read (a cold disk) makes a node suspect, and reads then go around it,
+        decoding, until something shows it healthy again; a hung one is found down.
+        """
         while True:
             await self.probe_all()
-            await trio.sleep(interval)
+            self._probe_soon = False
+            waited = 0.0
+            while waited < interval and not self._probe_soon:
+                await trio.sleep(soon)
+                waited += soon
 
     def snapshot(self) -> list[dict[str, object]]:
         """Per-node state for `status`."""

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from tests.walrusfs.volumes import (
     tmpfs,
 )
 from walrusfs.errors import NoSpace, StorageUnavailable
+from walrusfs.nodeset import NodeState
 from walrusfs.sliverfile import header_size
 from walrusfs.volume import Volume, create_volume, open_volume
 
@@ -395,3 +397,18 @@ async def test_a_batch_that_failed_late_leaves_its_node_suspect(tmp_path: Path) 
         while vol.nodes.nodes[1].stuck_batches:  # noqa: ASYNC110 - a thread, not a task, ends it
             await trio.sleep(0.01)
     assert states(vol)[1] == "suspect"  # it did not answer right: still read last
+
+
+async def test_a_suspect_node_is_probed_soon_not_at_the_next_round(tmp_path: Path) -> None:
+    """Suspect is a question: a healthy node is up again at once, a gone one down."""
+    vol, paths = await make_volume(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(vol.nodes.probe_forever, interval=3600, soon=0.05))
+        await trio.sleep(0.2)  # the first round is done: the next is an hour away
+        vol.nodes.set_state(2, NodeState.SUSPECT, "slower than the hedge delay")
+        os.rename(paths[3], paths[3] + ".away")
+        vol.nodes.set_state(3, NodeState.SUSPECT, "slower than the hedge delay")
+        with trio.fail_after(OPTS["node_timeout"]):
+            while states(vol)[2:4] != ["up", "down"]:  # noqa: ASYNC110 - the prober's task
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
