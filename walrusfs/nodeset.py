@@ -340,8 +340,8 @@ class NodeSet:
         decoding, until something shows it healthy again; a hung one is found down.
         """
         while True:
+            self._probe_soon = False  # before: a node turning suspect meanwhile is seen
             await self.probe_all()
-            self._probe_soon = False
             waited = 0.0
             while waited < interval and not self._probe_soon:
                 await trio.sleep(soon)
