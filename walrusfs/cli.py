@@ -10,6 +10,7 @@ Must not import pyfuse3 (only the mount lifecycle does, in the server process).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -184,6 +185,7 @@ def _mount_foreground(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    _clear_dead_mount(args.mountpoint)
     if not os.path.isdir(args.mountpoint):
         raise SystemExit(f"walrusfs: error: mountpoint {args.mountpoint}: not a directory")
     if args.foreground:
@@ -236,20 +238,35 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
 
 
-def _listed_mount(path: str) -> bool:
-    """Whether the kernel lists a mount at `path` (also one whose server is gone, which
-    stat() cannot tell from a broken directory)."""
+def _listed_mount(path: str) -> str | None:
+    """The type of the mount the kernel lists at `path`, if any (also one whose server is
+    gone, which stat() cannot tell from a broken directory)."""
     want = os.path.realpath(path)
     with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split(" ")
-            if len(fields) < 2:
+            if len(fields) < 3:
                 continue
             # Spaces and the like are octal escapes there (\040).
             where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
             if where == want:
-                return True
-    return False
+                return fields[2]
+    return None
+
+
+def _clear_dead_mount(mountpoint: str) -> None:
+    """A walrusfs mount whose server died (killed, crashed) is left behind, answering
+    ENOTCONN: unmount it, so that mounting again after a crash just works. Anything else
+    at the mountpoint is left alone."""
+    try:
+        os.statvfs(mountpoint)  # stat() may answer from attributes the kernel cached
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN or _listed_mount(mountpoint) != "fuse.walrusfs":
+            return
+    res = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+    if res.returncode == 0:
+        print(f"walrusfs: cleared the dead mount a gone server left at {mountpoint}", file=sys.stderr)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -259,7 +276,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         pid = int(str(query(args.mountpoint)["pid"]))
     except ControlError:
         pid = None
-    if pid is None and not _listed_mount(args.mountpoint):
+    if pid is None and _listed_mount(args.mountpoint) is None:
         raise SystemExit(f"walrusfs: error: {args.mountpoint}: nothing is mounted there")
     res = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
     if res.returncode:

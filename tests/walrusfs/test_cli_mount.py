@@ -424,6 +424,33 @@ def test_umount_of_a_dead_mount_does_not_claim_it_stored_everything(vol: Vol) ->
     assert "all data and metadata stored" in run("umount", vol.mnt).stdout
 
 
+def test_mount_after_a_crash_clears_the_dead_mount_left_behind(vol: Vol) -> None:
+    """After the server is killed, its mount stays, answering ENOTCONN (a plain stat() of
+    it may still succeed from cached attributes). Mounting again there just works."""
+    vol.mount()
+    (vol.mnt / "f").write_bytes(b"closed, so in the journal")
+    pid = server_pid(vol.mnt)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(OSError) as dead:
+        os.listdir(vol.mnt)
+    assert dead.value.errno == errno.ENOTCONN
+    res = vol.mount()
+    assert "cleared the dead mount" in res.stderr
+    stacked = [
+        line
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4] == str(vol.mnt)
+    ]
+    assert len(stacked) == 1  # the new mount, not one on top of the dead one
+    assert (vol.mnt / "f").read_bytes() == b"closed, so in the journal"
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+    assert not mounted(vol.mnt)
+
+
 def test_sigterm_unmounts_and_stores_like_umount(vol: Vol) -> None:
     """A system shutting down sends SIGTERM: the mount must store what it holds (here a
     rename the journal has not synced yet) and unmount, not leave a dead mount."""
