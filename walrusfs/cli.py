@@ -280,7 +280,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise SystemExit(f"walrusfs: error: {args.mountpoint}: nothing is mounted there")
     res = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
     if res.returncode:
-        raise SystemExit(f"walrusfs: error: {res.stderr.strip() or 'fusermount3 failed'}")
+        why = res.stderr.strip() or "fusermount3 failed"
+        if "busy" in why:
+            why += (
+                "; a process has a file open or its working directory in it "
+                f"(`fuser -vm {args.mountpoint}` shows which); nothing was unmounted"
+            )
+        raise SystemExit(f"walrusfs: error: {why}")
     if pid is not None:
         deadline = time.monotonic() + args.timeout
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:

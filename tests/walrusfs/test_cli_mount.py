@@ -159,6 +159,17 @@ def test_mount_without_a_node_says_so(vol: Vol) -> None:
     assert (vol.mnt / "f").read_bytes() == b"written with a node away"
 
 
+def test_umount_while_a_file_is_open_says_why_and_keeps_the_mount(vol: Vol) -> None:
+    vol.mount()
+    with open(vol.mnt / "open", "wb") as f:
+        f.write(b"still open")
+        res = run("umount", vol.mnt, check=False)
+        assert res.returncode == 1 and "busy" in res.stderr and "fuser -vm" in res.stderr
+        assert mounted(vol.mnt)
+    assert (vol.mnt / "open").read_bytes() == b"still open"
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
 def test_umount_of_what_is_not_mounted_says_so(vol: Vol) -> None:
     res = run("umount", vol.mnt, check=False)
     assert res.returncode == 1 and f"{vol.mnt}: nothing is mounted there" in res.stderr
