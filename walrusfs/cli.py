@@ -358,10 +358,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             if use["pack_bytes"]
             else ""
         )
+        rest = ", the rest holes or not yet packed" if use["data_bytes"] < use["file_bytes"] else ""
         print(
-            f"  data {_human(use['file_bytes'])} in files ({_human(use['data_bytes'])} of it in blobs, "
-            f"the rest holes or not yet packed); blobs {_human(use['blob_bytes'])}, about "
-            f"{_human(use['node_bytes'])} on the nodes{packs}"
+            f"  data {_human(use['file_bytes'])} in files ({_human(use['data_bytes'])} of it in blobs"
+            f"{rest}); blobs {_human(use['blob_bytes'])}, about {_human(use['node_bytes'])} on the "
+            f"nodes{packs}"
         )
     health = st.get("health")
     if isinstance(health, dict):
