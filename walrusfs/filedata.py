@@ -121,6 +121,9 @@ class _File:
         # (blob plus patches), or None if unknown (stored whole at the next sync).
         self.changed: dict[int, list[tuple[int, int]] | None] = {}
         self.patched: dict[int, int] = {}  # per dirty block: bytes committed as patches
+        # Per patched block: the journal seq of its first patch this mount (unknown: the
+        # patches are taken to be durable, see _must_be_durable).
+        self.patch_seq: dict[int, int] = {}
         self.inflight: dict[int, bytearray] = {}  # being flushed; never mutated
         self.dirty_since: float | None = None  # trio time of the oldest unflushed change
         # Write-behind: dirty blocks written front to back from empty (a sequential
@@ -444,6 +447,7 @@ class FileData:
                     self.dirty_bytes -= len(f.dirty.pop(index))
                     f.changed.pop(index, None)
                     f.patched.pop(index, None)
+                    f.patch_seq.pop(index, None)
                 cut = size % bs
                 buf = f.dirty.get(size // bs)
                 if buf is not None and len(buf) > cut:
@@ -469,6 +473,7 @@ class FileData:
             f.dirty.clear()
             f.changed.clear()
             f.patched.clear()
+            f.patch_seq.clear()
             f.attrs_dirty = False
             f.dirty_since = None
         if self._files.get(inode) is f and f.users == 0:
@@ -541,6 +546,7 @@ class FileData:
             )
         for index, _offset, data in patches:
             f.patched[index] = f.patched.get(index, 0) + len(data)
+            f.patch_seq.setdefault(index, self._meta.last_seq)
         for index in f.dirty:
             f.changed[index] = []
         f.attrs_dirty = False  # the row has just been written; the blocks stay dirty
@@ -602,6 +608,7 @@ class FileData:
             del f.dirty[index]
             f.changed.pop(index, None)
             f.patched.pop(index, None)
+            f.patch_seq.pop(index, None)
             f.completed.discard(index)
             f.inflight[index] = buf
         if not f.dirty:
@@ -640,6 +647,22 @@ class FileData:
         if complete and not f.dirty and snapshot == (f.size, f.mtime_ns, f.ctime_ns):
             f.attrs_dirty = False
 
+    def _must_be_durable(self, f: _File, index: int) -> bool:
+        """Whether a blob storing block `index` must be on stable storage before it is
+        committed: a crash of every node could otherwise keep the commit and lose the
+        blob, and with it what the commit replaced (read before `_take`).
+
+        - The block's patches, if they are durable (an fsync, or any durable sync since
+          they were committed, made them so): fsync() promised them. Patches not yet
+          durable promised nothing of the kind (closing small files then costs no flush
+          of the nodes for their pack).
+        - Its committed bytes unchanged, moved to a new blob (a pack compacted): they
+          may have been durable for long.
+        """
+        if f.patched.get(index):
+            return self._meta.durable_through(f.patch_seq.get(index, 0))
+        return f.changed.get(index) == []
+
     def _round_done(self, pinned: list[bytes]) -> None:
         self._reclaim.unpin(pinned)
         self._progress.set()
@@ -648,9 +671,7 @@ class FileData:
     async def _store_and_commit(self, f: _File, picked: dict[int, bytearray]) -> None:
         """Store `picked` dirty blocks as blobs, then commit them (flush_lock held)."""
         bs = self.block_size
-        # A blob that replaces patches must be as safe as they were: fsync() may have
-        # made them durable, and the commit below deletes them.
-        durable_blocks = {index for index in picked if f.patched.get(index)}
+        durable_blocks = {index for index in picked if self._must_be_durable(f, index)}
         snapshot = self._take(f, picked)
         complete = not f.dirty
         refs: dict[int, BlockRef | None] = {}
@@ -723,6 +744,7 @@ class FileData:
         transaction (their flush_locks held). If this fails, they stay settled."""
         picked = {f.inode: dict(f.dirty) for f in files}
         patched = {f.inode: dict(f.patched) for f in files}
+        durable = any(self._must_be_durable(f, index) for f in files for index in f.dirty)
         snapshots = {f.inode: self._take(f, picked[f.inode]) for f in files}
         pack = bytearray(PACK_HEADER)
         where: dict[tuple[int, int], int] = {}  # (inode, block index) -> start in the pack
@@ -735,7 +757,7 @@ class FileData:
         try:
             blob_id, meta = b"", b""
             if where:
-                blob_id, meta = await self._reclaim.put(pack, durable=True)  # it replaces patches
+                blob_id, meta = await self._reclaim.put(pack, durable=durable)
                 pinned.append(blob_id)
             updates: list[BlockUpdate] = []
             for f in files:

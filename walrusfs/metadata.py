@@ -265,6 +265,8 @@ def _remember(cache: dict[K, V], key: K, value: V, most: int) -> None:
 class JournalSink(Protocol):
     """Where committed changes go (walrusfs.journal.Journal)."""
 
+    durable: int  # the seq through which appended changes are on stable storage
+
     def append(self, change: Change) -> int: ...
 
     def retract(self, seq: int) -> None: ...
@@ -296,6 +298,7 @@ class Metadata:
     ) -> None:
         self.path = os.fspath(path)
         self.journal: JournalSink | None = None
+        self.last_seq = 0  # the journal seq of the last change committed (0: none yet)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per mutation.
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -419,8 +422,15 @@ class Metadata:
             except BaseException:
                 journal.retract(seq)
                 raise
+            self.last_seq = seq
         else:
             self._db.execute("COMMIT")
+
+    def durable_through(self, seq: int) -> bool:
+        """Whether the change committed as `seq` is on stable storage (0: any change from
+        before this mount, which starts with a durable checkpoint). Without a journal, only
+        `checkpoint` makes changes durable, untracked here: taken to be, to be safe."""
+        return self.journal is None or self.journal.durable >= seq
 
     def checkpoint(self) -> None:
         """Make every committed transaction durable (fsync). Blocking: run it in a thread."""

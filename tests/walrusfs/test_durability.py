@@ -1,0 +1,80 @@
+"""On a real volume: a blob is put durably exactly when it replaces patches that are
+durable, so fsync() keeps its promise and closing small files costs no flush a pack."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.walrusfs.volumes import node_paths
+from walrusfs.blobstore import BlobStore
+from walrusfs.fs import FileSystem
+from walrusfs.metadata import ROOT_INODE
+from walrusfs.metastore import MetaStore, format_metadata
+from walrusfs.service import FsBlobs
+from walrusfs.volume import create_volume, open_volume
+
+
+class NotedBlobs(FsBlobs):
+    """The real FsBlobs, noting whether each put was durable."""
+
+    def __init__(self, blobs: BlobStore, ms: MetaStore) -> None:
+        super().__init__(blobs, ms)
+        self.puts: list[bool] = []
+
+    async def put_blob(
+        self, data: bytes | bytearray | memoryview, *, durable: bool = False
+    ) -> tuple[bytes, bytes]:
+        self.puts.append(durable)
+        return await super().put_blob(data, durable=durable)
+
+
+async def small_file(fs: FileSystem, name: bytes, data: bytes, *, fsync: bool) -> int:
+    fh, attrs = await fs.create(ROOT_INODE, name, 0o644, os.O_RDWR, 0, 0)
+    await fs.write(fh, 0, data)
+    if fsync:
+        await fs.fsync(fh)
+    await fs.flush(fh)  # close(): committed as patches on a quorum of nodes
+    await fs.release(fh)
+    return attrs.ino
+
+
+async def test_packs_and_blobs_are_durable_when_the_patches_they_replace_are(
+    tmp_path: Path,
+) -> None:
+    paths = node_paths(tmp_path / "nodes", 7)
+    await create_volume(paths, blob_size=1 << 16)
+    vol = await open_volume(paths[0], node_timeout=10.0)
+    await format_metadata(vol, str(tmp_path / "state0"), uid=0, gid=0)
+    ms = await MetaStore.open(vol, str(tmp_path / "state"))
+    try:
+        blobs = NotedBlobs(vol.blobs, ms)
+        fs = FileSystem(ms.metadata, blobs, commit=lambda durable: ms.sync(durable=durable))
+        await small_file(fs, b"closed", b"only closed" * 100, fsync=False)
+        await fs.data.flush_all()
+        assert blobs.puts == [False]  # a pack of patches nothing made durable
+        await small_file(fs, b"synced", b"fsynced" * 100, fsync=True)
+        await fs.data.flush_all()
+        assert blobs.puts == [False, True]  # it replaces what fsync() promised
+        await small_file(fs, b"later", b"closed, then a sync" * 100, fsync=False)
+        await ms.sync(durable=True)  # as a delete round or another file's fsync does
+        await fs.data.flush_all()
+        assert blobs.puts == [False, True, True]
+    finally:
+        await ms.close()
+    ms = await MetaStore.open(vol, str(tmp_path / "state"))  # all there after a remount
+    try:
+        fs = FileSystem(ms.metadata, FsBlobs(vol.blobs, ms))
+        got = {}
+        for name in (b"closed", b"synced", b"later"):
+            attrs = await fs.lookup(ROOT_INODE, name)
+            fh = await fs.open(attrs.ino, os.O_RDONLY, 0)
+            got[name] = bytes(await fs.read(fh, 0, 1 << 16))
+            await fs.release(fh)
+        assert got == {
+            b"closed": b"only closed" * 100,
+            b"synced": b"fsynced" * 100,
+            b"later": b"closed, then a sync" * 100,
+        }
+    finally:
+        await ms.close()
