@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.walrusfs.volumes import node_paths
+from tests.walrusfs.volumes import formatted_volume
 from walrusfs.blobstore import BlobStore
 from walrusfs.fs import FileSystem
 from walrusfs.metadata import ROOT_INODE
-from walrusfs.metastore import MetaStore, format_metadata
+from walrusfs.metastore import MetaStore
 from walrusfs.service import FsBlobs
-from walrusfs.volume import create_volume, open_volume
 
 
 class NotedBlobs(FsBlobs):
@@ -42,11 +41,7 @@ async def small_file(fs: FileSystem, name: bytes, data: bytes, *, fsync: bool) -
 async def test_packs_and_blobs_are_durable_when_the_patches_they_replace_are(
     tmp_path: Path,
 ) -> None:
-    paths = node_paths(tmp_path / "nodes", 7)
-    await create_volume(paths, blob_size=1 << 16)
-    vol = await open_volume(paths[0], node_timeout=10.0)
-    await format_metadata(vol, str(tmp_path / "state0"), uid=0, gid=0)
-    ms = await MetaStore.open(vol, str(tmp_path / "state"))
+    vol, ms, _ = await formatted_volume(tmp_path)
     try:
         blobs = NotedBlobs(vol.blobs, ms)
         fs = FileSystem(ms.metadata, blobs, commit=lambda durable: ms.sync(durable=durable))

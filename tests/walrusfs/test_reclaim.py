@@ -11,14 +11,13 @@ import pytest
 import trio
 
 from tests.walrusfs.memblobs import MemBlobStore
-from tests.walrusfs.volumes import node_paths, sliver_files
+from tests.walrusfs.volumes import formatted_volume, sliver_files
 from walrusfs.blobstore import BlobStore
 from walrusfs.fs import FileSystem
 from walrusfs.metadata import ROOT_INODE, FreedBlob
-from walrusfs.metastore import MetaStore, format_metadata
+from walrusfs.metastore import MetaStore
 from walrusfs.reclaim import Reclaimer
 from walrusfs.service import FsBlobs
-from walrusfs.volume import create_volume, open_volume
 
 
 async def test_a_queue_kept_while_the_nodes_are_away_is_bounded(
@@ -65,11 +64,7 @@ class SpiedBlobs(FsBlobs):
 async def test_a_real_volume_deletes_a_blob_after_its_freeing_record_is_durable(
     tmp_path: Path,
 ) -> None:
-    paths = node_paths(tmp_path / "nodes", 7)
-    await create_volume(paths, blob_size=1 << 16)
-    vol = await open_volume(paths[0], node_timeout=10.0)
-    await format_metadata(vol, str(tmp_path / "state0"), uid=0, gid=0)
-    ms = await MetaStore.open(vol, str(tmp_path / "state"))
+    vol, ms, paths = await formatted_volume(tmp_path)
     try:
         blobs = SpiedBlobs(vol.blobs, ms)
         fs = FileSystem(ms.metadata, blobs, commit=lambda durable: ms.sync(durable=durable))

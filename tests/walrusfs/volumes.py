@@ -8,7 +8,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+from walrusfs.metastore import MetaStore, format_metadata
 from walrusfs.sliverfile import parse_key
+from walrusfs.volume import Volume, create_volume, open_volume
 
 
 def node_paths(root: Path, n: int) -> list[str]:
@@ -64,3 +66,13 @@ def tmpfs(path: str, size: str) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["umount", "-l", path], check=False)
+
+
+async def formatted_volume(root: Path) -> tuple[Volume, MetaStore, list[str]]:
+    """A real 7-node volume (64 KiB blobs) under `root`, formatted, with its metadata
+    open from `root/state` (the caller closes it)."""
+    paths = node_paths(root / "nodes", 7)
+    await create_volume(paths, blob_size=1 << 16)
+    vol = await open_volume(paths[0], node_timeout=10.0)
+    await format_metadata(vol, str(root / "state0"), uid=0, gid=0)
+    return vol, await MetaStore.open(vol, str(root / "state")), paths
