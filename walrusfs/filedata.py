@@ -125,6 +125,9 @@ class _File:
         # patches are taken to be durable, see _must_be_durable).
         self.patch_seq: dict[int, int] = {}
         self.inflight: dict[int, bytearray] = {}  # being flushed; never mutated
+        # Per block in flight: its patched bytes and patch_seq before it was taken. The
+        # patches stay committed until its blob is: if that fails, they are its again.
+        self.taken: dict[int, tuple[int, int | None]] = {}
         self.dirty_since: float | None = None  # trio time of the oldest unflushed change
         # Write-behind: dirty blocks written front to back from empty (a sequential
         # writer's), and those of them it has completed, to be stored at once.
@@ -607,32 +610,31 @@ class FileData:
         for index, buf in picked.items():
             del f.dirty[index]
             f.changed.pop(index, None)
-            f.patched.pop(index, None)
-            f.patch_seq.pop(index, None)
+            f.taken[index] = (f.patched.pop(index, 0), f.patch_seq.pop(index, None))
             f.completed.discard(index)
             f.inflight[index] = buf
         if not f.dirty:
             f.dirty_since = None
         return f.size, f.mtime_ns, f.ctime_ns
 
-    def _untake(
-        self, f: _File, picked: dict[int, bytearray], patched: dict[int, int] | None = None
-    ) -> None:
-        """They were not stored: dirty again, unless rewritten meanwhile. With `patched`
-        (bytes of patches by block) they were settled, and are again: committed as they
-        are, none of their bytes a change."""
+    def _untake(self, f: _File, picked: dict[int, bytearray], *, settled: bool = False) -> None:
+        """They were not stored: dirty again, unless rewritten meanwhile, with the patches
+        they had (still committed, so the next put must be as durable as they are). If
+        `settled`, they were settled and are again: committed as they are, none of their
+        bytes a change."""
         for index, buf in picked.items():
             del f.inflight[index]
+            patched, seq = f.taken.pop(index)
+            if patched:
+                f.patched[index] = patched
+                if seq is not None:
+                    f.patch_seq[index] = seq
             if index in f.dirty:  # rewritten meanwhile: the newer copy wins
                 self.dirty_bytes -= len(buf)
-            elif patched is None:
-                f.dirty[index] = buf
-                f.changed[index] = None
             else:
                 f.dirty[index] = buf
-                f.changed[index] = []
-                f.patched[index] = patched.get(index, 0)
-        if patched is None:
+                f.changed[index] = [] if settled else None
+        if not settled:
             self._mark_dirty(f)
         elif f.dirty_since is None:
             f.dirty_since = trio.current_time()
@@ -643,6 +645,7 @@ class FileData:
         """They are stored and committed, with the size and times of `snapshot`."""
         for index, buf in picked.items():
             del f.inflight[index]
+            del f.taken[index]
             self.dirty_bytes -= len(buf)
         if complete and not f.dirty and snapshot == (f.size, f.mtime_ns, f.ctime_ns):
             f.attrs_dirty = False
@@ -743,7 +746,6 @@ class FileData:
         """Store all dirty blocks of `files` as one blob, then commit them in one
         transaction (their flush_locks held). If this fails, they stay settled."""
         picked = {f.inode: dict(f.dirty) for f in files}
-        patched = {f.inode: dict(f.patched) for f in files}
         durable = any(self._must_be_durable(f, index) for f in files for index in f.dirty)
         snapshots = {f.inode: self._take(f, picked[f.inode]) for f in files}
         pack = bytearray(PACK_HEADER)
@@ -776,7 +778,7 @@ class FileData:
             freed = self._meta.set_blocks_many(updates)  # all of them, or none
         except BaseException:
             for f in files:
-                self._untake(f, picked[f.inode], patched[f.inode])
+                self._untake(f, picked[f.inode], settled=True)
             raise
         finally:
             self._round_done(pinned)

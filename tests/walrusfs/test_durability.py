@@ -3,11 +3,15 @@ durable, so fsync() keeps its promise and closing small files costs no flush a p
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.walrusfs.volumes import formatted_volume
 from walrusfs.blobstore import BlobStore
+from walrusfs.errors import StorageUnavailable, errno_of
 from walrusfs.fs import FileSystem
 from walrusfs.metadata import ROOT_INODE
 from walrusfs.metastore import MetaStore
@@ -20,11 +24,15 @@ class NotedBlobs(FsBlobs):
     def __init__(self, blobs: BlobStore, ms: MetaStore) -> None:
         super().__init__(blobs, ms)
         self.puts: list[bool] = []
+        self.failing = 0  # puts to refuse, as with more than f nodes away
 
     async def put_blob(
         self, data: bytes | bytearray | memoryview, *, durable: bool = False
     ) -> tuple[bytes, bytes]:
         self.puts.append(durable)
+        if self.failing:
+            self.failing -= 1
+            raise StorageUnavailable("blob stored on only 4 of 7 nodes, need 5")
         return await super().put_blob(data, durable=durable)
 
 
@@ -71,5 +79,40 @@ async def test_packs_and_blobs_are_durable_when_the_patches_they_replace_are(
             b"synced": b"fsynced" * 100,
             b"later": b"closed, then a sync" * 100,
         }
+    finally:
+        await ms.close()
+
+
+async def test_a_block_whose_put_failed_is_put_again_as_durably_as_its_patches(
+    tmp_path: Path,
+) -> None:
+    vol, ms, _ = await formatted_volume(tmp_path)
+    data = bytearray(os.urandom(2 << 16))  # two 64 KiB blocks: no pack takes them
+    try:
+        blobs = NotedBlobs(vol.blobs, ms)
+        fs = FileSystem(ms.metadata, blobs, commit=lambda durable: ms.sync(durable=durable))
+        ino = await small_file(fs, b"big", bytes(data), fsync=False)
+        assert blobs.puts == [False, False]
+        fh = await fs.open(ino, os.O_RDWR, 0)
+        await fs.write(fh, 100, b"fsynced")
+        data[100:107] = b"fsynced"
+        await fs.fsync(fh)  # a patch, durable: fsync() promised these bytes
+        await fs.flush(fh)
+        await fs.release(fh)
+        blobs.failing = 1
+        with pytest.raises(BaseException) as failed:
+            await fs.data.flush_all()
+        assert errno_of(failed.value) == errno.EIO
+        assert blobs.puts == [False, False, True]
+        await fs.data.flush_all()  # the retry replaces the same durable patch
+        assert blobs.puts == [False, False, True, True]
+    finally:
+        await ms.close()
+    ms = await MetaStore.open(vol, str(tmp_path / "state"))
+    try:
+        fs = FileSystem(ms.metadata, FsBlobs(vol.blobs, ms))
+        fh = await fs.open(ino, os.O_RDONLY, 0)
+        assert bytes(await fs.read(fh, 0, 3 << 16)) == data
+        await fs.release(fh)
     finally:
         await ms.close()
