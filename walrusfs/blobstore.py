@@ -612,6 +612,28 @@ class BlobStore:
         self.stats.extra["batched_gets"] = self.stats.extra.get("batched_gets", 0) + 1
         return rows, False, set()
 
+    async def whole_files(self, blob_id: bytes, meta: bytes | BlobMetadata, enough: int) -> int:
+        """How many readable nodes hold the blob's sliver file at its full size, counted
+        up to `enough`. Only sizes are looked at: a blob that was never flushed before a
+        crash of every node has too few. Raises StorageUnavailable for damaged metadata."""
+        m = self.metadata(blob_id, meta)
+        size = header_size(m.n) + (m.params.C + m.params.R) * m.symbol_size
+        readable = self.nodes.readable()
+        found = 0
+        for pair in range(m.n):
+            node = m.node_of_pair(pair)
+            if node not in readable:
+                continue
+            key = sliver_key(blob_id, pair)
+            try:
+                got = await self.nodes.call(node, lambda st, key=key: st.size(key))
+            except NodeError:  # missing, or the node failed: not held, as far as we know
+                continue
+            found += got == size
+            if found >= enough:
+                break
+        return found
+
     async def get_blob(self, blob_id: bytes, meta: bytes | BlobMetadata) -> memoryview:
         """The whole blob (a read-only view), every byte verified. Raises StorageUnavailable.
 

@@ -36,16 +36,17 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import trio
 from blake3 import blake3
 
 from backends import NodeError
 from walrusfs.errors import StorageUnavailable
-from walrusfs.journal import agreed_segment, read_epoch
-from walrusfs.metadata import Change
+from walrusfs.journal import DURABLE_MARK, agreed_segment, read_epoch
+from walrusfs.metadata import BlockRef, Change
 from walrusfs.segment import JournalError, Segment, decode_change, segment_hash
 from walrusfs.volume import Volume
 
@@ -276,8 +277,37 @@ async def restore(vol: Volume, sb: Superblock, db_path: str) -> None:
     await trio.to_thread.run_sync(install, db_path, data)
 
 
-async def replay(vol: Volume, sb: Superblock, apply: Callable[[Change], None]) -> tuple[int, bytes]:
-    """Apply the journal after the checkpoint; returns (last seq, chain hash).
+@dataclass
+class Replayed:
+    """What a replay of the journal found.
+
+    `seq` and `prev`: where the next session's journal continues (last seq, chain hash).
+    `durable`: the last record known to be on stable storage with its blobs (the
+    checkpoint, or a DURABLE_MARK). `named`: each blob the applied changes name, with the
+    seq of the first that does and its metadata.
+    """
+
+    seq: int
+    prev: bytes
+    durable: int
+    named: dict[bytes, tuple[int, bytes]]
+
+
+def _refs(value: Any) -> Iterator[BlockRef]:
+    if isinstance(value, BlockRef):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _refs(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _refs(v)
+
+
+async def replay(
+    vol: Volume, sb: Superblock, apply: Callable[[Change], None], *, until: int | None = None
+) -> Replayed:
+    """Apply the journal after the checkpoint (up to seq `until` if given).
 
     Stops at the first segment that f+1 nodes do not hold identically (the uncommitted
     tail of a crashed session) or that does not chain; records already in the snapshot
@@ -285,8 +315,9 @@ async def replay(vol: Volume, sb: Superblock, apply: Callable[[Change], None]) -
     """
     seq, prev = sb.chain_seq, bytes.fromhex(sb.chain_hash)
     applied = sb.seq
+    out = Replayed(seq, prev, sb.seq, {})
     held = await read_epoch(vol.nodes, sb.epoch)
-    while True:
+    while until is None or seq < until:
         raw = agreed_segment(held, seq + 1, vol.params.f + 1)
         if raw is None:
             break
@@ -298,12 +329,24 @@ async def replay(vol: Volume, sb: Superblock, apply: Callable[[Change], None]) -
                 sb.epoch,
             )
             break
-        for offset, record in enumerate(seg.records):
-            if seg.first_seq + offset > applied:
-                try:
-                    apply(decode_change(record))
-                except JournalError as exc:
-                    raise RecoveryError(f"journal at {seg.first_seq + offset}: {exc}") from exc
-                applied = seg.first_seq + offset
+        for at, record in enumerate(seg.records, seg.first_seq):
+            if until is not None and at > until:
+                # Cut inside a segment: the next session chains to the last whole one.
+                return Replayed(until, prev, out.durable, out.named)
+            if at <= applied:
+                continue
+            try:
+                change = decode_change(record)
+                mark = int(change.args["through"]) if change.op == DURABLE_MARK else None
+            except (JournalError, KeyError, TypeError, ValueError) as exc:
+                raise RecoveryError(f"journal at {at}: {exc}") from exc
+            if mark is None:
+                apply(change)
+            else:
+                out.durable = max(out.durable, mark)
+            for ref in _refs(change.args):
+                out.named.setdefault(ref.blob_id, (at, ref.meta))
+            applied = at
         seq, prev = seg.last_seq, segment_hash(raw)
-    return max(applied, seq), prev
+    out.seq, out.prev = max(applied, seq), prev
+    return out

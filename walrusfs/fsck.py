@@ -35,10 +35,11 @@ import trio
 
 from backends import NodeError
 from walrusfs.catalog import BlobRef, Catalog
-from walrusfs.checkpoint import RecoveryError, Superblock, read_superblock, replay, restore
+from walrusfs.checkpoint import RecoveryError, Superblock, read_superblock
 from walrusfs.errors import StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
-from walrusfs.metadata import ROOT_INODE, Metadata
+from walrusfs.metadata import ROOT_INODE
+from walrusfs.recovery import recover
 from walrusfs.repair import RepairEngine
 from walrusfs.scrub import Finding, NodeSweep, file_size, remove_stale_temps, sweep_node
 from walrusfs.volume import Volume, VolumeError, open_volume
@@ -145,8 +146,9 @@ async def _mounted_by(vol: Volume) -> str | None:
     return holders[0] if holders else None
 
 
-async def _recover(vol: Volume, state_dir: str) -> tuple[str, Superblock]:
-    """Recover the metadata into `state_dir`, writing nothing to the nodes.
+async def _recover(vol: Volume, state_dir: str) -> tuple[str, Superblock, int]:
+    """Recover the metadata into `state_dir`, writing nothing to the nodes; also returns
+    how many journal records a crash left without their blobs (walrusfs.recovery).
 
     Raises RecoveryError.
     """
@@ -154,13 +156,9 @@ async def _recover(vol: Volume, state_dir: str) -> tuple[str, Superblock]:
     if sb is None:
         raise RecoveryError("no metadata on the nodes: was the volume made with `walrusfs mkfs`?")
     path = os.path.join(state_dir, "metadata.db")
-    await restore(vol, sb, path)
-    md = Metadata(path)
-    try:
-        await replay(vol, sb, md.apply)
-    finally:
-        md.close()
-    return path, sb
+    got = await recover(vol, sb, path)
+    got.metadata.close()
+    return path, sb, got.dropped
 
 
 class _Check:
@@ -244,7 +242,7 @@ async def _run(vol: Volume, state: str, out: TextIO, repair: bool) -> int:
     for n in down:
         chk.say(f"  node {n.index} ({n.store.path}): {n.state.value}: {n.reason}")
     try:
-        db_path, sb = await _recover(vol, state)
+        db_path, sb, dropped = await _recover(vol, state)
     except (RecoveryError, StorageUnavailable) as exc:
         chk.say(f"fsck: cannot recover the metadata: {exc}")
         return EXIT_ERROR
@@ -256,6 +254,12 @@ async def _run(vol: Volume, state: str, out: TextIO, repair: bool) -> int:
     protected = catalog.protected()
     files = sum(1 for r in refs.values() if r.kind == "file")
     chk.say(f"metadata recovered: {files} file blobs, {len(refs) - files} checkpoint blobs")
+    if dropped:
+        chk.say(
+            f"the journal's last {dropped} changes name data that a crash of the nodes lost "
+            "before it was flushed: left out, as the next mount leaves them out (the files "
+            "they changed are as they were before them)"
+        )
 
     problems = await trio.to_thread.run_sync(refcount_problems, db_path)
     for line in problems:

@@ -43,6 +43,12 @@ from walrusfs.segment import (
 
 log = logging.getLogger(__name__)
 
+# A record that is no change: "every record up to `through`, and every blob they name, is
+# on stable storage". Sent with the next changes after a durable sync (it costs no append
+# of its own); recovery uses it to tell a blob a crash of every node lost from one lost
+# after it was flushed (walrusfs.recovery).
+DURABLE_MARK = "durable_mark"
+
 
 class Journal:
     """The pending tail of committed changes and the writer of segments.
@@ -59,6 +65,7 @@ class Journal:
         self.seq = seq
         self.committed = seq
         self.durable = seq
+        self._marked = seq  # the last `durable` sent as a DURABLE_MARK (or started from)
         self.prev = prev
         self._pending: list[bytes] = []
         self._attempt: tuple[Segment, bytes] | None = None  # sent, not yet on a quorum
@@ -70,7 +77,12 @@ class Journal:
 
     def append(self, change: Change) -> int:
         """Record one committed change (synchronous); returns its seq."""
-        record = encode_change(change)
+        if self.durable > self._marked:
+            self._marked = self.durable
+            self._push(encode_change(Change(DURABLE_MARK, {"through": self.durable})))
+        return self._push(encode_change(change))
+
+    def _push(self, record: bytes) -> int:
         self._pending.append(record)
         self.log_bytes += len(record)
         self.seq += 1

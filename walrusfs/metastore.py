@@ -1,8 +1,9 @@
 """The metadata's life on the nodes: format, recover at mount, journal, checkpoint, close.
 
 The local SQLite file is a working copy. Opening always recovers it from the nodes (the
-newest agreed checkpoint plus the journal after it), so a machine with an empty state
-directory, or with a stale one, mounts the same tree. Each mount is a new epoch that
+newest agreed checkpoint plus the journal after it, less a tail whose blobs a crash of
+every node lost: walrusfs.recovery), so a machine with an empty state directory, or with
+a stale one, mounts the same tree. Each mount is a new epoch that
 starts with a checkpoint of what it recovered; from then on changes are journalled.
 
 Runs in trio tasks; not thread-safe.
@@ -16,16 +17,10 @@ import time
 
 import trio
 
-from walrusfs.checkpoint import (
-    RecoveryError,
-    Superblock,
-    read_superblock,
-    replay,
-    restore,
-    write_checkpoint,
-)
+from walrusfs.checkpoint import RecoveryError, Superblock, read_superblock, write_checkpoint
 from walrusfs.journal import Journal, drop_history
 from walrusfs.metadata import Metadata
+from walrusfs.recovery import recover
 from walrusfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -69,9 +64,16 @@ class MetaStore:
     """An open volume's metadata: the database, its journal, and checkpoint bookkeeping."""
 
     def __init__(
-        self, vol: Volume, metadata: Metadata, journal: Journal, superblock: Superblock
+        self,
+        vol: Volume,
+        metadata: Metadata,
+        journal: Journal,
+        superblock: Superblock,
+        dropped: int = 0,
     ) -> None:
         self.vol = vol
+        # Journal records recovery left out: a crash lost their blobs (walrusfs.recovery).
+        self.dropped = dropped
         self.metadata = metadata
         self.journal = journal
         self.superblock = superblock
@@ -92,10 +94,9 @@ class MetaStore:
             )
         await trio.to_thread.run_sync(lambda: os.makedirs(state_dir, mode=0o700, exist_ok=True))
         path = db_path(state_dir)
-        await restore(vol, sb, path)
-        md = Metadata(path)
+        got = await recover(vol, sb, path)
+        md, seq, prev = got.metadata, got.seq, got.prev
         try:
-            seq, prev = await replay(vol, sb, md.apply)
             md.set_journal_seq(seq)
             epoch = sb.epoch + 1
             new = await write_checkpoint(
@@ -108,7 +109,7 @@ class MetaStore:
             log.info("recovered %d journalled changes after the checkpoint", seq - sb.seq)
         journal = Journal(vol.nodes, vol.params.n - vol.params.f, epoch, seq, prev)
         md.attach_journal(journal)
-        return cls(vol, md, journal, new)
+        return cls(vol, md, journal, new, got.dropped)
 
     async def sync(self, *, durable: bool = False) -> None:
         """Make every committed change survive the loss of this machine (see Journal.sync)."""

@@ -1,0 +1,124 @@
+"""Recovering the metadata from the nodes, including after a crash of every node.
+
+Recovery restores the newest checkpoint and replays the journal after it
+(walrusfs.checkpoint). One more step makes it safe after a power loss of every node, which
+is one machine's power loss when the node directories are its own disks.
+
+A close() puts its blobs without flushing the nodes, and the journal record naming them is
+appended the same way: after a power loss the record may be on a disk while its blob is
+not, and the file would name data that is nowhere instead of what it held before. Such a
+record was never durable, and no durable sync followed it, since that would have flushed
+its blob as well. So nothing after it was promised either (fsync() waits for a durable
+sync), and none of the blobs that it or a later record freed is deleted yet (deletes wait
+for a durable sync: walrusfs.reclaim). Recovery therefore stops just before the first
+record that names a blob still in use that fewer than R nodes hold whole: the volume as it
+was a moment before the crash, with every blob it names stored.
+
+A record at or before the journal's last durable point (the checkpoint, or a
+DURABLE_MARK) is never dropped for a missing blob: that blob was flushed and lost later,
+by more than f nodes failing, which fsck and scrub report as lost data.
+
+Runs in trio tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from walrusfs.checkpoint import Replayed, Superblock, replay, restore
+from walrusfs.errors import StorageUnavailable
+from walrusfs.metadata import Metadata
+from walrusfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+CHECKS_AT_ONCE = 32  # blobs whose sliver files are looked at concurrently
+
+
+@dataclass
+class Recovered:
+    metadata: Metadata  # open on the recovered database; the caller closes it
+    seq: int  # where the next session's journal continues: last seq, chain hash
+    prev: bytes
+    dropped: int  # journal records left out after a crash of every node (0: none)
+
+
+async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
+    """Restore `sb`'s checkpoint at `path` and replay the journal, leaving out a tail whose
+    blobs a crash lost. Raises RecoveryError or StorageUnavailable."""
+    await restore(vol, sb, path)
+    md = Metadata(path)
+    try:
+        done = await replay(vol, sb, md.apply)
+        # Durable as far as any surviving mark says, marks past a cut included.
+        durable = done.durable
+        whole: dict[bytes, bool] = {}
+        kept = done
+        while True:
+            lost = await _unstored(vol, md, kept, durable, whole)
+            if not lost:
+                break
+            # The state before the first such record may name a blob that a later record
+            # (now cut too) had freed: look again at what it names.
+            md.close()
+            await restore(vol, sb, path)
+            md = Metadata(path)
+            kept = await replay(vol, sb, md.apply, until=min(lost) - 1)
+    except BaseException:
+        md.close()
+        raise
+    dropped = done.seq - kept.seq
+    if dropped:
+        log.warning(
+            "the journal's last %d changes name blobs that fewer than %d nodes hold whole: "
+            "a crash of the nodes before they were flushed lost them. Recovery stops before "
+            "change %d: files changed in the moments before the crash are as they were before "
+            "those changes (none of them had been fsynced).",
+            dropped,
+            vol.params.R,
+            kept.seq + 1,
+        )
+    return Recovered(md, kept.seq, kept.prev, dropped)
+
+
+async def _unstored(
+    vol: Volume, md: Metadata, done: Replayed, durable: int, whole: dict[bytes, bool]
+) -> list[int]:
+    """The seqs of the records after `durable` first naming a blob that the replayed
+    state uses and that fewer than R nodes hold whole. `whole` remembers what was looked
+    at."""
+    named = [
+        (seq, blob_id, meta)
+        for blob_id, (seq, meta) in done.named.items()
+        if seq > durable and md.blob_refcount(blob_id) > 0
+    ]
+    if not named:
+        return []
+    need = vol.params.R
+    readable = len(vol.nodes.readable())
+    if readable < vol.params.n - vol.params.f:
+        # Blobs on the missing nodes would look lost: dropping changes for them could
+        # drop what survived. Keep everything; reads report what is really gone.
+        log.warning(
+            "only %d nodes are readable: not checking whether the blobs of the journal's "
+            "last changes survived a crash",
+            readable,
+        )
+        return []
+    limit = trio.Semaphore(CHECKS_AT_ONCE)
+
+    async def check(blob_id: bytes, meta: bytes) -> None:
+        async with limit:
+            try:
+                whole[blob_id] = await vol.blobs.whole_files(blob_id, meta, need) >= need
+            except StorageUnavailable:
+                whole[blob_id] = True  # damaged metadata is no crash's doing: reads say so
+
+    async with trio.open_nursery() as nursery:
+        for _seq, blob_id, meta in named:
+            if blob_id not in whole:
+                nursery.start_soon(check, blob_id, meta)
+    return [seq for seq, blob_id, _meta in named if not whole[blob_id]]
