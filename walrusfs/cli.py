@@ -225,12 +225,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(f"mounted at {args.mountpoint} (server pid {child.pid}, log {log_path})")
         for line in warnings:
             print(f"walrusfs: warning: {line}", file=sys.stderr)
-        if warnings:
-            print(
-                f"walrusfs: warning: the mount works without {'it' if len(warnings) == 1 else 'them'}; "
-                "`walrusfs status` shows when the nodes are well again",
-                file=sys.stderr,
-            )
         return 0
     child.wait(timeout=30)
     raise SystemExit(

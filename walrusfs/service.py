@@ -315,13 +315,32 @@ async def run_mount(
 
 
 def unwell(vol: Volume) -> list[str]:
-    """A line for each node the mount goes on without, or with trouble: what `mount`
-    prints as warnings (the log has them too, but nobody reads it at mount time)."""
+    """A line for each node the mount goes on without, or with trouble."""
     return [
         f"node {n.index} ({n.store.path}) is {n.state.value}: {n.reason or 'no reason given'}"
         for n in vol.nodes.nodes
         if n.state is not NodeState.UP
     ]
+
+
+def mount_warnings(vol: Volume, metastore: MetaStore) -> list[str]:
+    """What `mount` prints as warnings: each node it goes on without (or with trouble),
+    and changes recovery left out after a crash (the log has them too, but nobody reads
+    it at mount time)."""
+    nodes = unwell(vol)
+    said = list(nodes)
+    if metastore.dropped:
+        said.append(
+            f"the last {metastore.dropped} changes before a crash name data that never "
+            "reached the nodes' disks: left out, so the files they changed are as they were "
+            "before them"
+        )
+    if nodes:
+        said.append(
+            f"the mount works without {'it' if len(nodes) == 1 else 'them'}; "
+            "`walrusfs status` shows when the nodes are well again"
+        )
+    return said
 
 
 async def _serve_volume(
@@ -359,7 +378,7 @@ async def _serve_volume(
                     fs,
                     opts.mountpoint,
                     allow_other=opts.allow_other,
-                    ready=None if ready is None else lambda: ready(unwell(vol)),
+                    ready=None if ready is None else lambda: ready(mount_warnings(vol, metastore)),
                     stop_signals=(signal.SIGTERM, signal.SIGINT),
                 )
                 nursery.cancel_scope.cancel()

@@ -462,6 +462,37 @@ def test_mount_after_a_crash_clears_the_dead_mount_left_behind(vol: Vol) -> None
     assert not mounted(vol.mnt)
 
 
+def test_after_a_power_loss_data_whose_blob_no_disk_kept_is_left_out(vol: Vol) -> None:
+    """Every node loses power: the journal's record of a new file's data reached a disk,
+    its blob did not (close() flushes neither). The next mount leaves that record out and
+    says so, instead of showing a file whose data is nowhere."""
+    vol.mount()
+    kept = os.urandom(300_000)
+    with open(vol.mnt / "kept", "wb") as f:
+        f.write(kept)
+        os.fsync(f.fileno())
+    before = {p for node in vol.nodes for p in sliver_files(str(node))}
+    (vol.mnt / "lost").write_bytes(os.urandom(300_000))  # big: its own blob, not a patch
+    lost = {p for node in vol.nodes for p in sliver_files(str(node))} - before
+    assert lost
+    pid = server_pid(vol.mnt)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for path in lost:  # never flushed: gone with the power
+        path.unlink()
+    res = vol.mount()
+    assert "changes before a crash name data that never reached the nodes' disks" in res.stderr
+    # As the crash found it: created, its bytes not yet committed.
+    assert {name: (vol.mnt / name).read_bytes() for name in os.listdir(vol.mnt)} == {
+        "kept": kept,
+        "lost": b"",
+    }
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
 def test_sigterm_unmounts_and_stores_like_umount(vol: Vol) -> None:
     """A system shutting down sends SIGTERM: the mount must store what it holds (here a
     rename the journal has not synced yet) and unmount, not leave a dead mount."""
