@@ -24,6 +24,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
+from backends.errors import KeyNotFound
+
 Buffer = bytes | bytearray | memoryview
 #: What a put stores: one buffer, or pieces written one after another (no join needed).
 Payload = Buffer | tuple[Buffer, ...]
@@ -106,6 +108,20 @@ class NodeStore(abc.ABC):
 
         Raises InvalidKey, KeyNotFound, NodeDown, NodeTimeout, NodeIOError.
         """
+
+    async def sizes(self, keys: list[str]) -> dict[str, int]:
+        """Return the stored length of each of ``keys`` that exists (missing keys are left
+        out); a store may answer in one call where it can.
+
+        Raises InvalidKey, NodeDown, NodeTimeout, NodeIOError.
+        """
+        found: dict[str, int] = {}
+        for key in keys:
+            try:
+                found[key] = await self.size(key)
+            except KeyNotFound:
+                pass
+        return found
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:

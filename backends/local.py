@@ -35,7 +35,7 @@ import trio
 
 from backends import files
 from backends.base import Buffer, NodeStore, Payload
-from backends.errors import NodeTimeout, map_os_error
+from backends.errors import KeyNotFound, NodeTimeout, map_os_error
 from backends.keys import check_key, check_prefix
 
 log = logging.getLogger(__name__)
@@ -300,6 +300,25 @@ class LocalStore(NodeStore):
         return await self._run(
             "size", key, lambda root: files.key_size(root, self.path, key, parts)
         )
+
+    async def sizes(self, keys: list[str]) -> dict[str, int]:
+        """Return the stored length of each of ``keys`` that exists, in one worker thread
+        job (missing keys are left out).
+
+        Raises InvalidKey, NodeDown, NodeTimeout, NodeIOError.
+        """
+        checked = [(key, check_key(key)) for key in keys]
+
+        def job(root: int) -> dict[str, int]:
+            found: dict[str, int] = {}
+            for key, parts in checked:
+                try:
+                    found[key] = files.key_size(root, self.path, key, parts)
+                except KeyNotFound:
+                    pass
+            return found
+
+        return await self._run("size", None, job)
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` if present.

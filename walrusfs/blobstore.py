@@ -65,6 +65,7 @@ from walrusfs.sliverfile import (
 log = logging.getLogger(__name__)
 
 PARSED_CACHE = 4096  # parsed blob metadata remembered (~1 KiB each at n=7)
+SIZES_AT_ONCE = 512  # sliver files whose sizes one node call looks up (whole_files)
 
 
 class PutResult(NamedTuple):
@@ -612,27 +613,37 @@ class BlobStore:
         self.stats.extra["batched_gets"] = self.stats.extra.get("batched_gets", 0) + 1
         return rows, False, set()
 
-    async def whole_files(self, blob_id: bytes, meta: bytes | BlobMetadata, enough: int) -> int:
-        """How many readable nodes hold the blob's sliver file at its full size, counted
-        up to `enough`. Only sizes are looked at: a blob that was never flushed before a
-        crash of every node has too few. Raises StorageUnavailable for damaged metadata."""
-        m = self.metadata(blob_id, meta)
-        size = header_size(m.n) + (m.params.C + m.params.R) * m.symbol_size
-        readable = self.nodes.readable()
-        found = 0
-        for pair in range(m.n):
-            node = m.node_of_pair(pair)
-            if node not in readable:
-                continue
-            key = sliver_key(blob_id, pair)
-            try:
-                got = await self.nodes.call(node, lambda st, key=key: st.size(key))
-            except NodeError:  # missing, or the node failed: not held, as far as we know
-                continue
-            found += got == size
-            if found >= enough:
-                break
-        return found
+    async def whole_files(self, blobs: dict[bytes, bytes]) -> dict[bytes, int]:
+        """For each blob (id -> metadata), how many readable nodes hold its sliver file
+        at its full size. Only sizes are looked at, a node's keys SIZES_AT_ONCE to a
+        call: a blob that was never flushed before a crash of every node has too few.
+        A node that fails holds none, as far as this can tell. Raises StorageUnavailable
+        for damaged metadata."""
+        wanted: dict[int, list[tuple[str, bytes, int]]] = {}  # node -> (key, blob, size)
+        for blob_id, meta in blobs.items():
+            m = self.metadata(blob_id, meta)
+            size = header_size(m.n) + (m.params.C + m.params.R) * m.symbol_size
+            for pair in range(m.n):
+                wanted.setdefault(m.node_of_pair(pair), []).append(
+                    (sliver_key(blob_id, pair), blob_id, size)
+                )
+        whole = dict.fromkeys(blobs, 0)
+
+        async def node(i: int, files: list[tuple[str, bytes, int]]) -> None:
+            for at in range(0, len(files), SIZES_AT_ONCE):
+                chunk = files[at : at + SIZES_AT_ONCE]
+                keys = [key for key, _, _ in chunk]
+                try:
+                    got = await self.nodes.call(i, lambda st, keys=keys: st.sizes(keys))
+                except NodeError:
+                    return
+                for key, blob_id, size in chunk:
+                    whole[blob_id] += got.get(key) == size
+
+        async with trio.open_nursery() as nursery:
+            for i in sorted(self.nodes.readable() & wanted.keys()):
+                nursery.start_soon(node, i, wanted[i])
+        return whole
 
     async def get_blob(self, blob_id: bytes, meta: bytes | BlobMetadata) -> memoryview:
         """The whole blob (a read-only view), every byte verified. Raises StorageUnavailable.

@@ -26,16 +26,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import trio
-
 from walrusfs.checkpoint import Replayed, Superblock, replay, restore
 from walrusfs.errors import StorageUnavailable
 from walrusfs.metadata import Metadata
 from walrusfs.volume import Volume
 
 log = logging.getLogger(__name__)
-
-CHECKS_AT_ONCE = 32  # blobs whose sliver files are looked at concurrently
 
 
 @dataclass
@@ -108,17 +104,18 @@ async def _unstored(
             readable,
         )
         return []
-    limit = trio.Semaphore(CHECKS_AT_ONCE)
-
-    async def check(blob_id: bytes, meta: bytes) -> None:
-        async with limit:
-            try:
-                whole[blob_id] = await vol.blobs.whole_files(blob_id, meta, need) >= need
-            except StorageUnavailable:
-                whole[blob_id] = True  # damaged metadata is no crash's doing: reads say so
-
-    async with trio.open_nursery() as nursery:
-        for _seq, blob_id, meta in named:
-            if blob_id not in whole:
-                nursery.start_soon(check, blob_id, meta)
+    todo = {blob_id: meta for _seq, blob_id, meta in named if blob_id not in whole}
+    if todo:
+        try:
+            counts = await vol.blobs.whole_files(todo)
+        except StorageUnavailable:
+            # Damaged metadata is no crash's doing: reads report it. Look one by one.
+            counts = {}
+            for blob_id, meta in todo.items():
+                try:
+                    counts.update(await vol.blobs.whole_files({blob_id: meta}))
+                except StorageUnavailable:
+                    counts[blob_id] = need
+        for blob_id, count in counts.items():
+            whole[blob_id] = count >= need
     return [seq for seq, blob_id, _meta in named if not whole[blob_id]]

@@ -252,6 +252,18 @@ async def test_size_does_not_open_the_file(store: LocalStore, node: Path) -> Non
         await store.size("fifo")
 
 
+async def test_sizes_answers_many_keys_in_one_call_leaving_out_missing_ones(
+    store: LocalStore, node: Path
+) -> None:
+    await store.put("a", b"12345")
+    await store.put("slivers/ab/b", bytes(70_000))
+    got = await store.sizes(["a", "slivers/ab/b", "missing", "slivers/cd/none"])
+    assert got == {"a": 5, "slivers/ab/b": 70_000}
+    os.mkfifo(node / "fifo")
+    with pytest.raises(NodeIOError, match="not a regular file"):
+        await store.sizes(["a", "fifo"])
+
+
 async def test_free_space_agrees_with_statvfs(store: LocalStore, node: Path) -> None:
     avail, total = await store.free_space()
     st = os.statvfs(node)
