@@ -77,10 +77,15 @@ class Journal:
 
     def append(self, change: Change) -> int:
         """Record one committed change (synchronous); returns its seq."""
+        self.mark()
+        return self._push(encode_change(change))
+
+    def mark(self) -> None:
+        """Queue a DURABLE_MARK if the nodes were not told of the last durable sync yet:
+        the next change takes it along, or the background sync when none comes."""
         if self.durable > self._marked:
             self._marked = self.durable
             self._push(encode_change(Change(DURABLE_MARK, {"through": self.durable})))
-        return self._push(encode_change(change))
 
     def _push(self, record: bytes) -> int:
         self._pending.append(record)

@@ -150,6 +150,7 @@ class MetaStore:
         while True:
             await trio.sleep(interval)
             try:
+                self.journal.mark()
                 if self.journal.lag:
                     await self.journal.sync()
                 if self.checkpoint_due():

@@ -16,7 +16,9 @@ was a moment before the crash, with every blob it names stored.
 
 A record at or before the journal's last durable point (the checkpoint, or a
 DURABLE_MARK) is never dropped for a missing blob: that blob was flushed and lost later,
-by more than f nodes failing, which fsck and scrub report as lost data.
+by more than f nodes failing, which fsck and scrub report as lost data. The nodes learn
+of a durable sync with the next change, or within a second from the background sync; a
+crash in between that also comes with such a loss may leave out more than it should.
 
 Runs in trio tasks.
 """

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.walrusfs.volumes import formatted_volume, sliver_files
 from walrusfs.errors import FSError, StorageUnavailable
@@ -122,8 +123,9 @@ async def test_changes_whose_blobs_a_crash_lost_are_left_out(
         await ms.close()
 
 
+@pytest.mark.parametrize("told_by", ["the next change", "the background sync"])
 async def test_a_fsynced_change_is_kept_though_its_blob_is_lost(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, told_by: str
 ) -> None:
     vol, ms, paths = await formatted_volume(tmp_path)
     fs = mounted(vol, ms)
@@ -131,15 +133,23 @@ async def test_a_fsynced_change_is_kept_though_its_blob_is_lost(
     before = live_files(paths)
     await write(fs, b"a", os.urandom(SIZE), fsync=True)
     lost = live_files(paths) - before
-    # The next change carries the mark of that durable sync to the nodes.
-    await write(fs, b"later", b"after the fsync")
+    # The nodes learn of that durable sync from a mark that goes with the next change,
+    # or from the background sync when no change comes.
+    if told_by == "the next change":
+        await write(fs, b"later", b"after the fsync")
+    else:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ms.run_background, 0.01)
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
     caplog.set_level(logging.WARNING, logger="walrusfs.recovery")
     # Flushed and lost anyway (more than f disks died): no crash's doing, and what fsync()
     # committed is not undone. The read says the data is gone.
     ms = await crash_and_remount(vol, ms, tmp_path, lost)
     try:
         fs = mounted(vol, ms)
-        assert await names(fs, b"a", b"later") == {b"a", b"later"}
+        expected = {b"a", b"later"} if told_by == "the next change" else {b"a"}
+        assert await names(fs, b"a", b"later") == expected
         with pytest.raises(StorageUnavailable):
             await read(fs, b"a")
         assert "Recovery stops" not in caplog.text
