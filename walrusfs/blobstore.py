@@ -633,8 +633,12 @@ class BlobStore:
             for at in range(0, len(files), SIZES_AT_ONCE):
                 chunk = files[at : at + SIZES_AT_ONCE]
                 keys = [key for key, _, _ in chunk]
+
+                def ask(st: NodeStore, keys: list[str] = keys) -> Awaitable[dict[str, int]]:
+                    return st.sizes(keys)
+
                 try:
-                    got = await self.nodes.call(i, lambda st, keys=keys: st.sizes(keys))
+                    got = await self.nodes.call(i, ask)
                 except NodeError:
                     return
                 for key, blob_id, size in chunk:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def mounted(mnt: Path) -> bool:
 
 def server_pid(mnt: Path) -> int:
     return int(json.loads(run("status", mnt, "--json").stdout)["pid"])
+
+
+def kill_server(mnt: Path) -> None:
+    """SIGKILL the mount's server (a crash) and return once it is gone."""
+    pid = server_pid(mnt)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, f"server {pid} still there 30 s after SIGKILL"
+        time.sleep(0.05)
 
 
 class Vol:

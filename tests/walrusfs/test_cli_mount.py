@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.walrusfs.clivol import Vol, mounted, run, server_pid
+from tests.walrusfs.clivol import Vol, kill_server, mounted, run, server_pid
 from tests.walrusfs.volumes import sliver_files, tmpfs
 from walrusfs.control import query
 
@@ -421,12 +421,7 @@ def test_umount_says_when_not_everything_was_stored(vol: Vol) -> None:
 def test_umount_of_a_dead_mount_does_not_claim_it_stored_everything(vol: Vol) -> None:
     vol.mount()
     (vol.mnt / "f").write_bytes(b"closed, so in the journal")
-    pid = server_pid(vol.mnt)
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{pid}"):  # gone before umount asks for it
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    kill_server(vol.mnt)
     res = run("umount", vol.mnt, check=False)
     assert res.returncode == 1 and "no walrusfs server answered" in res.stderr
     assert not mounted(vol.mnt)
@@ -440,12 +435,7 @@ def test_mount_after_a_crash_clears_the_dead_mount_left_behind(vol: Vol) -> None
     it may still succeed from cached attributes). Mounting again there just works."""
     vol.mount()
     (vol.mnt / "f").write_bytes(b"closed, so in the journal")
-    pid = server_pid(vol.mnt)
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{pid}"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    kill_server(vol.mnt)
     with pytest.raises(OSError) as dead:
         os.listdir(vol.mnt)
     assert dead.value.errno == errno.ENOTCONN
@@ -475,12 +465,7 @@ def test_after_a_power_loss_data_whose_blob_no_disk_kept_is_left_out(vol: Vol) -
     (vol.mnt / "lost").write_bytes(os.urandom(300_000))  # big: its own blob, not a patch
     lost = {p for node in vol.nodes for p in sliver_files(str(node))} - before
     assert lost
-    pid = server_pid(vol.mnt)
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{pid}"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    kill_server(vol.mnt)
     for path in lost:  # never flushed: gone with the power
         path.unlink()
     res = vol.mount()
