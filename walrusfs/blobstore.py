@@ -613,8 +613,8 @@ class BlobStore:
         self.stats.extra["batched_gets"] = self.stats.extra.get("batched_gets", 0) + 1
         return rows, False, set()
 
-    async def whole_files(self, blobs: dict[bytes, bytes]) -> dict[bytes, int]:
-        """For each blob (id -> metadata), how many readable nodes hold its sliver file
+    async def whole_files(self, blobs: dict[bytes, bytes]) -> dict[bytes, set[int]]:
+        """For each blob (id -> metadata), the readable nodes that hold its sliver file
         at its full size. Only sizes are looked at, a node's keys SIZES_AT_ONCE to a
         call: a blob that was never flushed before a crash of every node has too few.
         A node that fails holds none, as far as this can tell. Raises StorageUnavailable
@@ -627,7 +627,7 @@ class BlobStore:
                 wanted.setdefault(m.node_of_pair(pair), []).append(
                     (sliver_key(blob_id, pair), blob_id, size)
                 )
-        whole = dict.fromkeys(blobs, 0)
+        whole: dict[bytes, set[int]] = {blob_id: set() for blob_id in blobs}
 
         async def node(i: int, files: list[tuple[str, bytes, int]]) -> None:
             for at in range(0, len(files), SIZES_AT_ONCE):
@@ -642,7 +642,8 @@ class BlobStore:
                 except NodeError:
                     return
                 for key, blob_id, size in chunk:
-                    whole[blob_id] += got.get(key) == size
+                    if got.get(key) == size:
+                        whole[blob_id].add(i)
 
         async with trio.open_nursery() as nursery:
             for i in sorted(self.nodes.readable() & wanted.keys()):

@@ -42,6 +42,9 @@ class Recovered:
     seq: int  # where the next session's journal continues: last seq, chain hash
     prev: bytes
     dropped: int  # journal records left out after a crash of every node (0: none)
+    # Blobs kept that some readable nodes do not hold whole (the crash tore their files):
+    # blob id -> those nodes, for repair to fill in at once rather than at a scrub.
+    torn: dict[bytes, tuple[int, ...]]
 
 
 async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
@@ -53,7 +56,7 @@ async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
         done = await replay(vol, sb, md.apply)
         # Durable as far as any surviving mark says, marks past a cut included.
         durable = done.durable
-        whole: dict[bytes, bool] = {}
+        whole: dict[bytes, set[int] | None] = {}  # None: not known (damaged metadata)
         kept = done
         while True:
             lost = await _unstored(vol, md, kept, durable, whole)
@@ -79,15 +82,26 @@ async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
             vol.params.R,
             kept.seq + 1,
         )
-    return Recovered(md, kept.seq, kept.prev, dropped)
+    readable = vol.nodes.readable()
+    torn = {
+        blob_id: tuple(sorted(readable - holders))
+        for blob_id, holders in whole.items()
+        if holders is not None
+        and len(holders) >= vol.params.R
+        and readable - holders
+        and md.blob_refcount(blob_id) > 0
+    }
+    if torn:
+        log.info("%d blobs written just before a crash lack sliver files: repairing", len(torn))
+    return Recovered(md, kept.seq, kept.prev, dropped, torn)
 
 
 async def _unstored(
-    vol: Volume, md: Metadata, done: Replayed, durable: int, whole: dict[bytes, bool]
+    vol: Volume, md: Metadata, done: Replayed, durable: int, whole: dict[bytes, set[int] | None]
 ) -> list[int]:
     """The seqs of the records after `durable` first naming a blob that the replayed
     state uses and that fewer than R nodes hold whole. `whole` remembers what was looked
-    at."""
+    at: the nodes holding each blob whole."""
     named = [
         (seq, blob_id, meta)
         for blob_id, (seq, meta) in done.named.items()
@@ -109,15 +123,16 @@ async def _unstored(
     todo = {blob_id: meta for _seq, blob_id, meta in named if blob_id not in whole}
     if todo:
         try:
-            counts = await vol.blobs.whole_files(todo)
+            whole.update(await vol.blobs.whole_files(todo))
         except StorageUnavailable:
             # Damaged metadata is no crash's doing: reads report it. Look one by one.
-            counts = {}
             for blob_id, meta in todo.items():
                 try:
-                    counts.update(await vol.blobs.whole_files({blob_id: meta}))
+                    whole.update(await vol.blobs.whole_files({blob_id: meta}))
                 except StorageUnavailable:
-                    counts[blob_id] = need
-        for blob_id, count in counts.items():
-            whole[blob_id] = count >= need
-    return [seq for seq, blob_id, _meta in named if not whole[blob_id]]
+                    whole[blob_id] = None
+    return [
+        seq
+        for seq, blob_id, _meta in named
+        if (holders := whole[blob_id]) is not None and len(holders) < need
+    ]

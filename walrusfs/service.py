@@ -355,6 +355,8 @@ async def _serve_volume(
     try:
         metastore = await MetaStore.open(vol, opts.state_dir)
         blobs = FsBlobs(vol.blobs, metastore)
+        # Torn by a crash: filled in by repair like the pairs a put missed.
+        blobs.missed.update(metastore.torn)
         fs = FileSystem(
             metastore.metadata,
             blobs,

@@ -168,3 +168,23 @@ async def test_nothing_is_left_out_when_every_blob_survived(tmp_path: Path) -> N
         assert await read(mounted(vol, ms), b"a") == new
     finally:
         await ms.close()
+
+
+async def test_a_kept_blob_the_crash_left_short_on_some_nodes_goes_to_repair(
+    tmp_path: Path,
+) -> None:
+    vol, ms, paths = await formatted_volume(tmp_path)
+    fs = mounted(vol, ms)
+    await write(fs, b"a", os.urandom(SIZE), fsync=True)
+    before = live_files(paths)
+    await write(fs, b"a", os.urandom(SIZE))
+    new = sorted(live_files(paths) - before)  # two blobs, a file each on every node
+    torn = {p for p in new if p.parents[3].name in ("node1", "node4")}
+    assert len(new) == 14 and len(torn) == 4
+    ms = await crash_and_remount(vol, ms, tmp_path, torn)
+    try:
+        assert {blob.hex()[:16] for blob in ms.torn} == {p.name[:16] for p in torn}
+        assert set(ms.torn.values()) == {(1, 4)}
+        assert ms.dropped == 0
+    finally:
+        await ms.close()
