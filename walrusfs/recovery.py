@@ -14,6 +14,9 @@ for a durable sync: walrusfs.reclaim). Recovery therefore stops just before the 
 record that names a blob still in use that fewer than R nodes hold whole: the volume as it
 was a moment before the crash, with every blob it names stored.
 
+A blob kept that some nodes do not hold whole (the power loss took part of its files) is
+handed to repair at once (`Recovered.torn`), not left for a scrub to find.
+
 A record at or before the journal's last durable point (the checkpoint, or a
 DURABLE_MARK) is never dropped for a missing blob: that blob was flushed and lost later,
 by more than f nodes failing, which fsck and scrub report as lost data. The nodes learn
