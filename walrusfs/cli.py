@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import trio
@@ -131,8 +132,10 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
     async def run() -> tuple[str, str]:
         volume_id = await create_volume(args.nodes, args.faults, args.blob_size)
         vol = await open_volume(args.nodes[0])
-        state = default_state_dir(volume_id)
-        await format_metadata(vol, state, uid=os.getuid(), gid=os.getgid())
+        # The first checkpoint goes to the nodes; the database it is made from is only a
+        # working copy (every mount recovers its own), so it is not left behind.
+        with tempfile.TemporaryDirectory(prefix="walrusfs-mkfs-") as state:
+            await format_metadata(vol, state, uid=os.getuid(), gid=os.getgid())
         p = vol.params
         return (
             volume_id,

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from tests.walrusfs.clivol import Vol, kill_server, mounted, run, server_pid
 from tests.walrusfs.volumes import sliver_files, tmpfs
+from walrusfs.cli import default_state_dir
 from walrusfs.control import query
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
@@ -42,6 +44,25 @@ def test_mkfs_refuses_bad_input(tmp_path: Path) -> None:
     )
     res = run("mount", tmp_path / "nope", tmp_path, check=False)
     assert res.returncode == 1 and "missing" in res.stderr
+
+
+def test_mkfs_leaves_no_state_behind_on_this_machine(tmp_path: Path) -> None:
+    """The volume's metadata is on its nodes; each mount makes its own working copy."""
+    res = run("mkfs", *(tmp_path / f"n{i}" for i in range(4)))
+    volume_id = res.stdout.split()[2].rstrip(":")
+    assert re.fullmatch(r"[0-9a-f]{32}", volume_id), res.stdout
+    assert not os.path.exists(default_state_dir(volume_id))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for expected in (None, b"kept"):
+        run("mount", "--state-dir", tmp_path / "state", tmp_path / "n0", mnt)
+        try:
+            if expected is None:
+                (mnt / "f").write_bytes(b"kept")
+            else:
+                assert (mnt / "f").read_bytes() == expected
+        finally:
+            run("umount", mnt)
 
 
 def test_mount_use_status_umount(vol: Vol, tmp_path: Path) -> None:
