@@ -57,6 +57,7 @@ from walrusfs.sliverfile import (
     Header,
     SliverFileError,
     build,
+    file_size,
     header_size,
     parse_header,
     sliver_key,
@@ -622,7 +623,7 @@ class BlobStore:
         wanted: dict[int, list[tuple[str, bytes, int]]] = {}  # node -> (key, blob, size)
         for blob_id, meta in blobs.items():
             m = self.metadata(blob_id, meta)
-            size = header_size(m.n) + (m.params.C + m.params.R) * m.symbol_size
+            size = file_size(m)
             for pair in range(m.n):
                 wanted.setdefault(m.node_of_pair(pair), []).append(
                     (sliver_key(blob_id, pair), blob_id, size)

@@ -41,7 +41,8 @@ from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
 from walrusfs.metadata import ROOT_INODE
 from walrusfs.recovery import recover
 from walrusfs.repair import RepairEngine
-from walrusfs.scrub import Finding, NodeSweep, file_size, remove_stale_temps, sweep_node
+from walrusfs.scrub import Finding, NodeSweep, remove_stale_temps, sweep_node
+from walrusfs.sliverfile import file_size
 from walrusfs.volume import Volume, VolumeError, open_volume
 
 EXIT_OK = 0

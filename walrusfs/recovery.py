@@ -123,17 +123,18 @@ async def _unstored(
             readable,
         )
         return []
-    todo = {blob_id: meta for _seq, blob_id, meta in named if blob_id not in whole}
-    if todo:
+    todo: dict[bytes, bytes] = {}
+    for _seq, blob_id, meta in named:
+        if blob_id in whole:
+            continue
         try:
-            whole.update(await vol.blobs.whole_files(todo))
+            vol.blobs.metadata(blob_id, meta)  # parsed once, remembered for whole_files
         except StorageUnavailable:
-            # Damaged metadata is no crash's doing: reads report it. Look one by one.
-            for blob_id, meta in todo.items():
-                try:
-                    whole.update(await vol.blobs.whole_files({blob_id: meta}))
-                except StorageUnavailable:
-                    whole[blob_id] = None
+            whole[blob_id] = None  # damaged metadata is no crash's doing: reads report it
+            continue
+        todo[blob_id] = meta
+    if todo:
+        whole.update(await vol.blobs.whole_files(todo))
     return [
         seq
         for seq, blob_id, _meta in named

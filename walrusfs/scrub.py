@@ -43,6 +43,7 @@ from walrusfs.segment import PREFIX as JOURNAL
 from walrusfs.sliverfile import PREFIX as SLIVERS
 from walrusfs.sliverfile import (
     SliverFileError,
+    file_size,
     header_size,
     parse_header,
     parse_key,
@@ -57,12 +58,6 @@ MiB = 1 << 20
 DEFAULT_RATE = 32 * MiB  # bytes verified per second over all nodes ...
 DEFAULT_BUSY_RATE = 8 * MiB  # ... and while the blob store serves users
 DEFAULT_GRACE = 24 * 3600.0  # seconds an orphan is seen before it is removed
-
-
-def file_size(meta: BlobMetadata) -> int:
-    """Bytes of a sliver file of this blob."""
-    p = meta.params
-    return header_size(meta.n) + (p.C + p.R) * meta.symbol_size
 
 
 def verify_file(meta: BlobMetadata, pair: int, raw: bytes, where: str) -> None:

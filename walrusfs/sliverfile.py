@@ -76,6 +76,12 @@ def header_size(n: int) -> int:
     return -(-raw // 64) * 64
 
 
+def file_size(meta: BlobMetadata) -> int:
+    """Bytes of a sliver file of this blob."""
+    p = meta.params
+    return header_size(meta.n) + (p.C + p.R) * meta.symbol_size
+
+
 def build(meta: BlobMetadata, pair: SliverPair) -> list[bytes | memoryview]:
     """The pieces of a sliver file, in order (join or writev them)."""
     meta_bytes = meta.to_bytes()
@@ -112,7 +118,7 @@ class Header:
 
     @property
     def file_size(self) -> int:
-        return self.secondary_offset + self.meta.params.R * self.meta.symbol_size
+        return file_size(self.meta)
 
 
 def parse_header(raw: bytes, blob_id: bytes, pair: int, where: str = "") -> Header:
