@@ -10,10 +10,17 @@ a scripts/badmount.py passthrough that turns slow, hangs, fails with EIO, or rep
 disk full, then recovers. Never more than f nodes are faulty at once; a node stays
 counted as faulty until a scrub and a repair pass after its fault ended.
 
+Every --crash-every seconds (give or take half) the mount's server is killed (SIGKILL) between
+two operations, while faults are in place and background work (block rewrites, deletes,
+repair) is under way, and the volume is mounted again through a node that is not away,
+one time in three with an empty state directory (rebuilt from the nodes alone). Every
+operation returned after its last close(), so the remounted tree must equal the shadow
+at once: every file is compared before the workload goes on.
+
 At the end the faults stop, `walrusfs repair` runs until the volume is whole, every file
 is compared with the shadow, `walrusfs scrub` verifies every sliver, and `walrusfs fsck`
 checks the unmounted volume. Seeded and bounded in time. Last line, exactly:
-`chaos: ops N, faults F, verified B bytes, mismatches M, late ops L, repaired in T s`
+`chaos: ops N, faults F, crashes C, verified B bytes, mismatches M, late ops L, repaired in T s`
 (mismatches and late ops, operations slower than --deadline seconds, must be 0).
 
   scripts/chaos.py --seconds 60 --seed 1            # its own 7-node volume in a temp dir
@@ -28,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +69,7 @@ class Stats:
     late: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     faults: int = 0
+    crashes: int = 0
     fault_log: list[str] = field(default_factory=list)
 
 
@@ -231,6 +240,9 @@ class Faults:
         # fault counts of the nodes it heals when it began, whether to scrub, its result.
         self._heal: tuple[threading.Thread, dict[int, int], bool] | None = None
         self._healed = False
+        # Held while a fault is injected or undone, and across a crash and remount, so
+        # that the set of faulty nodes holds still while the volume is mounted again.
+        self.lock = threading.Lock()
 
     def step(self, now: float) -> None:
         for i, until in list(self.away.items()):
@@ -332,6 +344,69 @@ class Faults:
         del self.away[i]
 
 
+class Crasher:
+    """Kills the mount's server between operations and mounts the volume again."""
+
+    def __init__(
+        self, work: Path, nodes: list[Path], mnt: Path, rng: random.Random, stats: Stats
+    ) -> None:
+        self.work, self.nodes, self.mnt, self.rng, self.stats = work, nodes, mnt, rng, stats
+        self.state = work / "state"
+
+    def mount(self, faults: Faults | None) -> list[str]:
+        """Mount through a node that is not faulty (its identity file names the others);
+        return what the mount said besides where it mounted."""
+        healthy = [i for i in range(len(self.nodes)) if faults is None or i not in faults.dirty]
+        via = self.nodes[self.rng.choice(healthy) if faults is not None else 0]
+        res = walrusfs("mount", "--state-dir", self.state, "--node-timeout", "5", via, self.mnt)
+        return [
+            line
+            for line in (res.stdout + res.stderr).splitlines()
+            if not line.startswith("mounted at")
+        ]
+
+    def next_crash(self, now: float, every: float) -> float:
+        """When to crash next: `every` seconds from now, give or take half (never if 0)."""
+        return now + every * self.rng.uniform(0.5, 1.5) if every > 0 else float("inf")
+
+    def crash(self, faults: Faults, shadow: Path) -> None:
+        """SIGKILL the server, mount again, and compare every file with the shadow."""
+        pid = int(json.loads(walrusfs("status", self.mnt, "--json").stdout)["pid"])
+        os.kill(pid, signal.SIGKILL)
+        # Faults go on meanwhile: a thread of the server stuck on the hung FUSE node dies
+        # only once that node answers (the kernel waits out a request already sent to a
+        # FUSE server, uninterruptibly), and it answers once the injector restores it.
+        deadline = time.monotonic() + 120
+        while os.path.exists(f"/proc/{pid}"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {pid} still there 120 s after SIGKILL")
+            time.sleep(0.05)
+        with faults.lock:
+            self.stats.crashes += 1
+            fresh = self.rng.random() < 1 / 3
+            if fresh:
+                self.state = self.work / f"state{self.stats.crashes}"
+            t0 = time.monotonic()
+            said = self.mount(faults)
+            self.stats.fault_log.append(
+                f"crash {self.stats.crashes}: server killed with faulty nodes "
+                f"{sorted(faults.dirty)}; mounted again in {time.monotonic() - t0:.1f} s"
+                f"{' with an empty state directory' if fresh else ''}: ok"
+            )
+            self.stats.fault_log.extend(f"  the mount said: {line}" for line in said)
+        differ = differing(digest_tree(self.mnt), digest_tree(shadow))
+        if differ:
+            self.stats.errors.append(
+                f"after crash {self.stats.crashes}: {len(differ)} files differ from the "
+                f"shadow copy, e.g. {differ[:5]}"
+            )
+
+
+def differing(mine: dict[str, str], theirs: dict[str, str]) -> list[str]:
+    """Paths whose content (or existence) differs between two digest_tree()s."""
+    return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+
+
 def heal(mnt: Path, timeout: float = 300.0) -> float:
     """After the faults: wait for every node to be back, then repair and scrub until clean."""
     t0 = time.monotonic()
@@ -379,6 +454,12 @@ def main() -> int:
     parser.add_argument(
         "--deadline", type=float, default=30.0, help="an operation slower than this is late"
     )
+    parser.add_argument(
+        "--crash-every",
+        type=float,
+        default=15.0,
+        help="kill the mount's server every this many seconds, give or take half (0: never)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -404,28 +485,34 @@ def main() -> int:
     mnt.mkdir(parents=True, exist_ok=True)
     shadow = work / "shadow"
     shadow.mkdir()
-    state = work / "state"
     stats = Stats()
+    crasher = Crasher(work, nodes, mnt, random.Random(args.seed + 2), stats)
     mounted = False
     faults: Faults | None = None
+    stop = threading.Event()  # the fault injector's
+    injector: threading.Thread | None = None
     try:
-        walrusfs("mount", "--state-dir", state, "--node-timeout", "5", nodes[0], mnt)
+        crasher.mount(None)
         mounted = True
         f = int(json.loads(walrusfs("status", mnt, "--json").stdout)["f"])
         faults = Faults(nodes, f, rng, stats, mnt, badnode)
         load = Workload(mnt, shadow, random.Random(args.seed + 1), stats, args.deadline)
-        stop = threading.Event()
 
         def inject() -> None:
             while not stop.wait(0.5):
                 assert faults is not None
-                faults.step(time.monotonic())
+                with faults.lock:
+                    faults.step(time.monotonic())
 
         injector = threading.Thread(target=inject, daemon=True)
         injector.start()
         end = time.monotonic() + args.seconds
+        crash_at = crasher.next_crash(time.monotonic(), args.crash_every)
         while time.monotonic() < end:
             load.op()
+            if time.monotonic() >= crash_at:
+                crasher.crash(faults, shadow)
+                crash_at = crasher.next_crash(time.monotonic(), args.crash_every)
         stop.set()
         injector.join()
         faults.stop()
@@ -434,7 +521,7 @@ def main() -> int:
         print(f"  healed: {repaired_in:.1f} s after the last fault ended")
         repaired_in = time.monotonic() - t0
         mine, theirs = digest_tree(mnt), digest_tree(shadow)
-        mismatches = sum(1 for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        mismatches = len(differing(mine, theirs))
         verified = sum((shadow / k).stat().st_size for k in theirs if mine.get(k) == theirs[k])
         walrusfs("umount", mnt)
         mounted = False
@@ -444,6 +531,9 @@ def main() -> int:
         print(f"  fsck --repair exit {cleanup.returncode}: {_last_line(cleanup)}")
         fsck = sh([*WALRUSFS, "fsck", str(nodes[0])])
     finally:
+        stop.set()
+        if injector is not None:
+            injector.join()
         if faults is not None:
             faults.stop()
         if mounted:
@@ -460,7 +550,7 @@ def main() -> int:
     print(f"  fsck exit {fsck.returncode}: {_last_line(fsck)}")
     mismatches += len(stats.errors)
     print(
-        f"chaos: ops {stats.ops}, faults {stats.faults}, verified {verified} bytes, "
+        f"chaos: ops {stats.ops}, faults {stats.faults}, crashes {stats.crashes}, verified {verified} bytes, "
         f"mismatches {mismatches}, late ops {len(stats.late)}, repaired in {repaired_in:.1f} s"
     )
     return 0 if mismatches == 0 and not stats.late and fsck.returncode == 0 else 1

@@ -23,11 +23,12 @@ def test_a_short_chaos_run_loses_nothing() -> None:
     )
     last = res.stdout.strip().splitlines()[-1]
     m = re.fullmatch(
-        r"chaos: ops (\d+), faults (\d+), verified (\d+) bytes, mismatches (\d+), late ops (\d+), repaired in ([\d.]+) s",
+        r"chaos: ops (\d+), faults (\d+), crashes (\d+), verified (\d+) bytes, mismatches (\d+), late ops (\d+), repaired in ([\d.]+) s",
         last,
     )
     assert m, res.stdout[-3000:] + res.stderr[-3000:]
-    ops, faults, verified, mismatches, late = (int(x) for x in m.groups()[:5])
+    ops, faults, crashes, verified, mismatches, late = (int(x) for x in m.groups()[:6])
     assert mismatches == 0 and late == 0, res.stdout[-3000:]
-    assert ops > 50 and faults > 3 and verified > 0
+    # The first crash comes within 1.5x --crash-every (15 s by default) of the start.
+    assert ops > 50 and faults > 3 and crashes >= 1 and verified > 0
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
