@@ -12,7 +12,7 @@ counted as faulty until a scrub and a repair pass after its fault ended.
 
 Every --crash-every seconds (give or take half) the mount's server is killed (SIGKILL) between
 two operations, while faults are in place and background work (block rewrites, deletes,
-repair) is under way, and the volume is mounted again through a node that is not away,
+repair) is under way, and the volume is mounted again through a node that is not faulty,
 one time in three with an empty state directory (rebuilt from the nodes alone). Every
 operation returned after its last close(), so the remounted tree must equal the shadow
 at once: every file is compared before the workload goes on.
@@ -43,6 +43,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from faultlib import procs
 
 HERE = Path(__file__).resolve().parent
 WALRUSFS = [sys.executable, "-m", "walrusfs.cli"]
@@ -372,12 +374,13 @@ class Crasher:
     def crash(self, faults: Faults, shadow: Path) -> None:
         """SIGKILL the server, mount again, and compare every file with the shadow."""
         pid = int(json.loads(walrusfs("status", self.mnt, "--json").stdout)["pid"])
+        started = procs.start_time(pid)
         os.kill(pid, signal.SIGKILL)
         # Faults go on meanwhile: a thread of the server stuck on the hung FUSE node dies
         # only once that node answers (the kernel waits out a request already sent to a
         # FUSE server, uninterruptibly), and it answers once the injector restores it.
         deadline = time.monotonic() + 120
-        while os.path.exists(f"/proc/{pid}"):
+        while procs.alive(pid, started):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server {pid} still there 120 s after SIGKILL")
             time.sleep(0.05)
