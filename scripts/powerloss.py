@@ -71,6 +71,7 @@ class Workload:
         self.allowed: dict[str, set[str]] = {}
         self.durable: dict[str, str] = {}  # name -> digest at the last fsync (of any file)
         self.newest: dict[str, str] = {}
+        self.had: dict[str, set[str]] = {}  # name -> every content it was given
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.ops = 0
@@ -86,6 +87,7 @@ class Workload:
                 f.flush()
                 os.fsync(f.fileno())
         self.newest[name] = d
+        self.had.setdefault(name, set()).add(d)
         if fsync:  # every node was flushed: all closed files are durable as they are now
             self.durable = dict(self.newest)
             for n, dg in self.newest.items():
@@ -113,6 +115,15 @@ class Workload:
         except OSError as exc:  # the mount went away with the power
             if not self.stop.is_set():
                 self.error = exc
+
+
+def _what(found: str, had: set[str]) -> str:
+    """What a file that came back wrong holds, in words."""
+    if found == "":
+        return "missing or empty, though it was neither at the last fsync"
+    if found in had:
+        return "content older than it had at the last fsync"
+    return "content it was never given (garbage)"
 
 
 def server_pid(mnt: Path) -> int:
@@ -176,7 +187,7 @@ def power_loss(args: argparse.Namespace, base: Path) -> int:
                 if found == digest(b""):
                     found = ""
                 if found not in allowed:
-                    bad.append(f"{name}: content it never had since the last fsync")
+                    bad.append(f"{name}: {_what(found, work.had.get(name, set()))}")
                 elif name in work.durable and allowed == {work.durable[name]}:
                     intact += 1
                 elif found == "":

@@ -105,6 +105,7 @@ class Live:
     size: int
     mtime_ns: int
     ctime_ns: int
+    cleared: bool  # none of its committed blocks are its bytes any more
 
 
 class _File:
@@ -116,6 +117,9 @@ class _File:
         self.mtime_ns = mtime_ns
         self.ctime_ns = ctime_ns
         self.attrs_dirty = False  # size/times differ from the metadata row
+        # Truncated to 0 in memory only: the committed blocks and patches are no longer
+        # the file's, and the next commit drops them in its own transaction (see truncate).
+        self.cleared = False
         self.dirty: dict[int, bytearray] = {}  # block index -> block bytes (may be short)
         # Per dirty block: the (start, end) ranges that differ from its committed bytes
         # (blob plus patches), or None if unknown (stored whole at the next sync).
@@ -248,7 +252,7 @@ class FileData:
     def live(self, inode: int) -> Live | None:
         """Size and times of `inode` if newer than its metadata row, else None."""
         f = self._files.get(inode)
-        return None if f is None else Live(f.size, f.mtime_ns, f.ctime_ns)
+        return None if f is None else Live(f.size, f.mtime_ns, f.ctime_ns, f.cleared)
 
     def set_times(
         self, inode: int, *, mtime_ns: int | None = None, ctime_ns: int | None = None
@@ -307,6 +311,8 @@ class FileData:
                     buf = f.inflight.get(index)
                 if buf is not None:
                     return _piece(buf, len(buf), start, n)  # mutable: copy
+                if f.cleared:
+                    return bytes(n)
             ref = self._meta.block(inode, index)
             if self._meta.patches(inode, index):
                 with self._use(inode) as f:
@@ -369,7 +375,7 @@ class FileData:
         if self._nursery is None:
             return
         f = self._files.get(inode)
-        if f is not None and (index in f.dirty or index in f.inflight):
+        if f is not None and (index in f.dirty or index in f.inflight or f.cleared):
             return
         ref = self._meta.block(inode, index)
         if ref is not None:
@@ -420,10 +426,11 @@ class FileData:
         changed: list[tuple[int, int]] | None = None  # unknown: the committed bytes may change
         if base is not None:
             buf = bytearray(base)  # in-flight buffers are being stored: copy
-        elif self._meta.patches(f.inode, index):
+        elif not f.cleared and self._meta.patches(f.inode, index):
             return await self._materialize(f, index)
         else:
-            ref = self._meta.block(f.inode, index)
+            # Cleared: nothing committed is the file's any more, every block is a hole.
+            ref = None if f.cleared else self._meta.block(f.inode, index)
             if ref is None:
                 buf = bytearray()  # a hole: every byte written is a change over zeros
                 changed = []
@@ -441,10 +448,21 @@ class FileData:
         return buf
 
     async def truncate(self, inode: int, size: int, *, now_ns: int) -> None:
-        """Set the size; bytes past it are gone (zeros if extended again)."""
+        """Set the size; bytes past it are gone (zeros if extended again).
+
+        A truncate to 0 (open(O_TRUNC) before a file is written anew) stays in memory
+        (`cleared`) and is committed with the file's next content, in one transaction:
+        a crash in between finds the file as it was, not empty, as ext4 does for the
+        same pattern. So does every truncate after it until then.
+        """
         with self._use(inode) as f:
             async with f.write_lock, f.flush_lock:
-                freed = self._meta.truncate(inode, size, mtime_ns=now_ns, ctime_ns=now_ns)
+                lazy = size == 0 or f.cleared
+                freed = (
+                    []
+                    if lazy
+                    else self._meta.truncate(inode, size, mtime_ns=now_ns, ctime_ns=now_ns)
+                )
                 bs = self.block_size
                 for index in [i for i in f.dirty if i * bs >= size]:
                     self.dirty_bytes -= len(f.dirty.pop(index))
@@ -460,9 +478,13 @@ class FileData:
                     if ranges:  # the metadata cut the block's patches just the same
                         f.changed[size // bs] = [(a, min(b, cut)) for a, b in ranges if a < cut]
                 f.size, f.mtime_ns, f.ctime_ns = size, now_ns, now_ns
-                f.attrs_dirty = False  # the row has just been written
-                if not f.dirty:
-                    f.dirty_since = None
+                if lazy:
+                    f.cleared = True
+                    self._mark_dirty(f)
+                else:
+                    f.attrs_dirty = False  # the row has just been written
+                    if not f.dirty:
+                        f.dirty_since = None
         await self.free(freed)
 
     async def discard(self, inode: int) -> None:
@@ -477,7 +499,7 @@ class FileData:
             f.changed.clear()
             f.patched.clear()
             f.patch_seq.clear()
-            f.attrs_dirty = False
+            f.attrs_dirty = f.cleared = False
             f.dirty_since = None
         if self._files.get(inode) is f and f.users == 0:
             del self._files[inode]
@@ -496,10 +518,15 @@ class FileData:
             return
         with self._use(inode) as f:
             async with f.flush_lock:
-                if fold or not (
-                    self._settled(f) or (self._packable(f) and self._commit_patches(f))
-                ):
-                    await self._flush_locked(f, full_only)
+                if not fold:
+                    if self._settled(f):
+                        return
+                    if self._packable(f):
+                        freed = self._commit_patches(f)
+                        if freed is not None:
+                            await self.free(freed)
+                            return
+                await self._flush_locked(f, full_only)
 
     def _packable(self, f: _File) -> bool:
         """A small file (all of its unstored bytes, that is), which a pack may store."""
@@ -522,38 +549,48 @@ class FileData:
             return
         with self._use(inode) as f:
             async with f.flush_lock:
-                if not self._commit_patches(f):
+                freed = self._commit_patches(f)
+                if freed is None:
                     await self._flush_locked(f, False)
+                else:
+                    await self.free(freed)
 
-    def _commit_patches(self, f: _File) -> bool:
-        """Commit all of the file's dirty bytes as patches, or nothing and return False if
-        a block's committed bytes are unknown or it has changed too much. Never yields: no
-        write can slip in between reading the buffers and marking them committed
-        (flush_lock held)."""
+    def _commit_patches(self, f: _File) -> list[FreedBlob] | None:
+        """Commit all of the file's dirty bytes as patches and return the blobs that
+        freed (a cleared file's), or commit nothing and return None if a block's committed
+        bytes are unknown or it has changed too much. Never yields: no write can slip in
+        between reading the buffers and marking them committed (flush_lock held)."""
         if not f.dirty or f.inflight:
-            return False
+            return None
         patches: list[tuple[int, int, bytes]] = []
         for index, buf in f.dirty.items():
             ranges = f.changed.get(index)
             if ranges is None:
-                return False
+                return None
             total = f.patched.get(index, 0) + sum(b - a for a, b in ranges)
             if total * PATCH_FRACTION > len(buf) and total > self._small_patch:
-                return False
+                return None
             patches.extend((index, a, bytes(buf[a:b])) for a, b in ranges)
         if sum(len(p[2]) for p in patches) > PATCH_MAX_BYTES:
-            return False
+            return None
+        freed: list[FreedBlob] = []
         if patches or f.attrs_dirty:
-            self._meta.patch_blocks(
-                f.inode, patches, size=f.size, mtime_ns=f.mtime_ns, ctime_ns=f.ctime_ns
+            freed = self._meta.patch_blocks(
+                f.inode,
+                patches,
+                size=f.size,
+                mtime_ns=f.mtime_ns,
+                ctime_ns=f.ctime_ns,
+                clear=f.cleared,
             )
+            f.cleared = False
         for index, _offset, data in patches:
             f.patched[index] = f.patched.get(index, 0) + len(data)
             f.patch_seq.setdefault(index, self._meta.last_seq)
         for index in f.dirty:
             f.changed[index] = []
         f.attrs_dirty = False  # the row has just been written; the blocks stay dirty
-        return True
+        return freed
 
     async def flush_all(self) -> None:
         """Flush every file with unflushed changes (the small settled ones in packs), and
@@ -691,10 +728,17 @@ class FileData:
             if not complete:
                 # Blocks left dirty may lie below: do not claim bytes not yet stored.
                 stored_end = max((k * bs + len(b) for k, b in picked.items()), default=0)
-                size = min(size, max(self._meta.get_inode(f.inode).size, stored_end))
+                row_size = 0 if f.cleared else self._meta.get_inode(f.inode).size
+                size = min(size, max(row_size, stored_end))
             freed = self._meta.set_blocks(
-                f.inode, refs, size=size, mtime_ns=snapshot[1], ctime_ns=snapshot[2]
+                f.inode,
+                refs,
+                size=size,
+                mtime_ns=snapshot[1],
+                ctime_ns=snapshot[2],
+                clear=f.cleared,
             )
+            f.cleared = False
         except BaseException:
             self._untake(f, picked)
             raise
@@ -845,7 +889,8 @@ class FileData:
 
     def _movable(self, f: _File, index: int, ref: BlockRef) -> bool:
         return (
-            index not in f.dirty
+            not f.cleared
+            and index not in f.dirty
             and index not in f.inflight
             and self._meta.block(f.inode, index) == ref
             and not self._meta.patches(f.inode, index)

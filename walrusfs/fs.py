@@ -214,7 +214,7 @@ class FileSystem:
                 used = min(size, self.meta.stored_bytes(row.id))
             else:  # its patches are (mostly) its dirty blocks, counted below
                 size, mtime, ctime = live.size, live.mtime_ns, live.ctime_ns
-                used = self.meta.stored_bytes(row.id, patches=False)
+                used = 0 if live.cleared else self.meta.stored_bytes(row.id, patches=False)
                 used = min(size, used + self.data.dirty_bytes)
         return Attrs(
             row.id,
@@ -279,7 +279,8 @@ class FileSystem:
                 fields[name] = value
         if new_mode != row.mode:
             fields["mode"] = new_mode
-        if fields or size is not None or ctime_ns is not None:
+        # A truncate sets the times itself (FileData keeps them while it is in memory).
+        if fields or ctime_ns is not None:
             fields["ctime_ns"] = now if ctime_ns is None else ctime_ns
             self.meta.set_attrs(ino, **fields)
             self.data.set_times(ino, mtime_ns=mtime_ns, ctime_ns=fields["ctime_ns"])

@@ -165,6 +165,12 @@ class BlockRef:
     start: int = 0
 
 
+def _clearing(clear: bool) -> dict[str, bool]:
+    """The journal argument of a commit that clears the file first: only when it does,
+    so that every other record reads as it did before `clear` existed."""
+    return {"clear": True} if clear else {}
+
+
 class BlockUpdate(TypedDict):
     """One file's part of `set_blocks_many`: the arguments of set_blocks, by name (a
     dict, so that the journal records it as it records any change's arguments)."""
@@ -798,8 +804,11 @@ class Metadata:
         size: int,
         mtime_ns: int,
         ctime_ns: int,
+        clear: bool = False,
     ) -> list[FreedBlob]:
-        """Point blocks at new blobs (None: make it a hole) and set size and times."""
+        """Point blocks at new blobs (None: make it a hole) and set size and times. With
+        `clear`, every block and patch the file had goes first, in the same transaction
+        (a truncate to 0 that waited for the new content, see FileData.truncate)."""
         freed: list[FreedBlob] = []
         with self._transaction(
             "set_blocks",
@@ -808,7 +817,10 @@ class Metadata:
             size=size,
             mtime_ns=mtime_ns,
             ctime_ns=ctime_ns,
+            **_clearing(clear),
         ) as db:
+            if clear:
+                self._clear_in(db, ino, freed)
             self._set_blocks_in(db, ino, blocks, size, mtime_ns, ctime_ns, freed)
         self._forget_patched(ino)
         return freed
@@ -871,10 +883,13 @@ class Metadata:
         size: int,
         mtime_ns: int,
         ctime_ns: int,
-    ) -> None:
+        clear: bool = False,
+    ) -> list[FreedBlob]:
         """Record (block index, offset, bytes) changes over the blocks' stored bytes, and
         set size and times: a small change to a big block is kept without rewriting its
-        blob. A later patch wins where patches overlap; one it covers whole is dropped."""
+        blob. A later patch wins where patches overlap; one it covers whole is dropped.
+        `clear`: as for set_blocks (the patches are then over zeros)."""
+        freed: list[FreedBlob] = []
         self._patched.add(ino)
         self._stored.pop(ino, None)
         with self._transaction(
@@ -884,7 +899,10 @@ class Metadata:
             size=size,
             mtime_ns=mtime_ns,
             ctime_ns=ctime_ns,
+            **_clearing(clear),
         ) as db:
+            if clear:
+                self._clear_in(db, ino, freed)
             self._set_size_and_times(db, ino, size, mtime_ns, ctime_ns)
             for index, offset, data in patches:
                 db.execute(
@@ -898,6 +916,7 @@ class Metadata:
                     " WHERE inode = ? AND block_index = ?",
                     (ino, index, offset, bytes(data), ino, index),
                 )
+        return freed
 
     def delete_inode(self, ino: int) -> list[FreedBlob]:
         """Remove an inode without names, with its blocks, xattrs and symlink target."""
@@ -915,6 +934,13 @@ class Metadata:
             db.execute("DELETE FROM inodes WHERE id = ?", (ino,))
         self._patched.discard(ino)
         return freed
+
+    def _clear_in(self, db: sqlite3.Connection, ino: int, freed: list[FreedBlob]) -> None:
+        """Drop every block and patch of `ino` (inside its transaction)."""
+        gone = db.execute("DELETE FROM blocks WHERE inode = ? RETURNING blob_id", (ino,))
+        for (blob_id,) in gone.fetchall():
+            self._unref(db, bytes(blob_id), freed)
+        db.execute("DELETE FROM patches WHERE inode = ?", (ino,))
 
     def _forget_patched(self, ino: int) -> None:
         """After a commit (never inside a transaction that may yet roll back)."""

@@ -188,3 +188,32 @@ async def test_a_kept_blob_the_crash_left_short_on_some_nodes_goes_to_repair(
         assert ms.dropped == 0
     finally:
         await ms.close()
+
+
+async def rewrite(fs: FileSystem, name: bytes, data: bytes) -> None:
+    """Rewrite a file in place as `open(name, "wb")` does: O_TRUNC, write, close."""
+    fh = await fs.open((await fs.lookup(ROOT_INODE, name)).ino, os.O_RDWR | os.O_TRUNC, 0)
+    await fs.write(fh, 0, data)
+    await fs.flush(fh)
+    await fs.release(fh)
+
+
+async def test_a_file_rewritten_in_place_comes_back_as_it_was_not_empty(tmp_path: Path) -> None:
+    vol, ms, paths = await formatted_volume(tmp_path)
+    fs = mounted(vol, ms, PowerLostFirst)
+    old = os.urandom(SIZE)
+    await write(fs, b"a", old, fsync=True)
+    await write(fs, b"b", b"before")
+    before = live_files(paths)
+    # The truncate is a change of its own, journalled before the new content's blob.
+    await rewrite(fs, b"a", os.urandom(SIZE))
+    await write(fs, b"b", b"after")  # after the rewrite: left out with it
+    lost = live_files(paths) - before
+    assert lost
+    ms = await crash_and_remount(vol, ms, tmp_path, lost)
+    try:
+        fs = mounted(vol, ms)
+        assert await read(fs, b"a") == old
+        assert await read(fs, b"b") == b"before"
+    finally:
+        await ms.close()

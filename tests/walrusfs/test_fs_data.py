@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import random
 import stat
@@ -159,6 +158,74 @@ async def test_append_and_o_trunc(fs: FileSystem, clock: FakeClock) -> None:
     assert await fs.read(rd, 0, 100) == b""
     for h in (fh, rd):
         await fs.release(h)
+
+
+async def committed(fs: FileSystem, store: MemBlobStore, ino: int) -> tuple[int, bytes]:
+    """Size and bytes of the file as its metadata has them (what a crash would keep)."""
+    other = FileSystem(fs.meta, store)
+    size = fs.meta.get_inode(ino).size
+    fh = await other.open(ino, os.O_RDONLY, 0)
+    try:
+        return size, bytes(await other.read(fh, 0, size + 10))
+    finally:
+        await other.release(fh)
+
+
+@pytest.mark.parametrize("new", [b"small", b"n" * (BS + 77)], ids=["patches", "blobs"])
+async def test_a_truncate_to_zero_is_committed_with_the_new_content(
+    fs: FileSystem, store: MemBlobStore, new: bytes
+) -> None:
+    old = random.Random(5).randbytes(2 * BS + 9)
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, old)
+    await fs.release(fh)  # a file of blobs: a pack does not take it
+    fh = await fs.open(ino, os.O_RDWR | os.O_TRUNC, 0)
+    assert (await fs.getattr(ino)).size == 0 and await fs.read(fh, 0, 10) == b""
+    # Until the new content is committed, a crash finds the old one, not an empty file.
+    assert await committed(fs, store, ino) == (len(old), old)
+    await fs.write(fh, 3, new)  # past the end: the gap reads as zeros, not as old bytes
+    want = bytes(3) + new
+    assert await fs.read(fh, 0, len(want) + 10) == want
+    assert await committed(fs, store, ino) == (len(old), old)
+    await fs.release(fh)  # the truncate and the new bytes in one transaction
+    assert await committed(fs, store, ino) == (len(want), want)
+    assert store.deletes == 3  # the old blobs, once nothing names them
+    assert_no_leaks(fs, store)
+
+
+async def test_a_truncate_to_zero_then_up_reads_zeros_and_frees_the_old_blobs(
+    fs: FileSystem, store: MemBlobStore
+) -> None:
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"x" * (2 * BS))
+    await fs.flush(fh)
+    await fs.setattr(ino, size=0)
+    await fs.setattr(ino, size=BS + 5)  # still only in memory: nothing stored is the file's
+    assert await fs.read(fh, 0, 2 * BS) == bytes(BS + 5)
+    assert (await fs.getattr(ino)).blocks == 0  # du sees a hole, not the old blocks
+    assert fs.meta.get_inode(ino).size == 2 * BS
+    await fs.release(fh)
+    assert await committed(fs, store, ino) == (BS + 5, bytes(BS + 5))
+    assert not store.blobs and fs.meta.block_indexes(ino) == []
+    assert_no_leaks(fs, store)
+
+
+async def test_a_truncate_to_zero_of_a_closed_file_is_committed_by_the_flusher(
+    fs: FileSystem, store: MemBlobStore, autojump_clock: object
+) -> None:
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"x" * (BS + 1))
+    await fs.release(fh)
+    await fs.setattr(ino, size=0)  # truncate(1): no handle will flush it
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        await trio.sleep(0.5)
+        assert fs.meta.get_inode(ino).size == BS + 1  # not yet: it waits for new content
+        await trio.sleep(fs.data._flush_age + 2)
+        assert fs.meta.get_inode(ino).size == 0 and fs.meta.block_indexes(ino) == []
+        nursery.cancel_scope.cancel()
+    assert not store.blobs
+    assert_no_leaks(fs, store)
 
 
 async def test_identical_blocks_share_one_blob(fs: FileSystem, store: MemBlobStore) -> None:
@@ -684,6 +751,13 @@ async def test_blobs_still_queued_at_unmount_are_deleted(
     assert_no_leaks(fs, store)
 
 
+async def empty(fs: FileSystem, ino: int, fh: int) -> None:
+    """Truncate to 0 and commit it (a truncate to 0 waits for the file's next commit):
+    the file's blobs are freed."""
+    await fs.setattr(ino, size=0)
+    await fs.flush(fh)
+
+
 async def test_put_racing_a_delete_of_the_same_blob(fs: FileSystem, store: MemBlobStore) -> None:
     content = b"shared" * 3000  # not small: a blob of its own at close
     a, fa = await new_file(fs, b"a")
@@ -696,7 +770,7 @@ async def test_put_racing_a_delete_of_the_same_blob(fs: FileSystem, store: MemBl
         nursery.start_soon(fs.flush, fb)  # stores X again, not yet acknowledged
         await trio.testing.wait_all_tasks_blocked()
         assert store.puts_waiting == 1
-        await fs.setattr(a, size=0)  # drops the last name of X: X is deleted
+        await empty(fs, a, fa)  # drops the last name of X: X is deleted
         assert store.deletes == 1 and not store.blobs
         store.put_gate.set()  # the put now returns X, whose slivers are gone...
         store.put_gate = None
@@ -717,7 +791,7 @@ async def test_delete_racing_a_put_of_the_same_blob(fs: FileSystem, store: MemBl
     await fs.write(fb, 0, content)
     store.delete_gate = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(fs.setattr, a, size=0))  # delete of X is held
+        nursery.start_soon(empty, fs, a, fa)  # the delete of X is held
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(fs.flush, fb)  # puts X while its delete is under way
         await trio.testing.wait_all_tasks_blocked()
@@ -741,7 +815,7 @@ async def test_blob_named_by_a_flush_under_way_is_not_deleted(
         nursery.start_soon(fs.flush, fb)
         await trio.testing.wait_all_tasks_blocked()
         assert store.puts_waiting == 1  # X is back from the store, not yet committed
-        await fs.setattr(a, size=0)  # the last committed name of X goes
+        await empty(fs, a, fa)  # the last committed name of X goes
         assert store.deletes == 0  # ...but b's flush is about to name it
         store.put_gate.set()
     assert fs.meta.blob_refcount(blake3.blake3(shared).digest()) == 1
