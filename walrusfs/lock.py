@@ -151,14 +151,18 @@ class MountLock:
 
     async def acquire(self) -> None:
         """Take the lock; raises MountLockError naming the holder if it is live."""
-        for other in (await self._read_all()).values():
-            if other.token != self.record.token and other.live(self.lease):
+        others = [
+            rec for rec in (await self._read_all()).values() if rec.token != self.record.token
+        ]
+        for other in others:
+            if other.live(self.lease):
                 raise MountLockError(
                     f"volume {self.vol.identity.volume_id} is already mounted by {other.describe()}; "
                     f"unmount it first (a crashed mount's lock expires {self.lease:g}s after its last heartbeat)"
                 )
-            if other.token != self.record.token:
-                log.warning("taking over the lock of a mount that is gone: %s", other.describe())
+        # Each node holds a copy of a holder's record: say it once per holder, not per node.
+        for other in {rec.token: rec for rec in others}.values():
+            log.warning("taking over the lock of a mount that is gone: %s", other.describe())
         quorum = self.vol.params.n - self.vol.params.f
         if await self._write_all() < quorum:
             raise MountLockError(f"could not write the mount lock to {quorum} nodes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -382,7 +383,9 @@ def test_segments_detect_damage() -> None:
             Segment.from_bytes(bytes(bad))
 
 
-async def test_one_mount_at_a_time_and_stale_locks_are_taken_over(tmp_path: Path) -> None:
+async def test_one_mount_at_a_time_and_stale_locks_are_taken_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     vol, paths = await new_volume(tmp_path)
     first = MountLock(vol)
     await first.acquire()
@@ -397,8 +400,11 @@ async def test_one_mount_at_a_time_and_stale_locks_are_taken_over(tmp_path: Path
     for p in paths:
         Path(p, LOCK_KEY).write_bytes(dead.to_bytes())
     third = MountLock(vol)
+    caplog.set_level(logging.WARNING, logger="walrusfs.lock")
     with trio.fail_after(10):
         await third.acquire()
+    # Every node had a copy of the dead mount's record: said once.
+    assert caplog.text.count("taking over the lock") == 1
     # So is one whose pid now belongs to another process (same pid, other start time).
     reused = LockRecord("1" * 16, first.record.host, os.getpid(), first.record.boot_id, 1, 1, 12345)
     assert not reused.live(30.0) and first.record.live(30.0)
