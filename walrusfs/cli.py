@@ -150,7 +150,7 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 
 def _mount_foreground(args: argparse.Namespace) -> int:
     from walrusfs.service import MountOptions, run_mount
-    from walrusfs.volume import open_volume
+    from walrusfs.volume import identity_of
 
     ready_fd = args.ready_fd
 
@@ -164,7 +164,8 @@ def _mount_foreground(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
 
     async def run() -> None:
-        ident = (await open_volume(args.node_dir)).identity
+        # Only for the state directory's name: run_mount opens the volume.
+        ident = await identity_of(args.node_dir, node_timeout=args.node_timeout)
         opts = MountOptions(
             node_dir=args.node_dir,
             mountpoint=mountpoint,

@@ -131,6 +131,15 @@ class Volume:
         return self.identity.params
 
 
+async def identity_of(path: str, *, node_timeout: float = 10.0) -> NodeIdentity:
+    """The identity file of one node directory, read without opening the volume (no call
+    to the other nodes, which may be hung). Raises VolumeError."""
+    try:
+        return await read_identity(LocalStore(path, timeout=node_timeout))
+    except (IdentityError, NodeError) as exc:
+        raise VolumeError(str(exc)) from exc
+
+
 async def open_volume(
     path: str,
     overrides: dict[int, str] | None = None,
@@ -147,11 +156,7 @@ async def open_volume(
     path, moved = await trio.to_thread.run_sync(
         lambda: (os.path.abspath(path), {i: os.path.abspath(p) for i, p in overrides.items()})
     )
-    first = LocalStore(path, timeout=node_timeout)
-    try:
-        ident = await read_identity(first)
-    except (IdentityError, NodeError) as exc:
-        raise VolumeError(str(exc)) from exc
+    ident = await identity_of(path, node_timeout=node_timeout)
     paths = list(ident.nodes)
     paths[ident.index] = path
     for i, p in moved.items():

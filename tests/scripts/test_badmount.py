@@ -36,7 +36,7 @@ from tests.scripts.util import (
     state_of,
 )
 from walrusfs.blobstore import PutResult
-from walrusfs.volume import Volume
+from walrusfs.volume import Volume, identity_of
 
 K = 3  # the node on the badmount
 
@@ -184,6 +184,19 @@ async def test_hang_is_routed_around_then_released(bad: BadVolume) -> None:
     assert state_of(vol, K) == "up"
     await script("badmount.py", "unmount", bad.mountpoint)
     assert not is_mounted(bad.mountpoint)
+
+
+async def test_the_mount_names_its_state_directory_without_calling_a_hung_node(
+    bad: BadVolume,
+) -> None:
+    # `walrusfs mount` reads one identity file for the volume id before the server opens
+    # the volume: reading all of them cost a second wait on a hung node.
+    await bad.set("--hang")
+    with trio.fail_after(BOUND):
+        ident = await identity_of(str(bad.paths[0]), node_timeout=2.0)
+    assert ident.index == 0 and len(ident.nodes) == len(bad.paths)
+    assert await bad.nothing_hung()
+    await bad.set("--ok")
 
 
 async def test_a_hung_read_released_late_cannot_change_a_blob_already_returned(
