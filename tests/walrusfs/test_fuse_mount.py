@@ -149,6 +149,27 @@ async def test_append_and_o_trunc(mounted: Mounted) -> None:
     await in_thread(append_and_truncate, mounted.path)
 
 
+async def test_a_rewrite_in_place_commits_its_truncate_with_the_new_content(
+    mounted: Mounted,
+) -> None:
+    # open(O_TRUNC) through the kernel: until the new bytes are committed, the committed
+    # file is the old one (what a crash of every node keeps), never an empty one.
+    path = mounted.path / "config"
+    old = random.Random(2).randbytes(3 * BS + 5)
+    await in_thread(path.write_bytes, old)
+    ino = (await in_thread(os.stat, path)).st_ino
+    f = await in_thread(open, path, "wb")
+    try:
+        await in_thread(f.write, b"new content")
+        await in_thread(f.flush)
+        assert (await in_thread(os.stat, path)).st_size == len(b"new content")
+        assert mounted.fs.meta.get_inode(ino).size == len(old)
+    finally:
+        await in_thread(f.close)
+    assert mounted.fs.meta.get_inode(ino).size == len(b"new content")
+    assert await in_thread(path.read_bytes) == b"new content"
+
+
 async def test_appends_are_stored_where_the_kernel_put_them(mounted: Mounted) -> None:
     # Under the writeback cache the kernel places O_APPEND writes and may resend whole
     # pages at their own offsets: the stored bytes must match, not only the page cache.
