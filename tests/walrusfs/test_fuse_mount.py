@@ -76,7 +76,7 @@ def random_io(root: Path, plain: Path, seed: int) -> None:
                 data = rng.randbytes(rng.choice([1, 511, 4096, 5000, BS, BS + 17]))
                 assert os.pwrite(a, data, off) == os.pwrite(b, data, off) == len(data)
             elif op < 0.6:
-                size = rng.randrange(limit)
+                size = 0 if rng.random() < 0.3 else rng.randrange(limit)
                 os.ftruncate(a, size)
                 os.ftruncate(b, size)
             elif op < 0.65:
