@@ -44,7 +44,7 @@ import trio
 from blake3 import blake3
 
 from backends import NodeError
-from walrusfs.errors import StorageUnavailable
+from walrusfs.errors import FSError, StorageUnavailable
 from walrusfs.journal import DURABLE_MARK, agreed_segment, read_epoch
 from walrusfs.metadata import BlockRef, Change
 from walrusfs.segment import JournalError, Segment, decode_change, segment_hash
@@ -341,7 +341,10 @@ async def replay(
             except (JournalError, KeyError, TypeError, ValueError) as exc:
                 raise RecoveryError(f"journal at {at}: {exc}") from exc
             if mark is None:
-                apply(change)
+                try:
+                    apply(change)
+                except FSError as exc:
+                    raise RecoveryError(f"journal at {at}: {exc}") from exc
             else:
                 out.durable = max(out.durable, mark)
             for ref in _refs(change.args):

@@ -25,6 +25,7 @@ synchronous=OFF); a thread hop per call would cost more than the call. The slow 
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import sqlite3
 import stat
@@ -412,8 +413,18 @@ class Metadata:
     def apply(self, change: Change) -> None:
         """Replay a journalled change (recovery). Raises FSError if it does not apply."""
         if change.op not in _REPLAYABLE:
-            raise Invalid(f"journal record of unknown kind {change.op!r}")
-        getattr(self, change.op)(**change.args)
+            raise Invalid(
+                f"journal record of unknown kind {change.op!r} (written by a newer walrusfs?)"
+            )
+        mutation = getattr(self, change.op)
+        try:
+            inspect.signature(mutation).bind(**change.args)
+        except TypeError as exc:
+            raise Invalid(
+                f"journal record {change.op!r} with arguments this walrusfs does not know "
+                f"(written by a newer walrusfs?): {exc}"
+            ) from None
+        mutation(**change.args)
 
     def _commit(self, change: Change) -> None:
         """End the open transaction. THE hook: the change goes to the journal first, and the

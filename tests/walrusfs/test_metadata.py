@@ -268,6 +268,44 @@ def test_patches_change_blocks_until_the_block_is_stored_again(
     assert meta.patches(f, 0) == []  # rolled back
 
 
+@pytest.mark.parametrize("how", ["set_blocks", "patch_blocks"])
+def test_a_commit_that_clears_drops_every_old_block_and_patch_at_once(
+    meta: Recording, tmp_path: Path, how: str
+) -> None:
+    f = mkfile(meta, ROOT_INODE, b"f")
+    meta.set_blocks(f, {0: ref(b"A"), 3: ref(b"B", 9)}, size=3 * BS + 9, mtime_ns=1, ctime_ns=1)
+    meta.patch_blocks(f, [(1, 5, b"old")], size=3 * BS + 9, mtime_ns=2, ctime_ns=2)
+    before = len(meta.changes)
+    if how == "set_blocks":
+        freed = meta.set_blocks(f, {0: ref(b"N", 4)}, size=4, mtime_ns=3, ctime_ns=3, clear=True)
+        assert meta.block_indexes(f) == [0] and meta.block(f, 0) == ref(b"N", 4)
+    else:
+        freed = meta.patch_blocks(f, [(0, 0, b"new!")], size=4, mtime_ns=3, ctime_ns=3, clear=True)
+        assert meta.block_indexes(f) == [] and meta.patches(f, 0) == [(0, b"new!")]
+    assert {b.blob_id[:1] for b in freed} == {b"A", b"B"} and meta.patches(f, 1) == []
+    assert meta.get_inode(f).size == 4
+    assert len(meta.changes) == before + 1  # one record: a crash keeps both or neither
+    other = Recording(tmp_path / "replayed.db", block_size=BS, now_ns=7)
+    for change in meta.changes[1:]:
+        other.apply(change)
+    assert other.block_indexes(f) == meta.block_indexes(f)
+    assert other.patched_blocks() == meta.patched_blocks()
+    other.close()
+    # Records that do not clear are written as they were before `clear` existed.
+    meta.set_blocks(f, {}, size=4, mtime_ns=4, ctime_ns=4)
+    assert "clear" not in meta.changes[-1].args
+
+
+def test_a_record_of_a_newer_walrusfs_is_refused_clearly(meta: Recording) -> None:
+    f = mkfile(meta, ROOT_INODE, b"f")
+    args = {"ino": f, "blocks": {}, "size": 1, "mtime_ns": 1, "ctime_ns": 1, "sparkle": 1}
+    with pytest.raises(errors.Invalid, match="newer walrusfs"):
+        meta.apply(Change("set_blocks", args))
+    with pytest.raises(errors.Invalid, match="newer walrusfs"):
+        meta.apply(Change("teleport", {}))
+    assert meta.get_inode(f).size == 0
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_an_older_database_is_upgraded(tmp_path: Path, version: int) -> None:
     import sqlite3
