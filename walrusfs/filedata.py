@@ -447,17 +447,22 @@ class FileData:
         self.dirty_bytes += len(buf)
         return buf
 
-    async def truncate(self, inode: int, size: int, *, now_ns: int) -> None:
+    async def truncate(
+        self, inode: int, size: int, *, now_ns: int, by_handle: bool = False
+    ) -> None:
         """Set the size; bytes past it are gone (zeros if extended again).
 
-        A truncate to 0 (open(O_TRUNC) before a file is written anew) stays in memory
-        (`cleared`) and is committed with the file's next content, in one transaction:
-        a crash in between finds the file as it was, not empty, as ext4 does for the
-        same pattern. So does every truncate after it until then.
+        A truncate to 0 through an open file (`by_handle`: open(O_TRUNC) before a file is
+        written anew, or ftruncate) stays in memory (`cleared`), as writes do, and is
+        committed with the file's next content, in one transaction: a crash in between
+        finds the file as it was, not empty, as ext4 does for the same pattern. So does
+        every truncate after it until then. One by path (truncate(2)) is committed at
+        once, in order with the changes around it, as every change made without an open
+        file is; if the file is cleared, that commits its pending content too.
         """
         with self._use(inode) as f:
             async with f.write_lock, f.flush_lock:
-                lazy = size == 0 or f.cleared
+                lazy = (size == 0 and by_handle) or f.cleared
                 freed = (
                     []
                     if lazy
@@ -481,6 +486,8 @@ class FileData:
                 if lazy:
                     f.cleared = True
                     self._mark_dirty(f)
+                    if not by_handle:
+                        await self._flush_locked(f, False)
                 else:
                     f.attrs_dirty = False  # the row has just been written
                     if not f.dirty:

@@ -248,11 +248,13 @@ class FileSystem:
         ctime_ns: int | None = None,
         caller_uid: int = 0,
         caller_gids: Collection[int] = (),
+        by_handle: bool = False,
     ) -> Attrs:
         """Change exactly the given fields; ctime becomes now unless given.
 
         `caller_uid` and `caller_gids` (group and supplementary groups) decide which
-        set-ID bits a truncate or chown clears."""
+        set-ID bits a truncate or chown clears. `by_handle`: the truncate comes through
+        an open file (ftruncate, O_TRUNC), whose close commits it (see FileData.truncate)."""
         row = self.meta.get_inode(ino)
         now = self._now()
         fields: dict[str, int] = {}
@@ -262,7 +264,7 @@ class FileSystem:
                 raise IsADir(f"inode {ino}")
             if not stat.S_ISREG(row.mode) or size < 0:
                 raise Invalid(f"cannot truncate inode {ino} to {size}")
-            await self.data.truncate(ino, size, now_ns=now)
+            await self.data.truncate(ino, size, now_ns=now, by_handle=by_handle)
             if caller_uid != 0:  # root keeps set-ID bits (CAP_FSETID)
                 new_mode = _drop_setid(row, new_mode, caller_uid, caller_gids)
         if (uid is not None or gid is not None) and not stat.S_ISDIR(row.mode):
@@ -567,11 +569,15 @@ class FileSystem:
             raise IsADir(f"inode {ino}")
         if not stat.S_ISREG(row.mode):
             raise Invalid(f"inode {ino} is not a regular file")
-        if flags & os.O_TRUNC:
-            await self.setattr(ino, size=0, caller_uid=uid, caller_gids=gids)
         fh = next(self._fh)
         self._handles[fh] = _Handle(ino, flags, uid, frozenset(gids))
         self._opens[ino] += 1
+        if flags & os.O_TRUNC:
+            try:
+                await self.setattr(ino, size=0, caller_uid=uid, caller_gids=gids, by_handle=True)
+            except BaseException:
+                await self.release(fh)
+                raise
         return fh
 
     async def create(

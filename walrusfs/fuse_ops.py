@@ -173,6 +173,8 @@ class FuseOperations(pyfuse3.Operations):
                 changes[name] = value
         if fields.update_size or fields.update_uid or fields.update_gid:
             changes["caller_gids"] = _gids_if_unprivileged(ctx)
+        if fields.update_size and fh is not None:
+            changes["by_handle"] = True  # ftruncate(2): the kernel names the open file
         return entry_attributes(await self.fs.setattr(inode, caller_uid=ctx.uid, **changes))
 
     @_errno

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import stat
@@ -93,9 +94,9 @@ async def test_random_io_matches_a_plain_file(
                 model.extend(bytes(off - len(model)))
             model[off : off + len(data)] = data
         elif op < 0.6:
-            # A truncate to 0 is kept in memory until the next commit: give it its share.
+            # A truncate to 0 through the file waits for its next commit: give it its share.
             size = 0 if rng.random() < 0.3 else rng.randrange(0, limit)
-            await fs.setattr(ino, size=size)
+            await fs.setattr(ino, size=size, by_handle=rng.random() < 0.5)
             del model[size:]
             model.extend(bytes(size - len(model)))
         elif op < 0.65:
@@ -207,8 +208,8 @@ async def test_a_truncate_to_zero_then_up_reads_zeros_and_frees_the_old_blobs(
     ino, fh = await new_file(fs)
     await fs.write(fh, 0, b"x" * (2 * BS))
     await fs.flush(fh)
-    await fs.setattr(ino, size=0)
-    await fs.setattr(ino, size=BS + 5)  # still only in memory: nothing stored is the file's
+    await fs.setattr(ino, size=0, by_handle=True)  # ftruncate
+    await fs.setattr(ino, size=BS + 5, by_handle=True)  # in memory: nothing stored is its
     assert await fs.read(fh, 0, 2 * BS) == bytes(BS + 5)
     assert (await fs.getattr(ino)).blocks == 0  # du sees a hole, not the old blocks
     assert fs.meta.get_inode(ino).size == 2 * BS
@@ -218,21 +219,25 @@ async def test_a_truncate_to_zero_then_up_reads_zeros_and_frees_the_old_blobs(
     assert_no_leaks(fs, store)
 
 
-async def test_a_truncate_to_zero_of_a_closed_file_is_committed_by_the_flusher(
-    fs: FileSystem, store: MemBlobStore, autojump_clock: object
+async def test_a_truncate_by_path_is_committed_at_once_in_order(
+    fs: FileSystem, store: MemBlobStore
 ) -> None:
+    # truncate(2) names no open file, so no close of it will come: committed at once,
+    # like every change made without an open file. Also when the file is open and
+    # cleared (an O_TRUNC open): the cleared content is committed with it.
     ino, fh = await new_file(fs)
     await fs.write(fh, 0, b"x" * (BS + 1))
     await fs.release(fh)
-    await fs.setattr(ino, size=0)  # truncate(1): no handle will flush it
-    async with trio.open_nursery() as nursery:
-        await nursery.start(fs.run_background)
-        await trio.sleep(0.5)
-        assert fs.meta.get_inode(ino).size == BS + 1  # not yet: it waits for new content
-        await trio.sleep(fs.data._flush_age + 2)
-        assert fs.meta.get_inode(ino).size == 0 and fs.meta.block_indexes(ino) == []
-        nursery.cancel_scope.cancel()
+    await fs.setattr(ino, size=0)
+    assert await committed(fs, store, ino) == (0, b"")
     assert not store.blobs
+    await fs.setattr(ino, size=10)
+    fh = await fs.open(ino, os.O_RDWR | os.O_TRUNC, 0)
+    await fs.write(fh, 0, b"pending")
+    assert await committed(fs, store, ino) == (10, bytes(10))
+    await fs.setattr(ino, size=3)
+    assert await committed(fs, store, ino) == (3, b"pen")
+    await fs.release(fh)
     assert_no_leaks(fs, store)
 
 
@@ -759,13 +764,6 @@ async def test_blobs_still_queued_at_unmount_are_deleted(
     assert_no_leaks(fs, store)
 
 
-async def empty(fs: FileSystem, ino: int, fh: int) -> None:
-    """Truncate to 0 and commit it (a truncate to 0 waits for the file's next commit):
-    the file's blobs are freed."""
-    await fs.setattr(ino, size=0)
-    await fs.flush(fh)
-
-
 async def test_put_racing_a_delete_of_the_same_blob(fs: FileSystem, store: MemBlobStore) -> None:
     content = b"shared" * 3000  # not small: a blob of its own at close
     a, fa = await new_file(fs, b"a")
@@ -778,7 +776,7 @@ async def test_put_racing_a_delete_of_the_same_blob(fs: FileSystem, store: MemBl
         nursery.start_soon(fs.flush, fb)  # stores X again, not yet acknowledged
         await trio.testing.wait_all_tasks_blocked()
         assert store.puts_waiting == 1
-        await empty(fs, a, fa)  # drops the last name of X: X is deleted
+        await fs.setattr(a, size=0)  # drops the last name of X: X is deleted
         assert store.deletes == 1 and not store.blobs
         store.put_gate.set()  # the put now returns X, whose slivers are gone...
         store.put_gate = None
@@ -799,7 +797,7 @@ async def test_delete_racing_a_put_of_the_same_blob(fs: FileSystem, store: MemBl
     await fs.write(fb, 0, content)
     store.delete_gate = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(empty, fs, a, fa)  # the delete of X is held
+        nursery.start_soon(functools.partial(fs.setattr, a, size=0))  # delete of X is held
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(fs.flush, fb)  # puts X while its delete is under way
         await trio.testing.wait_all_tasks_blocked()
@@ -823,7 +821,7 @@ async def test_blob_named_by_a_flush_under_way_is_not_deleted(
         nursery.start_soon(fs.flush, fb)
         await trio.testing.wait_all_tasks_blocked()
         assert store.puts_waiting == 1  # X is back from the store, not yet committed
-        await empty(fs, a, fa)  # the last committed name of X goes
+        await fs.setattr(a, size=0)  # the last committed name of X goes
         assert store.deletes == 0  # ...but b's flush is about to name it
         store.put_gate.set()
     assert fs.meta.blob_refcount(blake3.blake3(shared).digest()) == 1

@@ -168,6 +168,9 @@ async def test_a_rewrite_in_place_commits_its_truncate_with_the_new_content(
         await in_thread(f.close)
     assert mounted.fs.meta.get_inode(ino).size == len(b"new content")
     assert await in_thread(path.read_bytes) == b"new content"
+    # truncate(2) by path has no close to wait for: committed at once, in order.
+    await in_thread(os.truncate, path, 0)
+    assert mounted.fs.meta.get_inode(ino).size == 0
 
 
 async def test_appends_are_stored_where_the_kernel_put_them(mounted: Mounted) -> None:
