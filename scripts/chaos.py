@@ -390,8 +390,10 @@ class Crasher:
         # Faults go on meanwhile: a thread of the server stuck on the hung FUSE node dies
         # only once that node answers (the kernel waits out a request already sent to a
         # FUSE server, uninterruptibly), and it answers once the injector restores it.
+        # Until then the process is a zombie that still holds the mount's /dev/fuse: a
+        # mount now would block on it (and on the fault lock the injector needs).
         deadline = time.monotonic() + 120
-        while procs.alive(pid, started):
+        while not procs.released(pid, started):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server {pid} still there 120 s after SIGKILL")
             time.sleep(0.05)

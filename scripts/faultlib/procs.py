@@ -43,6 +43,22 @@ def alive(pid: int, started: int | None) -> bool:
     return now is not None and (started is None or now == started) and not is_zombie(pid)
 
 
+def released(pid: int, started: int | None) -> bool:
+    """Whether the process remembered as (pid, started) is gone with all of its threads.
+
+    A killed process whose thread waits uninterruptibly in the kernel (on a hung FUSE
+    mount, say) is a zombie that still holds its files until that thread ends; a zombie
+    with no thread left holds nothing, whoever reaps it."""
+    if started is None or start_time(pid) != started:
+        return True  # exited and reaped, or the pid is another process's now
+    if not is_zombie(pid):
+        return False
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
 def stop(pid: int, started: int | None, grace: float = 5.0) -> str:
     """SIGTERM the remembered process, SIGKILL it after `grace` seconds; say what happened."""
     if not alive(pid, started):
