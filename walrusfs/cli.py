@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import trio
@@ -28,6 +29,9 @@ from walrusfs.errors import message_of
 
 log = logging.getLogger("walrusfs")
 
+# How long `walrusfs mount` waits for an earlier walrusfs mount at its mountpoint to
+# answer before it refuses to mount there (a live server answers statvfs at once).
+MOUNT_PROBE_TIMEOUT = 5.0
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -239,7 +243,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def _listed_mount(path: str) -> str | None:
     """The type of the mount the kernel lists at `path`, if any (also one whose server is
     gone, which stat() cannot tell from a broken directory)."""
-    want = os.path.realpath(path)
+    from walrusfs.control import real_mountpoint
+
+    want = real_mountpoint(path)
     with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split(" ")
@@ -254,17 +260,46 @@ def _listed_mount(path: str) -> str | None:
 
 def _clear_dead_mount(mountpoint: str) -> None:
     """A walrusfs mount whose server died (killed, crashed) is left behind, answering
-    ENOTCONN: unmount it, so that mounting again after a crash just works. Anything else
-    at the mountpoint is left alone."""
-    try:
-        os.statvfs(mountpoint)  # stat() may answer from attributes the kernel cached
+    ENOTCONN: unmount it, so that mounting again after a crash just works. A walrusfs
+    mount that does not answer at all is refused with a clear message instead of waited
+    for. Anything else at the mountpoint is left alone (and not even looked at)."""
+    if _listed_mount(mountpoint) != "fuse.walrusfs":
         return
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN or _listed_mount(mountpoint) != "fuse.walrusfs":
-            return
+    answer = _probe_mount(mountpoint, MOUNT_PROBE_TIMEOUT)
+    if answer is None:
+        raise SystemExit(
+            f"walrusfs: error: {mountpoint}: a walrusfs mount is there and does not answer "
+            f"within {MOUNT_PROBE_TIMEOUT:g}s (its server is stuck, perhaps on a hung node "
+            "directory, or was killed and has not exited yet); nothing was mounted. Once "
+            f"no server of it is left, `umount -l {mountpoint}` clears it."
+        )
+    if answer not in (errno.ENOTCONN, errno.ECONNABORTED):  # aborted through fusectl
+        return
     res = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
     if res.returncode == 0:
         print(f"walrusfs: cleared the dead mount a gone server left at {mountpoint}", file=sys.stderr)
+
+
+def _probe_mount(mountpoint: str, timeout: float) -> int | None:
+    """statvfs of a mount (stat() may answer from attributes the kernel cached): 0 if it
+    answered, its errno if it failed, None if it did not answer within `timeout`.
+
+    The call runs in a daemon thread that is left behind when it does not return: its
+    request waits in the kernel for a server that may never read it, and a request not
+    yet read ends with this process."""
+    outcome: list[int] = []
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            os.statvfs(mountpoint)
+            outcome.append(0)
+        except OSError as exc:
+            outcome.append(exc.errno or errno.EIO)
+        answered.set()
+
+    threading.Thread(target=probe, name="mount probe", daemon=True).start()
+    return outcome[0] if answered.wait(timeout) else None
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

@@ -37,9 +37,30 @@ def socket_dir() -> str:
     return os.path.join(runtime, "walrusfs") if runtime else f"/tmp/walrusfs-{os.geteuid()}"
 
 
+def real_mountpoint(path: str) -> str:
+    """The real path of a mountpoint, found without a stat of the mountpoint itself.
+
+    os.path.realpath stats every component, the last one included: on a mount whose
+    server does not answer (stuck on a hung node, or killed while it was), that stat
+    waits for ever. The parent is resolved as usual; the last component is followed
+    only if it is a symlink, which readlink tells without asking the mount. Blocking.
+    """
+    for _hop in range(40):  # as the kernel's own limit on symlinks followed
+        parent, name = os.path.split(os.path.abspath(path))
+        if not name:
+            return parent  # "/"
+        path = os.path.join(os.path.realpath(parent), name)
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return path  # not a symlink (EINVAL), or not there
+        path = os.path.join(os.path.dirname(path), target)
+    return os.path.realpath(path)  # a loop: let realpath say what it makes of it
+
+
 def socket_path(mountpoint: str) -> str:
     """Where the mount at `mountpoint` listens (blocking: resolves the path)."""
-    digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(real_mountpoint(mountpoint).encode()).hexdigest()[:20]
     return os.path.join(socket_dir(), f"{digest}.sock")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.walrusfs.clivol import Vol, kill_server, mounted, run, server_pid
+from tests.walrusfs.silentmount import silent_mount
 from tests.walrusfs.volumes import sliver_files, tmpfs
 from walrusfs.cli import default_state_dir
 from walrusfs.control import query
@@ -539,3 +540,43 @@ def test_sigterm_unmounts_and_stores_like_umount(vol: Vol) -> None:
     vol.mount()
     assert sorted(os.listdir(vol.mnt)) == ["b"] and (vol.mnt / "b").read_bytes() == b"content"
     run("umount", vol.mnt)
+
+
+def test_mount_refuses_a_walrusfs_mount_that_does_not_answer_instead_of_hanging(
+    vol: Vol,
+) -> None:
+    """A walrusfs mount whose server is stuck (here: one that never reads a request) is
+    at the mountpoint. `walrusfs mount` says so and gives up, mounting nothing; `status`
+    and `umount` answer too. None of them may wait on the stuck mount."""
+    with silent_mount(vol.mnt):
+        res = vol.mount(check=False)
+        assert res.returncode == 1
+        assert "a walrusfs mount is there and does not answer" in res.stderr
+        assert "umount -l" in res.stderr
+        stacked = [
+            line
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4] == str(vol.mnt)
+        ]
+        assert len(stacked) == 1  # still only the stuck one: nothing mounted on top
+        status = run("status", vol.mnt, check=False, timeout=60)
+        assert status.returncode == 1 and "no walrusfs mount answers there" in status.stderr
+        res = run("umount", vol.mnt, check=False, timeout=60)
+        assert "no walrusfs server answered there" in res.stderr
+        assert not mounted(vol.mnt)
+
+
+@pytest.mark.parametrize("how", ["server gone", "aborted"])
+def test_mount_clears_a_dead_walrusfs_mount_however_it_died(vol: Vol, how: str) -> None:
+    """The server exited (requests fail with ENOTCONN), or the connection was aborted
+    through fusectl: either way the next mount clears it and mounts."""
+    with silent_mount(vol.mnt) as silent:
+        if how == "aborted":
+            (silent.connection() / "abort").write_text("1")
+        else:
+            silent.end()
+        res = vol.mount()
+        assert "cleared the dead mount" in res.stderr
+        (vol.mnt / "f").write_bytes(b"written through the new mount")
+        assert run("umount", vol.mnt).returncode == 0
+    assert not mounted(vol.mnt)
