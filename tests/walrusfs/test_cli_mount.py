@@ -22,7 +22,7 @@ from tests.walrusfs.clivol import Vol, kill_server, mounted, run, server_pid
 from tests.walrusfs.silentmount import silent_mount
 from tests.walrusfs.volumes import sliver_files, tmpfs
 from walrusfs.cli import default_state_dir
-from walrusfs.control import query
+from walrusfs.control import query, real_mountpoint, socket_path
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
 
@@ -580,3 +580,23 @@ def test_mount_clears_a_dead_walrusfs_mount_however_it_died(vol: Vol, how: str) 
         (vol.mnt / "f").write_bytes(b"written through the new mount")
         assert run("umount", vol.mnt).returncode == 0
     assert not mounted(vol.mnt)
+
+
+def test_the_mountpoint_is_found_through_symlinks_without_a_stat_of_itself(
+    tmp_path: Path,
+) -> None:
+    """real_mountpoint resolves the parent and follows a symlink at the last component,
+    as realpath does, but never stats the last directory itself (a stuck mount's root)."""
+    real = tmp_path / "a" / "mnt"
+    real.mkdir(parents=True)
+    (tmp_path / "hop").symlink_to("a")
+    (tmp_path / "link").symlink_to("hop/mnt")
+    (tmp_path / "link2").symlink_to(tmp_path / "link")
+    for given in (real, tmp_path / "hop" / "mnt", tmp_path / "link", tmp_path / "link2"):
+        assert real_mountpoint(str(given)) == os.path.realpath(real)
+    assert real_mountpoint(str(tmp_path / "hop" / "gone")) == str(tmp_path / "a" / "gone")
+    (tmp_path / "loop").symlink_to("loop")
+    assert real_mountpoint(str(tmp_path / "loop")) == os.path.realpath(tmp_path / "loop")
+    with silent_mount(real):
+        assert real_mountpoint(str(tmp_path / "link2")) == str(real)
+        assert socket_path(str(tmp_path / "link")) == socket_path(str(real))
