@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import mmap
 import os
 import random
@@ -221,6 +222,18 @@ class Volume:
 
     def mount(self) -> None:
         walrusfs("mount", "--state-dir", self.state, self.nodes[0], self.mnt)
+        status = subprocess.run(
+            [sys.executable, "-m", "walrusfs.cli", "status", "--json", str(self.mnt)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        self.pid = int(json.loads(status.stdout)["pid"])
+
+    def cpu(self) -> float:
+        """CPU seconds the mount's server has used so far, all of its threads."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def umount(self) -> None:
         walrusfs("umount", self.mnt)
@@ -253,18 +266,24 @@ def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path])
         vol = Volume(base, "disk")
         vol.mount()
         mounted.append(vol.mnt)
+        c0 = vol.cpu()
         r["write"] = write_file(vol.mnt / "big.bin", data)
+        r["cpu_write"] = vol.cpu() - c0
         vol.umount()
         drop_caches()
         vol.mount()
+        c0 = vol.cpu()
         r["read"] = read_file(vol.mnt / "big.bin", data)
+        r["cpu_read"] = vol.cpu() - c0
         vol.umount()
         away = [vol.nodes[2], vol.nodes[5]]
         for node in away:
             node.rename(f"{node}.away")
         drop_caches()
         vol.mount()
+        c0 = vol.cpu()
         r["degraded_read"] = read_file(vol.mnt / "big.bin", data)
+        r["cpu_degraded_read"] = vol.cpu() - c0
         vol.umount()
         for node in away:
             Path(f"{node}.away").rename(node)
@@ -274,7 +293,9 @@ def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path])
         drop_caches()
         r["plain_small"] = extract(tar, base / "plain-small")
         vol.mount()
+        c0 = vol.cpu()
         r["small"] = extract(tar, vol.mnt / "small")
+        r["cpu_small"] = vol.cpu() - c0
         r["sqlite_ms"] = sqlite_commits(vol.mnt)
         r["sqlite_delete_ms"] = sqlite_commits(vol.mnt, 200, "DELETE")
         vol.umount()
@@ -296,7 +317,9 @@ def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path])
                 tvol = Volume(tmp, "t")
                 tvol.mount()
                 mounted.append(tvol.mnt)
+                c0 = tvol.cpu()
                 r["tmpfs_write"] = write_file(tvol.mnt / "big.bin", data)
+                r["cpu_tmpfs_write"] = tvol.cpu() - c0
                 tvol.umount()
                 mounted.remove(tvol.mnt)
                 # Room for the reference, which then reuses the memory that walrusfs's write
@@ -356,6 +379,14 @@ def main() -> None:
         f"  ratios: write {r['write'] / p:.2f} (target >= 0.2), read {r['read'] / q:.2f} (>= 0.7), "
         f"degraded {r['degraded_read'] / q:.2f} (>= 0.5), small files {r['small'] / r['plain_small']:.1f}x "
         f"(<= 10x), tmpfs write {r.get('tmpfs_write', float('nan')):.0f} MB/s (>= 250)"
+    )
+    gib = args.mib * MIB / (1 << 30)
+    print(
+        "  the server's CPU (all threads; steadier than the speeds on a shared machine): "
+        f"write {r['cpu_write'] / gib:.1f} s per GiB, read {r['cpu_read'] / gib:.1f}, "
+        f"degraded {r['cpu_degraded_read'] / gib:.1f}, tmpfs write "
+        f"{r.get('cpu_tmpfs_write', float('nan')) / gib:.1f}, small files "
+        f"{r['cpu_small'] / args.files * 1000:.1f} ms per file"
     )
     if "node_bytes_ceiling" in r:
         print(
