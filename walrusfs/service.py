@@ -30,7 +30,13 @@ import trio
 from codec import BlobMetadata
 from walrusfs.blobstore import BlobStore
 from walrusfs.catalog import Catalog
-from walrusfs.control import CommandError, clear_outcome, serve_control, write_outcome
+from walrusfs.control import (
+    CommandError,
+    clear_outcome,
+    real_mountpoint,
+    serve_control,
+    write_outcome,
+)
 from walrusfs.errors import message_of
 from walrusfs.filedata import PACK_HEADER
 from walrusfs.fs import Space, SpaceFn
@@ -241,7 +247,11 @@ class Mounted:
             try:
                 index = int(str(request["index"]))
                 new_dir = str(request["dir"])
-                check_apart(self.opts.mountpoint, {"the new node directory": new_dir})
+                # In a thread, as every path lookup of this server's: a lookup that
+                # reached the mount itself would wait for this very loop to answer it.
+                await trio.to_thread.run_sync(
+                    check_apart, self.opts.mountpoint, {"the new node directory": new_dir}
+                )
                 warnings = await self.repair.replace_node(index, new_dir)
             except (KeyError, ValueError, ReplaceError, VolumeError) as exc:
                 raise CommandError(f"replace-node: {exc}") from exc
@@ -253,10 +263,12 @@ def check_apart(mountpoint: str, dirs: dict[str, str]) -> None:
     """Refuse a mountpoint that is, holds, or lies inside a directory the mount itself
     uses (`dirs`: a description of each -> its path). Mounted over, the directory would
     be hidden, and the server's own I/O to it would come back through its own mount: a
-    deadlock. Paths are compared as written and with the mountpoint's symlinks resolved;
-    node paths are not resolved, since a hung node would hang that. Raises VolumeError.
+    deadlock. Paths are compared as written and with the mountpoint's symlinks resolved,
+    without a stat of the mountpoint itself (real_mountpoint: once mounted, that stat would
+    ask this server); node paths are not resolved, since a hung node would hang that.
+    Blocking. Raises VolumeError.
     """
-    mnts = {os.path.abspath(mountpoint), os.path.realpath(mountpoint)}
+    mnts = {os.path.abspath(mountpoint), real_mountpoint(mountpoint)}
     for what, path in dirs.items():
         p = os.path.abspath(path)
         for mnt in mnts:
