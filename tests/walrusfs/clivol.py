@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,11 +58,12 @@ class Vol:
         self.mnt = root / "mnt"
         self.mnt.mkdir()
         self.state = root / "state"
+        self.pids: list[int] = []  # every server this volume's mounts started
 
     def mount(
         self, *extra: str, node: int = 0, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        return run(
+        res = run(
             "mount",
             "--state-dir",
             self.state,
@@ -71,6 +74,10 @@ class Vol:
             self.mnt,
             check=check,
         )
+        started = re.search(r"\(server pid (\d+),", res.stdout)
+        if started:
+            self.pids.append(int(started.group(1)))
+        return res
 
     def cleanup(self) -> None:
         if mounted(self.mnt):
@@ -85,6 +92,12 @@ class Vol:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        # A server stuck (a test that found a deadlock, say) answers no status and may
+        # have lost its mount already: it is still ours to end.
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                if b"walrusfs.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
