@@ -26,7 +26,6 @@ Thread/task safety: call from the trio thread; one serve at a time per process.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections.abc import Callable
 
@@ -34,6 +33,7 @@ import pyfuse3
 import trio
 
 from backends.remote import mount_devices
+from walrusfs.control import real_mountpoint
 from walrusfs.errors import is_known, message_of
 from walrusfs.fs import FileSystem
 from walrusfs.fuse_ops import FuseOperations
@@ -53,7 +53,9 @@ def tune_read_ahead(mountpoint: str, kib: int = READ_AHEAD_KB) -> bool:
     itself: this process serves it, so a stat would deadlock.
     """
     try:
-        dev = mount_devices().get(os.path.abspath(mountpoint))
+        # The kernel lists the mount under its real path: a mountpoint given through a
+        # symlink must be resolved first, without a stat of it (see real_mountpoint).
+        dev = mount_devices().get(real_mountpoint(mountpoint))
         if dev is None:
             return False
         with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w", encoding="ascii") as f:

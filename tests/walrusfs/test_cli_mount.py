@@ -18,13 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from backends.remote import mount_devices
 from tests.walrusfs.clivol import Vol, kill_server, mounted, run, server_pid
 from tests.walrusfs.silentmount import silent_mount
 from tests.walrusfs.volumes import sliver_files, tmpfs
 from walrusfs.cli import default_state_dir
 from walrusfs.control import query, real_mountpoint, socket_path
+from walrusfs.mount import tune_read_ahead
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="only root may mount(2) by hand")
 
 
 def sha(path: Path) -> str:
@@ -542,6 +545,7 @@ def test_sigterm_unmounts_and_stores_like_umount(vol: Vol) -> None:
     run("umount", vol.mnt)
 
 
+@ROOT_ONLY
 def test_mount_refuses_a_walrusfs_mount_that_does_not_answer_instead_of_hanging(
     vol: Vol,
 ) -> None:
@@ -566,6 +570,7 @@ def test_mount_refuses_a_walrusfs_mount_that_does_not_answer_instead_of_hanging(
         assert not mounted(vol.mnt)
 
 
+@ROOT_ONLY
 @pytest.mark.parametrize("how", ["server gone", "aborted"])
 def test_mount_clears_a_dead_walrusfs_mount_however_it_died(vol: Vol, how: str) -> None:
     """The server exited (requests fail with ENOTCONN), or the connection was aborted
@@ -582,6 +587,7 @@ def test_mount_clears_a_dead_walrusfs_mount_however_it_died(vol: Vol, how: str) 
     assert not mounted(vol.mnt)
 
 
+@ROOT_ONLY
 def test_the_mountpoint_is_found_through_symlinks_without_a_stat_of_itself(
     tmp_path: Path,
 ) -> None:
@@ -600,3 +606,16 @@ def test_the_mountpoint_is_found_through_symlinks_without_a_stat_of_itself(
     with silent_mount(real):
         assert real_mountpoint(str(tmp_path / "link2")) == str(real)
         assert socket_path(str(tmp_path / "link")) == socket_path(str(real))
+
+
+@ROOT_ONLY
+def test_read_ahead_is_raised_for_a_mountpoint_given_through_a_symlink(tmp_path: Path) -> None:
+    """The kernel lists a mount under its real path; tune_read_ahead resolves the
+    mountpoint it is given (here a symlink to it) without a stat of the mount."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with silent_mount(real):
+        ra = Path("/sys/class/bdi") / mount_devices()[str(real)] / "read_ahead_kb"
+        assert tune_read_ahead(str(tmp_path / "link"), kib=4096)
+        assert int(ra.read_text()) == 4096
