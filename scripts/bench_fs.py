@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import mmap
 import os
 import random
+import re
 import shutil
 import sqlite3
 import statistics
@@ -36,6 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,10 +47,11 @@ MIB = 1 << 20
 CHUNK = MIB
 
 
-def walrusfs(*args: object) -> None:
+def walrusfs(*args: object) -> str:
     res = subprocess.run([sys.executable, "-m", "walrusfs.cli", *map(str, args)], capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"walrusfs {' '.join(map(str, args))}: {res.stderr.strip()}")
+    return res.stdout
 
 
 def drop_caches() -> None:
@@ -221,17 +223,20 @@ class Volume:
         walrusfs("mkfs", *self.nodes)
 
     def mount(self) -> None:
-        walrusfs("mount", "--state-dir", self.state, self.nodes[0], self.mnt)
-        status = subprocess.run(
-            [sys.executable, "-m", "walrusfs.cli", "status", "--json", str(self.mnt)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        self.pid = int(json.loads(status.stdout)["pid"])
+        said = walrusfs("mount", "--state-dir", self.state, self.nodes[0], self.mnt)
+        found = re.search(r"\(server pid (\d+),", said)
+        if found is None:
+            raise SystemExit(f"walrusfs mount did not name its server: {said.strip()}")
+        self.pid = int(found.group(1))
 
-    def cpu(self) -> float:
-        """CPU seconds the mount's server has used so far, all of its threads."""
+    def measure(self, r: dict[str, float], key: str, fn: Callable[[], float]) -> None:
+        """r[key] = fn(), and r["cpu_" + key] = the CPU seconds the server (all of its
+        threads) used meanwhile."""
+        before = self._cpu()
+        r[key] = fn()
+        r["cpu_" + key] = self._cpu() - before
+
+    def _cpu(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -266,24 +271,18 @@ def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path])
         vol = Volume(base, "disk")
         vol.mount()
         mounted.append(vol.mnt)
-        c0 = vol.cpu()
-        r["write"] = write_file(vol.mnt / "big.bin", data)
-        r["cpu_write"] = vol.cpu() - c0
+        vol.measure(r, "write", lambda: write_file(vol.mnt / "big.bin", data))
         vol.umount()
         drop_caches()
         vol.mount()
-        c0 = vol.cpu()
-        r["read"] = read_file(vol.mnt / "big.bin", data)
-        r["cpu_read"] = vol.cpu() - c0
+        vol.measure(r, "read", lambda: read_file(vol.mnt / "big.bin", data))
         vol.umount()
         away = [vol.nodes[2], vol.nodes[5]]
         for node in away:
             node.rename(f"{node}.away")
         drop_caches()
         vol.mount()
-        c0 = vol.cpu()
-        r["degraded_read"] = read_file(vol.mnt / "big.bin", data)
-        r["cpu_degraded_read"] = vol.cpu() - c0
+        vol.measure(r, "degraded_read", lambda: read_file(vol.mnt / "big.bin", data))
         vol.umount()
         for node in away:
             Path(f"{node}.away").rename(node)
@@ -293,9 +292,7 @@ def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path])
         drop_caches()
         r["plain_small"] = extract(tar, base / "plain-small")
         vol.mount()
-        c0 = vol.cpu()
-        r["small"] = extract(tar, vol.mnt / "small")
-        r["cpu_small"] = vol.cpu() - c0
+        vol.measure(r, "small", lambda: extract(tar, vol.mnt / "small"))
         r["sqlite_ms"] = sqlite_commits(vol.mnt)
         r["sqlite_delete_ms"] = sqlite_commits(vol.mnt, 200, "DELETE")
         vol.umount()
@@ -317,9 +314,7 @@ def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path])
                 tvol = Volume(tmp, "t")
                 tvol.mount()
                 mounted.append(tvol.mnt)
-                c0 = tvol.cpu()
-                r["tmpfs_write"] = write_file(tvol.mnt / "big.bin", data)
-                r["cpu_tmpfs_write"] = tvol.cpu() - c0
+                tvol.measure(r, "tmpfs_write", lambda: write_file(tvol.mnt / "big.bin", data))
                 tvol.umount()
                 mounted.remove(tvol.mnt)
                 # Room for the reference, which then reuses the memory that walrusfs's write

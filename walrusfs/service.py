@@ -289,7 +289,8 @@ async def open_for_mount(opts: MountOptions) -> Volume:
     """Open the volume and refuse when more than f nodes are unusable, or when the
     mountpoint would cover a node or the state directory. Raises VolumeError."""
     vol = await open_volume(opts.node_dir, opts.overrides, node_timeout=opts.node_timeout)
-    check_apart(
+    await trio.to_thread.run_sync(
+        check_apart,
         opts.mountpoint,
         {f"node {n.index}'s directory": n.store.path for n in vol.nodes.nodes}
         | {"the state directory": opts.state_dir},
