@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import trio
 
 from codec import BlobMetadata
+from tests.leftovers import detach, mounts_under
 from walrusfs.blobstore import PutResult
 from walrusfs.volume import Volume, create_volume, open_volume
 
@@ -138,30 +138,8 @@ def sliver_files(root: Path) -> list[Path]:
 # -- cleanup --------------------------------------------------------------------------------
 
 
-def mounts_under(prefix: Path) -> list[tuple[str, str, str]]:
-    """(mount point, fstype, major:minor) of mounts at or below `prefix`, deepest first."""
-    base = str(prefix).rstrip("/")
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            head, _, tail = line.partition(" - ")
-            fields = head.split(" ")
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            if point == base or point.startswith(base + "/"):
-                found.append((int(fields[0]), point, tail.split(" ")[0], fields[2]))
-    found.sort(key=lambda m: (m[1].count("/"), m[0]), reverse=True)
-    return [(point, fstype, dev) for _, point, fstype, dev in found]
-
-
 def is_mounted(point: Path) -> bool:
     return any(p == str(point) for p, _, _ in mounts_under(point))
-
-
-def _abort_fuse(dev: str) -> None:
-    major, _, minor = dev.partition(":")
-    path = f"/sys/fs/fuse/connections/{os.makedev(int(major), int(minor))}/abort"
-    with contextlib.suppress(OSError), open(path, "w", encoding="ascii") as f:
-        f.write("1")
 
 
 def _kill(pid: int) -> None:
@@ -204,18 +182,7 @@ def cleanup(prefix: Path) -> list[str]:
                 _kill(pid)
         done.append(f"sshfs node {rec['node']}")
     # Anything still mounted: detach it, and abort FUSE connections so no thread stays stuck.
-    for _ in range(3):
-        left = mounts_under(prefix)
-        if not left:
-            break
-        for point, fstype, dev in left:
-            fuse = fstype.startswith("fuse")
-            cmd = ["fusermount3", "-u", "-z", point] if fuse else ["umount", "-l", point]
-            subprocess.run(cmd, capture_output=True, timeout=30, check=False)
-            if fuse:
-                _abort_fuse(dev)
-            done.append(f"unmounted {point}")
-        time.sleep(0.1)
+    done += detach(prefix)
     return done
 
 
