@@ -93,10 +93,12 @@ class Vol:
                 except ProcessLookupError:
                     pass
         # A server stuck (a test that found a deadlock, say) answers no status and may
-        # have lost its mount already: it is still ours to end.
+        # have lost its mount already: it is still ours to end. Its argv names this
+        # volume's mountpoint, which a process that reused its pid would not.
         for pid in self.pids:
             with contextlib.suppress(OSError):
-                if b"walrusfs.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"walrusfs.cli" in argv and os.fsencode(self.mnt) in argv:
                     os.kill(pid, signal.SIGKILL)
 
 
