@@ -121,6 +121,12 @@ def space_of(vol: Volume) -> SpaceFn:
     return space
 
 
+# A mount goes on this long after n-f nodes showed their identity (or four times the
+# slowest of them) without the nodes still silent: a hung NFS node then costs a mount ~2 s,
+# not --node-timeout. A node that is merely slow is probed again at once, and comes up.
+MOUNT_STRAGGLER_GRACE = 2.0
+
+
 @dataclass
 class MountOptions:
     node_dir: str
@@ -288,7 +294,12 @@ def check_apart(mountpoint: str, dirs: dict[str, str]) -> None:
 async def open_for_mount(opts: MountOptions) -> Volume:
     """Open the volume and refuse when more than f nodes are unusable, or when the
     mountpoint would cover a node or the state directory. Raises VolumeError."""
-    vol = await open_volume(opts.node_dir, opts.overrides, node_timeout=opts.node_timeout)
+    vol = await open_volume(
+        opts.node_dir,
+        opts.overrides,
+        node_timeout=opts.node_timeout,
+        straggler_grace=min(MOUNT_STRAGGLER_GRACE, opts.node_timeout),
+    )
     await trio.to_thread.run_sync(
         check_apart,
         opts.mountpoint,

@@ -7,7 +7,9 @@ has dropped is treated as down instead of written into the bare directory undern
 open_volume reads the identity of the given node, finds the others from it (with
 overrides for paths that moved), checks every node's identity, and builds the NodeSet and
 BlobStore. A node that is missing or foreign is down, with the reason; more than f such
-nodes is the caller's decision (the filesystem refuses to mount).
+nodes is the caller's decision (the filesystem refuses to mount). With `straggler_grace`
+(the mount), a node still silent that long after n-f nodes answered is down too, until a
+probe finds it: a hung node costs the mount a moment, not a whole node timeout.
 
 Runs in trio tasks; blocking filesystem checks go through worker threads.
 """
@@ -15,6 +17,7 @@ Runs in trio tasks; blocking filesystem checks go through worker threads.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -145,11 +148,15 @@ async def open_volume(
     overrides: dict[int, str] | None = None,
     *,
     node_timeout: float = 10.0,
+    straggler_grace: float | None = None,
     **blobstore_opts: float,
 ) -> Volume:
     """Open the volume that node directory `path` belongs to. Raises VolumeError.
 
     `node_timeout` is the deadline of every node call; `blobstore_opts` go to BlobStore.
+    `straggler_grace`: once n-f nodes have shown their identity, wait for the others this
+    long, or four times the slowest of those answers if longer, then take the silent ones
+    as down. None waits for every node, up to its timeout (fsck must see every node).
     """
     tune_malloc()
     overrides = overrides or {}
@@ -170,15 +177,58 @@ async def open_volume(
 
     nodes = NodeSet(stores, identity_check)
 
-    async def check(i: int) -> None:
-        try:
-            await identity_check(i, stores[i])
-        except (IdentityError, NodeError) as exc:
-            nodes.set_state(i, NodeState.DOWN, str(exc))
-
-    async with trio.open_nursery() as nursery:
-        for i in range(ident.n):
-            nursery.start_soon(check, i)
+    await _check_identities(
+        nodes, lambda i: identity_check(i, stores[i]), ident.n - ident.params.f, straggler_grace
+    )
     ident = ident.with_nodes(tuple(paths), ident.mounts)
     blobs = BlobStore(nodes, ident.params, **blobstore_opts)  # type: ignore[arg-type]
     return Volume(ident, nodes, blobs)
+
+
+async def _check_identities(
+    nodes: NodeSet,
+    check_one: Callable[[int], Awaitable[None]],
+    quorum_size: int,
+    grace: float | None,
+) -> None:
+    """Check every node's identity at once; a node that fails it is down, with the reason.
+
+    With `grace`, nodes still silent max(grace, 4 x the slowest answer) after
+    `quorum_size` nodes passed are down too; their checks are abandoned, not waited for.
+    """
+    started = trio.current_time()
+    silent = set(range(len(nodes)))
+    answered: list[float] = []  # seconds each node that passed took
+    quorum = trio.Event()
+
+    async def check(i: int) -> None:
+        try:
+            await check_one(i)
+        except (IdentityError, NodeError) as exc:
+            nodes.set_state(i, NodeState.DOWN, str(exc))
+        else:
+            answered.append(trio.current_time() - started)
+            if len(answered) >= quorum_size:
+                quorum.set()
+        silent.discard(i)
+
+    async def stop_waiting(scope: trio.CancelScope, grace: float) -> None:
+        await quorum.wait()
+        await trio.sleep(max(grace, 4 * max(answered)))
+        scope.cancel()
+
+    async with trio.open_nursery() as waiting:
+        if grace is not None:
+            waiting.start_soon(stop_waiting, waiting.cancel_scope, grace)
+        async with trio.open_nursery() as checks:
+            for i in range(len(nodes)):
+                checks.start_soon(check, i)
+        waiting.cancel_scope.cancel()  # every node answered: nothing left to wait for
+    waited = trio.current_time() - started
+    for i in sorted(silent):
+        nodes.set_state(
+            i,
+            NodeState.DOWN,
+            f"did not answer within {waited:.1f} s, when enough other nodes had; "
+            "down until it answers a probe",
+        )

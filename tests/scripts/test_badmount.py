@@ -36,6 +36,7 @@ from tests.scripts.util import (
     state_of,
 )
 from walrusfs.blobstore import PutResult
+from walrusfs.metastore import format_metadata
 from walrusfs.volume import Volume, identity_of
 
 K = 3  # the node on the badmount
@@ -197,6 +198,54 @@ async def test_the_mount_names_its_state_directory_without_calling_a_hung_node(
     assert ident.index == 0 and len(ident.nodes) == len(bad.paths)
     assert await bad.nothing_hung()
     await bad.set("--ok")
+
+
+async def test_opening_for_a_mount_goes_on_without_a_node_that_does_not_answer(
+    bad: BadVolume,
+) -> None:
+    await bad.set("--hang")
+    # The node timeout is ten minutes: only the grace can end the wait.
+    with trio.fail_after(BOUND):
+        vol = await open_vol(bad.paths, node_timeout=600.0, straggler_grace=0.5)
+    assert state_of(vol, K) == "down" and "did not answer" in vol.nodes.nodes[K].reason
+    assert all(state_of(vol, i) == "up" for i in range(len(bad.paths)) if i != K)
+    data = b"stored without K" * 100
+    put = await vol.blobs.put_blob(data)
+    assert set(put.missed) == {K}
+    assert bytes(await vol.blobs.get_blob(put.blob_id, put.meta)) == data
+    await bad.set("--ok")
+    await eventually(bad.nothing_hung)
+    await vol.nodes.probe(K)
+    assert state_of(vol, K) == "up"  # a straggler is down only until it answers
+
+
+async def test_walrusfs_mounts_beside_a_hung_node_without_waiting_out_its_timeout(
+    bad: BadVolume, tmp_path: Path
+) -> None:
+    await format_metadata(await open_vol(bad.paths), str(tmp_path / "mkfs"), uid=0, gid=0)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli = [sys.executable, "-m", "walrusfs.cli"]
+    state = tmp_path / "state"
+    await bad.set("--hang")
+    try:
+        with trio.fail_after(2 * BOUND):  # the node timeout is ten minutes
+            done = await trio.run_process(
+                [*cli, "mount", "--node-timeout", "600", "--state-dir", state, bad.paths[0], mnt],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        said = (done.stdout + done.stderr).decode()
+        assert done.returncode == 0, said
+        assert f"node {K} " in said and "did not answer" in said
+        data = os.urandom(300_000)
+        await trio.to_thread.run_sync((mnt / "f").write_bytes, data)
+        assert await trio.to_thread.run_sync((mnt / "f").read_bytes) == data
+    finally:
+        await bad.set("--ok")
+        await trio.run_process([*cli, "umount", mnt], check=False, capture_stdout=True)
+    assert not is_mounted(mnt)
 
 
 async def test_a_hung_read_released_late_cannot_change_a_blob_already_returned(
