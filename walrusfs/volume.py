@@ -177,7 +177,7 @@ async def open_volume(
 
     nodes = NodeSet(stores, identity_check)
 
-    await _check_identities(
+    await check_identities(
         nodes, lambda i: identity_check(i, stores[i]), ident.n - ident.params.f, straggler_grace
     )
     ident = ident.with_nodes(tuple(paths), ident.mounts)
@@ -185,7 +185,7 @@ async def open_volume(
     return Volume(ident, nodes, blobs)
 
 
-async def _check_identities(
+async def check_identities(
     nodes: NodeSet,
     check_one: Callable[[int], Awaitable[None]],
     quorum_size: int,

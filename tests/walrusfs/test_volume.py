@@ -7,10 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
+from backends import LocalStore, NodeTimeout
 from codec import Params, encode
 from tests.walrusfs.volumes import node_paths
-from walrusfs.identity import IDENTITY_KEY
+from walrusfs.identity import IDENTITY_KEY, IdentityError
+from walrusfs.nodeset import NodeSet
 from walrusfs.sliverfile import (
     SliverFileError,
     build,
@@ -19,7 +23,7 @@ from walrusfs.sliverfile import (
     parse_key,
     sliver_key,
 )
-from walrusfs.volume import VolumeError, create_volume, open_volume
+from walrusfs.volume import VolumeError, check_identities, create_volume, open_volume
 
 
 async def test_create_refuses_bad_input(tmp_path: Path) -> None:
@@ -145,3 +149,45 @@ def test_sliver_keys() -> None:
         f"slivers/00/01/{blob_id.hex()}.q1",
     ):
         assert parse_key(other) is None
+
+
+def _node_set(tmp_path: Path, n: int) -> NodeSet:
+    return NodeSet([LocalStore(tmp_path / f"n{i}") for i in range(n)])
+
+
+async def test_opening_with_a_grace_gives_up_on_a_silent_node_only_after_a_quorum(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = _node_set(tmp_path, 7)
+
+    async def check(i: int) -> None:
+        if i == 4:
+            raise IdentityError("another volume's node")
+        if i == 5:
+            await trio.sleep_forever()  # hung, with a node timeout longer than any grace
+        await trio.sleep(1.5 if i == 6 else 0.01)  # node 6 slow: it makes the quorum of 5
+
+    started = trio.current_time()
+    await check_identities(nodes, check, quorum_size=5, grace=2.0)
+    # The quorum came at 1.5 s, and the wait after it is 4x that slowest answer.
+    assert trio.current_time() - started == pytest.approx(1.5 + 6.0)
+    assert [nodes.state(i).value for i in range(7)] == ["up"] * 4 + ["down", "down", "up"]
+    assert "another volume" in nodes.nodes[4].reason
+    assert "did not answer within 7.5 s" in nodes.nodes[5].reason
+
+
+async def test_without_a_quorum_or_a_grace_every_node_is_waited_for(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def check(i: int) -> None:
+        if i >= 4:  # f+1 nodes hung until their own timeout
+            await trio.sleep(10.0)
+            raise NodeTimeout("read did not finish within 10s", path=f"n{i}")
+
+    for grace in (2.0, None):
+        nodes = _node_set(tmp_path, 7)
+        started = trio.current_time()
+        await check_identities(nodes, check, quorum_size=5, grace=grace)
+        assert trio.current_time() - started == pytest.approx(10.0)
+        assert [nodes.state(i).value for i in range(7)] == ["up"] * 4 + ["down"] * 3
+        assert all("within 10s" in nodes.nodes[i].reason for i in (4, 5, 6))
