@@ -139,8 +139,12 @@ async def identity_of(path: str, *, node_timeout: float = 10.0) -> NodeIdentity:
     to the other nodes, which may be hung). Raises VolumeError."""
     try:
         return await read_identity(LocalStore(path, timeout=node_timeout))
-    except (IdentityError, NodeError) as exc:
+    except IdentityError as exc:
         raise VolumeError(str(exc)) from exc
+    except NodeError as exc:  # missing, hung, unreadable: another node may well answer
+        raise VolumeError(
+            f"{exc} (a volume opens from any of its node directories: name one that answers)"
+        ) from exc
 
 
 async def open_volume(
