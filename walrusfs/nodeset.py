@@ -97,7 +97,7 @@ class NodeSet:
     ) -> None:
         self.nodes = [Node(i, s) for i, s in enumerate(stores)]
         self._identity_check = identity_check
-        self._probe_soon = False  # a node turned suspect: probe_forever looks early
+        self._probe_soon: set[int] = set()  # turned suspect: probe_forever looks early
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -123,7 +123,7 @@ class NodeSet:
             return
         old, node.state, node.reason = node.state, state, reason
         if state is NodeState.SUSPECT:
-            self._probe_soon = True
+            self._probe_soon.add(index)
         node.since = trio.current_time() if _in_trio() else 0.0
         name = f"node {index} ({node.store.path})"
         if state is NodeState.UP:
@@ -335,15 +335,22 @@ class NodeSet:
     async def probe_forever(self, interval: float = 5.0, soon: float = 0.5) -> None:
         """Background task: keep states and free space current. Runs until cancelled.
 
-        A node that turned suspect is probed within `soon` seconds, not `interval`: one
-        slow read (a cold disk) makes a node suspect, and reads then go around it,
-        decoding, until something shows it healthy again; a hung one is found down.
+        Each node is probed on its own clock, so a hung one (whose probe waits out the
+        node timeout) delays no news of the others. A node that turned suspect is probed
+        within `soon` seconds, not `interval`: one slow read (a cold disk) makes a node
+        suspect, and reads then go around it, decoding, until something shows it healthy
+        again; a hung one is found down.
         """
+        async with trio.open_nursery() as nursery:
+            for index in range(len(self.nodes)):
+                nursery.start_soon(self._probe_node_forever, index, interval, soon)
+
+    async def _probe_node_forever(self, index: int, interval: float, soon: float) -> None:
         while True:
-            self._probe_soon = False  # before: a node turning suspect meanwhile is seen
-            await self.probe_all()
+            self._probe_soon.discard(index)  # before: turning suspect meanwhile is seen
+            await self.probe(index)
             waited = 0.0
-            while waited < interval and not self._probe_soon:
+            while waited < interval and index not in self._probe_soon:
                 await trio.sleep(soon)
                 waited += soon
 

@@ -7,10 +7,11 @@ Every test ends with `set --ok` (so no thread stays stuck) and a clean `unmount`
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,29 @@ async def test_opening_for_a_mount_goes_on_without_a_node_that_does_not_answer(
     await eventually(bad.nothing_hung)
     await vol.nodes.probe(K)
     assert state_of(vol, K) == "up"  # a straggler is down only until it answers
+
+
+async def test_a_hung_node_holds_up_no_news_of_the_others(bad: BadVolume) -> None:
+    vol = await open_vol(bad.paths, node_timeout=600.0)
+    await bad.set("--hang")  # K's probes now wait ten minutes
+    away = bad.paths[1].with_name("n1.away")
+
+    def state_is(i: int, state: str) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return state_of(vol, i) == state
+
+        return check
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(vol.nodes.probe_forever, interval=0.2, soon=0.05))
+        await eventually(bad.something_hung)
+        os.rename(bad.paths[1], away)
+        await eventually(state_is(1, "down"))
+        os.rename(away, bad.paths[1])
+        await eventually(state_is(1, "up"))
+        assert await bad.something_hung()  # K's probe was still waiting all along
+        nursery.cancel_scope.cancel()
+    await bad.set("--ok")
 
 
 async def test_walrusfs_mounts_beside_a_hung_node_without_waiting_out_its_timeout(
