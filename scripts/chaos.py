@@ -464,6 +464,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--dir", default="/var/tmp", help="where to make the work directory (default /var/tmp)"
+    )
+    parser.add_argument(
         "--nodes", nargs="+", help="node directories of an existing volume (unmounted)"
     )
     parser.add_argument("--mountpoint", help="where to mount it (with --nodes)")
@@ -478,8 +481,9 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = parser.parse_args()
+    procs.exit_on_sigterm()
     rng = random.Random(args.seed)
-    work = Path(tempfile.mkdtemp(prefix="walrusfs-chaos-", dir="/var/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="walrusfs-chaos-", dir=args.dir))
     badnode: int | None = None
     if args.nodes:
         nodes = [Path(p).resolve() for p in args.nodes]

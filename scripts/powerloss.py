@@ -42,6 +42,8 @@ import threading
 import time
 from pathlib import Path
 
+from faultlib import procs
+
 WALRUSFS = [sys.executable, "-m", "walrusfs.cli"]
 SYSCTLS = {"vm/dirty_expire_centisecs": "100", "vm/dirty_writeback_centisecs": "20"}
 
@@ -225,12 +227,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="longest run before the cut")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--dir", default="/var/tmp", help="where to make the work directory (default /var/tmp)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
+    procs.exit_on_sigterm()
     if os.geteuid():
         print("powerloss: needs root (a loop-mounted ext4 image)", file=sys.stderr)
         return 2
-    base = Path(tempfile.mkdtemp(prefix="walrusfs-powerloss-", dir="/var/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="walrusfs-powerloss-", dir=args.dir))
     saved = {k: Path("/proc/sys", k).read_text() for k in SYSCTLS}
     try:
         for k, v in SYSCTLS.items():

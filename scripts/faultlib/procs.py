@@ -93,3 +93,14 @@ def run(cmd: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[st
         return subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]}: not found ({exc.strerror})")
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(cmd, 124, "", f"{cmd[0]}: timed out after {timeout} s")
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this script as Ctrl-C does: SystemExit in the main thread, so its
+    `finally` blocks still unmount, stop servers and restore settings. (Python's default
+    for SIGTERM ends the process at once and leaves all of that behind.)"""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)

@@ -7,13 +7,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.walrusfs.soakrun import run_soak
 
 
 @pytest.mark.skipif(
@@ -23,19 +21,15 @@ ROOT = Path(__file__).parents[2]
     or not shutil.which("mkfs.ext4"),
     reason="needs root and loop devices (a loop-mounted ext4 image), /dev/fuse, mkfs.ext4",
 )
-def test_a_power_loss_of_every_node_loses_nothing_fsynced_and_leaves_nothing_unreadable() -> None:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "powerloss.py"), "--seconds", "6", "--seed", "7"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    out = res.stdout + res.stderr
+def test_a_power_loss_of_every_node_loses_nothing_fsynced_and_leaves_nothing_unreadable(
+    tmp_path: Path,
+) -> None:
+    rc, stdout, stderr = run_soak("powerloss.py", "--seconds", "6", "--seed", "7", workdir=tmp_path)
+    out = stdout + stderr
     assert "WRONG" not in out and "LOST" not in out, out[-3000:]
-    last = res.stdout.strip().splitlines()[-1]
+    last = stdout.strip().splitlines()[-1]
     m = re.match(r"powerloss: files (\d+), fsynced intact (\d+), ", last)
     assert m, out[-3000:]
     # Slivers a power loss tore are damage the mount repairs; only lost data is wrong.
     assert int(m.group(1)) > 20 and int(m.group(2)) > 0
-    assert res.returncode == 0, out[-3000:]
+    assert rc == 0, out[-3000:]
