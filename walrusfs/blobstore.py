@@ -345,29 +345,6 @@ class BlobStore:
             self._headers.pop((blob_id, pair), None)
         return failed
 
-    async def delete_keys(self, blob_id: bytes) -> list[int]:
-        """Delete a blob whose metadata is not at hand: its sliver keys derive from the id.
-
-        Returns the nodes that could not be reached.
-        """
-        readable = self.nodes.readable()
-        failed: set[int] = set(range(self.params.n)) - readable
-
-        async def one(i: int) -> None:
-            try:
-                for p in range(self.params.n):
-                    await self._delete_on(i, sliver_key(blob_id, p))
-            except NodeError:
-                failed.add(i)
-
-        async with trio.open_nursery() as nursery:
-            for i in readable:
-                nursery.start_soon(one, i)
-        return sorted(failed)
-
-    async def _delete_on(self, node: int, key: str) -> None:
-        await self.nodes.call(node, lambda st: st.delete(key))
-
     async def delete_blob(self, blob_id: bytes, meta: bytes | BlobMetadata) -> list[int]:
         """Delete a blob's slivers from every reachable node; returns nodes that could not.
 

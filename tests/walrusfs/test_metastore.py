@@ -459,3 +459,28 @@ async def test_a_journal_that_finds_too_many_nodes_full_is_no_space(tmp_path: Pa
         with pytest.raises(NoSpace):  # ENOSPC for the user, not EIO
             await ms.sync()
         ms.metadata.close()
+
+
+async def test_the_checkpoint_before_the_last_two_is_deleted_from_every_node(
+    tmp_path: Path,
+) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state"))
+    kept = []
+    for tag in (b"1", b"2", b"3"):
+        await make_changes(ms, vol, tag)
+        await ms.checkpoint()
+        kept.append({blob_id for blob_id, _, _ in ms.superblock.blobs})
+
+    def sliver_files(blob_ids: set[str]) -> list[Path]:
+        return [
+            f
+            for p in paths
+            for f in Path(p).rglob("*")
+            if f.is_file() and any(f.name.startswith(b) for b in blob_ids)
+        ]
+
+    oldest, newest_two = kept[0] - kept[1] - kept[2], kept[1] | kept[2]
+    assert oldest and sliver_files(oldest) == []  # on every node, whichever pair it held
+    assert len(sliver_files(newest_two)) == len(newest_two) * len(paths)
+    await ms.close()
