@@ -297,13 +297,18 @@ class NodeSet:
             outcomes[node.index] = outcome
         return outcomes
 
+    async def check_identity(self, index: int) -> None:
+        """Run the set's identity check on one node (nothing if it has none). Raises what
+        the check raises: NodeError, or the check's own refusal."""
+        if self._identity_check is not None:
+            await self._identity_check(index, self.nodes[index].store)
+
     async def probe(self, index: int) -> None:
         """Probe one node: health, identity (if it was down) and free space."""
         node = self.nodes[index]
         try:
             # Always: a directory swapped under a healthy node must stop receiving writes.
-            if self._identity_check is not None:
-                await self._identity_check(index, node.store)
+            await self.check_identity(index)
             latency = await node.store.probe()
             node.free, node.total = await node.store.free_space()
             node.filesystem = await node.store.filesystem()

@@ -17,7 +17,6 @@ Runs in trio tasks; blocking filesystem checks go through worker threads.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -181,21 +180,15 @@ async def open_volume(
 
     nodes = NodeSet(stores, identity_check)
 
-    await check_identities(
-        nodes, lambda i: identity_check(i, stores[i]), ident.n - ident.params.f, straggler_grace
-    )
+    await check_identities(nodes, ident.n - ident.params.f, straggler_grace)
     ident = ident.with_nodes(tuple(paths), ident.mounts)
     blobs = BlobStore(nodes, ident.params, **blobstore_opts)  # type: ignore[arg-type]
     return Volume(ident, nodes, blobs)
 
 
-async def check_identities(
-    nodes: NodeSet,
-    check_one: Callable[[int], Awaitable[None]],
-    quorum_size: int,
-    grace: float | None,
-) -> None:
-    """Check every node's identity at once; a node that fails it is down, with the reason.
+async def check_identities(nodes: NodeSet, quorum_size: int, grace: float | None) -> None:
+    """Check every node's identity at once (NodeSet.check_identity); a node that fails it
+    is down, with the reason.
 
     With `grace`, nodes still silent max(grace, 4 x the slowest answer) after
     `quorum_size` nodes passed are down too; their checks are abandoned, not waited for.
@@ -207,7 +200,7 @@ async def check_identities(
 
     async def check(i: int) -> None:
         try:
-            await check_one(i)
+            await nodes.check_identity(i)
         except (IdentityError, NodeError) as exc:
             nodes.set_state(i, NodeState.DOWN, str(exc))
         else:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from backends import LocalStore, NodeTimeout
+from backends import LocalStore, NodeStore, NodeTimeout
 from codec import Params, encode
 from tests.walrusfs.volumes import node_paths
 from walrusfs.identity import IDENTITY_KEY, IdentityError
@@ -151,24 +152,25 @@ def test_sliver_keys() -> None:
         assert parse_key(other) is None
 
 
-def _node_set(tmp_path: Path, n: int) -> NodeSet:
-    return NodeSet([LocalStore(tmp_path / f"n{i}") for i in range(n)])
+def _node_set(
+    tmp_path: Path, n: int, check: Callable[[int, NodeStore], Awaitable[None]]
+) -> NodeSet:
+    return NodeSet([LocalStore(tmp_path / f"n{i}") for i in range(n)], check)
 
 
 async def test_opening_with_a_grace_gives_up_on_a_silent_node_only_after_a_quorum(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    nodes = _node_set(tmp_path, 7)
-
-    async def check(i: int) -> None:
+    async def check(i: int, store: NodeStore) -> None:
         if i == 4:
             raise IdentityError("another volume's node")
         if i == 5:
             await trio.sleep_forever()  # hung, with a node timeout longer than any grace
         await trio.sleep(1.5 if i == 6 else 0.01)  # node 6 slow: it makes the quorum of 5
 
+    nodes = _node_set(tmp_path, 7, check)
     started = trio.current_time()
-    await check_identities(nodes, check, quorum_size=5, grace=2.0)
+    await check_identities(nodes, quorum_size=5, grace=2.0)
     # The quorum came at 1.5 s, and the wait after it is 4x that slowest answer.
     assert trio.current_time() - started == pytest.approx(1.5 + 6.0)
     assert [nodes.state(i).value for i in range(7)] == ["up"] * 4 + ["down", "down", "up"]
@@ -179,15 +181,15 @@ async def test_opening_with_a_grace_gives_up_on_a_silent_node_only_after_a_quoru
 async def test_without_a_quorum_or_a_grace_every_node_is_waited_for(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async def check(i: int) -> None:
+    async def check(i: int, store: NodeStore) -> None:
         if i >= 4:  # f+1 nodes hung until their own timeout
             await trio.sleep(10.0)
             raise NodeTimeout("read did not finish within 10s", path=f"n{i}")
 
     for grace in (2.0, None):
-        nodes = _node_set(tmp_path, 7)
+        nodes = _node_set(tmp_path, 7, check)
         started = trio.current_time()
-        await check_identities(nodes, check, quorum_size=5, grace=grace)
+        await check_identities(nodes, quorum_size=5, grace=grace)
         assert trio.current_time() - started == pytest.approx(10.0)
         assert [nodes.state(i).value for i in range(7)] == ["up"] * 4 + ["down"] * 3
         assert all("within 10s" in nodes.nodes[i].reason for i in (4, 5, 6))
