@@ -39,10 +39,14 @@ def mounts_under(prefix: Path) -> list[tuple[str, str, str]]:
     return [(point, fstype, dev) for _, point, fstype, dev in found]
 
 
-def _abort_fuse(dev: str) -> None:
+def fuse_connection(dev: str) -> Path:
+    """The fusectl directory of the FUSE mount on device `dev` (major:minor)."""
     major, _, minor = dev.partition(":")
-    path = f"/sys/fs/fuse/connections/{os.makedev(int(major), int(minor))}/abort"
-    with contextlib.suppress(OSError), open(path, "w", encoding="ascii") as f:
+    return Path("/sys/fs/fuse/connections") / str(os.makedev(int(major), int(minor)))
+
+
+def _abort_fuse(dev: str) -> None:
+    with contextlib.suppress(OSError), open(fuse_connection(dev) / "abort", "w") as f:
         f.write("1")
 
 

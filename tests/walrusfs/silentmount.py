@@ -15,6 +15,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.leftovers import fuse_connection, mounts_under
+
 _MS_NOSUID, _MS_NODEV = 2, 4
 
 
@@ -24,11 +26,10 @@ class SilentMount:
         self.fd: int | None = None
 
     def connection(self) -> Path:
-        """Its directory under fusectl (/sys/fs/fuse/connections/<minor of st_dev>)."""
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            fields = line.split()
-            if fields[4] == str(self.path):
-                return Path("/sys/fs/fuse/connections") / fields[2].split(":")[1]
+        """Its directory under fusectl (/sys/fs/fuse/connections/<st_dev>)."""
+        for point, _, dev in mounts_under(self.path):
+            if point == str(self.path):
+                return fuse_connection(dev)
         raise AssertionError(f"nothing is mounted at {self.path}")
 
     def end(self) -> None:
