@@ -1,0 +1,127 @@
+"""Random I/O through every path a program has into a file, on a real CLI mount.
+
+pwrite, appends through a second O_APPEND descriptor, ftruncate both ways, writes and
+reads through a shared mmap, fsync, reopening, and remounting, mixed at random and
+checked against a model of the file. Each path alone is tested elsewhere; mixed, they
+meet in the kernel's page cache and writeback, and in our dirty blocks, patches and
+packs, across blob boundaries (256 KiB blobs here). The server is another process, so
+this test may fault on the mount's pages (see test_fuse_tools).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.walrusfs.clivol import Vol, run
+
+pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
+
+BLOB = 256 << 10
+LIMIT = 6 * BLOB + 1000  # offsets up to here: files span seven blobs
+OPS = ["pwrite", "append", "truncate", "mmap_write", "mmap_read", "pread", "fsync", "reopen"]
+WEIGHTS = [30, 8, 8, 10, 8, 15, 4, 5]
+
+
+class Model:
+    """The file as it must read, and the descriptor the test works through."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = bytearray()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.log: list[tuple[object, ...]] = []
+
+    def put(self, off: int, data: bytes) -> None:
+        if off > len(self.data):
+            self.data.extend(bytes(off - len(self.data)))
+        self.data[off : off + len(data)] = data
+
+    def check(self, where: str) -> None:
+        recent = self.log[-6:]
+        assert os.fstat(self.fd).st_size == len(self.data), (where, recent)
+        got = os.pread(self.fd, len(self.data) + 1, 0)
+        if got != self.data:
+            first = next(
+                (i for i, (a, b) in enumerate(zip(got, self.data, strict=False)) if a != b),
+                min(len(got), len(self.data)),
+            )
+            raise AssertionError(f"{where}: differs from byte {first} on; last ops {recent}")
+
+
+def step(m: Model, rng: random.Random, op: str) -> None:
+    size = len(m.data)
+    if op == "pwrite":
+        off = rng.randrange(LIMIT)
+        n = min(rng.choice([1, 17, 4096, rng.randrange(1, 2 * BLOB)]), LIMIT - off)
+        data = rng.randbytes(n)
+        assert os.pwrite(m.fd, data, off) == n
+        m.put(off, data)
+        m.log.append((op, off, n))
+    elif op == "append":
+        data = rng.randbytes(rng.randrange(1, BLOB // 2))
+        fd = os.open(m.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            assert os.write(fd, data) == len(data)
+        finally:
+            os.close(fd)
+        m.put(size, data)
+        m.log.append((op, size, len(data)))
+    elif op == "truncate":
+        new = rng.choice([0, rng.randrange(LIMIT), max(0, size - rng.randrange(1, 5000))])
+        os.ftruncate(m.fd, new)
+        del m.data[new:]
+        m.data.extend(bytes(new - len(m.data)))
+        m.log.append((op, new))
+    elif op in ("mmap_write", "mmap_read") and size:
+        off = rng.randrange(size)
+        n = rng.randrange(1, min(size - off, BLOB + 5000) + 1)
+        with mmap.mmap(m.fd, size) as mapped:
+            if op == "mmap_write":
+                data = rng.randbytes(n)
+                mapped[off : off + n] = data
+                m.put(off, data)
+                if rng.random() < 0.5:
+                    mapped.flush()
+            else:
+                assert mapped[off : off + n] == m.data[off : off + n], (op, off, n, m.log[-6:])
+        m.log.append((op, off, n))
+    elif op == "pread":
+        off, n = rng.randrange(LIMIT + 100), rng.randrange(1, 2 * BLOB)
+        assert os.pread(m.fd, n, off) == m.data[off : off + n], (op, off, n, m.log[-6:])
+    elif op == "fsync":
+        os.fsync(m.fd)
+        m.log.append((op,))
+    elif op == "reopen":
+        os.close(m.fd)
+        m.fd = os.open(m.path, os.O_RDWR)
+        m.check("after reopening")
+        m.log.append((op,))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_mixed_random_io_matches_a_model_across_remounts(vol: Vol, seed: int) -> None:
+    vol.mount()
+    rng = random.Random(seed)
+    m = Model(vol.mnt / "f")
+    try:
+        for remount in range(3):
+            for _ in range(150):
+                step(m, rng, rng.choices(OPS, WEIGHTS)[0])
+            m.check("before unmounting")
+            os.close(m.fd)
+            run("umount", vol.mnt)
+            vol.mount()
+            m.fd = os.open(m.path, os.O_RDWR)
+            m.check(f"after remount {remount + 1}")
+            m.log.append(("remount",))
+    finally:
+        os.close(m.fd)
+    run("umount", vol.mnt)
+    # Every blob the file's history left is accounted for: stored whole, or deleted.
+    res = run("fsck", vol.nodes[0], check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
