@@ -59,8 +59,15 @@ BATCH_RATE = 50e6
 
 _NO_ANSWER = object()  # a batch position its thread never reached
 
+# A write short of its quorum probes the nodes taken as down or full again before it
+# fails (NodeSet.revive): one back since its last probe, up to 5 s ago, is used at once;
+# otherwise f nodes that came back unseen and f others that just left would fail every
+# write. The probes get this long, so a hung node delays a failing write at most that.
+REVIVE_WAIT_S = 1.0
+
 # Lower ranks are preferred when choosing which nodes to read from.
 _RANK = {NodeState.UP: 0, NodeState.FULL: 0, NodeState.SUSPECT: 1, NodeState.DOWN: 2}
+_UNWRITABLE = (NodeState.DOWN, NodeState.FULL)
 
 
 @dataclass
@@ -98,6 +105,8 @@ class NodeSet:
         self.nodes = [Node(i, s) for i, s in enumerate(stores)]
         self._identity_check = identity_check
         self._probe_soon: set[int] = set()  # turned suspect: probe_forever looks early
+        self._reviving: trio.Event | None = None  # a revive round under way: set at its end
+        self._revive_at: float | None = None  # when the latest round started
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -264,8 +273,10 @@ class NodeSet:
             node = self.nodes[index]
             node.stuck_batches -= 1
             late = final.get(pos, _NO_ANSWER)
-            if node.state is NodeState.SUSPECT and node.reason == why and (
-                late is None or isinstance(late, KeyNotFound)
+            if (
+                node.state is NodeState.SUSPECT
+                and node.reason == why
+                and (late is None or isinstance(late, KeyNotFound))
             ):
                 # Late, not hung: a cold disk or a busy moment. Left suspect, it would be
                 # read last until a probe, and reads would decode around a healthy node.
@@ -330,6 +341,35 @@ class NodeSet:
             # must not make it writable again.
             self.set_state(index, NodeState.UP)
         self._ok(node, latency)
+
+    async def revive(self, since: float) -> None:
+        """See that the nodes taken as down or full have been probed by a round started
+        at or after `since` (trio time), starting one if need be.
+
+        For a write that began at `since` and found too few nodes: it then asks
+        `writable()` again. Writes failing at the same time share one round, and each
+        gets at most one of its own. Probes not done within REVIVE_WAIT_S are cancelled:
+        a hung node stays down, so more than f nodes down still fail a write quickly.
+        """
+        while True:
+            if self._revive_at is not None and self._revive_at >= since:
+                if self._reviving is not None:
+                    await self._reviving.wait()
+                return
+            if self._reviving is None:
+                break
+            await self._reviving.wait()  # older than the write: then one of our own
+        self._reviving = done = trio.Event()
+        self._revive_at = trio.current_time()
+        try:
+            with trio.move_on_after(REVIVE_WAIT_S):
+                async with trio.open_nursery() as nursery:
+                    for node in self.nodes:
+                        if node.state in _UNWRITABLE:
+                            nursery.start_soon(self.probe, node.index)
+        finally:
+            self._reviving = None
+            done.set()
 
     async def probe_all(self) -> None:
         """Probe every node concurrently."""
