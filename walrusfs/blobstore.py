@@ -272,26 +272,47 @@ class BlobStore:
         self, files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]]
     ) -> tuple[set[int], dict[int, Exception | str]]:
         """Write each node's file (not durably: see put_blob); return once a quorum (plus
-        grace) or all have answered."""
+        grace) or all have answered. Short of the quorum, the nodes taken as down or full
+        are probed again, and those back take their files too."""
         quorum = self.params.n - self.params.f
+        began = trio.current_time()
         writable = self.nodes.writable()
         errors: dict[int, Exception | str] = {
             i: f"skipped: node is {self.nodes.state(i).value}" for i in files if i not in writable
         }
-        pending = [i for i in files if i in writable]
-        stored: set[int] = set()
-        if len(pending) < quorum:
-            return stored, errors
+        if len(writable) < quorum:
+            await self.nodes.revive(began)
+            writable = self.nodes.writable()
+        stored = await self._store_on(files, [i for i in files if i in writable], set(), errors)
+        if len(stored) < quorum:
+            await self.nodes.revive(began)
+            back = [i for i in files if i in self.nodes.writable() and i not in stored]
+            stored = await self._store_on(files, back, stored, errors)
+        return stored, errors
+
+    async def _store_on(
+        self,
+        files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]],
+        pending: list[int],
+        stored: set[int],
+        errors: dict[int, Exception | str],
+    ) -> set[int]:
+        """Write the files of the `pending` nodes, adding to `stored` (which holds the
+        nodes done already) and `errors`; return `stored`."""
+        quorum = self.params.n - self.params.f
+        if len(stored) + len(pending) < quorum:
+            return stored
         # The healthy nodes take their files in one thread job; the rest as below.
         done = await self.nodes.put_batch([(i, *files[i]) for i in pending])
         for i, outcome in done.items():
             if outcome is None:
                 stored.add(i)
+                errors.pop(i, None)
             else:
                 errors[i] = outcome
         pending = [i for i in pending if i not in done]
         if not pending:
-            return stored, errors
+            return stored
         left = len(pending)
         settled, all_done = trio.Event(), trio.Event()  # quorum or all answered; all answered
 
@@ -301,6 +322,7 @@ class BlobStore:
             try:
                 await self.nodes.call(i, lambda st: st.put(key, payload, durable=False))
                 stored.add(i)
+                errors.pop(i, None)
             except NodeError as exc:
                 errors[i] = exc
             left -= 1
@@ -327,7 +349,7 @@ class BlobStore:
         for i in pending:
             if i not in stored and i not in errors:
                 errors[i] = "too slow: left for repair"
-        return stored, errors
+        return stored
 
     async def _remove(self, blob_id: bytes, keys: dict[int, str]) -> list[int]:
         failed: list[int] = []
@@ -734,4 +756,3 @@ class BlobStore:
         self.stats.gets += 1
         self.stats.get_bytes += sum(len(x) for x in parts)
         return b"".join(parts)
-

@@ -175,13 +175,16 @@ class Journal:
     async def _append(self, raw: bytes) -> None:
         """Append a segment to every writable node's log; return once n-f have it.
 
-        Healthy nodes take it in one batch, the others one by one. Raises NoSpace or
+        Healthy nodes take it in one batch, the others one by one; short of the quorum,
+        so do the nodes taken as down that a new probe finds back. Raises NoSpace or
         StorageUnavailable when fewer than n-f succeed.
         """
         errors: dict[int, str] = {}
         key = self._log
+        began = trio.current_time()
         writable = sorted(self.nodes.writable())
         done = await self.nodes.append_batch([(i, key, raw) for i in writable])
+        have = {i for i, outcome in done.items() if outcome is None}
         for i, outcome in done.items():
             if outcome is not None:
                 errors[i] = str(outcome)
@@ -192,13 +195,20 @@ class Journal:
             except NodeError as exc:
                 errors[i] = str(exc)
                 return 0
+            errors.pop(i, None)
+            have.add(i)
             return 1
 
         ok = await quorum_of(
             [functools.partial(one, i) for i in writable if i not in done],
             self.quorum,
-            have=sum(1 for outcome in done.values() if outcome is None),
+            have=len(have),
         )
+        if ok < self.quorum:
+            # Nodes taken as down may be back since their last probe (NodeSet.revive).
+            await self.nodes.revive(began)
+            back = sorted(self.nodes.writable() - have)
+            ok = await quorum_of([functools.partial(one, i) for i in back], self.quorum, have=ok)
         if ok < self.quorum:
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
             full = sum(1 for node in self.nodes.nodes if node.state is NodeState.FULL)

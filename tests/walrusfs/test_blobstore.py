@@ -128,6 +128,30 @@ async def test_more_than_f_nodes_lost_is_a_clean_error_and_recovers(tmp_path: Pa
     assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
 
 
+async def test_a_put_short_of_nodes_looks_again_at_those_taken_as_down(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    for i in (3, 4):
+        os.rename(paths[i], paths[i] + ".away")
+    await vol.nodes.probe_all()
+    assert [states(vol)[i] for i in (3, 4)] == ["down", "down"]
+    # Nodes 3 and 4 come back, and before the prober sees them 1 and 5 leave: only f
+    # nodes are gone, so the put must still find its n-f.
+    for i in (3, 4):
+        os.rename(paths[i] + ".away", paths[i])
+    for i in (1, 5):
+        os.rename(paths[i], paths[i] + ".away")
+    data = os.urandom(300_000)
+    r = await vol.blobs.put_blob(data)
+    assert set(r.missed) == {1, 5}
+    assert [states(vol)[i] for i in (1, 3, 4, 5)] == ["down", "up", "up", "down"]
+    assert all(len(sliver_files(paths[i])) == 1 for i in (0, 2, 3, 4, 6))
+    assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+    # With more than f truly gone it still fails, after one more look.
+    os.rename(paths[3], paths[3] + ".away")
+    with trio.fail_after(20), pytest.raises(StorageUnavailable, match="need 5"):
+        await vol.blobs.put_blob(b"new data")
+
+
 @pytest.mark.parametrize("where", ["data", "header"])
 async def test_flipped_bytes_in_any_sliver_are_caught(tmp_path: Path, where: str) -> None:
     vol, paths = await make_volume(tmp_path)

@@ -316,6 +316,28 @@ async def test_a_journal_below_quorum_fails_and_keeps_its_changes(tmp_path: Path
     ms2.metadata.close()
 
 
+async def test_a_journal_short_of_nodes_looks_again_at_those_taken_as_down(
+    tmp_path: Path,
+) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    for i in (3, 4):
+        os.rename(paths[i], paths[i] + ".away")
+    await vol.nodes.probe_all()
+    # 3 and 4 come back unseen, then 1 and 5 leave: f nodes gone, a close must go on.
+    for i in (3, 4):
+        os.rename(paths[i] + ".away", paths[i])
+    for i in (1, 5):
+        os.rename(paths[i], paths[i] + ".away")
+    ms.metadata.create(ROOT_INODE, b"made", mode=DIR, uid=0, gid=0, now_ns=1)
+    await ms.sync()
+    assert ms.journal.lag == 0
+    for i in (3, 4):
+        segs = scan_log((Path(paths[i]) / ms.journal.log_key).read_bytes())
+        assert [Segment.from_bytes(r).last_seq for r in segs] == [ms.journal.seq]
+    ms.metadata.close()
+
+
 async def test_an_unformatted_volume_and_garbage_superblocks_are_refused(tmp_path: Path) -> None:
     paths = node_paths(tmp_path / "nodes", 4)
     await create_volume(paths)
