@@ -392,6 +392,33 @@ def test_f_nodes_lost_during_io_and_f_plus_one_fails_fast(vol: Vol) -> None:
     assert (vol.mnt / "during.bin").read_bytes() == data[:1000]
 
 
+def test_nodes_back_unseen_and_others_gone_still_make_f(vol: Vol) -> None:
+    vol.mount()
+    away = [Path(str(vol.nodes[i]) + ".away") for i in range(7)]
+    for i in (3, 4):
+        vol.nodes[i].rename(away[i])
+    (vol.mnt / "first.bin").write_bytes(b"1" * 300_000)  # finds 3 and 4 down
+    st = json.loads(run("status", vol.mnt, "--json").stdout)
+    assert [n["state"] for n in st["nodes"]][3:5] == ["down", "down"]
+    # 3 and 4 come back and, before the prober looks (every 5 s), 1 and 5 leave: only f
+    # nodes are gone, so close() and fsync() must go on.
+    for i in (3, 4):
+        away[i].rename(vol.nodes[i])
+    for i in (1, 5):
+        vol.nodes[i].rename(away[i])
+    data = os.urandom(500_000)
+    with open(vol.mnt / "second.bin", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    st = json.loads(run("status", vol.mnt, "--json").stdout)
+    assert [n["state"] for n in st["nodes"]][1:6] == ["down", "up", "up", "up", "down"]
+    run("umount", vol.mnt)
+    vol.mount(node=3)
+    assert (vol.mnt / "second.bin").read_bytes() == data
+    assert (vol.mnt / "first.bin").read_bytes() == b"1" * 300_000
+
+
 def test_mount_refused_with_more_than_f_nodes_missing(vol: Vol) -> None:
     for i in (1, 2, 3):
         vol.nodes[i].rename(str(vol.nodes[i]) + ".away")
