@@ -658,6 +658,7 @@ class BlobStore:
         """
         parsed = self.metadata(blob_id, meta)
         p = parsed.params
+        began = trio.current_time()
         # Uninitialised: every byte is read or decoded into it. The heap (walrusfs.tuning)
         # recycles these buffers, so they cost no page faults.
         out = np.empty((p.R, p.C * parsed.symbol_size), dtype=np.uint8)
@@ -667,18 +668,31 @@ class BlobStore:
             if spoiled:
                 out = np.empty_like(out)  # the batch's thread, left behind, may write the old one
             primaries = await self._gather(parsed, PRIMARY, p.R, out, abandoned, skip=damaged)
-        if len(primaries) >= p.R:
-            decode: Callable[..., object] = decode_primaries
-            slivers = primaries
-        else:
+        decode: Callable[..., object] = decode_primaries
+        slivers = primaries
+        if len(primaries) < p.R:
             secondaries = await self._gather(parsed, SECONDARY, p.C)
             if len(secondaries) < p.C:
+                # Nodes taken as down may be back since their last probe: if so, once more.
+                tried = self.nodes.readable()
+                await self.nodes.revive(began)
+                if self.nodes.readable() - tried:
+                    out = np.empty_like(out)  # threads of the first tries may write the old
+                    primaries = await self._gather(
+                        parsed, PRIMARY, p.R, out, abandoned, skip=damaged
+                    )
+                    if len(primaries) < p.R:
+                        secondaries = await self._gather(parsed, SECONDARY, p.C)
+            if len(primaries) >= p.R:
+                slivers = primaries
+            elif len(secondaries) >= p.C:
+                decode, slivers = decode_secondaries, secondaries
+            else:
                 self.stats.failed_gets += 1
                 raise StorageUnavailable(
                     f"blob {blob_id.hex()[:16]}: only {len(primaries)} of {p.R} primary and "
                     f"{len(secondaries)} of {p.C} secondary slivers readable"
                 )
-            decode, slivers = decode_secondaries, secondaries
         degraded = decode is not decode_primaries or any(i >= p.R for i in slivers)
         if degraded:
             self.stats.degraded_reads += 1

@@ -152,6 +152,23 @@ async def test_a_put_short_of_nodes_looks_again_at_those_taken_as_down(tmp_path:
         await vol.blobs.put_blob(b"new data")
 
 
+async def test_a_get_short_of_slivers_looks_again_at_nodes_taken_as_down(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(300_000)
+    r = await vol.blobs.put_blob(data)
+    for i in (0, 1):
+        os.rename(paths[i], paths[i] + ".away")
+    await vol.nodes.probe_all()
+    for i in (0, 1):  # back, unseen; then 2 and 3 leave, and node 4 lost its sliver file
+        os.rename(paths[i] + ".away", paths[i])
+    for i in (2, 3):
+        os.rename(paths[i], paths[i] + ".away")
+    os.unlink(sliver_files(paths[4])[0])
+    # Only 5 and 6 of the nodes not taken as down hold a sliver pair: fewer than R = 3.
+    assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+    assert [states(vol)[i] for i in (0, 1)] == ["up", "up"]
+
+
 @pytest.mark.parametrize("where", ["data", "header"])
 async def test_flipped_bytes_in_any_sliver_are_caught(tmp_path: Path, where: str) -> None:
     vol, paths = await make_volume(tmp_path)
