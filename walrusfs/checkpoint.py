@@ -160,10 +160,17 @@ async def write_superblock(vol: Volume, sb: Superblock) -> None:
         except NodeError:
             pass
 
+    began = trio.current_time()
+    quorum = vol.params.n - vol.params.f
     async with trio.open_nursery() as nursery:
         for i in sorted(vol.nodes.writable()):
             nursery.start_soon(one, i)
-    quorum = vol.params.n - vol.params.f
+    if len(ok) < quorum:
+        # Nodes taken as down may be back since their last probe (NodeSet.revive).
+        await vol.nodes.revive(began)
+        async with trio.open_nursery() as nursery:
+            for i in sorted(vol.nodes.writable() - set(ok)):
+                nursery.start_soon(one, i)
     if len(ok) < quorum:
         raise StorageUnavailable(f"superblock stored on only {len(ok)} nodes, need {quorum}")
 

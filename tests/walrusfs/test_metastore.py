@@ -335,6 +335,20 @@ async def test_a_journal_short_of_nodes_looks_again_at_those_taken_as_down(
     for i in (3, 4):
         segs = scan_log((Path(paths[i]) / ms.journal.log_key).read_bytes())
         assert [Segment.from_bytes(r).last_seq for r in segs] == [ms.journal.seq]
+    # So does the superblock of a checkpoint (an unmount's last step), once more.
+    for i in (3, 4):
+        os.rename(paths[i], paths[i] + ".away")
+    await vol.nodes.probe_all()
+    for i in (3, 4):
+        os.rename(paths[i] + ".away", paths[i])
+    for i in (1, 5):
+        os.rename(paths[i] + ".away", paths[i])
+    for i in (0, 6):
+        os.rename(paths[i], paths[i] + ".away")
+    await checkpoint.write_superblock(vol, ms.superblock)
+    new = ms.superblock.to_bytes()
+    assert all((Path(paths[i]) / SUPERBLOCK_KEY).read_bytes() == new for i in (1, 2, 3, 4, 5))
+    await ms.checkpoint()  # the checkpoint's blob, too
     ms.metadata.close()
 
 
