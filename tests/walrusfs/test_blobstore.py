@@ -17,6 +17,7 @@ import trio.lowlevel
 from backends import NodeIOError, RemoteMountStore
 from codec import BlobMetadata
 from tests.walrusfs.volumes import (
+    back_unseen_others_gone,
     flip_byte,
     hung_file,
     node_paths,
@@ -130,16 +131,9 @@ async def test_more_than_f_nodes_lost_is_a_clean_error_and_recovers(tmp_path: Pa
 
 async def test_a_put_short_of_nodes_looks_again_at_those_taken_as_down(tmp_path: Path) -> None:
     vol, paths = await make_volume(tmp_path)
-    for i in (3, 4):
-        os.rename(paths[i], paths[i] + ".away")
-    await vol.nodes.probe_all()
-    assert [states(vol)[i] for i in (3, 4)] == ["down", "down"]
-    # Nodes 3 and 4 come back, and before the prober sees them 1 and 5 leave: only f
-    # nodes are gone, so the put must still find its n-f.
-    for i in (3, 4):
-        os.rename(paths[i] + ".away", paths[i])
-    for i in (1, 5):
-        os.rename(paths[i], paths[i] + ".away")
+    # Only f nodes are gone, so the put must still find its n-f.
+    await back_unseen_others_gone(vol, paths, back=(3, 4), gone=(1, 5))
+    assert [states(vol)[i] for i in (1, 3, 4, 5)] == ["up", "down", "down", "up"]
     data = os.urandom(300_000)
     r = await vol.blobs.put_blob(data)
     assert set(r.missed) == {1, 5}
@@ -156,14 +150,8 @@ async def test_a_get_short_of_slivers_looks_again_at_nodes_taken_as_down(tmp_pat
     vol, paths = await make_volume(tmp_path)
     data = os.urandom(300_000)
     r = await vol.blobs.put_blob(data)
-    for i in (0, 1):
-        os.rename(paths[i], paths[i] + ".away")
-    await vol.nodes.probe_all()
-    for i in (0, 1):  # back, unseen; then 2 and 3 leave, and node 4 lost its sliver file
-        os.rename(paths[i] + ".away", paths[i])
-    for i in (2, 3):
-        os.rename(paths[i], paths[i] + ".away")
-    os.unlink(sliver_files(paths[4])[0])
+    await back_unseen_others_gone(vol, paths, back=(0, 1), gone=(2, 3))
+    os.unlink(sliver_files(paths[4])[0])  # say node 4 was away when the blob was put
     # Only 5 and 6 of the nodes not taken as down hold a sliver pair: fewer than R = 3.
     assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
     assert [states(vol)[i] for i in (0, 1)] == ["up", "up"]

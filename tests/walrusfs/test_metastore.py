@@ -13,7 +13,7 @@ import blake3
 import pytest
 import trio
 
-from tests.walrusfs.volumes import node_paths, tmpfs
+from tests.walrusfs.volumes import back_unseen_others_gone, node_paths, tmpfs
 from walrusfs import checkpoint, metastore
 from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError, install, snapshot
 from walrusfs.errors import NoSpace, StorageUnavailable
@@ -321,14 +321,8 @@ async def test_a_journal_short_of_nodes_looks_again_at_those_taken_as_down(
 ) -> None:
     vol, paths = await new_volume(tmp_path)
     ms = await MetaStore.open(vol, str(tmp_path / "state1"))
-    for i in (3, 4):
-        os.rename(paths[i], paths[i] + ".away")
-    await vol.nodes.probe_all()
-    # 3 and 4 come back unseen, then 1 and 5 leave: f nodes gone, a close must go on.
-    for i in (3, 4):
-        os.rename(paths[i] + ".away", paths[i])
-    for i in (1, 5):
-        os.rename(paths[i], paths[i] + ".away")
+    # f nodes gone, 2f looking so: a close must go on.
+    await back_unseen_others_gone(vol, paths, back=(3, 4), gone=(1, 5))
     ms.metadata.create(ROOT_INODE, b"made", mode=DIR, uid=0, gid=0, now_ns=1)
     await ms.sync()
     assert ms.journal.lag == 0
@@ -336,15 +330,9 @@ async def test_a_journal_short_of_nodes_looks_again_at_those_taken_as_down(
         segs = scan_log((Path(paths[i]) / ms.journal.log_key).read_bytes())
         assert [Segment.from_bytes(r).last_seq for r in segs] == [ms.journal.seq]
     # So does the superblock of a checkpoint (an unmount's last step), once more.
-    for i in (3, 4):
-        os.rename(paths[i], paths[i] + ".away")
-    await vol.nodes.probe_all()
-    for i in (3, 4):
-        os.rename(paths[i] + ".away", paths[i])
     for i in (1, 5):
         os.rename(paths[i] + ".away", paths[i])
-    for i in (0, 6):
-        os.rename(paths[i], paths[i] + ".away")
+    await back_unseen_others_gone(vol, paths, back=(3, 4), gone=(0, 6))
     await checkpoint.write_superblock(vol, ms.superblock)
     new = ms.superblock.to_bytes()
     assert all((Path(paths[i]) / SUPERBLOCK_KEY).read_bytes() == new for i in (1, 2, 3, 4, 5))

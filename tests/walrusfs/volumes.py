@@ -76,3 +76,18 @@ async def formatted_volume(root: Path) -> tuple[Volume, MetaStore, list[str]]:
     vol = await open_volume(paths[0], node_timeout=10.0)
     await format_metadata(vol, str(root / "state0"), uid=0, gid=0)
     return vol, await MetaStore.open(vol, str(root / "state")), paths
+
+
+async def back_unseen_others_gone(
+    vol: Volume, paths: list[str], back: tuple[int, ...], gone: tuple[int, ...]
+) -> None:
+    """Nodes `back` go away and a probe takes them as down; they return with no probe
+    since, and then nodes `gone` leave (moved to PATH.away): only len(gone) nodes are
+    gone, while twice as many look unusable to the volume."""
+    for i in back:
+        os.rename(paths[i], paths[i] + ".away")
+    await vol.nodes.probe_all()
+    for i in back:
+        os.rename(paths[i] + ".away", paths[i])
+    for i in gone:
+        os.rename(paths[i], paths[i] + ".away")
