@@ -2,7 +2,7 @@
 
 pwrite, appends through a second O_APPEND descriptor, ftruncate both ways, writes and
 reads through a shared mmap, fsync, reopening, and remounting, mixed at random and
-checked against a model of the file. Each path alone is tested elsewhere; mixed, they
+checked against a model of the file; in one case with node directories coming and going. Each path alone is tested elsewhere; mixed, they
 meet in the kernel's page cache and writeback, and in our dirty blocks, patches and
 packs, across blob boundaries (256 KiB blobs here). The server is another process, so
 this test may fault on the mount's pages (see test_fuse_tools).
@@ -103,25 +103,59 @@ def step(m: Model, rng: random.Random, op: str) -> None:
         m.log.append((op,))
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_mixed_random_io_matches_a_model_across_remounts(vol: Vol, seed: int) -> None:
+class Faults:
+    """Two node directories at a time moved away and back: never more than f gone, but
+    often 2f that the mount has not seen come back yet (NodeSet.revive)."""
+
+    def __init__(self, vol: Vol, rng: random.Random) -> None:
+        self.vol, self.rng = vol, rng
+        self.away: list[int] = []
+
+    def toggle(self, m: Model) -> None:
+        nodes = self.vol.nodes
+        if self.away:
+            for i in self.away:
+                Path(f"{nodes[i]}.away").rename(nodes[i])
+            m.log.append(("back", self.away))
+            self.away = []
+        else:
+            self.away = self.rng.sample(range(len(nodes)), 2)
+            for i in self.away:
+                nodes[i].rename(f"{nodes[i]}.away")
+            m.log.append(("away", self.away))
+
+    def present(self) -> int:
+        return next(i for i in range(len(self.vol.nodes)) if i not in self.away)
+
+
+@pytest.mark.parametrize(("seed", "faults"), [(1, False), (2, False), (3, True)])
+def test_mixed_random_io_matches_a_model_across_remounts(vol: Vol, seed: int, faults: bool) -> None:
     vol.mount()
     rng = random.Random(seed)
     m = Model(vol.mnt / "f")
+    nodes = Faults(vol, rng)
     try:
         for remount in range(3):
             for _ in range(150):
-                step(m, rng, rng.choices(OPS, WEIGHTS)[0])
+                if faults and rng.random() < 0.03:
+                    nodes.toggle(m)
+                else:
+                    step(m, rng, rng.choices(OPS, WEIGHTS)[0])
             m.check("before unmounting")
             os.close(m.fd)
             run("umount", vol.mnt)
-            vol.mount()
+            vol.mount(node=nodes.present())
             m.fd = os.open(m.path, os.O_RDWR)
             m.check(f"after remount {remount + 1}")
             m.log.append(("remount",))
     finally:
         os.close(m.fd)
+        if nodes.away:
+            nodes.toggle(m)
     run("umount", vol.mnt)
+    if faults:
+        # What the nodes missed while away (slivers, and deletes) is made good.
+        run("fsck", "--repair", vol.nodes[0], check=False)
     # Every blob the file's history left is accounted for: stored whole, or deleted.
     res = run("fsck", vol.nodes[0], check=False)
     assert res.returncode == 0, res.stdout + res.stderr
