@@ -280,13 +280,10 @@ class BlobStore:
         errors: dict[int, Exception | str] = {
             i: f"skipped: node is {self.nodes.state(i).value}" for i in files if i not in writable
         }
-        if len(writable) < quorum:
-            await self.nodes.revive(began)
-            writable = self.nodes.writable()
+        # Too few writable to start: nothing is written, and the look again below decides.
         stored = await self._store_on(files, [i for i in files if i in writable], set(), errors)
         if len(stored) < quorum:
-            await self.nodes.revive(began)
-            back = [i for i in files if i in self.nodes.writable() and i not in stored]
+            back = [i for i in await self.nodes.writable_again(began, stored) if i in files]
             stored = await self._store_on(files, back, stored, errors)
         return stored, errors
 

@@ -167,9 +167,9 @@ async def write_superblock(vol: Volume, sb: Superblock) -> None:
             nursery.start_soon(one, i)
     if len(ok) < quorum:
         # Nodes taken as down may be back since their last probe (NodeSet.revive).
-        await vol.nodes.revive(began)
+        back = await vol.nodes.writable_again(began, ok)
         async with trio.open_nursery() as nursery:
-            for i in sorted(vol.nodes.writable() - set(ok)):
+            for i in back:
                 nursery.start_soon(one, i)
     if len(ok) < quorum:
         raise StorageUnavailable(f"superblock stored on only {len(ok)} nodes, need {quorum}")

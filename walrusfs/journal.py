@@ -206,8 +206,7 @@ class Journal:
         )
         if ok < self.quorum:
             # Nodes taken as down may be back since their last probe (NodeSet.revive).
-            await self.nodes.revive(began)
-            back = sorted(self.nodes.writable() - have)
+            back = await self.nodes.writable_again(began, have)
             ok = await quorum_of([functools.partial(one, i) for i in back], self.quorum, have=ok)
         if ok < self.quorum:
             detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))

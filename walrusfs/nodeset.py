@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -370,6 +370,12 @@ class NodeSet:
         finally:
             self._reviving = None
             done.set()
+
+    async def writable_again(self, since: float, done: Collection[int]) -> list[int]:
+        """For a write that began at `since` and is short of nodes: `revive`, then the
+        writable nodes not in `done`, to try now."""
+        await self.revive(since)
+        return sorted(self.writable() - set(done))
 
     async def probe_all(self) -> None:
         """Probe every node concurrently."""
