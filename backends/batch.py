@@ -65,4 +65,3 @@ async def run_batch(
     with trio.move_on_after(deadline):
         await trio.to_thread.run_sync(work, abandon_on_cancel=True)
     return dict(outcomes)  # a copy: an abandoned thread may still add to the original
-

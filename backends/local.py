@@ -119,7 +119,9 @@ class LocalStore(NodeStore):
         try:
             with trio.fail_after(self.timeout):
                 return await trio.to_thread.run_sync(
-                    lambda: self.run_blocking(key, fn), abandon_on_cancel=True, limiter=self._limiter
+                    lambda: self.run_blocking(key, fn),
+                    abandon_on_cancel=True,
+                    limiter=self._limiter,
                 )
         except trio.TooSlowError:
             busy = self.busy_threads

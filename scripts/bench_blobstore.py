@@ -117,7 +117,9 @@ def raw_sliver_reads(vol: Volume, paths: list[str], results: list[PutResult]) ->
         total += meta.length
         size = header_size(meta.n) + meta.params.C * meta.symbol_size
         for pair in range(meta.params.R):
-            jobs.append((os.path.join(paths[meta.node_of_pair(pair)], sliver_key(res.blob_id, pair)), size))
+            jobs.append(
+                (os.path.join(paths[meta.node_of_pair(pair)], sliver_key(res.blob_id, pair)), size)
+            )
 
     def read(job: tuple[str, int]) -> None:
         path, size = job

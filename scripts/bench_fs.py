@@ -48,7 +48,9 @@ CHUNK = MIB
 
 
 def walrusfs(*args: object) -> str:
-    res = subprocess.run([sys.executable, "-m", "walrusfs.cli", *map(str, args)], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "walrusfs.cli", *map(str, args)], capture_output=True, text=True
+    )
     if res.returncode:
         raise SystemExit(f"walrusfs {' '.join(map(str, args))}: {res.stderr.strip()}")
     return res.stdout
@@ -139,7 +141,9 @@ def passthrough_small(base: Path, tar: Path) -> float | None:
     src.mkdir()
     mnt.mkdir()
     script = Path(__file__).parent / "badmount.py"
-    if subprocess.run([sys.executable, str(script), "mount", str(src), str(mnt), "--daemon"], capture_output=True).returncode:
+    if subprocess.run(
+        [sys.executable, str(script), "mount", str(src), str(mnt), "--daemon"], capture_output=True
+    ).returncode:
         return None
     try:
         return extract(tar, mnt / "small")
@@ -249,7 +253,9 @@ class Volume:
 ROUND_DISK_FACTOR = 7.6
 
 
-def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path]) -> dict[str, float]:
+def one_round(
+    args: argparse.Namespace, data: memoryview, leftovers: list[Path]
+) -> dict[str, float]:
     """Every measurement once, in fresh directories, deleted at the end unless the caller
     collects them in `leftovers` (args.keep) to delete after the last round.
 
@@ -309,7 +315,12 @@ def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path])
         tmp = base / "tmpfs"
         tmp.mkdir()
         need = int(args.mib * MIB * 4.2) + (256 << 20)
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need}", "tmpfs", str(tmp)]).returncode == 0:
+        if (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={need}", "tmpfs", str(tmp)]
+            ).returncode
+            == 0
+        ):
             try:
                 tvol = Volume(tmp, "t")
                 tvol.mount()
@@ -327,7 +338,9 @@ def one_round(args: argparse.Namespace, data: memoryview, leftovers: list[Path])
                 subprocess.run(["umount", "-l", str(tmp)], check=False)
     finally:
         for mnt in mounted:
-            subprocess.run([sys.executable, "-m", "walrusfs.cli", "umount", str(mnt)], capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "walrusfs.cli", "umount", str(mnt)], capture_output=True
+            )
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         if args.keep:
             leftovers.append(base)
@@ -342,7 +355,9 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=1024, help="size of the big file (default 1024)")
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--dir", default="/var/tmp", help="where to work (on the disk to measure)")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat everything; figures are medians")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat everything; figures are medians"
+    )
     args = parser.parse_args()
     # Later rounds start clean only if earlier ones are deleted after the last (see
     # one_round), which needs the room for all of them.
@@ -354,7 +369,9 @@ def main() -> None:
             "deleted as it ends, which can slow file creation in the next one",
             file=sys.stderr,
         )
-    data = memoryview(np.random.default_rng(1).integers(0, 256, args.mib * MIB, dtype=np.uint8).tobytes())
+    data = memoryview(
+        np.random.default_rng(1).integers(0, 256, args.mib * MIB, dtype=np.uint8).tobytes()
+    )
     leftovers: list[Path] = []
     try:
         rounds = [one_round(args, data, leftovers) for _ in range(args.rounds)]
@@ -367,7 +384,11 @@ def main() -> None:
         + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     for k, v in r.items():
-        each = "  (" + " ".join(f"{rd[k]:.2f}" for rd in rounds if k in rd) + ")" if args.rounds > 1 else ""
+        each = (
+            "  (" + " ".join(f"{rd[k]:.2f}" for rd in rounds if k in rd) + ")"
+            if args.rounds > 1
+            else ""
+        )
         print(f"  {k:14s} {v:9.2f}{each}")
     p, q = r["plain_write"], r["plain_read"]
     print(

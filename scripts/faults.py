@@ -403,7 +403,9 @@ def corrupt(args: argparse.Namespace, out: Reporter) -> None:
         mnt, wanted, volume_nodes = _blobs_of(args.path)
         if args.node_dir is None:
             args.node_dir = rng.choice(volume_nodes)
-        out.action(f"{args.path}: {len(wanted)} blobs on {mnt}", action="blobs", blobs=sorted(wanted))
+        out.action(
+            f"{args.path}: {len(wanted)} blobs on {mnt}", action="blobs", blobs=sorted(wanted)
+        )
     if args.node_dir is None:
         raise UsageError("corrupt needs NODE_DIR (or --path FILE_IN_MOUNT)")
     node = _node(args.node_dir)
@@ -430,7 +432,9 @@ def corrupt(args: argparse.Namespace, out: Reporter) -> None:
                 result, other = _corrupt_one(target, files, targets, hit, args, rng, ident)
                 break
             except FileNotFoundError as exc:
-                gone = f"{exc.filename or target.path}: deleted since the scan (the volume is in use)"
+                gone = (
+                    f"{exc.filename or target.path}: deleted since the scan (the volume is in use)"
+                )
                 files = [f for f in files if f.path != exc.filename]
                 spare = [f for f in spare if f.path != exc.filename]
                 if not spare:

@@ -167,9 +167,7 @@ def power_loss(args: argparse.Namespace, base: Path) -> int:
     sh("mount", "-o", "loop", snap, disk)
     after = disk
     try:
-        got = walrusfs(
-            "mount", "--state-dir", base / "state-after", after / "n0", mnt, check=False
-        )
+        got = walrusfs("mount", "--state-dir", base / "state-after", after / "n0", mnt, check=False)
         print(got.stdout.strip())
         print(got.stderr.strip())
         if got.returncode:

@@ -277,7 +277,9 @@ def _clear_dead_mount(mountpoint: str) -> None:
         return
     res = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
     if res.returncode == 0:
-        print(f"walrusfs: cleared the dead mount a gone server left at {mountpoint}", file=sys.stderr)
+        print(
+            f"walrusfs: cleared the dead mount a gone server left at {mountpoint}", file=sys.stderr
+        )
 
 
 def _probe_mount(mountpoint: str, timeout: float) -> int | None:

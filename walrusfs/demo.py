@@ -79,7 +79,9 @@ def main() -> int:
         sh("mv", node, f"{node}.away")
     walrusfs("mount", NODES[0], MNT)
     bad = [name for name, data in files.items() if (MNT / name).read_bytes() != data]
-    print(f"  read back {len(files)} files with 2 nodes gone: {'all correct' if not bad else f'WRONG: {bad}'}")
+    print(
+        f"  read back {len(files)} files with 2 nodes gone: {'all correct' if not bad else f'WRONG: {bad}'}"
+    )
     walrusfs("status", MNT)
     print("== bring them back")
     for node in away:

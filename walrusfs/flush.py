@@ -26,9 +26,7 @@ from walrusfs.nodeset import NodeSet
 QUORUM_GRACE_S = 0.2
 
 
-async def quorum_of(
-    jobs: list[Callable[[], Awaitable[int]]], quorum: int, *, have: int = 0
-) -> int:
+async def quorum_of(jobs: list[Callable[[], Awaitable[int]]], quorum: int, *, have: int = 0) -> int:
     """Run `jobs` at once, each returning how many nodes it covered; return the total.
 
     Returns once the total (starting at `have`) reaches `quorum` and the other jobs have

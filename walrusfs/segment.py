@@ -122,9 +122,7 @@ def _decode(value: Any, attached: bytes) -> Any:
             if len(start) > 1:
                 raise ValueError("a block reference of more than four items")
             first = int(start[0]) if start else 0
-            return BlockRef(
-                _decode(blob_id, attached), _decode(meta, attached), int(length), first
-            )
+            return BlockRef(_decode(blob_id, attached), _decode(meta, attached), int(length), first)
         if "$map" in value:
             return {_decode(k, attached): _decode(v, attached) for k, v in value["$map"]}
         return {k: _decode(v, attached) for k, v in value.items()}

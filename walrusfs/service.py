@@ -317,9 +317,7 @@ async def open_for_mount(opts: MountOptions) -> Volume:
     return vol
 
 
-async def run_mount(
-    opts: MountOptions, ready: Callable[[list[str]], object] | None = None
-) -> None:
+async def run_mount(opts: MountOptions, ready: Callable[[list[str]], object] | None = None) -> None:
     """Mount and serve until unmounted; raises VolumeError, MountLockError, RecoveryError.
 
     Leaves beside the control socket whether everything was stored in the end (see
@@ -367,9 +365,7 @@ def mount_warnings(vol: Volume, metastore: MetaStore) -> list[str]:
     return said
 
 
-async def _serve_volume(
-    opts: MountOptions, ready: Callable[[list[str]], object] | None
-) -> None:
+async def _serve_volume(opts: MountOptions, ready: Callable[[list[str]], object] | None) -> None:
     from walrusfs.fs import FileSystem
     from walrusfs.mount import serve
 

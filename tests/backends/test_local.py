@@ -125,7 +125,9 @@ async def test_get_rejects_negative_ranges(
         await store.get("r", offset, length)
 
 
-@pytest.mark.parametrize(("offset", "sizes"), [(0, (10, 90)), (5, (0, 7, 3)), (60, (30, 30)), (100, (4,))])
+@pytest.mark.parametrize(
+    ("offset", "sizes"), [(0, (10, 90)), (5, (0, 7, 3)), (60, (30, 30)), (100, (4,))]
+)
 async def test_get_into_fills_buffers_in_order(
     store: LocalStore, offset: int, sizes: tuple[int, ...]
 ) -> None:

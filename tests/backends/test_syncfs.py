@@ -56,8 +56,18 @@ def test_filesystem_type_reads_the_type_after_the_separator(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("fstype", "durable"),
-    [("ext4", True), ("xfs", True), ("nfs4", True), ("virtiofs", True), ("fuse.sshfs", False),
-     ("fuse", False), ("fuseblk", False), ("cifs", False), ("9p", False), (None, False)],
+    [
+        ("ext4", True),
+        ("xfs", True),
+        ("nfs4", True),
+        ("virtiofs", True),
+        ("fuse.sshfs", False),
+        ("fuse", False),
+        ("fuseblk", False),
+        ("cifs", False),
+        ("9p", False),
+        (None, False),
+    ],
 )
 def test_syncfs_is_durable_except_where_the_server_is_never_asked(
     fstype: str | None, durable: bool
@@ -69,8 +79,14 @@ def resident_pages(path: Path) -> int:
     """Pages of the file in the page cache (mincore(2) over a read-only mapping)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     size = path.stat().st_size
@@ -108,8 +124,16 @@ async def test_large_puts_bypass_the_page_cache_on_a_local_disk(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     ("fstype", "direct"),
-    [("ext4", True), ("xfs", True), ("btrfs", True), ("tmpfs", False), ("nfs4", False),
-     ("fuse.sshfs", False), ("cifs", False), (None, False)],
+    [
+        ("ext4", True),
+        ("xfs", True),
+        ("btrfs", True),
+        ("tmpfs", False),
+        ("nfs4", False),
+        ("fuse.sshfs", False),
+        ("cifs", False),
+        (None, False),
+    ],
 )
 def test_o_direct_only_on_local_disk_filesystems(fstype: str | None, direct: bool) -> None:
     assert files.direct_writes_help(fstype) is direct

@@ -284,6 +284,7 @@ async def test_a_hung_read_released_late_cannot_change_a_blob_already_returned(
     got = await fresh.blobs.get_blob(puts[0].blob_id, puts[0].meta)
     assert bytes(got) == datas[0]
     assert await bad.something_hung()  # K's read was tried, and given up on
+
     # What the hung read will now deliver: other bytes, in the files it already opened.
     def scramble() -> None:
         for f in sliver_files(bad.backing):
@@ -382,8 +383,13 @@ async def test_a_filesystem_refusing_o_direct_gets_the_file_written_buffered(
     try:
         took = await trio.to_thread.run_sync(
             lambda: files.write_atomic(
-                root, str(bad.mountpoint), "ab/cd", ("ab", "cd"), (data[:100], data[100:]),
-                durable=False, direct=True,
+                root,
+                str(bad.mountpoint),
+                "ab/cd",
+                ("ab", "cd"),
+                (data[:100], data[100:]),
+                durable=False,
+                direct=True,
             )
         )
     finally:

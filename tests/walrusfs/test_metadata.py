@@ -239,8 +239,11 @@ def test_patches_change_blocks_until_the_block_is_stored_again(
     f = mkfile(meta, ROOT_INODE, b"f")
     meta.set_blocks(f, {0: ref(b"A"), 1: ref(b"B", 100)}, size=BS + 100, mtime_ns=1, ctime_ns=1)
     meta.patch_blocks(
-        f, [(0, 10, b"abc"), (1, 90, b"x" * 20), (0, 10, b"ABCD")], size=BS + 110,
-        mtime_ns=2, ctime_ns=3,
+        f,
+        [(0, 10, b"abc"), (1, 90, b"x" * 20), (0, 10, b"ABCD")],
+        size=BS + 110,
+        mtime_ns=2,
+        ctime_ns=3,
     )
     assert meta.patches(f, 0) == [(10, b"ABCD")]  # a patch covered by a later one goes
     assert meta.patches(f, 1) == [(90, b"x" * 20)] and meta.patches(f, 2) == []
