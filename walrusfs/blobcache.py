@@ -9,17 +9,25 @@ A pack's first block asked for is read alone (a few KiB, not the pack's MiBs); f
 second block of the same pack on, the reader is taken to go through what was written
 together (a tree, as it was written), and the whole pack is read and cached.
 
+A blob too big to cache whole next to others (a volume made with a large --blob-size)
+is read and cached in *windows*: aligned runs of whole symbols, the smallest ranges the
+store verifies on their own. Caching it whole would not fit, and not caching it made
+every 1 MiB read of the kernel fetch all of a 128 MiB blob again (measured: 13 MB/s).
+
 Must not import pyfuse3. Talks to the blob store only through `BlobStoreProtocol`.
 Thread/task safety: trio tasks of one thread.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import trio
 
+from walrusfs.errors import FSError
 from walrusfs.metadata import BlockRef
 from walrusfs.reclaim import BlobStoreProtocol, Buffer
 
@@ -29,15 +37,22 @@ log = logging.getLogger(__name__)
 WHOLE_BLOB = 1 << 62
 # Packs remembered as read from (see BlockFetcher.fetch).
 PACKS_SEEN = 4096
+# A blob larger than this share of the cache is read in windows (see the module).
+WHOLE_SHARE = 4
+# A window is the fewest whole symbols that make at least this many bytes, or the
+# cache's share (a small cache, as in tests, gets small windows).
+WINDOW_BYTES = 4 << 20
+WINDOWS_IN_CACHE = 16
 
 
 class _BlobCache:
-    """LRU of blob bytes by blob_id, bounded in bytes."""
+    """LRU of blob bytes by blob_id (or window key), bounded in bytes."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_evict: Callable[[bytes], None] | None = None) -> None:
         self.capacity = capacity
         self.used = 0
         self._items: OrderedDict[bytes, Buffer] = OrderedDict()
+        self._on_evict = on_evict
 
     def get(self, blob_id: bytes, length: int) -> Buffer | None:
         data = self._items.get(blob_id)
@@ -53,8 +68,10 @@ class _BlobCache:
         self._items[blob_id] = data
         self.used += len(data)
         while self.used > self.capacity:
-            _, old = self._items.popitem(last=False)
+            key, old = self._items.popitem(last=False)
             self.used -= len(old)
+            if self._on_evict is not None:
+                self._on_evict(key)
 
     def discard(self, blob_id: bytes) -> None:
         old = self._items.pop(blob_id, None)
@@ -63,6 +80,14 @@ class _BlobCache:
 
     def __contains__(self, blob_id: bytes) -> bool:
         return blob_id in self._items
+
+
+_K_BYTES = 8
+
+
+def _window_key(blob_id: bytes, k: int) -> bytes:
+    """The cache key of window k of a blob (never a blob id: those are shorter)."""
+    return blob_id + k.to_bytes(_K_BYTES, "big")
 
 
 def block_of(blob: Buffer, ref: BlockRef) -> Buffer:
@@ -77,53 +102,148 @@ class BlockFetcher:
 
     def __init__(self, store: BlobStoreProtocol, cache_bytes: int) -> None:
         self._store = store
-        self._cache = _BlobCache(cache_bytes)
+        self._cache = _BlobCache(cache_bytes, on_evict=self._evicted)
+        self._whole_max = cache_bytes // WHOLE_SHARE
         self._fetching: dict[bytes, trio.Event] = {}
         self._packs_seen: set[bytes] = set()  # packs a block was read from (see _load)
+        self._windows: dict[bytes, set[bytes]] = {}  # blob_id -> keys of its cached windows
 
     def remember(self, blob_id: bytes, data: Buffer) -> None:
         """Cache a blob's bytes just stored (never written to afterwards)."""
-        self._cache.put(blob_id, data)
+        if len(data) <= self._whole_max:
+            self._cache.put(blob_id, data)
 
     def forget(self, blob_id: bytes) -> None:
         """Drop a blob that is being deleted."""
         self._cache.discard(blob_id)
+        for key in self._windows.pop(blob_id, ()):
+            self._cache.discard(key)
+
+    def windowed(self, ref: BlockRef) -> bool:
+        """Whether the block's blob is read in windows (see the module). Raises an FSError
+        if its metadata is damaged."""
+        return self._store.blob_length(ref.blob_id, ref.meta) > self._whole_max
 
     async def fetch(self, ref: BlockRef) -> Buffer:
         """The block's stored bytes (`ref.length` of them, fewer only if the blob is
         short). Raises what the store's get_range raises."""
-        while True:
+
+        def cached() -> Buffer | None:
             data = self._cache.get(ref.blob_id, ref.start + ref.length)
+            return None if data is None else block_of(data, ref)
+
+        return await self._once(ref.blob_id, cached, functools.partial(self._load, ref))
+
+    async def read(self, ref: BlockRef, start: int, n: int) -> bytes | memoryview:
+        """The block's stored bytes in [start, start + n): fewer past its end, and where
+        the blob is short. Reads whole windows of a windowed blob, the whole blob of
+        another. Raises what the store's get_range raises."""
+        stop = min(start + n, ref.length)
+        if stop <= start:
+            return b""
+        if not self.windowed(ref):
+            return memoryview(await self.fetch(ref)).toreadonly()[start:stop]
+        w = self._window_size(ref)
+        lo, hi = ref.start + start, ref.start + stop
+        parts = []
+        for k in range(lo // w, (hi - 1) // w + 1):
+            data = memoryview(await self._window(ref, k, w)).toreadonly()
+            parts.append(data[max(lo - k * w, 0) : hi - k * w])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def prefetch(
+        self, nursery: trio.Nursery, ref: BlockRef, start: int = 0, stop: int | None = None
+    ) -> None:
+        """Start fetching the block's bytes in [start, stop) in `nursery`, unless cached
+        or on their way: of a windowed blob, the windows holding them, as many as the
+        read-ahead budget allows (half the cache, one window at least); of another, the
+        whole block, if `start` is 0 (else a reader is in it, fetching it already)."""
+        try:
+            windowed = self.windowed(ref)
+        except FSError:
+            return  # the read that needs it will report it
+        if not windowed:
+            if start > 0:
+                return
+            if ref.blob_id not in self._cache and ref.blob_id not in self._fetching:
+                nursery.start_soon(self._prefetch_one, self.fetch, ref)
+            return
+        w = self._window_size(ref)
+        stop = ref.length if stop is None else min(stop, ref.length)
+        if stop <= start:
+            return
+        first = (ref.start + start) // w
+        last = (ref.start + stop - 1) // w
+        budget = max(1, self._cache.capacity // 2 // w - 1)
+        for k in range(first, min(last, first + budget - 1) + 1):
+            key = _window_key(ref.blob_id, k)
+            if key not in self._cache and key not in self._fetching:
+                nursery.start_soon(self._prefetch_one, self._window, ref, k, w)
+
+    async def _prefetch_one(self, fetch: Callable[..., Awaitable[Buffer]], *args: object) -> None:
+        try:
+            await fetch(*args)
+        except Exception as exc:  # the read that needs it will report it
+            log.debug("read-ahead of a blob failed: %s", exc)
+
+    async def _once(
+        self,
+        key: bytes,
+        cached: Callable[[], Buffer | None],
+        load: Callable[[], Awaitable[Buffer]],
+    ) -> Buffer:
+        """`cached()`, or else `load()`: once however many tasks ask for `key` at once."""
+        while True:
+            data = cached()
             if data is not None:
-                return block_of(data, ref)
-            pending = self._fetching.get(ref.blob_id)
+                return data
+            pending = self._fetching.get(key)
             if pending is None:
                 break
             await pending.wait()  # someone (read-ahead) is fetching it; then retry
-        done = self._fetching[ref.blob_id] = trio.Event()
+        done = self._fetching[key] = trio.Event()
         try:
-            return await self._load(ref)
+            return await load()
         finally:
-            del self._fetching[ref.blob_id]
+            del self._fetching[key]
             done.set()
 
-    def prefetch(self, nursery: trio.Nursery, ref: BlockRef) -> None:
-        """Start fetching the block in `nursery`, unless it is cached or on its way."""
-        if ref.blob_id not in self._cache and ref.blob_id not in self._fetching:
-            nursery.start_soon(self._prefetch_one, ref)
+    @property
+    def window_bytes(self) -> int:
+        """What a window holds at least: WINDOW_BYTES, or less in a small cache."""
+        return max(1, min(WINDOW_BYTES, self._cache.capacity // WINDOWS_IN_CACHE))
 
-    async def _prefetch_one(self, ref: BlockRef) -> None:
-        try:
-            await self.fetch(ref)
-        except Exception as exc:  # the read that needs it will report it
-            log.debug("read-ahead of blob %s failed: %s", ref.blob_id.hex(), exc)
+    def _window_size(self, ref: BlockRef) -> int:
+        unit = self._store.read_unit(ref.blob_id, ref.meta)
+        return unit * -(-self.window_bytes // unit)
+
+    async def _window(self, ref: BlockRef, k: int, w: int) -> Buffer:
+        """Window k (bytes [k*w, (k+1)*w) of the blob, fewer at its end)."""
+        key = _window_key(ref.blob_id, k)
+
+        async def load() -> Buffer:
+            data = await self._store.get_range(ref.blob_id, ref.meta, k * w, w)
+            self._cache.put(key, data)
+            if key in self._cache:
+                self._windows.setdefault(ref.blob_id, set()).add(key)
+            return data
+
+        return await self._once(key, lambda: self._cache.get(key, 0), load)
+
+    def _evicted(self, key: bytes) -> None:
+        keys = self._windows.get(key[:-_K_BYTES])
+        if keys is not None and key in keys:
+            keys.discard(key)
+            if not keys:
+                del self._windows[key[:-_K_BYTES]]
 
     async def _load(self, ref: BlockRef) -> Buffer:
         """fetch from the store. A block that starts at 0 is a blob of its own (packs
         begin with a header): read and cached. A block in a pack, see the module."""
         if ref.start == 0:
             data = await self._store.get_range(ref.blob_id, ref.meta, 0, ref.length)
-            self._cache.put(ref.blob_id, data)
+            if len(data) <= self._whole_max:  # a windowed blob's reads use its windows
+                self._cache.put(ref.blob_id, data)
             return data
         if ref.blob_id not in self._packs_seen:
             data = await self._store.get_range(ref.blob_id, ref.meta, ref.start, ref.length)

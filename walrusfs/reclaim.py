@@ -68,6 +68,12 @@ class BlobStoreProtocol(Protocol):
         the metadata is damaged."""
         ...
 
+    def read_unit(self, blob_id: bytes, meta: bytes) -> int:
+        """The smallest range of the blob get_range reads and verifies on its own (a
+        symbol): ranges aligned to it cost no bytes beyond them. No I/O; raises an
+        FSError if the metadata is damaged."""
+        ...
+
 
 class Reclaimer:
     """Puts blobs safely against deletes, and deletes freed blobs once that is safe."""

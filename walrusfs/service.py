@@ -73,6 +73,9 @@ class FsBlobs:
     def blob_length(self, blob_id: bytes, meta: bytes) -> int:
         return self.blobs.metadata(blob_id, meta).length
 
+    def read_unit(self, blob_id: bytes, meta: bytes) -> int:
+        return self.blobs.metadata(blob_id, meta).symbol_size
+
     async def get_range(
         self, blob_id: bytes, meta: bytes, offset: int, length: int
     ) -> bytes | memoryview:

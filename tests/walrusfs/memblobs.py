@@ -31,6 +31,7 @@ class MemBlobStore:
         self.gate_prefix = b""  # only puts of content starting with this wait
         self.delete_gate: trio.Event | None = None
         self.puts_waiting = 0
+        self.unit = 4096  # read_unit: what the real store's symbol size stands for
 
     @staticmethod
     def _meta(blob_id: bytes, length: int) -> bytes:
@@ -65,6 +66,10 @@ class MemBlobStore:
     def blob_length(self, blob_id: bytes, meta: bytes) -> int:
         assert meta[:4] == b"mem1" and meta[12:] == blob_id[:4], "not this blob's metadata"
         return int.from_bytes(meta[4:12], "big")
+
+    def read_unit(self, blob_id: bytes, meta: bytes) -> int:
+        self.blob_length(blob_id, meta)  # checks the metadata
+        return self.unit
 
     async def get_range(self, blob_id: bytes, meta: bytes, offset: int, length: int) -> bytes:
         await trio.lowlevel.checkpoint()

@@ -337,6 +337,68 @@ async def test_read_cache_and_read_ahead(meta: Metadata, store: MemBlobStore) ->
         nursery.cancel_scope.cancel()
 
 
+async def read_sequentially(fs: FileSystem, ino: int, size: int, request: int) -> bytes:
+    """Read a file as `cat` does, a request at a time, with the flusher (read-ahead) on."""
+    out = bytearray()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_background)
+        fh = await fs.open(ino, os.O_RDONLY, 0)
+        while len(out) < size:
+            out += await fs.read(fh, len(out), request)
+            await trio.testing.wait_all_tasks_blocked()  # read-ahead lands before the next
+        await fs.release(fh)
+        nursery.cancel_scope.cancel()
+    return bytes(out)
+
+
+async def test_read_ahead_stays_within_the_cache(meta: Metadata, store: MemBlobStore) -> None:
+    """Blocks read ahead must not push out those the reader has yet to read: with a cache
+    of 4 blocks, 6 blocks ahead had every block fetched twice."""
+    blocks = 12
+    data = random.Random(8).randbytes(blocks * BS)
+    fs = FileSystem(meta, store)
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, data)
+    await fs.release(fh)
+    gets = store.gets
+    fresh = FileSystem(meta, store, cache_bytes=4 * BS)
+    assert await read_sequentially(fresh, ino, len(data), 4096) == data
+    assert store.gets - gets == blocks  # each block once
+
+
+async def test_a_block_too_big_to_cache_whole_is_read_in_windows_once(
+    meta: Metadata, store: MemBlobStore
+) -> None:
+    """A volume of big blobs (e.g. --blob-size 128M, with a 64 MiB cache): each read used
+    to fetch the whole blob again, as it did not fit in the cache."""
+    blocks = 3
+    data = random.Random(9).randbytes(blocks * BS - 1000)  # the last block short
+    fs = FileSystem(meta, store)
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, data)
+    await fs.release(fh)
+    got = len(store.got)
+    cache = 2 * BS  # a block is more than a quarter of it: windows of 8 KiB
+    fresh = FileSystem(meta, store, cache_bytes=cache)
+    assert await read_sequentially(fresh, ino, len(data), 4096) == data
+    ranges = store.got[got:]
+    assert sum(n for _, n in ranges) == len(data)  # every byte fetched once
+    assert {n for _, n in ranges[:-1]} == {cache // 16}  # in whole windows
+    assert all(offset % store.unit == 0 for offset, _ in ranges)  # of whole symbols
+
+    # A read in the middle, not sequential, from a cold cache: one window, not the block.
+    cold = FileSystem(meta, store, cache_bytes=cache)
+    got = len(store.got)
+    fh = await cold.open(ino, os.O_RDONLY, 0)
+    assert await cold.read(fh, BS + 20000, 100) == data[BS + 20000 : BS + 20100]
+    assert store.got[got:] == [(16384, 8192)]  # the window of block 1 holding 20000
+    store.fail_gets = True
+    with pytest.raises(Exception) as info:
+        await cold.read(fh, 2 * BS, 100)
+    assert errno_of(info.value) == errno.EIO
+    await cold.release(fh)
+
+
 async def test_dirty_memory_is_bounded(meta: Metadata, store: MemBlobStore) -> None:
     fs = FileSystem(meta, store, dirty_limit=4 * BS)
     ino, fh = await new_file(fs)
