@@ -44,10 +44,12 @@ from codec import (
     BlobMetadata,
     CodecError,
     Params,
+    RangePiece,
     decode_primaries,
     decode_secondaries,
     encode,
     range_plan,
+    rebuild,
     verify_symbol,
 )
 from walrusfs.errors import NoSpace, StorageUnavailable
@@ -711,8 +713,11 @@ class BlobStore:
     ) -> bytes:
         """Bytes [offset, offset+length) of a blob (clipped to it), verified.
 
-        Reads only the symbols holding the range when their nodes are healthy; otherwise
-        falls back to get_blob. Raises StorageUnavailable.
+        Reads only the symbols holding the range. Where a row's node is not healthy (or
+        its read fails), each of its symbols is read from its other copy: symbol (i, j)
+        of the blob is also symbol i of secondary sliver j, held by another pair (see
+        `_from_columns`). Only when that fails too does it fall back to get_blob (all of
+        the blob, decoded). Raises StorageUnavailable.
         """
         parsed = self.metadata(blob_id, meta)
         if offset >= parsed.length or length <= 0:
@@ -726,10 +731,18 @@ class BlobStore:
 
         async def piece(k: int) -> None:
             pc = pieces[k]
+            syms = pc.symbols(s)
+            base = syms.start * s
+            try:
+                raw = await row_symbols(pc, syms)
+            except _BadSliver:
+                raw = await self._from_columns(parsed, pc.sliver, syms)
+            parts[k] = raw[pc.start - base : pc.stop - base]
+
+        async def row_symbols(pc: RangePiece, syms: range) -> bytes:
             node = parsed.node_of_pair(pc.sliver)
             if self.nodes.rank(node) != 0:
                 raise _BadSliver("node not healthy")
-            syms = pc.symbols(s)
             key = sliver_key(blob_id, pc.sliver)
             try:
                 head = await self._header(parsed, pc.sliver, node)
@@ -749,8 +762,7 @@ class BlobStore:
             except (SliverFileError, CodecError) as exc:
                 self._bad(blob_id, pc.sliver, node, str(exc))
                 raise _BadSliver(str(exc)) from exc
-            base = syms.start * s
-            parts[k] = raw[pc.start - base : pc.stop - base]
+            return raw
 
         fallback = False
         try:
@@ -767,3 +779,92 @@ class BlobStore:
         self.stats.gets += 1
         self.stats.get_bytes += sum(len(x) for x in parts)
         return b"".join(parts)
+
+    async def _from_columns(self, meta: BlobMetadata, row: int, syms: range) -> bytes:
+        """Symbols `syms` of systematic row `row`, each read from the secondary sliver of
+        its column (symbol `row` of column j), verified against that sliver's leaves: a
+        degraded range read without decoding. Where that copy is out of reach too (its
+        pair's node unhealthy, or the row's own pair), the symbol is decoded from its
+        column (`_decoded_symbol`). Raises _BadSliver if even that fails."""
+        s, p, n = meta.symbol_size, meta.params, meta.n
+        hsize = header_size(n)
+        out: list[bytes] = [b""] * len(syms)
+
+        async def one(k: int, column: int) -> None:
+            try:
+                out[k] = await copy(column)
+            except _BadSliver:
+                out[k] = await self._decoded_symbol(meta, row, column)
+
+        async def copy(column: int) -> bytes:
+            pair = n - 1 - column
+            node = meta.node_of_pair(pair)
+            if pair == row or self.nodes.rank(node) != 0:
+                raise _BadSliver(f"no healthy other copy of symbol ({row}, {column})")
+            key = sliver_key(meta.blob_id, pair)
+            try:
+                head = await self._header(meta, pair, node)
+
+                def check(raw: bytes) -> None:
+                    if len(raw) != s:
+                        raise SliverFileError(f"node {node} {key}: sliver file truncated")
+                    verify_symbol(meta, SECONDARY, column, head.secondary_leaves, row, raw)
+
+                return await self.nodes.call(
+                    node, lambda st: st.get(key, hsize + (p.C + row) * s, s, check=check)
+                )
+            except NodeError as exc:
+                raise _BadSliver(str(exc)) from exc
+            except (SliverFileError, CodecError) as exc:
+                self._bad(meta.blob_id, pair, node, str(exc))
+                raise _BadSliver(str(exc)) from exc
+
+        async with trio.open_nursery() as nursery:
+            for k, column in enumerate(syms):
+                nursery.start_soon(one, k, column)
+        self.stats.degraded_reads += 1
+        return b"".join(out)
+
+    async def _decoded_symbol(self, meta: BlobMetadata, row: int, column: int) -> bytes:
+        """Symbol (row, column) when both its copies are out of reach: symbol `column` of
+        R healthy primary slivers (any rows) rebuild its column (secondary sliver
+        `column`, checked against its root). R symbols read, not the blob. Raises
+        _BadSliver."""
+        s, p, n = meta.symbol_size, meta.params, meta.n
+        hsize = header_size(n)
+        got: dict[int, bytes] = {}
+        rows = [k for k in range(n) if k != row and self.nodes.rank(meta.node_of_pair(k)) == 0]
+
+        async def one(k: int) -> None:
+            node = meta.node_of_pair(k)
+            key = sliver_key(meta.blob_id, k)
+            try:
+                head = await self._header(meta, k, node)
+
+                def check(raw: bytes) -> None:
+                    if len(raw) != s:
+                        raise SliverFileError(f"node {node} {key}: sliver file truncated")
+                    verify_symbol(meta, PRIMARY, k, head.primary_leaves, column, raw)
+
+                got[k] = await self.nodes.call(
+                    node, lambda st: st.get(key, hsize + column * s, s, check=check)
+                )
+            except NodeError:
+                pass
+            except (SliverFileError, CodecError) as exc:
+                self._bad(meta.blob_id, k, node, str(exc))
+
+        for batch in (rows[: p.R], rows[p.R :]):  # R first; the others if some fail
+            if len(got) < p.R:
+                async with trio.open_nursery() as nursery:
+                    for k in batch:
+                        nursery.start_soon(one, k)
+        if len(got) < p.R:
+            raise _BadSliver(f"column {column}: only {len(got)} healthy rows, need {p.R}")
+        try:
+            col = await trio.to_thread.run_sync(
+                rebuild, meta, SECONDARY, column, got, limiter=self._cpu_limiter
+            )
+        except CodecError as exc:
+            raise _BadSliver(str(exc)) from exc
+        return bytes(col.symbol(row, s))

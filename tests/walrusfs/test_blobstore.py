@@ -87,6 +87,56 @@ async def test_range_reads_touch_only_the_node_holding_them(tmp_path: Path) -> N
     assert touched == [meta.node_of_pair(1)]
 
 
+async def test_a_range_of_a_lost_row_is_read_from_its_column_copies(tmp_path: Path) -> None:
+    """Symbol (i, j) of a blob is also symbol i of secondary sliver j: with the node of
+    row 1 gone, a range in row 1 is read from those copies (the range, not the blob)."""
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(900_000)
+    r = await vol.blobs.put_blob(data)
+    meta = vol.blobs.metadata(r.blob_id, r.meta)
+    s, row = meta.symbol_size, vol.params.C * meta.symbol_size
+    lost = meta.node_of_pair(1)
+    shutil.rmtree(paths[lost])
+    await vol.nodes.probe(lost)
+    assert states(vol)[lost] == "down"
+    columns = [meta.node_of_pair(N - 1 - j) for j in (0, 1, 2)]  # of row 1's symbols 0-2
+    before = [n.calls for n in vol.nodes.nodes]
+    off, length = row + s - 10, s + 20
+    assert await vol.blobs.get_range(r.blob_id, r.meta, off, length) == data[off : off + length]
+    touched = [i for i, n in enumerate(vol.nodes.nodes) if n.calls != before[i]]
+    assert sorted(touched) == sorted(columns)
+    assert vol.blobs.stats.degraded_reads == 1
+
+    # A copy that fails verification is never returned: the blob is decoded instead.
+    # (Column 1's secondary sliver follows its pair's primary; row 1 is its symbol 1.)
+    at = header_size(N) + (vol.params.C + 1) * s + 7
+    flip_byte(sliver_file(paths[columns[1]], r.blob_id), at)
+    assert await vol.blobs.get_range(r.blob_id, r.meta, off, length) == data[off : off + length]
+    assert vol.blobs.stats.corrupt_slivers == 1
+
+
+async def test_a_range_whose_copies_are_both_lost_is_decoded_from_its_column(
+    tmp_path: Path,
+) -> None:
+    """Row 1's node and the node of column 0's copy gone (f = 2): symbol (1, 0) is rebuilt
+    from symbol 0 of R other rows, without reading the rest of any sliver."""
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(900_000)
+    r = await vol.blobs.put_blob(data)
+    meta = vol.blobs.metadata(r.blob_id, r.meta)
+    s, row = meta.symbol_size, vol.params.C * meta.symbol_size
+    lost = [meta.node_of_pair(1), meta.node_of_pair(N - 1)]  # row 1; column 0's copy
+    for i in lost:
+        shutil.rmtree(paths[i])
+        await vol.nodes.probe(i)
+    # Every other sliver damaged past symbol 0: a read of more than column 0 would see it.
+    for i in set(range(N)) - set(lost):
+        flip_byte(sliver_file(paths[i], r.blob_id), header_size(N) + 3 * s + 5)
+    off, length = row + 100, s - 200
+    assert await vol.blobs.get_range(r.blob_id, r.meta, off, length) == data[off : off + length]
+    assert vol.blobs.stats.corrupt_slivers == 0
+
+
 async def test_f_nodes_removed_reads_and_writes_go_on(tmp_path: Path) -> None:
     vol, paths = await make_volume(tmp_path)
     data = os.urandom(900_000)
