@@ -28,6 +28,7 @@ offloaded to worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -786,8 +787,7 @@ class BlobStore:
         degraded range read without decoding. Where that copy is out of reach too (its
         pair's node unhealthy, or the row's own pair), the symbol is decoded from its
         column (`_decoded_symbol`). Raises _BadSliver if even that fails."""
-        s, p, n = meta.symbol_size, meta.params, meta.n
-        hsize = header_size(n)
+        n = meta.n
         out: list[bytes] = [b""] * len(syms)
 
         async def one(k: int, column: int) -> None:
@@ -797,27 +797,10 @@ class BlobStore:
                 out[k] = await self._decoded_symbol(meta, row, column)
 
         async def copy(column: int) -> bytes:
-            pair = n - 1 - column
-            node = meta.node_of_pair(pair)
-            if pair == row or self.nodes.rank(node) != 0:
+            node = meta.node_of_pair(n - 1 - column)
+            if n - 1 - column == row or self.nodes.rank(node) != 0:
                 raise _BadSliver(f"no healthy other copy of symbol ({row}, {column})")
-            key = sliver_key(meta.blob_id, pair)
-            try:
-                head = await self._header(meta, pair, node)
-
-                def check(raw: bytes) -> None:
-                    if len(raw) != s:
-                        raise SliverFileError(f"node {node} {key}: sliver file truncated")
-                    verify_symbol(meta, SECONDARY, column, head.secondary_leaves, row, raw)
-
-                return await self.nodes.call(
-                    node, lambda st: st.get(key, hsize + (p.C + row) * s, s, check=check)
-                )
-            except NodeError as exc:
-                raise _BadSliver(str(exc)) from exc
-            except (SliverFileError, CodecError) as exc:
-                self._bad(meta.blob_id, pair, node, str(exc))
-                raise _BadSliver(str(exc)) from exc
+            return await self._symbol(meta, SECONDARY, column, row)
 
         async with trio.open_nursery() as nursery:
             for k, column in enumerate(syms):
@@ -825,34 +808,42 @@ class BlobStore:
         self.stats.degraded_reads += 1
         return b"".join(out)
 
+    async def _symbol(self, meta: BlobMetadata, axis: str, index: int, position: int) -> bytes:
+        """Symbol `position` of sliver (`axis`, `index`), from its pair's node, verified
+        against the sliver's leaves. Raises _BadSliver (damage is also reported)."""
+        s, n = meta.symbol_size, meta.n
+        pair = index if axis == PRIMARY else n - 1 - index
+        node = meta.node_of_pair(pair)
+        key = sliver_key(meta.blob_id, pair)
+        at = header_size(n) + (position if axis == PRIMARY else meta.params.C + position) * s
+        try:
+            head = await self._header(meta, pair, node)
+            leaves = head.primary_leaves if axis == PRIMARY else head.secondary_leaves
+
+            def check(raw: bytes) -> None:
+                if len(raw) != s:
+                    raise SliverFileError(f"node {node} {key}: sliver file truncated")
+                verify_symbol(meta, axis, index, leaves, position, raw)
+
+            return await self.nodes.call(node, lambda st: st.get(key, at, s, check=check))
+        except NodeError as exc:
+            raise _BadSliver(str(exc)) from exc
+        except (SliverFileError, CodecError) as exc:
+            self._bad(meta.blob_id, pair, node, str(exc))
+            raise _BadSliver(str(exc)) from exc
+
     async def _decoded_symbol(self, meta: BlobMetadata, row: int, column: int) -> bytes:
         """Symbol (row, column) when both its copies are out of reach: symbol `column` of
         R healthy primary slivers (any rows) rebuild its column (secondary sliver
         `column`, checked against its root). R symbols read, not the blob. Raises
         _BadSliver."""
         s, p, n = meta.symbol_size, meta.params, meta.n
-        hsize = header_size(n)
         got: dict[int, bytes] = {}
         rows = [k for k in range(n) if k != row and self.nodes.rank(meta.node_of_pair(k)) == 0]
 
         async def one(k: int) -> None:
-            node = meta.node_of_pair(k)
-            key = sliver_key(meta.blob_id, k)
-            try:
-                head = await self._header(meta, k, node)
-
-                def check(raw: bytes) -> None:
-                    if len(raw) != s:
-                        raise SliverFileError(f"node {node} {key}: sliver file truncated")
-                    verify_symbol(meta, PRIMARY, k, head.primary_leaves, column, raw)
-
-                got[k] = await self.nodes.call(
-                    node, lambda st: st.get(key, hsize + column * s, s, check=check)
-                )
-            except NodeError:
-                pass
-            except (SliverFileError, CodecError) as exc:
-                self._bad(meta.blob_id, k, node, str(exc))
+            with contextlib.suppress(_BadSliver):
+                got[k] = await self._symbol(meta, PRIMARY, k, column)
 
         for batch in (rows[: p.R], rows[p.R :]):  # R first; the others if some fail
             if len(got) < p.R:
