@@ -77,7 +77,14 @@ def test_mount_use_status_umount(vol: Vol, tmp_path: Path) -> None:
     subprocess.run(["cp", "-r", str(Path(__file__).parent), str(vol.mnt / "tree")], check=True)
     st = json.loads(run("status", vol.mnt, "--json").stdout)
     assert [n["state"] for n in st["nodes"]] == ["up"] * 7
-    assert st["files"] >= 3 and st["journal_lag"] == 0 and st["dirty_bytes"] == 0
+    assert st["files"] >= 3
+    # Drained soon, not at once: the kernel releases closed files asynchronously, and
+    # the background flush journals the packs it stores.
+    deadline = time.monotonic() + 30
+    while st["journal_lag"] or st["dirty_bytes"]:
+        assert time.monotonic() < deadline, f"never drained: {st}"
+        time.sleep(0.1)
+        st = json.loads(run("status", vol.mnt, "--json").stdout)
     text = run("status", vol.mnt).stdout
     assert "node 6: up" in text
     (vol.mnt / "gone.bin").write_bytes(os.urandom(300_000))
