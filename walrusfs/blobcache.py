@@ -119,6 +119,10 @@ class BlockFetcher:
         for key in self._windows.pop(blob_id, ()):
             self._cache.discard(key)
 
+    def usage(self) -> dict[str, int]:
+        """The cache's size and the bytes it holds now."""
+        return {"size": self._cache.capacity, "used": self._cache.used}
+
     def windowed(self, ref: BlockRef) -> bool:
         """Whether the block's blob is read in windows (see the module). Raises an FSError
         if its metadata is damaged."""

@@ -35,6 +35,11 @@ MOUNT_PROBE_TIMEOUT = 5.0
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
+# The read cache of a mount (--cache-size): blobs read, and read ahead, live there.
+DEFAULT_CACHE = 64 << 20
+MIN_CACHE = 1 << 20
+
+
 def parse_size(text: str) -> int:
     """'4M', '4MiB', '65536' -> bytes."""
     m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
@@ -91,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=None, help="local working copy of the metadata")
     p.add_argument(
         "--node-timeout", type=float, default=10.0, help="seconds before a node call is abandoned"
+    )
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=DEFAULT_CACHE,
+        help="memory for file data read from the nodes (default 64M, at least 1M)",
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("node_dir", metavar="NODE_DIR")
@@ -177,6 +188,7 @@ def _mount_foreground(args: argparse.Namespace) -> int:
             overrides=dict(args.node),
             allow_other=args.allow_other,
             node_timeout=args.node_timeout,
+            cache_bytes=args.cache_size,
         )
         await run_mount(opts, ready)
 
@@ -193,6 +205,8 @@ def _mount_foreground(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    if args.cache_size < MIN_CACHE:
+        raise SystemExit("walrusfs: error: --cache-size must be at least 1M")
     _clear_dead_mount(args.mountpoint)
     if not os.path.isdir(args.mountpoint):
         raise SystemExit(f"walrusfs: error: mountpoint {args.mountpoint}: not a directory")
@@ -210,7 +224,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         argv.append("--allow-other")
     if args.state_dir:
         argv += ["--state-dir", args.state_dir]
-    argv += ["--node-timeout", str(args.node_timeout), args.node_dir, args.mountpoint]
+    argv += ["--node-timeout", str(args.node_timeout), "--cache-size", str(args.cache_size)]
+    argv += [args.node_dir, args.mountpoint]
     log_path = (
         os.path.join(os.path.expanduser("~"), ".walrusfs-mount.log")
         if os.geteuid()
@@ -382,8 +397,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  node {n['index']}: {n['state']:8s} free {_human(n['free']):>10s} of {_human(n['total']):>10s}"
             f"  {n['latency_ms']:7.2f} ms  errors {n['errors']} corrupt {n['corrupt']}  {n['path']}{reason}"
         )
+    cache = st["read_cache"]
+    assert isinstance(cache, dict)
     print(
-        f"  files {st['files']}, blobs {st['blobs']}, dirty {_human(st['dirty_bytes'])}, journal lag {st['journal_lag']}, "
+        f"  files {st['files']}, blobs {st['blobs']}, dirty {_human(st['dirty_bytes'])}, "
+        f"read cache {_human(cache['used'])} of {_human(cache['size'])}, "
+        f"journal lag {st['journal_lag']}, "
         f"freed blobs awaiting deletion {st.get('deletes_pending', 0)}"
     )
     use = st.get("usage")
@@ -531,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
 def mount_helper(argv: list[str] | None = None) -> int:
     """`mount.walrusfs NODE_DIR MOUNTPOINT [-o opt,...]`, as mount(8) calls it.
 
-    Options: node=INDEX=DIR (repeatable), allow_other, state_dir=DIR, node_timeout=S;
+    Options: node=INDEX=DIR (repeatable), allow_other, state_dir=DIR, node_timeout=S,
+    cache_size=SIZE;
     generic ones mount(8) passes (rw, defaults, _netdev, ...) are ignored.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -553,6 +573,8 @@ def mount_helper(argv: list[str] | None = None) -> int:
                     cli += ["--state-dir", value]
                 elif key == "node_timeout":
                     cli += ["--node-timeout", value]
+                elif key == "cache_size":
+                    cli += ["--cache-size", value]
     return main([*cli, node_dir, mountpoint])
 
 

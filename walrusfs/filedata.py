@@ -240,6 +240,10 @@ class FileData:
             if f.users == 0 and f.is_clean() and self._files.get(inode) is f:
                 del self._files[inode]
 
+    def cache_usage(self) -> dict[str, int]:
+        """The read cache's size and the bytes it holds now."""
+        return self._blobs.usage()
+
     def unsaved_bytes(self) -> int:
         """Bytes of changes a crash of this process would lose: in memory, not committed
         (a settled file's are, as patches, while they wait to be stored whole)."""

@@ -138,6 +138,7 @@ class MountOptions:
     overrides: dict[int, str]
     allow_other: bool = False
     node_timeout: float = 10.0
+    cache_bytes: int = 64 << 20
 
 
 class Mounted:
@@ -217,6 +218,7 @@ class Mounted:
             "blobs": md.blob_count(),
             "usage": usage,
             "dirty_bytes": 0 if data is None else data.unsaved_bytes(),
+            "read_cache": {"size": 0, "used": 0} if data is None else data.cache_usage(),
             "journal_lag": self.metastore.journal.lag,
             "deletes_pending": 0 if data is None else data.deletes_pending,
             "degraded_blobs": len(self.blobs.missed),
@@ -385,6 +387,7 @@ async def _serve_volume(opts: MountOptions, ready: Callable[[list[str]], object]
             blobs,
             space=space_of(vol),
             commit=lambda durable: metastore.sync(durable=durable),
+            cache_bytes=opts.cache_bytes,
         )
         catalog = Catalog(metastore.metadata.path, lambda: metastore.superblock)
         repair = RepairService(vol, catalog, missed=blobs.missed, on_replaced=metastore.checkpoint)

@@ -48,6 +48,8 @@ def test_mkfs_refuses_bad_input(tmp_path: Path) -> None:
     )
     res = run("mount", tmp_path / "nope", tmp_path, check=False)
     assert res.returncode == 1 and "missing" in res.stderr
+    res = run("mount", "--cache-size", "100K", tmp_path / "nope", tmp_path, check=False)
+    assert res.returncode == 1 and "--cache-size must be at least 1M" in res.stderr
 
 
 def test_mkfs_leaves_no_state_behind_on_this_machine(tmp_path: Path) -> None:
@@ -445,7 +447,7 @@ def test_mount_helper_for_mount_8(vol: Vol) -> None:
             str(vol.nodes[0]),
             str(vol.mnt),
             "-o",
-            f"rw,node=2={moved},state_dir={vol.state},node_timeout=3",
+            f"rw,node=2={moved},state_dir={vol.state},node_timeout=3,cache_size=2M",
         ],
         capture_output=True,
         text=True,
@@ -454,6 +456,11 @@ def test_mount_helper_for_mount_8(vol: Vol) -> None:
     assert res.returncode == 0, res.stderr
     st = json.loads(run("status", vol.mnt, "--json").stdout)
     assert st["nodes"][2]["state"] == "up" and st["nodes"][2]["path"] == str(moved)
+    assert st["read_cache"]["size"] == 2 << 20
+    data = os.urandom(600_000)
+    (vol.mnt / "f").write_bytes(data)
+    assert (vol.mnt / "f").read_bytes() == data
+    assert "read cache" in run("status", vol.mnt).stdout
 
 
 def test_umount_says_when_not_everything_was_stored(vol: Vol) -> None:
