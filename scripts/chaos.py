@@ -353,17 +353,28 @@ class Crasher:
     """Kills the mount's server between operations and mounts the volume again."""
 
     def __init__(
-        self, work: Path, nodes: list[Path], mnt: Path, rng: random.Random, stats: Stats
+        self,
+        work: Path,
+        nodes: list[Path],
+        mnt: Path,
+        rng: random.Random,
+        stats: Stats,
+        cache_size: str = "64M",
     ) -> None:
         self.work, self.nodes, self.mnt, self.rng, self.stats = work, nodes, mnt, rng, stats
         self.state = work / "state"
+        self.cache_size = cache_size
 
     def mount(self, faults: Faults | None) -> list[str]:
         """Mount through a node that is not faulty (its identity file names the others);
         return what the mount said besides where it mounted."""
         healthy = [i for i in range(len(self.nodes)) if faults is None or i not in faults.dirty]
         via = self.nodes[self.rng.choice(healthy) if faults is not None else 0]
-        res = walrusfs("mount", "--state-dir", self.state, "--node-timeout", "5", via, self.mnt)
+        res = walrusfs(
+            "mount",
+            *("--state-dir", self.state, "--node-timeout", "5", "--cache-size", self.cache_size),
+            *(via, self.mnt),
+        )
         return [
             line
             for line in (res.stdout + res.stderr).splitlines()
@@ -480,6 +491,13 @@ def main() -> int:
         help="kill the mount's server every this many seconds, give or take half (0: never)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument("--blob-size", default="256K", help="of the volume made (default 256K)")
+    parser.add_argument(
+        "--cache-size",
+        default="64M",
+        help="the mount's read cache (default 64M; under a quarter of the blob size, blobs "
+        "are read in windows)",
+    )
     args = parser.parse_args()
     procs.exit_on_sigterm()
     rng = random.Random(args.seed)
@@ -501,12 +519,12 @@ def main() -> int:
             badnode = 6
         else:
             nodes[6].rmdir()
-        walrusfs("mkfs", "--blob-size", "256K", *nodes)
+        walrusfs("mkfs", "--blob-size", args.blob_size, *nodes)
     mnt.mkdir(parents=True, exist_ok=True)
     shadow = work / "shadow"
     shadow.mkdir()
     stats = Stats()
-    crasher = Crasher(work, nodes, mnt, random.Random(args.seed + 2), stats)
+    crasher = Crasher(work, nodes, mnt, random.Random(args.seed + 2), stats, args.cache_size)
     mounted = False
     faults: Faults | None = None
     stop = threading.Event()  # the fault injector's
