@@ -714,11 +714,11 @@ class BlobStore:
     ) -> bytes:
         """Bytes [offset, offset+length) of a blob (clipped to it), verified.
 
-        Reads only the symbols holding the range. Where a row's node is not healthy (or
-        its read fails), each of its symbols is read from its other copy: symbol (i, j)
-        of the blob is also symbol i of secondary sliver j, held by another pair (see
-        `_from_columns`). Only when that fails too does it fall back to get_blob (all of
-        the blob, decoded). Raises StorageUnavailable.
+        Reads only the symbols holding the range. Where a row's node is not healthy, or
+        its read fails or is slow, each of its symbols is read from its other copy:
+        symbol (i, j) of the blob is also symbol i of secondary sliver j, held by another
+        pair (see `_from_columns`). Only when that fails too does it fall back to get_blob
+        (all of the blob, decoded). Raises StorageUnavailable.
         """
         parsed = self.metadata(blob_id, meta)
         if offset >= parsed.length or length <= 0:
@@ -734,9 +734,13 @@ class BlobStore:
             pc = pieces[k]
             syms = pc.symbols(s)
             base = syms.start * s
-            try:
-                raw = await row_symbols(pc, syms)
-            except _BadSliver:
+            raw: bytes | None = None
+            # A row slow to answer (a node hanging, not yet taken as down) is hedged with
+            # the copies too, or every range of its rows would wait for the fallback.
+            with trio.move_on_after(self._hedge_delay(parsed.node_of_pair(pc.sliver))):
+                with contextlib.suppress(_BadSliver):
+                    raw = await row_symbols(pc, syms)
+            if raw is None:
                 raw = await self._from_columns(parsed, pc.sliver, syms)
             parts[k] = raw[pc.start - base : pc.stop - base]
 

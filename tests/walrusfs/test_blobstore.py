@@ -137,6 +137,26 @@ async def test_a_range_whose_copies_are_both_lost_is_decoded_from_its_column(
     assert vol.blobs.stats.corrupt_slivers == 0
 
 
+async def test_a_range_on_a_hung_row_is_hedged_with_its_column_copies(tmp_path: Path) -> None:
+    """Row 1's sliver file hangs (its node still taken as up): the range comes from the
+    copies of its symbols, not from the whole blob decoded after the range's deadline."""
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(900_000)
+    r = await vol.blobs.put_blob(data)
+    meta = vol.blobs.metadata(r.blob_id, r.meta)
+    s, row = meta.symbol_size, vol.params.C * meta.symbol_size
+    hung = meta.node_of_pair(1)
+    columns = {meta.node_of_pair(N - 1 - j) for j in (0, 1)}
+    # Every other sliver damaged past symbol 1: reading more than the copies would see it.
+    for i in set(range(N)) - columns - {hung}:
+        flip_byte(sliver_file(paths[i], r.blob_id), header_size(N) + 3 * s + 5)
+    off, length = row + 100, s
+    with hung_file(sliver_file(paths[hung], r.blob_id)):
+        got = await vol.blobs.get_range(r.blob_id, r.meta, off, length)
+    assert got == data[off : off + length]
+    assert vol.blobs.stats.corrupt_slivers == 0
+
+
 async def test_f_nodes_removed_reads_and_writes_go_on(tmp_path: Path) -> None:
     vol, paths = await make_volume(tmp_path)
     data = os.urandom(900_000)
