@@ -80,6 +80,14 @@ class PutResult(NamedTuple):
     missed: tuple[int, ...]
 
 
+@dataclass
+class _SharedGet:
+    """A get_blob under way, which callers asking for the same blob wait for."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    result: memoryview | None = None
+
+
 class _BadSliver(Exception):
     """A sliver could not be used: node error, missing, or failed verification."""
 
@@ -192,6 +200,7 @@ class BlobStore:
         self.stats = BlobStats()
         self._encode_limiter = trio.CapacityLimiter(encode_threads)
         self._cpu_limiter = trio.CapacityLimiter(2)
+        self._whole_gets: dict[bytes, _SharedGet] = {}
         self._puts = trio.Semaphore(max_puts)
         self._headers: OrderedDict[tuple[bytes, int], Header] = OrderedDict()
         self._parsed: dict[bytes, BlobMetadata] = {}  # by serialized metadata
@@ -654,9 +663,28 @@ class BlobStore:
         """The whole blob (a read-only view), every byte verified. Raises StorageUnavailable.
 
         Healthy systematic slivers are read by the kernel straight into the blob's buffer:
-        no copy and no arithmetic.
+        no copy and no arithmetic. Callers asking for a blob already being read share that
+        read (range reads falling back to the whole blob at once would each hold a copy).
         """
         parsed = self.metadata(blob_id, meta)
+        shared = self._whole_gets.get(blob_id)
+        if shared is not None:
+            await shared.done.wait()
+            if shared.result is not None:
+                return shared.result
+            # It failed; nodes may have come back since: try again, on our own.
+        shared = _SharedGet()
+        self._whole_gets[blob_id] = shared
+        try:
+            shared.result = await self._get_blob(parsed)
+            return shared.result
+        finally:
+            if self._whole_gets.get(blob_id) is shared:
+                del self._whole_gets[blob_id]
+            shared.done.set()
+
+    async def _get_blob(self, parsed: BlobMetadata) -> memoryview:
+        blob_id = parsed.blob_id
         p = parsed.params
         began = trio.current_time()
         # Uninitialised: every byte is read or decoded into it. The heap (walrusfs.tuning)

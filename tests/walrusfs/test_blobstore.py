@@ -157,6 +157,46 @@ async def test_a_range_on_a_hung_row_is_hedged_with_its_column_copies(tmp_path: 
     assert vol.blobs.stats.corrupt_slivers == 0
 
 
+async def test_concurrent_gets_of_a_blob_share_one_read(tmp_path: Path) -> None:
+    """Range reads that fall back to the whole blob at once (windows read ahead) must not
+    each read and decode it: one read, and its bytes for all."""
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(900_000)
+    r = await vol.blobs.put_blob(data)
+    for i in systematic_nodes(vol, r.meta)[:2]:  # a decode, not only reads
+        shutil.rmtree(paths[i])
+    got: list[bytes] = []
+
+    async def get() -> None:
+        got.append(bytes(await vol.blobs.get_blob(r.blob_id, r.meta)))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(get)
+    assert got == [data] * 3
+    assert (vol.blobs.stats.gets, vol.blobs.stats.degraded_reads) == (1, 1)
+    # Once it has ended, a get reads again (nothing is kept here: caching is the file
+    # layer's business).
+    assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
+    assert vol.blobs.stats.gets == 2
+
+    # When the shared read fails, each caller gets the error (after trying on its own).
+    for i in range(N):
+        shutil.rmtree(paths[i], ignore_errors=True)
+    failed: list[str] = []
+
+    async def get_failing() -> None:
+        with pytest.raises(StorageUnavailable) as info:
+            await vol.blobs.get_blob(r.blob_id, r.meta)
+        failed.append(str(info.value))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(get_failing)
+    assert len(failed) == 3 and vol.blobs.stats.failed_gets == 3
+
+
 async def test_f_nodes_removed_reads_and_writes_go_on(tmp_path: Path) -> None:
     vol, paths = await make_volume(tmp_path)
     data = os.urandom(900_000)
