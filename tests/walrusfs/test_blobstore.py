@@ -25,6 +25,7 @@ from tests.walrusfs.volumes import (
     sliver_files,
     tmpfs,
 )
+from walrusfs.blobstore import PutResult
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.nodeset import NodeState
 from walrusfs.sliverfile import header_size
@@ -87,13 +88,20 @@ async def test_range_reads_touch_only_the_node_holding_them(tmp_path: Path) -> N
     assert touched == [meta.node_of_pair(1)]
 
 
-async def test_a_range_of_a_lost_row_is_read_from_its_column_copies(tmp_path: Path) -> None:
-    """Symbol (i, j) of a blob is also symbol i of secondary sliver j: with the node of
-    row 1 gone, a range in row 1 is read from those copies (the range, not the blob)."""
+async def a_stored_blob(
+    tmp_path: Path,
+) -> tuple[Volume, list[str], bytes, PutResult, BlobMetadata]:
+    """A volume holding one 900 kB blob: (volume, node paths, data, put result, metadata)."""
     vol, paths = await make_volume(tmp_path)
     data = os.urandom(900_000)
     r = await vol.blobs.put_blob(data)
-    meta = vol.blobs.metadata(r.blob_id, r.meta)
+    return vol, paths, data, r, vol.blobs.metadata(r.blob_id, r.meta)
+
+
+async def test_a_range_of_a_lost_row_is_read_from_its_column_copies(tmp_path: Path) -> None:
+    """Symbol (i, j) of a blob is also symbol i of secondary sliver j: with the node of
+    row 1 gone, a range in row 1 is read from those copies (the range, not the blob)."""
+    vol, paths, data, r, meta = await a_stored_blob(tmp_path)
     s, row = meta.symbol_size, vol.params.C * meta.symbol_size
     lost = meta.node_of_pair(1)
     shutil.rmtree(paths[lost])
@@ -120,10 +128,7 @@ async def test_a_range_whose_copies_are_both_lost_is_decoded_from_its_column(
 ) -> None:
     """Row 1's node and the node of column 0's copy gone (f = 2): symbol (1, 0) is rebuilt
     from symbol 0 of R other rows, without reading the rest of any sliver."""
-    vol, paths = await make_volume(tmp_path)
-    data = os.urandom(900_000)
-    r = await vol.blobs.put_blob(data)
-    meta = vol.blobs.metadata(r.blob_id, r.meta)
+    vol, paths, data, r, meta = await a_stored_blob(tmp_path)
     s, row = meta.symbol_size, vol.params.C * meta.symbol_size
     lost = [meta.node_of_pair(1), meta.node_of_pair(N - 1)]  # row 1; column 0's copy
     for i in lost:
@@ -140,10 +145,7 @@ async def test_a_range_whose_copies_are_both_lost_is_decoded_from_its_column(
 async def test_a_range_on_a_hung_row_is_hedged_with_its_column_copies(tmp_path: Path) -> None:
     """Row 1's sliver file hangs (its node still taken as up): the range comes from the
     copies of its symbols, not from the whole blob decoded after the range's deadline."""
-    vol, paths = await make_volume(tmp_path)
-    data = os.urandom(900_000)
-    r = await vol.blobs.put_blob(data)
-    meta = vol.blobs.metadata(r.blob_id, r.meta)
+    vol, paths, data, r, meta = await a_stored_blob(tmp_path)
     s, row = meta.symbol_size, vol.params.C * meta.symbol_size
     hung = meta.node_of_pair(1)
     columns = {meta.node_of_pair(N - 1 - j) for j in (0, 1)}
