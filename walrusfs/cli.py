@@ -35,8 +35,7 @@ MOUNT_PROBE_TIMEOUT = 5.0
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-# The read cache of a mount (--cache-size): blobs read, and read ahead, live there.
-DEFAULT_CACHE = 64 << 20
+# The smallest read cache a mount takes (--cache-size).
 MIN_CACHE = 1 << 20
 
 
@@ -100,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-size",
         type=parse_size,
-        default=DEFAULT_CACHE,
+        default=None,
         help="memory for file data read from the nodes (default 64M, at least 1M)",
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -188,8 +187,9 @@ def _mount_foreground(args: argparse.Namespace) -> int:
             overrides=dict(args.node),
             allow_other=args.allow_other,
             node_timeout=args.node_timeout,
-            cache_bytes=args.cache_size,
         )
+        if args.cache_size is not None:
+            opts.cache_bytes = args.cache_size
         await run_mount(opts, ready)
 
     try:
@@ -205,7 +205,7 @@ def _mount_foreground(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    if args.cache_size < MIN_CACHE:
+    if args.cache_size is not None and args.cache_size < MIN_CACHE:
         raise SystemExit("walrusfs: error: --cache-size must be at least 1M")
     _clear_dead_mount(args.mountpoint)
     if not os.path.isdir(args.mountpoint):
@@ -224,8 +224,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         argv.append("--allow-other")
     if args.state_dir:
         argv += ["--state-dir", args.state_dir]
-    argv += ["--node-timeout", str(args.node_timeout), "--cache-size", str(args.cache_size)]
-    argv += [args.node_dir, args.mountpoint]
+    if args.cache_size is not None:
+        argv += ["--cache-size", str(args.cache_size)]
+    argv += ["--node-timeout", str(args.node_timeout), args.node_dir, args.mountpoint]
     log_path = (
         os.path.join(os.path.expanduser("~"), ".walrusfs-mount.log")
         if os.geteuid()

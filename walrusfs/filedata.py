@@ -62,6 +62,8 @@ from walrusfs.reclaim import BlobStoreProtocol, Buffer, Reclaimer
 
 log = logging.getLogger(__name__)
 
+# The read cache of a mount, unless `mount --cache-size` says otherwise.
+DEFAULT_CACHE_BYTES = 64 << 20
 # Blocks fetched ahead of a sequential reader (4 MiB blocks: 24 MiB in flight; at most
 # half the read cache, see FileData.__init__). Measured
 # on 512 MiB cold reads, 6 runs each: 3 blocks ~500 MB/s, 6 ~600, 8 about the same as 6,
@@ -195,7 +197,7 @@ class FileData:
         meta: Metadata,
         store: BlobStoreProtocol,
         *,
-        cache_bytes: int = 64 << 20,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         dirty_limit: int = 128 << 20,
         flush_age: float = 5.0,
         max_parallel: int = 6,
@@ -334,19 +336,14 @@ class FileData:
             if ref is None:
                 return bytes(n)
             try:
-                if self._blobs.windowed(ref):
-                    part = await self._blobs.read(ref, start, n)
-                    return part if len(part) == n else _piece(part, len(part), 0, n)
-                data = await self._blobs.fetch(ref)
+                part = await self._blobs.read(ref, start, n)
             except FSError:
                 # A flush or truncate may have replaced the block and deleted its blob
                 # while we read it: then read the new version instead of failing.
                 if self._meta.block(inode, index) == ref:
                     raise
                 continue
-            if start + n <= ref.length:
-                return memoryview(data).toreadonly()[start : start + n]
-            return _piece(data, ref.length, start, n)
+            return part if len(part) == n else _piece(part, len(part), 0, n)
         raise FSError(errno.EIO, f"block {index} of inode {inode} keeps changing under a read")
 
     async def _materialize(self, f: _File, index: int) -> bytearray:

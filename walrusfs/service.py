@@ -38,7 +38,7 @@ from walrusfs.control import (
     write_outcome,
 )
 from walrusfs.errors import message_of
-from walrusfs.filedata import PACK_HEADER
+from walrusfs.filedata import DEFAULT_CACHE_BYTES, PACK_HEADER
 from walrusfs.fs import Space, SpaceFn
 from walrusfs.healer import RepairService, ReplaceError
 from walrusfs.lock import MountLock
@@ -138,7 +138,7 @@ class MountOptions:
     overrides: dict[int, str]
     allow_other: bool = False
     node_timeout: float = 10.0
-    cache_bytes: int = 64 << 20
+    cache_bytes: int = DEFAULT_CACHE_BYTES
 
 
 class Mounted:
