@@ -17,7 +17,7 @@ from tests.walrusfs.memblobs import MemBlobStore
 from walrusfs.errors import errno_of
 from walrusfs.filedata import COMPACT_QUIET, PACK_HEADER, READ_AHEAD_BLOCKS
 from walrusfs.fs import FileSystem
-from walrusfs.metadata import ROOT_INODE, Metadata
+from walrusfs.metadata import ROOT_INODE, Change, Metadata
 
 R = ROOT_INODE
 SIZES = [0, 1, 4095, 4096, 4097, BS - 1, BS, BS + 1, 3 * BS + 7]
@@ -167,6 +167,50 @@ async def test_append_and_o_trunc(fs: FileSystem, clock: FakeClock) -> None:
     assert await fs.read(rd, 0, 100) == b""
     for h in (fh, rd):
         await fs.release(h)
+
+
+class Commits:
+    """A journal sink that records the name of each committed change."""
+
+    durable = 0
+
+    def __init__(self) -> None:
+        self.ops: list[str] = []
+
+    def append(self, change: Change) -> int:
+        self.ops.append(change.op)
+        return len(self.ops)
+
+    def retract(self, seq: int) -> None:
+        self.ops.pop()
+
+
+async def test_times_set_on_a_file_being_written_are_committed_with_its_data(
+    fs: FileSystem, store: MemBlobStore, meta: Metadata
+) -> None:
+    # The kernel (writeback cache) sets a file's times before each close that follows
+    # writes, and tar, cp -p and rsync restore them before closing: not a commit each.
+    commits = Commits()
+    meta.attach_journal(commits)
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"data")
+    await fs.setattr(ino, mtime_ns=1_000, ctime_ns=2_000)
+    await fs.setattr(ino, mtime_ns=3_000)  # ctime: now
+    attrs = await fs.getattr(ino)
+    assert attrs.mtime_ns == 3_000 and attrs.ctime_ns > 3_000  # seen at once
+    assert commits.ops == ["create"]
+    await fs.flush(fh)  # close(2)
+    assert commits.ops == ["create", "patch_blocks"]
+    row = meta.get_inode(ino)
+    assert (row.size, row.mtime_ns, row.ctime_ns) == (4, 3_000, attrs.ctime_ns)
+    assert (await FileSystem(meta, store).getattr(ino)).mtime_ns == 3_000
+    # Nothing left to commit with: committed at once, as any other attribute always is.
+    await fs.setattr(ino, mtime_ns=5_000)
+    await fs.setattr(ino, mode=0o600)
+    assert commits.ops[2:] == ["set_attrs", "set_attrs"]
+    assert meta.get_inode(ino).mtime_ns == 5_000
+    await fs.release(fh)
+    assert await read_fresh(meta, store, ino, 4) == b"data"
 
 
 async def committed(fs: FileSystem, store: MemBlobStore, ino: int) -> tuple[int, bytes]:
