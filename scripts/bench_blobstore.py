@@ -11,7 +11,7 @@ A reference reads the bytes a healthy get reads (R primary slivers a blob) as pl
 unverified byte ranges, cold, as many at once: what the disk gives any reader of one file
 per sliver pair, against one sequential file.
 The baseline is the same 64 MiB written (then fsynced) and read cold as one plain file in
-the same directory tree. The machine is shared and noisy (a plain write of 64 MiB swings
+the same directory tree. Free memory is touched once first (scripts/benchlib.py). The machine is shared and noisy (a plain write of 64 MiB swings
 from 300 to 1300 MB/s between runs here), so the whole round, baseline included, runs
 --runs times on fresh directories and every figure is the median. Last line:
 `blobstore n=7: put X MB/s, get Y MB/s, degraded get Z MB/s, plain write P MB/s, plain read Q MB/s, tmpfs put T MB/s`
@@ -30,22 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import trio
+from benchlib import drop_caches, warm_memory
 
 from walrusfs.blobstore import PutResult
 from walrusfs.sliverfile import header_size, parse_key, sliver_key
 from walrusfs.volume import Volume, create_volume, open_volume
 
 MIB = 1 << 20
-
-
-def drop_caches() -> bool:
-    """Drop the page cache so reads are cold; False where not permitted."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def plain(base: Path, data: list[bytes]) -> tuple[float, float]:
@@ -216,6 +207,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3, help="rounds; figures are medians")
     args = parser.parse_args()
+    warmed = warm_memory()
     rounds: list[dict[str, float]] = []
     for _ in range(args.runs):
         base = Path(tempfile.mkdtemp(prefix="walrusfs-bench-", dir=args.dir or "/var/tmp"))
@@ -225,7 +217,10 @@ def main() -> None:
             shutil.rmtree(base, ignore_errors=True)
     r = {k: statistics.median(rd[k] for rd in rounds if k in rd) for k in rounds[0]}
     cold = "cold" if drop_caches() else "warm (page cache could not be dropped)"
-    print(f"{args.mib} MiB in 4 MiB blobs, n=7, reads {cold}; MB/s, median of {args.runs} rounds")
+    print(
+        f"{args.mib} MiB in 4 MiB blobs, n=7, reads {cold}, {warmed / 2**30:.0f} GiB of memory "
+        f"touched first (see benchlib); MB/s, median of {args.runs} rounds"
+    )
     for k, v in r.items():
         each = " ".join(f"{rd[k]:.0f}" for rd in rounds if k in rd)
         print(f"  {k:14s} {v:8.0f}   ({each})")

@@ -17,7 +17,6 @@ Every rebuilt sliver file is compared with the original. Last line:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import trio
+from benchlib import drop_caches
 from blake3 import blake3
 
 from codec import BlobMetadata
@@ -38,16 +38,6 @@ from walrusfs.volume import Volume, create_volume, open_volume
 MIB = 1 << 20
 N = 7
 WIPED = 3
-
-
-def drop_caches() -> bool:
-    """Drop the page cache so reads are cold; False where not permitted."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def digests(node: str) -> dict[str, tuple[str, int]]:
