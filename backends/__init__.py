@@ -13,6 +13,7 @@ from backends.errors import (
     NodeIOError,
     NodePermissionError,
     NodeTimeout,
+    describe_failures,
     map_os_error,
 )
 from backends.local import LocalStore
@@ -30,6 +31,7 @@ __all__ = [
     "NodeStore",
     "NodeTimeout",
     "RemoteMountStore",
+    "describe_failures",
     "is_mountpoint",
     "map_os_error",
 ]

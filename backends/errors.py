@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -180,3 +181,26 @@ def _describe(exc: OSError) -> str:
     else:
         target = "" if filename is None else f" ({filename})"
     return f"{name}: {text}{target}"
+
+
+def describe_failures(failures: Mapping[int, object]) -> str:
+    """One line for the failures of several nodes (index -> error or text), as a quorum
+    error gives them: nodes that failed alike are named together, once.
+
+    A NodeError names its node directory twice (its path, and again in the file an
+    OSError names); seven nodes failing alike made a line of 1.5 KB that said one thing.
+    """
+    groups: dict[str, list[int]] = {}
+    for index in sorted(failures):
+        error = failures[index]
+        if isinstance(error, NodeError):
+            text = error.message.replace(error.path, "<node>")
+            if error.key is not None and error.key not in text:
+                text = f"key {error.key!r}: {text}"
+        else:
+            text = str(error)
+        groups.setdefault(text, []).append(index)
+    return "; ".join(
+        f"node{'s' if len(nodes) > 1 else ''} {', '.join(map(str, nodes))}: {text}"
+        for text, nodes in groups.items()
+    )

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import trio
 
-from backends import NodeError, NodeFull, NodeStore, NodeTimeout
+from backends import NodeError, NodeFull, NodeStore, NodeTimeout, describe_failures
 from codec import (
     PRIMARY,
     SECONDARY,
@@ -262,7 +262,7 @@ class BlobStore:
         if len(stored) < quorum:
             self.stats.failed_puts += 1
             await self._remove(meta.blob_id, {node: keys[node] for node in written})
-            detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
+            detail = describe_failures(errors)
             # Full now, or skipped because a write found it full before: either way the
             # user's answer is ENOSPC, not EIO, once too many nodes are out of space.
             full = sum(

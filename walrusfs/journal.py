@@ -25,7 +25,7 @@ import logging
 
 import trio
 
-from backends import NodeError, NodeStore
+from backends import NodeError, NodeStore, describe_failures
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.flush import flush_filesystems, quorum_of
 from walrusfs.metadata import Change
@@ -166,7 +166,7 @@ class Journal:
         """
         durable, errors = await flush_filesystems(self.nodes, self.nodes.writable(), self.quorum)
         if len(durable) < self.quorum:
-            detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
+            detail = describe_failures(errors)
             raise StorageUnavailable(
                 f"flushing the nodes to stable storage: done for only {len(durable)} nodes, "
                 f"need {self.quorum}: {detail or 'too many nodes down'}"
@@ -209,7 +209,7 @@ class Journal:
             back = await self.nodes.writable_again(began, have)
             ok = await quorum_of([functools.partial(one, i) for i in back], self.quorum, have=ok)
         if ok < self.quorum:
-            detail = "; ".join(f"node {i}: {e}" for i, e in sorted(errors.items()))
+            detail = describe_failures(errors)
             full = sum(1 for node in self.nodes.nodes if node.state is NodeState.FULL)
             cls = NoSpace if full > len(self.nodes) - self.quorum else StorageUnavailable
             raise cls(

@@ -17,6 +17,7 @@ from backends import (
     NodeIOError,
     NodePermissionError,
     NodeTimeout,
+    describe_failures,
     map_os_error,
 )
 
@@ -108,3 +109,21 @@ def test_invalid_key_is_a_value_error_not_a_node_fault() -> None:
     assert "'../x'" in str(err)
     back = pickle.loads(pickle.dumps(err))
     assert (back.key, back.reason) == (err.key, err.reason)
+
+
+def test_failures_of_several_nodes_name_alike_ones_together() -> None:
+    key = "journal/e2/0000000000000001"
+    failures: dict[int, object] = {
+        i: map_os_error(
+            oserror(errno.ENOENT, f"/srv/nodes/n{i}/{key}"), f"/srv/nodes/n{i}", key=key
+        )
+        for i in (0, 1, 2, 4)
+    }
+    failures[3] = NodeTimeout("took over 10s", path="/srv/nodes/n3", key=key)
+    failures[6] = "skipped: node is down"
+    line = describe_failures(failures)
+    assert line == (
+        "nodes 0, 1, 2, 4: ENOENT: No such file or directory (<node>/journal/e2/0000000000000001); "
+        "node 3: key 'journal/e2/0000000000000001': took over 10s; node 6: skipped: node is down"
+    )
+    assert describe_failures({}) == ""
