@@ -152,6 +152,12 @@ class NodeStore(abc.ABC):
         NodeIOError.
         """
 
+    def syncfs_covers_filesystem(self) -> bool:
+        """Whether `syncfs` is known to flush the whole filesystem (syncfs(2)), and so also
+        what other nodes on it wrote; False where it fsyncs this store's own files, or
+        where that is not known yet. Never blocks."""
+        return False
+
     @abc.abstractmethod
     async def syncfs(self) -> None:
         """Flush everything written to the node's filesystem to stable storage (syncfs(2)).

@@ -210,6 +210,10 @@ class LocalStore(NodeStore):
         """Whether syncfs makes this node's writes durable (worker thread)."""
         return self._traits(root)[1]
 
+    def syncfs_covers_filesystem(self) -> bool:
+        known = self._fs_traits
+        return known is not None and known[1]
+
     def _note_unsynced(
         self, root: int, key: str, parts: tuple[str, ...], syncfs_durable: bool | None = None
     ) -> None:

@@ -73,7 +73,11 @@ async def flush_filesystems(
     groups: dict[object, list[int]] = {}
     for i in members:
         fs = nodes.nodes[i].filesystem
-        groups.setdefault(i if fs is None else ("fs", fs), []).append(i)
+        # One flush serves every node on a filesystem only where it is syncfs(2). On a
+        # FUSE or SMB mount each store fsyncs the files it wrote itself: two node
+        # directories on one such mount need a flush each.
+        shared = fs is not None and nodes.nodes[i].store.syncfs_covers_filesystem()
+        groups.setdefault(("fs", fs) if shared else i, []).append(i)
     errors: dict[int, str] = {}
     durable: set[int] = set()
 

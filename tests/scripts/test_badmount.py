@@ -469,3 +469,33 @@ async def test_set_refuses_bad_requests(bad: BadVolume, tmp_path: Path) -> None:
     ran = await script("faults.py", "take-away", bad.mountpoint, "--how", "rename", ok=False)
     assert ran.rc == 1 and "mount point" in ran.err
     assert is_mounted(bad.mountpoint) and (bad.mountpoint / "walrusfs-node.json").exists()
+
+
+async def test_two_nodes_on_one_fuse_mount_are_each_made_durable(
+    tmp_path: Path, root_only: None
+) -> None:
+    # syncfs(2) does not reach the storage behind a FUSE mount, so each node store there
+    # fsyncs the files it wrote. One flush per filesystem would fsync one node's files
+    # and count the other's durable too.
+    share, backing = tmp_path / "share", tmp_path / "backing"
+    share.mkdir()
+    backing.mkdir()
+    ran = await script("badmount.py", "mount", backing, share, "--daemon", "--json")
+    assert ran.json()["ok"]
+    try:
+        paths = node_paths(tmp_path / "vol")
+        paths[3], paths[4] = share / "n3", share / "n4"
+        await make_volume(paths)
+        vol = await open_vol(paths)
+        assert os.stat(paths[3]).st_dev == os.stat(paths[4]).st_dev
+        status = await script("badmount.py", "status", share, "--json")
+        before = status.json()["stats"]["by_op"].get("fsync", 0)
+        res = await vol.blobs.put_blob(b"durable on both" * 1000, durable=True)
+        assert res.missed == ()
+        status = await script("badmount.py", "status", share, "--json")
+        fsyncs = status.json()["stats"]["by_op"].get("fsync", 0) - before
+        assert fsyncs == 2  # each node's sliver file of the blob
+        assert not vol.nodes.nodes[3].store._unsynced and not vol.nodes.nodes[4].store._unsynced
+    finally:
+        await script("badmount.py", "unmount", share)
+    assert not is_mounted(share)

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from backends import NodeIOError, RemoteMountStore
+from backends import LocalStore, NodeIOError, RemoteMountStore
 from codec import BlobMetadata
 from tests.walrusfs.volumes import (
     back_unseen_others_gone,
@@ -553,3 +553,19 @@ async def test_a_suspect_node_is_probed_soon_not_at_the_next_round(tmp_path: Pat
             while states(vol)[2:4] != ["up", "down"]:  # noqa: ASYNC110 - the prober's task
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_durable_put_flushes_a_shared_filesystem_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol, _ = await make_volume(tmp_path)  # all seven on the filesystem of tmp_path
+    flushed: list[str] = []
+    real = LocalStore.syncfs
+
+    async def counted(self: LocalStore) -> None:
+        flushed.append(self.path)
+        await real(self)
+
+    monkeypatch.setattr(LocalStore, "syncfs", counted)
+    r = await vol.blobs.put_blob(os.urandom(300_000), durable=True)
+    assert r.missed == () and len(flushed) == 1  # syncfs(2) makes all seven durable
