@@ -324,13 +324,13 @@ async def test_chmod_chown_utimens(mounted: Mounted) -> None:
     assert (row.mtime_ns, row.atime_ns) == (1_300_000_000_500_000_000, 1_111_111_111_123_456_789)
 
 
-def extract_like_tar(root: Path) -> None:
+def extract_like_tar(path: Path, size: int) -> None:
     """What tar does for each file: write, restore the times and owner through the open
     file, then close."""
-    fd = os.open(root / "t", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, b"x" * 10_000)
-        os.write(fd, b"y" * 3_000)
+        for pos in range(0, size, 10_240):
+            os.write(fd, bytes([pos % 251]) * min(10_240, size - pos))
         os.utime(fd, ns=(1_111_111_111_000_000_000, 1_222_222_222_000_000_000))
         os.fchown(fd, 1234, 5678)
         os.fchmod(fd, 0o644)
@@ -338,13 +338,16 @@ def extract_like_tar(root: Path) -> None:
         os.close(fd)
 
 
-async def test_times_restored_before_close_are_committed_by_the_close(mounted: Mounted) -> None:
-    await in_thread(extract_like_tar, mounted.path)
+@pytest.mark.parametrize("size", [13_000, 3 * BS + 5], ids=["small", "blocks"])
+async def test_times_restored_before_close_are_committed_by_the_close(
+    mounted: Mounted, size: int
+) -> None:
+    await in_thread(extract_like_tar, mounted.path / "t", size)
     st = await in_thread(os.stat, mounted.path / "t")
-    assert (st.st_size, st.st_mtime_ns, st.st_uid) == (13_000, 1_222_222_222_000_000_000, 1234)
+    assert (st.st_size, st.st_mtime_ns, st.st_uid) == (size, 1_222_222_222_000_000_000, 1234)
     row = mounted.fs.meta.get_inode(st.st_ino)  # committed when close(2) returned
     assert (row.size, row.mtime_ns, row.uid, stat.S_IMODE(row.mode)) == (
-        13_000,
+        size,
         1_222_222_222_000_000_000,
         1234,
         0o644,
