@@ -61,7 +61,7 @@ async def quorum_of(jobs: list[Callable[[], Awaitable[int]]], quorum: int, *, ha
 
 async def flush_filesystems(
     nodes: NodeSet, nodes_written: Iterable[int], quorum: int
-) -> tuple[set[int], dict[int, str]]:
+) -> tuple[set[int], dict[int, NodeError]]:
     """syncfs once per filesystem holding any of `nodes_written`; returns (those nodes now
     durable, errors by node). Returns once `quorum` members are durable (plus the grace)
     or every flush has ended.
@@ -78,7 +78,7 @@ async def flush_filesystems(
         # directories on one such mount need a flush each.
         shared = fs is not None and nodes.nodes[i].store.syncfs_covers_filesystem()
         groups.setdefault(("fs", fs) if shared else i, []).append(i)
-    errors: dict[int, str] = {}
+    errors: dict[int, NodeError] = {}
     durable: set[int] = set()
 
     async def flush(group: list[int]) -> int:
@@ -86,7 +86,7 @@ async def flush_filesystems(
             try:
                 await nodes.call(i, lambda st: st.syncfs())
             except NodeError as exc:
-                errors[i] = str(exc)
+                errors[i] = exc
             else:
                 done = [j for j in group if j not in errors]
                 durable.update(done)

@@ -179,7 +179,7 @@ class Journal:
         so do the nodes taken as down that a new probe finds back. Raises NoSpace or
         StorageUnavailable when fewer than n-f succeed.
         """
-        errors: dict[int, str] = {}
+        errors: dict[int, NodeError] = {}  # kept whole: describe_failures groups them
         key = self._log
         began = trio.current_time()
         writable = sorted(self.nodes.writable())
@@ -187,13 +187,13 @@ class Journal:
         have = {i for i, outcome in done.items() if outcome is None}
         for i, outcome in done.items():
             if outcome is not None:
-                errors[i] = str(outcome)
+                errors[i] = outcome
 
         async def one(i: int) -> int:
             try:
                 await self.nodes.call(i, lambda st: st.append(key, raw))
             except NodeError as exc:
-                errors[i] = str(exc)
+                errors[i] = exc
                 return 0
             errors.pop(i, None)
             have.add(i)

@@ -316,6 +316,20 @@ async def test_a_journal_below_quorum_fails_and_keeps_its_changes(tmp_path: Path
     ms2.metadata.close()
 
 
+async def test_a_journal_failing_alike_on_every_node_says_so_once(tmp_path: Path) -> None:
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state1"))
+    for p in paths:  # a directory where each node's log file goes
+        (Path(p) / ms.journal.log_key).mkdir(parents=True)
+    ms.metadata.create(ROOT_INODE, b"pending", mode=DIR, uid=0, gid=0, now_ns=1)
+    with pytest.raises(StorageUnavailable) as failed:
+        await ms.sync()
+    text = str(failed.value)
+    assert "nodes 0, 1, 2, 3, 4, 5, 6: " in text and "EISDIR" in text
+    assert text.count("EISDIR") == 1 and not any(p in text for p in paths)
+    ms.metadata.close()
+
+
 async def test_a_journal_short_of_nodes_looks_again_at_those_taken_as_down(
     tmp_path: Path,
 ) -> None:
