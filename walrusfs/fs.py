@@ -284,10 +284,8 @@ class FileSystem:
         # A truncate sets the times itself (FileData keeps them while it is in memory).
         if fields or ctime_ns is not None:
             fields["ctime_ns"] = now if ctime_ns is None else ctime_ns
-            held = (
-                fields.keys() == {"mtime_ns", "ctime_ns"}
-                and mtime_ns is not None
-                and self.data.hold_times(ino, mtime_ns=mtime_ns, ctime_ns=fields["ctime_ns"])
+            held = fields.keys() == {"mtime_ns", "ctime_ns"} and self.data.hold_times(
+                ino, mtime_ns=fields["mtime_ns"], ctime_ns=fields["ctime_ns"]
             )
             if not held:
                 self.meta.set_attrs(ino, **fields)
