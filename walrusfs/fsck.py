@@ -5,7 +5,8 @@ metadata from the nodes into a temporary directory (checkpoint + journal replay,
 mount would, but writing nothing to the nodes), then checks:
 
 * every sliver file every node should hold exists and verifies (header, size, leaves,
-  every symbol: scrub.verify_file), so a blob is decodable iff R of its pairs verify;
+  every symbol: scrub.verify_file); a blob is decodable iff R of its primary slivers or C
+  of its secondary slivers verify (a corrupt file may still hold one whole sliver);
 * orphans: sliver files of blobs nothing references (checkpoint blobs are referenced);
 * refcounts: blobs.refcount against the blocks rows naming each blob, and blocks rows
   naming a blob the blobs table lacks.
@@ -34,6 +35,7 @@ from typing import TextIO
 import trio
 
 from backends import NodeError
+from codec import PRIMARY, SECONDARY
 from walrusfs.catalog import BlobRef, Catalog
 from walrusfs.checkpoint import RecoveryError, Superblock, read_superblock
 from walrusfs.errors import StorageUnavailable
@@ -278,18 +280,27 @@ async def _run(vol: Volume, state: str, out: TextIO, repair: bool) -> int:
     )
     for f in findings:
         if f.kind == "corrupt":
-            chk.say(f"  corrupt: {f.detail}")
+            chk.say(f"  corrupt: node {f.node}: {f.key}: {f.detail}")
     for s in sweeps.values():
         if not s.complete:
             chk.say(f"  node {s.node} not fully checked: {s.error}")
 
-    # Per blob: which pairs verified, hence decodable (R good primaries) or lost.
+    # Per blob: which pairs verified whole, and which primary and secondary slivers
+    # verify (a corrupt file may keep one whole). Decodable from R primaries or C
+    # secondaries; lost otherwise.
     good: dict[bytes, set[int]] = {b: set() for b in refs}
+    halves: dict[bytes, dict[str, set[int]]] = {b: {PRIMARY: set(), SECONDARY: set()} for b in refs}
     for s in sweeps.values():
         for b in s.verified:
-            good[b].add(refs[b].meta.pair_of_node(s.node))
+            pair = refs[b].meta.pair_of_node(s.node)
+            good[b].add(pair)
+            for axis in (PRIMARY, SECONDARY):
+                halves[b][axis].add(pair)
+        for f in s.findings:
+            for axis in f.intact:
+                halves[f.blob_id][axis].add(f.pair)
     damaged = {b: set(range(p.n)) - g for b, g in good.items() if len(g) < p.n}
-    lost = sorted(b for b, g in good.items() if len(g) < p.R)
+    lost = sorted(b for b, h in halves.items() if len(h[PRIMARY]) < p.R and len(h[SECONDARY]) < p.C)
 
     orphans = [o for s in sweeps.values() for o in s.orphans]
     removed = 0
@@ -327,8 +338,9 @@ async def _run(vol: Volume, state: str, out: TextIO, repair: bool) -> int:
                 ["<metadata checkpoint>"] if refs[b].kind == "checkpoint" else ["<no file>"]
             )
             chk.say(
-                f"LOST blob {b.hex()[:16]} ({len(good[b])} of {p.n} pairs verify, {p.R} needed): "
-                + ", ".join(where)
+                f"LOST blob {b.hex()[:16]} ({len(halves[b][PRIMARY])} primary and "
+                f"{len(halves[b][SECONDARY])} secondary slivers of {p.n} verify; {p.R} "
+                f"primaries or {p.C} secondaries needed): " + ", ".join(where)
             )
         chk.say(f"fsck: {len(lost)} blobs lost")
         return EXIT_LOST

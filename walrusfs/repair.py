@@ -64,6 +64,7 @@ from codec import (
     Sliver,
     Workspace,
     decode_primaries,
+    decode_secondaries,
     encode,
     rebuild,
     verify_sliver,
@@ -290,9 +291,26 @@ class RepairEngine:
                 q for q in range(n) if q not in excluded and meta.node_of_pair(q) in readable
             ]
             if len(sources) < params.R:
-                out.lost = f"only {len(sources)} of {n} pairs readable, {params.R} needed to decode"
-                for p in todo:
-                    out.failed[p] = out.lost
+                try:
+                    salvaged = await self._by_salvage(meta, sorted(todo), readable)
+                except InconsistentEncoding as exc:
+                    out.inconsistent = str(exc)
+                    for p in todo:
+                        out.failed[p] = "blob is inconsistently encoded"
+                    return out
+                if salvaged is None:
+                    out.lost = (
+                        f"only {len(sources)} of {n} pairs readable, {params.R} needed to "
+                        f"decode, and no {params.R} primary or {params.C} secondary slivers verify"
+                    )
+                    for p in todo:
+                        out.failed[p] = out.lost
+                    return out
+                await self._write_all(
+                    meta,
+                    {p: d for p, d in salvaged.items() if meta.node_of_pair(p) in writable},
+                    out,
+                )
                 return out
             by_symbols = (
                 mode == "auto"
@@ -462,28 +480,32 @@ class RepairEngine:
 
     # plan 2: decode and re-encode
 
-    async def _primary(self, meta: BlobMetadata, q: int, verify: bool) -> memoryview:
-        """Primary sliver q; with `verify`, read with its header and check every symbol in
-        the read's thread. Raises _Unusable."""
+    async def _sliver(self, meta: BlobMetadata, axis: str, q: int, verify: bool) -> memoryview:
+        """The `axis` sliver of pair q; with `verify`, read with its header and check every
+        symbol in the read's thread. Raises _Unusable."""
         node = meta.node_of_pair(q)
         key = sliver_key(meta.blob_id, q)
         where = f"node {node} {key}"
-        hsize, size = header_size(meta.n), meta.params.C * meta.symbol_size
+        p, s = meta.params, meta.symbol_size
+        hsize = header_size(meta.n)
+        start = hsize if axis == PRIMARY else hsize + p.C * s
+        size = (p.C if axis == PRIMARY else p.R) * s
 
         def check(raw: bytes) -> None:
             head = parse_header(raw[:hsize], meta.blob_id, q, where)
             if head.meta != meta:
                 raise SliverFileError(f"{where}: metadata differs from the volume's")
-            data = memoryview(raw)[hsize : hsize + size]
+            data = memoryview(raw)[start : start + size]
             if len(data) != size:
                 raise SliverFileError(f"{where}: sliver file truncated")
-            verify_sliver(meta, Sliver(PRIMARY, q, data, head.primary_leaves))
+            leaves = head.primary_leaves if axis == PRIMARY else head.secondary_leaves
+            verify_sliver(meta, Sliver(axis, _pair_of(meta, axis, q), data, leaves))
 
         try:
             if verify:
-                raw = await self._get(node, key, 0, hsize + size, check=check)
-                return memoryview(raw)[hsize:]
-            return memoryview(await self._get(node, key, hsize, size))
+                raw = await self._get(node, key, 0, start + size, check=check)
+                return memoryview(raw)[start:]
+            return memoryview(await self._get(node, key, start, size))
         except KeyNotFound as exc:
             raise _Unusable({q}, {q}) from exc
         except NodeError as exc:
@@ -492,11 +514,13 @@ class RepairEngine:
             self.nodes.note_corrupt(node, str(exc))
             raise _Unusable({q}, {q}) from exc
 
-    async def _primaries(
-        self, meta: BlobMetadata, order: list[int], verify: bool
+    async def _slivers(
+        self, meta: BlobMetadata, axis: str, order: list[int], verify: bool
     ) -> tuple[dict[int, memoryview], set[int], set[int]]:
-        """R primary slivers taken in `order`, skipping unusable ones: (got, failed, bad)."""
-        need = meta.params.R
+        """As many `axis` slivers as decode the blob (R primaries or C secondaries), from
+        the pairs in `order`, skipping unusable ones: (sliver index -> bytes, failed, bad
+        pairs)."""
+        need = meta.params.R if axis == PRIMARY else meta.params.C
         pending = iter(order)
         got: dict[int, memoryview] = {}
         failed: set[int] = set()
@@ -504,10 +528,10 @@ class RepairEngine:
 
         async def worker() -> None:
             # One read per worker at a time, and a worker only moves on after a failure:
-            # exactly R reads when all goes well.
+            # exactly `need` reads when all goes well.
             for q in pending:
                 try:
-                    got[q] = await self._primary(meta, q, verify)
+                    got[_pair_of(meta, axis, q)] = await self._sliver(meta, axis, q, verify)
                     return
                 except _Unusable as exc:
                     failed.update(exc.failed)
@@ -530,7 +554,7 @@ class RepairEngine:
         need = meta.params.R
         # Systematic rows first: decoding them is a copy.
         order = sorted(sources, key=lambda q: (self.nodes.rank(meta.node_of_pair(q)), q >= need, q))
-        got, failed, bad = await self._primaries(meta, order, self.symbol_check)
+        got, failed, bad = await self._slivers(meta, PRIMARY, order, self.symbol_check)
         if len(got) < need:
             raise _Unusable(failed, bad)
         wanted = sorted(set(targets) | bad)
@@ -539,7 +563,7 @@ class RepairEngine:
             files = await self._cpu_run(lambda: _reencode(meta, got, wanted, ws))
         except InconsistentEncoding:
             if not self.symbol_check:
-                _, failed2, bad2 = await self._primaries(meta, list(got), True)
+                _, failed2, bad2 = await self._slivers(meta, PRIMARY, list(got), True)
                 if failed2 or bad2:
                     raise _Unusable(failed | failed2, bad | bad2) from None
             raise
@@ -548,12 +572,53 @@ class RepairEngine:
         assert isinstance(files, dict)
         return files, bad
 
+    async def _by_salvage(
+        self, meta: BlobMetadata, targets: list[int], readable: set[int]
+    ) -> dict[int, bytes] | None:
+        """Files for `targets` decoded from slivers of pairs taken as bad, or None.
+
+        A pair is bad when either of its slivers is, but a torn file (a power loss keeps
+        part of what was written) often still holds one whole sliver: the primary at its
+        start, or the secondary. With too few good pairs, every readable pair's primary is
+        tried, then every secondary, each read with its header and verified.
+        """
+        p = meta.params
+        pairs = [q for q in range(meta.n) if meta.node_of_pair(q) in readable]
+        order = sorted(pairs, key=lambda q: (self.nodes.rank(meta.node_of_pair(q)), q >= p.R, q))
+        axis = PRIMARY
+        got, _, _ = await self._slivers(meta, axis, order, True)
+        if len(got) < p.R:
+            axis = SECONDARY
+            got, _, _ = await self._slivers(meta, axis, self._order(meta, pairs), True)
+            if len(got) < p.C:
+                return None
+        ws = self._workspaces.pop() if self._workspaces else Workspace()
+        try:
+            files = await self._cpu_run(lambda: _reencode(meta, got, targets, ws, axis))
+        finally:
+            self._workspaces.append(ws)
+        assert isinstance(files, dict)
+        log.info(
+            "blob %s: pairs %s rebuilt from %d %s slivers of damaged files",
+            meta.blob_id.hex()[:16],
+            targets,
+            len(got),
+            axis,
+        )
+        return files
+
 
 def _reencode(
-    meta: BlobMetadata, slivers: dict[int, memoryview], targets: list[int], ws: Workspace
+    meta: BlobMetadata,
+    slivers: dict[int, memoryview],
+    targets: list[int],
+    ws: Workspace,
+    axis: str = PRIMARY,
 ) -> dict[int, bytes]:
-    """Decode from R primaries, re-encode, check the blob id, lay out the target files."""
-    blob = decode_primaries(meta, slivers)
+    """Decode from R primaries (or C secondaries), re-encode, check the blob id, lay out
+    the target files."""
+    decode = decode_primaries if axis == PRIMARY else decode_secondaries
+    blob = decode(meta, slivers)
     enc = encode(meta.params, blob, ws)
     if enc.metadata != meta:
         raise InconsistentEncoding(

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import trio
 
 from backends import KeyNotFound, NodeError, NodeStore
-from codec import BlobMetadata, CodecError, verify_sliver
+from codec import BlobMetadata, CodecError, VerificationError, verify_sliver
 from walrusfs.catalog import BlobRef, BlobSource, list_slivers, missing_on
 from walrusfs.healer import RepairService
 from walrusfs.nodeset import NodeSet
@@ -60,18 +60,36 @@ DEFAULT_BUSY_RATE = 8 * MiB  # ... and while the blob store serves users
 DEFAULT_GRACE = 24 * 3600.0  # seconds an orphan is seen before it is removed
 
 
+class SliverCorrupt(VerificationError):
+    """A sliver file with a sound header and size whose slivers do not all verify;
+    `intact` names the axes (PRIMARY, SECONDARY) of those that do."""
+
+    def __init__(self, cause: VerificationError, intact: tuple[str, ...]) -> None:
+        super().__init__(str(cause), cause.sliver)
+        self.intact = intact
+
+
 def verify_file(meta: BlobMetadata, pair: int, raw: bytes, where: str) -> None:
     """Check a whole sliver file against the volume's metadata of its blob.
 
-    Raises SliverFileError (header, size) or VerificationError (a sliver's bytes).
+    Raises SliverFileError (header, size) or SliverCorrupt (a sliver's bytes; both are
+    checked, since a file torn by a power loss often keeps one whole: decoding can use it).
     """
     head = parse_header(raw[: header_size(meta.n)], meta.blob_id, pair, where)
     if head.meta != meta:
         raise SliverFileError(f"{where}: metadata differs from the volume's")
     if len(raw) != head.file_size:
         raise SliverFileError(f"{where}: {len(raw)} bytes, expected {head.file_size}")
+    first: VerificationError | None = None
+    intact: list[str] = []
     for sliver in slivers(head, raw):
-        verify_sliver(meta, sliver)
+        try:
+            verify_sliver(meta, sliver)
+            intact.append(sliver.axis)
+        except VerificationError as exc:
+            first = first or exc
+    if first is not None:
+        raise SliverCorrupt(first, tuple(intact))
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,7 @@ class Finding:
     pair: int
     kind: str
     detail: str = ""
+    intact: tuple[str, ...] = ()  # of a corrupt file: the slivers in it that verify
 
     @property
     def key(self) -> str:
@@ -179,7 +198,8 @@ async def sweep_node(
             return out
         except (SliverFileError, CodecError) as exc:
             nodes.note_corrupt(node, str(exc))
-            out.findings.append(Finding(node, blob_id, pair, "corrupt", str(exc)))
+            intact = exc.intact if isinstance(exc, SliverCorrupt) else ()
+            out.findings.append(Finding(node, blob_id, pair, "corrupt", str(exc), intact))
         out.files += 1
         out.bytes += size
         if progress is not None:

@@ -14,7 +14,7 @@ import trio
 
 from codec import BlobMetadata
 from tests.walrusfs.test_repair import OPTS, node_files, remove_pair
-from tests.walrusfs.volumes import flip_byte, node_paths, sliver_file, sliver_files
+from tests.walrusfs.volumes import flip_byte, node_paths, sliver_file, sliver_files, zero_range
 from walrusfs.checkpoint import SUPERBLOCK_KEY, Superblock
 from walrusfs.fsck import EXIT_DAMAGED, EXIT_LOST, EXIT_OK, fsck
 from walrusfs.metadata import ROOT_INODE, BlockRef
@@ -106,6 +106,30 @@ async def test_repair_heals_wiped_corrupt_and_orphaned_nodes(tmp_path: Path) -> 
     assert {i: node_files(paths[i]) for i in range(N)} == before
     code, text = await run_fsck(paths[6])
     assert code == EXIT_OK, text
+
+
+async def test_files_torn_on_every_node_are_damaged_not_lost_and_repaired(
+    tmp_path: Path,
+) -> None:
+    # A power loss kept every sliver file of /b.bin at its size but not a page of its
+    # secondary sliver: every pair fails, every primary verifies. The data is all there.
+    paths, blobs = await make_fs(tmp_path)
+    before = {i: node_files(paths[i]) for i in range(N)}
+    blob_id, meta = blobs["/b.bin"]
+    parsed = BlobMetadata.from_bytes(meta)
+    secondary = parsed.params.R * parsed.symbol_size
+    for i in range(N):
+        f = sliver_file(paths[i], blob_id)
+        start = f.stat().st_size - secondary  # its first symbol: row 0, never padding
+        zero_range(f, start, start + 100)
+    code, text = await run_fsck(paths[0])
+    assert code == EXIT_DAMAGED, text
+    assert f"{N} corrupt" in text and "LOST" not in text and "1 damaged" in text
+    torn3 = sliver_file(paths[3], blob_id).relative_to(paths[3])
+    assert f"corrupt: node 3: {torn3}: secondary sliver" in text
+    code, text = await run_fsck(paths[0], repair=True)
+    assert code == EXIT_OK, text
+    assert {i: node_files(paths[i]) for i in range(N)} == before
 
 
 async def test_the_cli_entry_point_runs_as_a_user_runs_it(tmp_path: Path) -> None:

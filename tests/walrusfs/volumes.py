@@ -38,6 +38,14 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(raw))
 
 
+def zero_range(path: Path, start: int, stop: int) -> None:
+    """Zeros over bytes [start, stop) of a file, its size kept: what a power loss leaves
+    of pages that never reached the disk."""
+    raw = bytearray(path.read_bytes())
+    raw[start:stop] = bytes(len(raw[start:stop]))
+    path.write_bytes(bytes(raw))
+
+
 @contextlib.contextmanager
 def hung_file(path: Path) -> Iterator[None]:
     """A FIFO in place of `path` while inside: open() of it blocks in the kernel, as on a
