@@ -18,7 +18,7 @@ from codec import BlobMetadata, encode
 from codec.encoder import SliverPair
 from tests.walrusfs.volumes import flip_byte, node_paths, sliver_file, sliver_files, zero_range
 from walrusfs.catalog import StaticBlobs
-from walrusfs.healer import RepairService
+from walrusfs.healer import RepairReport, RepairService
 from walrusfs.repair import RateLimit
 from walrusfs.scrub import verify_file
 from walrusfs.sliverfile import build, header_size, sliver_key
@@ -156,53 +156,54 @@ async def test_a_corrupt_source_symbol_is_found_and_repaired_too(tmp_path: Path)
     assert vol.nodes.nodes[meta.node_of_pair(q)].corrupt >= 1
 
 
+async def one_blob(root: Path, seed: int) -> tuple[Volume, list[str], StaticBlobs, BlobMetadata]:
+    vol, paths = await make_volume(root)
+    refs, data = await fill(vol, 1, seed=seed)
+    (blob_id,) = data
+    return vol, paths, refs, refs.refs[blob_id].meta
+
+
+async def repair_every_pair(vol: Volume, refs: StaticBlobs, meta: BlobMetadata) -> RepairReport:
+    """A repair pass told that every pair of the blob is corrupt, as a scrub would."""
+    svc = RepairService(vol, refs, rate=None)
+    for pair in range(N):
+        svc.note_bad(meta.blob_id, pair, "corrupt (test)")
+    with trio.fail_after(NO_HANG):
+        return await svc.pass_once([])
+
+
 @pytest.mark.parametrize("torn", ["secondary", "primary"])
 async def test_files_torn_on_every_node_are_rebuilt_from_the_slivers_they_kept(
     tmp_path: Path, torn: str
 ) -> None:
     # A power loss can keep every sliver file of a blob at its size with some pages never
     # written: no pair verifies whole, yet R primaries (or C secondaries) still do.
-    vol, paths = await make_volume(tmp_path)
-    refs, data = await fill(vol, 1, seed=5)
-    (blob_id,) = data
-    meta = refs.refs[blob_id].meta
+    vol, paths, refs, meta = await one_blob(tmp_path, seed=5)
     p, s, h = vol.params, meta.symbol_size, header_size(N)
     before = {i: node_files(paths[i]) for i in range(N)}
     start = h + p.C * s if torn == "secondary" else h + (p.C - 1) * s
     for i in range(N):
-        zero_range(sliver_file(paths[i], blob_id), start, start + s)
-    svc = RepairService(vol, refs, rate=None)
-    for pair in range(N):  # what a scrub of every node reports
-        svc.note_bad(blob_id, pair, "corrupt (test)")
-    with trio.fail_after(NO_HANG):
-        report = await svc.pass_once([])
+        zero_range(sliver_file(paths[i], meta.blob_id), start, start + s)
+    report = await repair_every_pair(vol, refs, meta)
     assert report.blobs_repaired == 1 and report.pairs_written == N, report.summary()
     assert not report.lost and not report.unrepairable
     assert {i: node_files(paths[i]) for i in range(N)} == before
 
 
 async def test_torn_files_keeping_too_few_whole_slivers_are_lost(tmp_path: Path) -> None:
-    vol, paths = await make_volume(tmp_path)
-    refs, data = await fill(vol, 1, seed=6)
-    (blob_id,) = data
-    meta = refs.refs[blob_id].meta
+    vol, paths, refs, meta = await one_blob(tmp_path, seed=6)
     p, s, h = vol.params, meta.symbol_size, header_size(N)
     # R-1 whole primaries and C-1 whole secondaries are left: neither decodes.
     for pair in range(N):
-        f = sliver_file(paths[meta.node_of_pair(pair)], blob_id)
+        f = sliver_file(paths[meta.node_of_pair(pair)], meta.blob_id)
         if pair >= p.R - 1:
             zero_range(f, h, h + s)
         if pair < N - (p.C - 1):
             zero_range(f, h + p.C * s, h + (p.C + 1) * s)
-    svc = RepairService(vol, refs, rate=None)
-    for pair in range(N):
-        svc.note_bad(blob_id, pair, "corrupt (test)")
-    with trio.fail_after(NO_HANG):
-        report = await svc.pass_once([])
-    assert report.lost == [blob_id.hex()] and report.pairs_written == 0
-    assert (
-        f"no {p.R} primary or {p.C} secondary slivers verify" in report.unrepairable[blob_id.hex()]
-    )
+    report = await repair_every_pair(vol, refs, meta)
+    key = meta.blob_id.hex()
+    assert report.lost == [key] and report.pairs_written == 0
+    assert f"no {p.R} primary or {p.C} secondary slivers verify" in report.unrepairable[key]
 
 
 async def test_a_node_down_during_writes_gets_its_pairs_when_back(tmp_path: Path) -> None:
