@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="memory for file data read from the nodes (default 64M, at least 1M)",
     )
+    p.add_argument(
+        "--commit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="make closed files durable (on the nodes' disks) this long after they changed, "
+        "as fsync() does at once; 0: only fsync() and unmount do (default 5)",
+    )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("node_dir", metavar="NODE_DIR")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -190,6 +198,8 @@ def _mount_foreground(args: argparse.Namespace) -> int:
         )
         if args.cache_size is not None:
             opts.cache_bytes = args.cache_size
+        if args.commit is not None:
+            opts.commit_s = args.commit
         await run_mount(opts, ready)
 
     try:
@@ -207,6 +217,8 @@ def _mount_foreground(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     if args.cache_size is not None and args.cache_size < MIN_CACHE:
         raise SystemExit("walrusfs: error: --cache-size must be at least 1M")
+    if args.commit is not None and not 0 <= args.commit < float("inf"):
+        raise SystemExit("walrusfs: error: --commit must be 0 or more seconds")
     _clear_dead_mount(args.mountpoint)
     if not os.path.isdir(args.mountpoint):
         raise SystemExit(f"walrusfs: error: mountpoint {args.mountpoint}: not a directory")
@@ -226,6 +238,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         argv += ["--state-dir", args.state_dir]
     if args.cache_size is not None:
         argv += ["--cache-size", str(args.cache_size)]
+    if args.commit is not None:
+        argv += ["--commit", str(args.commit)]
     argv += ["--node-timeout", str(args.node_timeout), args.node_dir, args.mountpoint]
     log_path = (
         os.path.join(os.path.expanduser("~"), ".walrusfs-mount.log")
@@ -552,7 +566,7 @@ def mount_helper(argv: list[str] | None = None) -> int:
     """`mount.walrusfs NODE_DIR MOUNTPOINT [-o opt,...]`, as mount(8) calls it.
 
     Options: node=INDEX=DIR (repeatable), allow_other, state_dir=DIR, node_timeout=S,
-    cache_size=SIZE;
+    cache_size=SIZE, commit=S;
     generic ones mount(8) passes (rw, defaults, _netdev, ...) are ignored.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -576,6 +590,8 @@ def mount_helper(argv: list[str] | None = None) -> int:
                     cli += ["--node-timeout", value]
                 elif key == "cache_size":
                     cli += ["--cache-size", value]
+                elif key == "commit":
+                    cli += ["--commit", value]
     return main([*cli, node_dir, mountpoint])
 
 

@@ -66,6 +66,7 @@ class Journal:
         self.committed = seq
         self.durable = seq
         self._marked = seq  # the last `durable` sent as a DURABLE_MARK (or started from)
+        self._changed = seq  # the seq of the last change that is not a DURABLE_MARK
         self.prev = prev
         self._pending: list[bytes] = []
         self._attempt: tuple[Segment, bytes] | None = None  # sent, not yet on a quorum
@@ -78,7 +79,14 @@ class Journal:
     def append(self, change: Change) -> int:
         """Record one committed change (synchronous); returns its seq."""
         self.mark()
-        return self._push(encode_change(change))
+        self._changed = self._push(encode_change(change))
+        return self._changed
+
+    @property
+    def undurable(self) -> bool:
+        """Whether changes were appended since the last durable sync began (marks aside:
+        making a mark durable only calls for another mark)."""
+        return self._changed > self.durable
 
     def mark(self) -> None:
         """Queue a DURABLE_MARK if the nodes were not told of the last durable sync yet:

@@ -18,6 +18,7 @@ import time
 import trio
 
 from walrusfs.checkpoint import RecoveryError, Superblock, read_superblock, write_checkpoint
+from walrusfs.errors import StorageUnavailable
 from walrusfs.journal import Journal, drop_history
 from walrusfs.metadata import Metadata
 from walrusfs.recovery import recover
@@ -31,6 +32,11 @@ DB_NAME = "metadata.db"
 # journal before a checkpoint is kept on every node and read back at every mount.
 CHECKPOINT_EVERY = 20_000
 CHECKPOINT_BYTES = 64 << 20
+# Changes not made durable by fsync() are made so this many seconds after the last
+# durable sync (0: never; only fsync() and unmount do), as ext4 commits every 5 s. It
+# bounds what a power loss of every node takes of closed files, and what recovery reads
+# back after a crash to check that the blobs of those changes survived (walrusfs.recovery).
+DEFAULT_COMMIT_S = 5.0
 
 
 def db_path(state_dir: str) -> str:
@@ -148,11 +154,21 @@ class MetaStore:
             or self.journal.log_bytes >= CHECKPOINT_BYTES
         )
 
-    async def run_background(self, interval: float = 1.0) -> None:
-        """Sync the journal every `interval` seconds and checkpoint when due; until cancelled."""
+    async def run_background(self, interval: float = 1.0, commit: float = DEFAULT_COMMIT_S) -> None:
+        """Sync the journal every `interval` seconds, and durably once changes are
+        `commit` seconds old (0: never); checkpoint when due. Until cancelled."""
+        clean_at = trio.current_time()  # when no change was waiting to be durable
         while True:
             await trio.sleep(interval)
             try:
+                if not self.journal.undurable:
+                    clean_at = trio.current_time()
+                elif commit and trio.current_time() - clean_at >= commit:
+                    try:
+                        await self.journal.sync(durable=True)
+                    except StorageUnavailable as exc:  # tried again `commit` s from now
+                        log.debug("background durable sync failed: %s", exc)
+                    clean_at = trio.current_time()
                 self.journal.mark()
                 if self.journal.lag:
                     await self.journal.sync()

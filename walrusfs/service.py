@@ -18,6 +18,7 @@ Runs in trio tasks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -44,7 +45,7 @@ from walrusfs.healer import RepairService, ReplaceError
 from walrusfs.lock import MountLock
 from walrusfs.metadata import ROOT_INODE
 from walrusfs.metadata import usage as metadata_usage
-from walrusfs.metastore import MetaStore
+from walrusfs.metastore import DEFAULT_COMMIT_S, MetaStore
 from walrusfs.nodeset import Node, NodeState
 from walrusfs.scrub import Scrubber
 from walrusfs.volume import Volume, VolumeError, open_volume
@@ -139,6 +140,7 @@ class MountOptions:
     allow_other: bool = False
     node_timeout: float = 10.0
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    commit_s: float = DEFAULT_COMMIT_S  # see MetaStore.run_background
 
 
 class Mounted:
@@ -220,6 +222,7 @@ class Mounted:
             "dirty_bytes": 0 if data is None else data.unsaved_bytes(),
             "read_cache": {"size": 0, "used": 0} if data is None else data.cache_usage(),
             "journal_lag": self.metastore.journal.lag,
+            "commit_s": self.opts.commit_s,
             "deletes_pending": 0 if data is None else data.deletes_pending,
             "degraded_blobs": len(self.blobs.missed),
             "health": self.health(),
@@ -397,7 +400,9 @@ async def _serve_volume(opts: MountOptions, ready: Callable[[list[str]], object]
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lock.heartbeat_forever)
-                nursery.start_soon(metastore.run_background)
+                nursery.start_soon(
+                    functools.partial(metastore.run_background, commit=opts.commit_s)
+                )
                 nursery.start_soon(vol.nodes.probe_forever)
                 await nursery.start(repair.run_forever)
                 await nursery.start(scrubber.run_forever)

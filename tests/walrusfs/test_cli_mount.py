@@ -50,6 +50,8 @@ def test_mkfs_refuses_bad_input(tmp_path: Path) -> None:
     assert res.returncode == 1 and "missing" in res.stderr
     res = run("mount", "--cache-size", "100K", tmp_path / "nope", tmp_path, check=False)
     assert res.returncode == 1 and "--cache-size must be at least 1M" in res.stderr
+    res = run("mount", "--commit", "-1", tmp_path / "nope", tmp_path, check=False)
+    assert res.returncode == 1 and "--commit must be 0 or more seconds" in res.stderr
 
 
 def test_mkfs_leaves_no_state_behind_on_this_machine(tmp_path: Path) -> None:
@@ -447,7 +449,7 @@ def test_mount_helper_for_mount_8(vol: Vol) -> None:
             str(vol.nodes[0]),
             str(vol.mnt),
             "-o",
-            f"rw,node=2={moved},state_dir={vol.state},node_timeout=3,cache_size=2M",
+            f"rw,node=2={moved},state_dir={vol.state},node_timeout=3,cache_size=2M,commit=0.5",
         ],
         capture_output=True,
         text=True,
@@ -456,7 +458,7 @@ def test_mount_helper_for_mount_8(vol: Vol) -> None:
     assert res.returncode == 0, res.stderr
     st = json.loads(run("status", vol.mnt, "--json").stdout)
     assert st["nodes"][2]["state"] == "up" and st["nodes"][2]["path"] == str(moved)
-    assert st["read_cache"]["size"] == 2 << 20
+    assert st["read_cache"]["size"] == 2 << 20 and st["commit_s"] == 0.5
     data = os.urandom(600_000)
     (vol.mnt / "f").write_bytes(data)
     assert (vol.mnt / "f").read_bytes() == data

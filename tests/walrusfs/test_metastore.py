@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -480,6 +481,34 @@ async def test_a_durable_sync_flushes_each_filesystem_once_and_only_when_needed(
         before = calls()
         await ms.sync(durable=True)  # nothing since the last flush: nothing to do
         assert calls() == before
+    finally:
+        await ms.close()
+
+
+@pytest.mark.parametrize("commit", [0.2, 0.0])
+async def test_changes_are_made_durable_a_commit_interval_after_they_were_made(
+    tmp_path: Path, commit: float
+) -> None:
+    vol, _ = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state"))
+    try:
+        ms.metadata.create(ROOT_INODE, b"a", mode=DIR, uid=0, gid=0, now_ns=1)
+        seq = ms.journal.seq
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(ms.run_background, 0.02, commit=commit))
+            with trio.move_on_after(commit + 5.0 if commit else 1.0):
+                while ms.journal.durable < seq:  # noqa: ASYNC110 - the task under test has no event
+                    await trio.sleep(0.01)
+            durable = ms.journal.durable
+            # Idle from here: the mark telling the nodes of that flush is synced, and
+            # calls for no flush of its own.
+            await trio.sleep(5 * commit or 0.2)
+            nursery.cancel_scope.cancel()
+        if commit:
+            assert durable >= seq and ms.journal.durable == durable
+            assert ms.journal.committed > seq  # the mark went out
+        else:
+            assert ms.journal.durable < seq and ms.journal.committed == seq
     finally:
         await ms.close()
 
