@@ -11,11 +11,14 @@ record was never durable, and no durable sync followed it, since that would have
 its blob as well. So nothing after it was promised either (fsync() waits for a durable
 sync), and none of the blobs that it or a later record freed is deleted yet (deletes wait
 for a durable sync: walrusfs.reclaim). Recovery therefore stops just before the first
-record that names a blob still in use that fewer than R nodes hold whole: the volume as it
-was a moment before the crash, with every blob it names stored.
+record that names a blob still in use that does not read back, verified (decoded if need
+be): the volume as it was a moment before the crash, with every blob it names stored.
+Every blob named after the last durable sync is read back once; the background makes
+changes durable a few seconds after they are made (MetaStore.run_background, --commit),
+which bounds that reading to what was written in those seconds.
 
-A blob kept that some nodes do not hold whole (the power loss took part of its files) is
-handed to repair at once (`Recovered.torn`), not left for a scrub to find.
+A blob kept that some nodes do not hold at full size (the power loss cut part of its
+files short) is handed to repair at once (`Recovered.torn`), not left for a scrub to find.
 
 A record at or before the journal's last durable point (the checkpoint, or a
 DURABLE_MARK) is never dropped for a missing blob: that blob was flushed and lost later,
@@ -29,7 +32,9 @@ Runs in trio tasks.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import trio
 
 from walrusfs.checkpoint import Replayed, Superblock, replay, restore
 from walrusfs.errors import StorageUnavailable
@@ -37,6 +42,8 @@ from walrusfs.metadata import Metadata
 from walrusfs.volume import Volume
 
 log = logging.getLogger(__name__)
+
+READ_BACK_AT_ONCE = 4  # blobs read back at once after a crash (each held whole)
 
 
 @dataclass
@@ -59,10 +66,10 @@ async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
         done = await replay(vol, sb, md.apply)
         # Durable as far as any surviving mark says, marks past a cut included.
         durable = done.durable
-        whole: dict[bytes, set[int] | None] = {}  # None: not known (damaged metadata)
+        seen = _Seen()
         kept = done
         while True:
-            lost = await _unstored(vol, md, kept, durable, whole)
+            lost = await _unstored(vol, md, kept, durable, seen)
             if not lost:
                 break
             # The state before the first such record may name a blob that a later record
@@ -77,20 +84,19 @@ async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
     dropped = done.seq - kept.seq
     if dropped:
         log.warning(
-            "the journal's last %d changes name blobs that fewer than %d nodes hold whole: "
-            "a crash of the nodes before they were flushed lost them. Recovery stops before "
-            "change %d: files changed in the moments before the crash are as they were before "
-            "those changes (none of them had been fsynced).",
+            "the journal's last %d changes name blobs that do not read back: a crash of the "
+            "nodes before they were flushed lost them. Recovery stops before change %d: "
+            "files changed in the moments before the crash are as they were before those "
+            "changes (none of them had been fsynced).",
             dropped,
-            vol.params.R,
             kept.seq + 1,
         )
     readable = vol.nodes.readable()
     torn = {
         blob_id: tuple(sorted(readable - holders))
-        for blob_id, holders in whole.items()
+        for blob_id, holders in seen.whole.items()
         if holders is not None
-        and len(holders) >= vol.params.R
+        and blob_id not in seen.lost
         and readable - holders
         and md.blob_refcount(blob_id) > 0
     }
@@ -99,12 +105,21 @@ async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
     return Recovered(md, kept.seq, kept.prev, dropped, torn)
 
 
+@dataclass
+class _Seen:
+    """What recovery looked at, by blob: the readable nodes holding its sliver file at
+    full size (None: its metadata is damaged, which is no crash's doing), and the blobs
+    that did not read back."""
+
+    whole: dict[bytes, set[int] | None] = field(default_factory=dict)
+    lost: set[bytes] = field(default_factory=set)
+
+
 async def _unstored(
-    vol: Volume, md: Metadata, done: Replayed, durable: int, whole: dict[bytes, set[int] | None]
+    vol: Volume, md: Metadata, done: Replayed, durable: int, seen: _Seen
 ) -> list[int]:
     """The seqs of the records after `durable` first naming a blob that the replayed
-    state uses and that fewer than R nodes hold whole. `whole` remembers what was looked
-    at: the nodes holding each blob whole."""
+    state uses and that does not read back (verified, decoded if need be)."""
     named = [
         (seq, blob_id, meta)
         for blob_id, (seq, meta) in done.named.items()
@@ -112,7 +127,6 @@ async def _unstored(
     ]
     if not named:
         return []
-    need = vol.params.R
     readable = len(vol.nodes.readable())
     if readable < vol.params.n - vol.params.f:
         # Blobs on the missing nodes would look lost: dropping changes for them could
@@ -125,18 +139,40 @@ async def _unstored(
         return []
     todo: dict[bytes, bytes] = {}
     for _seq, blob_id, meta in named:
-        if blob_id in whole:
+        if blob_id in seen.whole:
             continue
         try:
             vol.blobs.metadata(blob_id, meta)  # parsed once, remembered for whole_files
         except StorageUnavailable:
-            whole[blob_id] = None  # damaged metadata is no crash's doing: reads report it
+            seen.whole[blob_id] = None  # reads report it
             continue
         todo[blob_id] = meta
     if todo:
-        whole.update(await vol.blobs.whole_files(todo))
-    return [
-        seq
-        for seq, blob_id, _meta in named
-        if (holders := whole[blob_id]) is not None and len(holders) < need
-    ]
+        # Sizes tell which files a crash cut short, for repair. Whether the blob survived
+        # takes reading it back: a filesystem may keep a file's size and lose its pages
+        # (XFS, ext4 with data=writeback), and one cut short may still hold its primary
+        # sliver. That reads what was written since the last durable sync (--commit).
+        seen.whole.update(await vol.blobs.whole_files(todo))
+        seen.lost |= todo.keys() - await _read_back(vol, todo)
+    return [seq for seq, blob_id, _meta in named if blob_id in seen.lost]
+
+
+async def _read_back(vol: Volume, blobs: dict[bytes, bytes]) -> set[bytes]:
+    """The blobs that read back whole and verified (a few at a time: each is held in
+    memory while it is checked)."""
+    ok: set[bytes] = set()
+    limit = trio.CapacityLimiter(READ_BACK_AT_ONCE)
+
+    async def one(blob_id: bytes, meta: bytes) -> None:
+        async with limit:
+            try:
+                await vol.blobs.get_blob(blob_id, meta)
+            except StorageUnavailable as exc:
+                log.info("blob %s did not survive the crash: %s", blob_id.hex()[:16], exc)
+                return
+        ok.add(blob_id)
+
+    async with trio.open_nursery() as nursery:
+        for blob_id, meta in blobs.items():
+            nursery.start_soon(one, blob_id, meta)
+    return ok

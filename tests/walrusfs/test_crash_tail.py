@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.walrusfs.volumes import formatted_volume, sliver_files
+from tests.walrusfs.volumes import formatted_volume, sliver_files, zero_range
 from walrusfs.errors import FSError, StorageUnavailable
 from walrusfs.fs import FileSystem
 from walrusfs.fsck import EXIT_LOST, fsck
 from walrusfs.metadata import ROOT_INODE
 from walrusfs.metastore import MetaStore
 from walrusfs.service import FsBlobs
+from walrusfs.sliverfile import header_size
 from walrusfs.volume import Volume
 
 SIZE = 2 << 16  # two 64 KiB blocks: blobs of their own, put by close() without a flush
@@ -186,6 +187,62 @@ async def test_a_kept_blob_the_crash_left_short_on_some_nodes_goes_to_repair(
         assert {blob.hex()[:16] for blob in ms.torn} == {p.name[:16] for p in torn}
         assert set(ms.torn.values()) == {(1, 4)}
         assert ms.dropped == 0
+    finally:
+        await ms.close()
+
+
+def cut(path: Path, *, keep_size: bool, n: int = 7, r: int = 3, c: int = 5) -> None:
+    """What a power loss may leave of an unflushed sliver file: its secondary sliver's
+    pages lost, and with `keep_size` its primary's too, the size kept (zeros read back);
+    else the file cut short after its primary."""
+    h = header_size(n)
+    size = path.stat().st_size
+    end = h + (size - h) // (r + c) * c  # the end of the primary sliver
+    if keep_size:
+        zero_range(path, h, size)
+    else:
+        os.truncate(path, end)
+
+
+async def test_a_blob_whose_files_kept_their_size_but_not_their_pages_is_left_out(
+    tmp_path: Path,
+) -> None:
+    vol, ms, paths = await formatted_volume(tmp_path)
+    fs = mounted(vol, ms, PowerLostFirst)
+    old = os.urandom(SIZE)
+    await write(fs, b"a", old, fsync=True)
+    before = live_files(paths)
+    await write(fs, b"a", os.urandom(SIZE))
+    new = live_files(paths) - before
+    assert len(new) == 14  # two blobs, a file on every node
+    for path in new:
+        cut(path, keep_size=True)
+    ms = await crash_and_remount(vol, ms, tmp_path, set())
+    try:
+        assert await read(mounted(vol, ms), b"a") == old
+        assert ms.dropped > 0
+    finally:
+        await ms.close()
+
+
+async def test_a_blob_whose_files_lost_only_their_secondaries_is_kept_and_repaired(
+    tmp_path: Path,
+) -> None:
+    vol, ms, paths = await formatted_volume(tmp_path)
+    fs = mounted(vol, ms)
+    await write(fs, b"a", os.urandom(SIZE), fsync=True)
+    before = live_files(paths)
+    data = os.urandom(SIZE)
+    await write(fs, b"a", data)
+    new = live_files(paths) - before
+    for path in new:
+        cut(path, keep_size=False)
+    ms = await crash_and_remount(vol, ms, tmp_path, set())
+    try:
+        assert await read(mounted(vol, ms), b"a") == data
+        assert ms.dropped == 0
+        assert {blob.hex()[:16] for blob in ms.torn} == {p.name[:16] for p in new}
+        assert set(ms.torn.values()) == {tuple(range(7))}
     finally:
         await ms.close()
 
