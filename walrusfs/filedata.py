@@ -728,15 +728,17 @@ class FileData:
         committed: a crash of every node could otherwise keep the commit and lose the
         blob, and with it what the commit replaced (read before `_take`).
 
-        - The block's patches, if they are durable (an fsync, or any durable sync since
-          they were committed, made them so): fsync() promised them. Patches not yet
-          durable promised nothing of the kind (closing small files then costs no flush
-          of the nodes for their pack).
+        - The block's patches, if a sync that asked for it made them durable (an fsync,
+          or any other since they were committed): fsync() promised them. Patches not
+          promised so (not yet durable, or only by the background's commit interval)
+          may be dropped by a crash: the recovery that leaves out a commit whose blob the
+          crash lost then finds them as they were (closing small files then costs no
+          flush of the nodes for their pack).
         - Its committed bytes unchanged, moved to a new blob (a pack compacted): they
           may have been durable for long.
         """
         if f.patched.get(index):
-            return self._meta.durable_through(f.patch_seq.get(index, 0))
+            return self._meta.promised_through(f.patch_seq.get(index, 0))
         return f.changed.get(index) == []
 
     def _round_done(self, pinned: list[bytes]) -> None:

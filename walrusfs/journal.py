@@ -65,6 +65,10 @@ class Journal:
         self.seq = seq
         self.committed = seq
         self.durable = seq
+        # The last record that a sync asked for (fsync(), a delete round) made durable:
+        # only those promise it. The background's commit interval also makes records
+        # durable, without that promise (see sync).
+        self.promised = seq
         self._marked = seq  # the last `durable` sent as a DURABLE_MARK (or started from)
         self._changed = seq  # the seq of the last change that is not a DURABLE_MARK
         self.prev = prev
@@ -119,13 +123,15 @@ class Journal:
         """Changes committed locally but not yet on a quorum of nodes."""
         return self.seq - self.committed
 
-    async def sync(self, *, durable: bool = False) -> None:
+    async def sync(self, *, durable: bool = False, promise: bool = True) -> None:
         """Store every change appended so far on a quorum of nodes.
 
         Concurrent callers share one write (group commit). With `durable`, the nodes then
         flush their filesystems (syncfs), which also makes the data blobs and earlier
         segments written since durable: fsync() needs exactly that; none is needed when
-        a flush since these changes did it already (`durable`). Raises
+        a flush since these changes did it already (`durable`). Without `promise` (the
+        background's commit interval), the changes are made durable but not `promised`.
+        Raises
         StorageUnavailable when fewer than n-f nodes take it; the changes stay pending,
         and the segment is sent again as it is.
         """
@@ -153,6 +159,8 @@ class Journal:
                 reached = self.committed
                 await self._flush_filesystems()
                 self.durable = max(self.durable, reached)
+            if promise:
+                self.promised = max(self.promised, target)
 
     async def rotate(self) -> tuple[int, bytes]:
         """Sync, then cut: later segments go to new log files. Returns (seq, hash) at the cut.

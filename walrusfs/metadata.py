@@ -272,7 +272,7 @@ def _remember(cache: dict[K, V], key: K, value: V, most: int) -> None:
 class JournalSink(Protocol):
     """Where committed changes go (walrusfs.journal.Journal)."""
 
-    durable: int  # the seq through which appended changes are on stable storage
+    promised: int  # the seq through which appended changes were made durable on request
 
     def append(self, change: Change) -> int: ...
 
@@ -448,11 +448,12 @@ class Metadata:
         else:
             self._db.execute("COMMIT")
 
-    def durable_through(self, seq: int) -> bool:
-        """Whether the change committed as `seq` is on stable storage (0: any change from
-        before this mount, which starts with a durable checkpoint). Without a journal, only
+    def promised_through(self, seq: int) -> bool:
+        """Whether the change committed as `seq` was promised to be on stable storage, by
+        an fsync() or another sync that asked for it (0: any change from before this
+        mount, which starts with a durable checkpoint). Without a journal, only
         `checkpoint` makes changes durable, untracked here: taken to be, to be safe."""
-        return self.journal is None or self.journal.durable >= seq
+        return self.journal is None or self.journal.promised >= seq
 
     def checkpoint(self) -> None:
         """Make every committed transaction durable (fsync). Blocking: run it in a thread."""

@@ -165,7 +165,7 @@ class MetaStore:
                     clean_at = trio.current_time()
                 elif commit and trio.current_time() - clean_at >= commit:
                     try:
-                        await self.journal.sync(durable=True)
+                        await self.journal.sync(durable=True, promise=False)
                     except StorageUnavailable as exc:  # tried again `commit` s from now
                         log.debug("background durable sync failed: %s", exc)
                     clean_at = trio.current_time()

@@ -5,6 +5,7 @@ is played by deleting the sliver files that were never flushed."""
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from tests.walrusfs.volumes import formatted_volume, sliver_files, zero_range
+from walrusfs.blobstore import BlobStore
 from walrusfs.errors import FSError, StorageUnavailable
 from walrusfs.fs import FileSystem
 from walrusfs.fsck import EXIT_LOST, fsck
@@ -243,6 +245,46 @@ async def test_a_blob_whose_files_lost_only_their_secondaries_is_kept_and_repair
         assert ms.dropped == 0
         assert {blob.hex()[:16] for blob in ms.torn} == {p.name[:16] for p in new}
         assert set(ms.torn.values()) == {tuple(range(7))}
+    finally:
+        await ms.close()
+
+
+class PutsNoted(FsBlobs):
+    """The real FsBlobs, noting whether each put was durable."""
+
+    def __init__(self, blobs: BlobStore, ms: MetaStore) -> None:
+        super().__init__(blobs, ms)
+        self.puts: list[bool] = []
+
+    async def put_blob(
+        self, data: bytes | bytearray | memoryview, *, durable: bool = False
+    ) -> tuple[bytes, bytes]:
+        self.puts.append(durable)
+        return await super().put_blob(data, durable=durable)
+
+
+@pytest.mark.parametrize("made_durable_by", ["fsync", "the commit interval"])
+async def test_a_pack_replacing_patches_is_durable_only_if_an_fsync_promised_them(
+    tmp_path: Path, made_durable_by: str
+) -> None:
+    # Patches an fsync made durable must stay so when a pack replaces them. Those the
+    # background's commit interval made durable promised nothing: a crash that loses
+    # their pack also leaves out the commit naming it, and finds them as they were.
+    vol, ms, _ = await formatted_volume(tmp_path)
+    blobs = PutsNoted(vol.blobs, ms)
+    fs = FileSystem(ms.metadata, blobs, commit=lambda d: ms.sync(durable=d))
+    try:
+        await write(fs, b"small", b"a small file", fsync=made_durable_by == "fsync")
+        seq = ms.journal.seq
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(ms.run_background, 0.01, commit=0.01))
+            with trio.fail_after(10):
+                while ms.journal.durable < seq:  # noqa: ASYNC110 - the task under test has no event
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert blobs.puts == []  # committed as patches, in the journal
+        await fs.data.flush_all()  # now stored in a pack
+        assert blobs.puts == [made_durable_by == "fsync"]
     finally:
         await ms.close()
 

@@ -172,7 +172,7 @@ async def test_append_and_o_trunc(fs: FileSystem, clock: FakeClock) -> None:
 class Commits:
     """A journal sink that records the name of each committed change."""
 
-    durable = 0
+    promised = 0
 
     def __init__(self) -> None:
         self.ops: list[str] = []
