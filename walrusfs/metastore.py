@@ -32,8 +32,8 @@ DB_NAME = "metadata.db"
 # journal before a checkpoint is kept on every node and read back at every mount.
 CHECKPOINT_EVERY = 20_000
 CHECKPOINT_BYTES = 64 << 20
-# Changes not made durable by fsync() are made so this many seconds after the last
-# durable sync (0: never; only fsync() and unmount do), as ext4 commits every 5 s. It
+# Changes not made durable by fsync() are made so once they are this many seconds old
+# (0: never; only fsync() and unmount do), as ext4 commits every 5 s. It
 # bounds what a power loss of every node takes of closed files, and what recovery reads
 # back after a crash to check that the blobs of those changes survived (walrusfs.recovery).
 DEFAULT_COMMIT_S = 5.0
