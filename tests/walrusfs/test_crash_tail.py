@@ -173,17 +173,28 @@ async def test_nothing_is_left_out_when_every_blob_survived(tmp_path: Path) -> N
         await ms.close()
 
 
+async def rewritten_after_fsync(
+    root: Path, blobs: type[FsBlobs] = FsBlobs
+) -> tuple[Volume, MetaStore, bytes, bytes, list[Path]]:
+    """A volume whose file `a` was fsynced with `old`, then rewritten with `new` and
+    closed: (vol, ms, old, new, the sliver files of `new`: two blobs, one on each node)."""
+    vol, ms, paths = await formatted_volume(root)
+    fs = mounted(vol, ms, blobs)
+    old, new = os.urandom(SIZE), os.urandom(SIZE)
+    await write(fs, b"a", old, fsync=True)
+    before = live_files(paths)
+    await write(fs, b"a", new)
+    files = sorted(live_files(paths) - before)
+    assert len(files) == 14
+    return vol, ms, old, new, files
+
+
 async def test_a_kept_blob_the_crash_left_short_on_some_nodes_goes_to_repair(
     tmp_path: Path,
 ) -> None:
-    vol, ms, paths = await formatted_volume(tmp_path)
-    fs = mounted(vol, ms)
-    await write(fs, b"a", os.urandom(SIZE), fsync=True)
-    before = live_files(paths)
-    await write(fs, b"a", os.urandom(SIZE))
-    new = sorted(live_files(paths) - before)  # two blobs, a file each on every node
+    vol, ms, _, _, new = await rewritten_after_fsync(tmp_path)
     torn = {p for p in new if p.parents[3].name in ("node1", "node4")}
-    assert len(new) == 14 and len(torn) == 4
+    assert len(torn) == 4
     ms = await crash_and_remount(vol, ms, tmp_path, torn)
     try:
         assert {blob.hex()[:16] for blob in ms.torn} == {p.name[:16] for p in torn}
@@ -209,14 +220,7 @@ def cut(path: Path, *, keep_size: bool, n: int = 7, r: int = 3, c: int = 5) -> N
 async def test_a_blob_whose_files_kept_their_size_but_not_their_pages_is_left_out(
     tmp_path: Path,
 ) -> None:
-    vol, ms, paths = await formatted_volume(tmp_path)
-    fs = mounted(vol, ms, PowerLostFirst)
-    old = os.urandom(SIZE)
-    await write(fs, b"a", old, fsync=True)
-    before = live_files(paths)
-    await write(fs, b"a", os.urandom(SIZE))
-    new = live_files(paths) - before
-    assert len(new) == 14  # two blobs, a file on every node
+    vol, ms, old, _, new = await rewritten_after_fsync(tmp_path, PowerLostFirst)
     for path in new:
         cut(path, keep_size=True)
     ms = await crash_and_remount(vol, ms, tmp_path, set())
@@ -230,13 +234,7 @@ async def test_a_blob_whose_files_kept_their_size_but_not_their_pages_is_left_ou
 async def test_a_blob_whose_files_lost_only_their_secondaries_is_kept_and_repaired(
     tmp_path: Path,
 ) -> None:
-    vol, ms, paths = await formatted_volume(tmp_path)
-    fs = mounted(vol, ms)
-    await write(fs, b"a", os.urandom(SIZE), fsync=True)
-    before = live_files(paths)
-    data = os.urandom(SIZE)
-    await write(fs, b"a", data)
-    new = live_files(paths) - before
+    vol, ms, _, data, new = await rewritten_after_fsync(tmp_path)
     for path in new:
         cut(path, keep_size=False)
     ms = await crash_and_remount(vol, ms, tmp_path, set())
