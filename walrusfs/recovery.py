@@ -18,7 +18,8 @@ changes durable a few seconds after they are made (MetaStore.run_background, --c
 which bounds that reading to what was written in those seconds.
 
 A blob kept that some nodes do not hold at full size (the power loss cut part of its
-files short) is handed to repair at once (`Recovered.torn`), not left for a scrub to find.
+files short), or whose read-back found slivers corrupt, is handed to repair at once
+(`Recovered.torn`), not left for a scrub to find.
 
 A record at or before the journal's last durable point (the checkpoint, or a
 DURABLE_MARK) is never dropped for a missing blob: that blob was flushed and lost later,
@@ -92,16 +93,19 @@ async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
             kept.seq + 1,
         )
     readable = vol.nodes.readable()
-    torn = {
-        blob_id: tuple(sorted(readable - holders))
-        for blob_id, holders in seen.whole.items()
-        if holders is not None
-        and blob_id not in seen.lost
-        and readable - holders
-        and md.blob_refcount(blob_id) > 0
-    }
+    torn: dict[bytes, tuple[int, ...]] = {}
+    for blob_id, holders in seen.whole.items():
+        if holders is None or blob_id in seen.lost or md.blob_refcount(blob_id) == 0:
+            continue
+        missing = (readable - holders) | seen.damaged.get(blob_id, set())
+        if missing:
+            torn[blob_id] = tuple(sorted(missing))
     if torn:
-        log.info("%d blobs written just before a crash lack sliver files: repairing", len(torn))
+        log.info(
+            "%d blobs written just before a crash have sliver files missing, short or "
+            "corrupt: repairing",
+            len(torn),
+        )
     return Recovered(md, kept.seq, kept.prev, dropped, torn)
 
 
@@ -113,6 +117,7 @@ class _Seen:
 
     whole: dict[bytes, set[int] | None] = field(default_factory=dict)
     lost: set[bytes] = field(default_factory=set)
+    damaged: dict[bytes, set[int]] = field(default_factory=dict)  # nodes read back corrupt
 
 
 async def _unstored(
@@ -153,15 +158,22 @@ async def _unstored(
         # (XFS, ext4 with data=writeback), and one cut short may still hold its primary
         # sliver. That reads what was written since the last durable sync (--commit).
         seen.whole.update(await vol.blobs.whole_files(todo))
-        seen.lost |= todo.keys() - await _read_back(vol, todo)
+        seen.lost |= todo.keys() - await _read_back(vol, todo, seen.damaged)
     return [seq for seq, blob_id, _meta in named if blob_id in seen.lost]
 
 
-async def _read_back(vol: Volume, blobs: dict[bytes, bytes]) -> set[bytes]:
+async def _read_back(
+    vol: Volume, blobs: dict[bytes, bytes], damaged: dict[bytes, set[int]]
+) -> set[bytes]:
     """The blobs that read back whole and verified (a few at a time: each is held in
-    memory while it is checked)."""
+    memory while it is checked). The nodes whose slivers the reads found corrupt are
+    added to `damaged`, by blob, for repair."""
     ok: set[bytes] = set()
     limit = trio.CapacityLimiter(READ_BACK_AT_ONCE)
+
+    def note(blob_id: bytes, pair: int, why: str) -> None:
+        node = vol.blobs.metadata(blob_id, blobs[blob_id]).node_of_pair(pair)
+        damaged.setdefault(blob_id, set()).add(node)
 
     async def one(blob_id: bytes, meta: bytes) -> None:
         async with limit:
@@ -172,7 +184,11 @@ async def _read_back(vol: Volume, blobs: dict[bytes, bytes]) -> set[bytes]:
                 return
         ok.add(blob_id)
 
-    async with trio.open_nursery() as nursery:
-        for blob_id, meta in blobs.items():
-            nursery.start_soon(one, blob_id, meta)
+    hooked, vol.blobs.on_bad_sliver = vol.blobs.on_bad_sliver, note
+    try:
+        async with trio.open_nursery() as nursery:
+            for blob_id, meta in blobs.items():
+                nursery.start_soon(one, blob_id, meta)
+    finally:
+        vol.blobs.on_bad_sliver = hooked
     return ok

@@ -247,6 +247,24 @@ async def test_a_blob_whose_files_lost_only_their_secondaries_is_kept_and_repair
         await ms.close()
 
 
+async def test_slivers_the_read_back_finds_corrupt_go_to_repair(tmp_path: Path) -> None:
+    vol, ms, _, data, new = await rewritten_after_fsync(tmp_path)
+    # Pair 0, a systematic row every read takes first: its primary sliver's pages lost.
+    first = [p for p in new if p.name.endswith(".p0")]
+    assert len(first) == 2
+    for path in first:
+        zero_range(path, header_size(7), header_size(7) + 100)
+    ms = await crash_and_remount(vol, ms, tmp_path, set())
+    try:
+        assert await read(mounted(vol, ms), b"a") == data
+        assert ms.dropped == 0
+        assert {blob.hex()[:16]: nodes for blob, nodes in ms.torn.items()} == {
+            p.name[:16]: (int(p.parents[3].name[4:]),) for p in first
+        }
+    finally:
+        await ms.close()
+
+
 class PutsNoted(FsBlobs):
     """The real FsBlobs, noting whether each put was durable."""
 
