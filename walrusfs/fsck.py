@@ -285,20 +285,18 @@ async def _run(vol: Volume, state: str, out: TextIO, repair: bool) -> int:
         if not s.complete:
             chk.say(f"  node {s.node} not fully checked: {s.error}")
 
-    # Per blob: which pairs verified whole, and which primary and secondary slivers
-    # verify (a corrupt file may keep one whole). Decodable from R primaries or C
-    # secondaries; lost otherwise.
-    good: dict[bytes, set[int]] = {b: set() for b in refs}
+    # Per blob, the pairs whose primary and whose secondary sliver verify (a corrupt file
+    # may keep one whole): decodable from R primaries or C secondaries, lost otherwise.
+    # A pair is good when both do.
     halves: dict[bytes, dict[str, set[int]]] = {b: {PRIMARY: set(), SECONDARY: set()} for b in refs}
     for s in sweeps.values():
         for b in s.verified:
-            pair = refs[b].meta.pair_of_node(s.node)
-            good[b].add(pair)
             for axis in (PRIMARY, SECONDARY):
-                halves[b][axis].add(pair)
+                halves[b][axis].add(refs[b].meta.pair_of_node(s.node))
         for f in s.findings:
             for axis in f.intact:
                 halves[f.blob_id][axis].add(f.pair)
+    good = {b: h[PRIMARY] & h[SECONDARY] for b, h in halves.items()}
     damaged = {b: set(range(p.n)) - g for b, g in good.items() if len(g) < p.n}
     lost = sorted(b for b, h in halves.items() if len(h[PRIMARY]) < p.R and len(h[SECONDARY]) < p.C)
 

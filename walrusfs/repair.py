@@ -551,26 +551,42 @@ class RepairEngine:
         reproduces the blob id; on a mismatch they are read again, verified, to find the
         culprit (or prove the encoding inconsistent).
         """
-        need = meta.params.R
-        # Systematic rows first: decoding them is a copy.
-        order = sorted(sources, key=lambda q: (self.nodes.rank(meta.node_of_pair(q)), q >= need, q))
-        got, failed, bad = await self._slivers(meta, PRIMARY, order, self.symbol_check)
-        if len(got) < need:
+        got, failed, bad = await self._slivers(
+            meta, PRIMARY, self._decode_order(meta, sources), self.symbol_check
+        )
+        if len(got) < meta.params.R:
             raise _Unusable(failed, bad)
         wanted = sorted(set(targets) | bad)
-        ws = self._workspaces.pop() if self._workspaces else Workspace()
         try:
-            files = await self._cpu_run(lambda: _reencode(meta, got, wanted, ws))
+            files = await self._reencode(meta, got, wanted)
         except InconsistentEncoding:
             if not self.symbol_check:
                 _, failed2, bad2 = await self._slivers(meta, PRIMARY, list(got), True)
                 if failed2 or bad2:
                     raise _Unusable(failed | failed2, bad | bad2) from None
             raise
+        return files, bad
+
+    def _decode_order(self, meta: BlobMetadata, pairs: Iterable[int]) -> list[int]:
+        """Healthiest nodes first, and systematic rows first: decoding them is a copy."""
+        R = meta.params.R
+        return sorted(pairs, key=lambda q: (self.nodes.rank(meta.node_of_pair(q)), q >= R, q))
+
+    async def _reencode(
+        self,
+        meta: BlobMetadata,
+        got: dict[int, memoryview],
+        targets: list[int],
+        axis: str = PRIMARY,
+    ) -> dict[int, bytes]:
+        """_reencode in a worker thread, with a workspace of the engine's pool."""
+        ws = self._workspaces.pop() if self._workspaces else Workspace()
+        try:
+            files = await self._cpu_run(lambda: _reencode(meta, got, targets, ws, axis))
         finally:
             self._workspaces.append(ws)
         assert isinstance(files, dict)
-        return files, bad
+        return files
 
     async def _by_salvage(
         self, meta: BlobMetadata, targets: list[int], readable: set[int]
@@ -584,20 +600,14 @@ class RepairEngine:
         """
         p = meta.params
         pairs = [q for q in range(meta.n) if meta.node_of_pair(q) in readable]
-        order = sorted(pairs, key=lambda q: (self.nodes.rank(meta.node_of_pair(q)), q >= p.R, q))
         axis = PRIMARY
-        got, _, _ = await self._slivers(meta, axis, order, True)
+        got, _, _ = await self._slivers(meta, axis, self._decode_order(meta, pairs), True)
         if len(got) < p.R:
             axis = SECONDARY
             got, _, _ = await self._slivers(meta, axis, self._order(meta, pairs), True)
             if len(got) < p.C:
                 return None
-        ws = self._workspaces.pop() if self._workspaces else Workspace()
-        try:
-            files = await self._cpu_run(lambda: _reencode(meta, got, targets, ws, axis))
-        finally:
-            self._workspaces.append(ws)
-        assert isinstance(files, dict)
+        files = await self._reencode(meta, got, targets, axis)
         log.info(
             "blob %s: pairs %s rebuilt from %d %s slivers of damaged files",
             meta.blob_id.hex()[:16],
