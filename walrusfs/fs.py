@@ -55,7 +55,7 @@ from walrusfs.errors import (
     TooBig,
 )
 from walrusfs.filedata import FileData
-from walrusfs.metadata import ROOT_INODE, InodeRow, Metadata
+from walrusfs.metadata import ROOT_INODE, InodeRow, Metadata, clamp_time_ns
 from walrusfs.reclaim import BlobStoreProtocol
 
 NAME_MAX = 255
@@ -257,6 +257,9 @@ class FileSystem:
         an open file (ftruncate, O_TRUNC), whose close commits it (see FileData.truncate)."""
         row = self.meta.get_inode(ino)
         now = self._now()
+        atime_ns, mtime_ns, ctime_ns = (
+            None if t is None else clamp_time_ns(t) for t in (atime_ns, mtime_ns, ctime_ns)
+        )
         fields: dict[str, int] = {}
         new_mode = row.mode
         if size is not None:

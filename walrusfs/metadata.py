@@ -42,6 +42,11 @@ STORED_CACHE = 10_000  # files whose stored_bytes are remembered
 # Inode rows and block references remembered between mutations (see Metadata._rows).
 ROW_CACHE = 50_000
 ROOT_INODE = 1
+# Times are stored as SQLite INTEGERs of nanoseconds: years 1677 to 2262. A time outside
+# is clamped to the range, as Linux does for filesystems with a narrower one (ext4, XFS),
+# rather than refused: touch, tar and rsync would fail on a file from such an archive.
+TIME_NS_MIN = -(1 << 63)
+TIME_NS_MAX = (1 << 63) - 1
 
 # The on-disk format, version SCHEMA_VERSION. Foreign keys are documented, not enforced
 # (enforcement costs a lookup per row; the Metadata methods keep them true).
@@ -164,6 +169,11 @@ class BlockRef:
     meta: bytes
     length: int
     start: int = 0
+
+
+def clamp_time_ns(ns: int) -> int:
+    """`ns` within the range the inode table can store."""
+    return min(max(ns, TIME_NS_MIN), TIME_NS_MAX)
 
 
 def _clearing(clear: bool) -> dict[str, bool]:

@@ -24,7 +24,7 @@ from tests.walrusfs.conftest import BS, Mounted, in_thread, lazy_unmount, mounte
 from tests.walrusfs.memblobs import MemBlobStore
 from walrusfs.errors import NotFound
 from walrusfs.fs import FileSystem
-from walrusfs.metadata import ROOT_INODE, Metadata
+from walrusfs.metadata import ROOT_INODE, TIME_NS_MAX, TIME_NS_MIN, Metadata
 from walrusfs.mount import READ_AHEAD_KB
 
 SIZES = [0, 1, 4095, 4096, 4097, BS - 1, BS, BS + 1, 3 * BS, 5 * BS + 3]
@@ -322,6 +322,37 @@ async def test_chmod_chown_utimens(mounted: Mounted) -> None:
     ino = (await in_thread(os.stat, mounted.path / "f")).st_ino
     row = mounted.fs.meta.get_inode(ino)  # what the kernel set is what we stored
     assert (row.mtime_ns, row.atime_ns) == (1_300_000_000_500_000_000, 1_111_111_111_123_456_789)
+
+
+YEAR_2500_NS = 16_725_225_600 * 10**9
+YEAR_1500_NS = -14_831_769_600 * 10**9
+
+
+def times_out_of_range(root: Path) -> list[int]:
+    """Set times past what the inode table stores, on a closed file and on one being
+    written (either used to fail with EIO); their inode numbers."""
+    closed = root / "closed"
+    closed.write_bytes(b"x")
+    os.utime(closed, ns=(YEAR_1500_NS, YEAR_2500_NS))
+    fd = os.open(root / "open", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"y" * 5000)
+        os.utime(fd, ns=(YEAR_2500_NS, YEAR_1500_NS))
+    finally:
+        os.close(fd)
+    return [os.stat(closed).st_ino, os.stat(root / "open").st_ino]
+
+
+async def test_times_out_of_range_are_clamped_not_refused(mounted: Mounted) -> None:
+    closed, opened = await in_thread(times_out_of_range, mounted.path)
+    # The kernel shows its own copy of mtime while it has the inode (writeback cache);
+    # what is stored, and seen after a remount, is clamped.
+    rows = [mounted.fs.meta.get_inode(ino) for ino in (closed, opened)]
+    assert [(r.atime_ns, r.mtime_ns) for r in rows] == [
+        (TIME_NS_MIN, TIME_NS_MAX),
+        (TIME_NS_MAX, TIME_NS_MIN),
+    ]
+    assert await in_thread((mounted.path / "open").read_bytes) == b"y" * 5000
 
 
 def extract_like_tar(path: Path, size: int) -> None:
