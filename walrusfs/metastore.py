@@ -77,12 +77,15 @@ class MetaStore:
         superblock: Superblock,
         dropped: int = 0,
         torn: dict[bytes, tuple[int, ...]] | None = None,
+        tail: dict[bytes, bytes] | None = None,
     ) -> None:
         self.vol = vol
         # Journal records recovery left out: a crash lost their blobs (walrusfs.recovery).
         self.dropped = dropped
         # Blobs kept whose sliver files a crash left short on some nodes: blob -> nodes.
         self.torn = torn or {}
+        # Blobs kept that were written after the last durable sync (Recovered.tail).
+        self.tail = tail or {}
         self.metadata = metadata
         self.journal = journal
         self.superblock = superblock
@@ -118,7 +121,7 @@ class MetaStore:
             log.info("recovered %d journalled changes after the checkpoint", seq - sb.seq)
         journal = Journal(vol.nodes, vol.params.n - vol.params.f, epoch, seq, prev)
         md.attach_journal(journal)
-        return cls(vol, md, journal, new, got.dropped, got.torn)
+        return cls(vol, md, journal, new, got.dropped, got.torn, got.tail)
 
     async def sync(self, *, durable: bool = False) -> None:
         """Make every committed change survive the loss of this machine (see Journal.sync)."""

@@ -56,6 +56,11 @@ class Recovered:
     # Blobs kept that some readable nodes do not hold whole (the crash tore their files):
     # blob id -> those nodes, for repair to fill in at once rather than at a scrub.
     torn: dict[bytes, tuple[int, ...]]
+    # Every blob kept that was named after the last durable sync: blob id -> metadata.
+    # Reading one back verified R primary slivers; its other files are checked after the
+    # mount (Scrubber.check_blobs), since a crash may have spoilt them without a trace in
+    # their sizes.
+    tail: dict[bytes, bytes] = field(default_factory=dict)
 
 
 async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
@@ -94,9 +99,11 @@ async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
         )
     readable = vol.nodes.readable()
     torn: dict[bytes, tuple[int, ...]] = {}
+    tail: dict[bytes, bytes] = {}
     for blob_id, holders in seen.whole.items():
         if holders is None or blob_id in seen.lost or md.blob_refcount(blob_id) == 0:
             continue
+        tail[blob_id] = seen.metas[blob_id]
         missing = (readable - holders) | seen.damaged.get(blob_id, set())
         if missing:
             torn[blob_id] = tuple(sorted(missing))
@@ -106,7 +113,7 @@ async def recover(vol: Volume, sb: Superblock, path: str) -> Recovered:
             "corrupt: repairing",
             len(torn),
         )
-    return Recovered(md, kept.seq, kept.prev, dropped, torn)
+    return Recovered(md, kept.seq, kept.prev, dropped, torn, tail)
 
 
 @dataclass
@@ -118,6 +125,7 @@ class _Seen:
     whole: dict[bytes, set[int] | None] = field(default_factory=dict)
     lost: set[bytes] = field(default_factory=set)
     damaged: dict[bytes, set[int]] = field(default_factory=dict)  # nodes read back corrupt
+    metas: dict[bytes, bytes] = field(default_factory=dict)  # of the blobs looked at
 
 
 async def _unstored(
@@ -152,6 +160,7 @@ async def _unstored(
             seen.whole[blob_id] = None  # reads report it
             continue
         todo[blob_id] = meta
+    seen.metas.update(todo)
     if todo:
         # Sizes tell which files a crash cut short, for repair. Whether the blob survived
         # takes reading it back: a filesystem may keep a file's size and lose its pages

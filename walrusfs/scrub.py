@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -132,6 +132,22 @@ async def _check_file(nodes: NodeSet, node: int, meta: BlobMetadata, pair: int) 
     await nodes.call(node, lambda st: st.get(key, check=check))
 
 
+async def _verify(
+    nodes: NodeSet, node: int, meta: BlobMetadata, pair: int, if_missing: str
+) -> Finding | None:
+    """Check one sliver file: None if it verifies, else what is wrong with it (a corrupt
+    one also counts against its node). Raises NodeError."""
+    try:
+        await _check_file(nodes, node, meta, pair)
+    except KeyNotFound:
+        return Finding(node, meta.blob_id, pair, "missing", if_missing)
+    except (SliverFileError, CodecError) as exc:
+        nodes.note_corrupt(node, str(exc))
+        intact = exc.intact if isinstance(exc, SliverCorrupt) else ()
+        return Finding(node, meta.blob_id, pair, "corrupt", str(exc), intact)
+    return None
+
+
 async def _delete(nodes: NodeSet, node: int, key: str) -> None:
     await nodes.call(node, lambda st: st.delete(key))
 
@@ -189,17 +205,14 @@ async def sweep_node(
         if limit is not None:
             await limit.take(size)
         try:
-            await _check_file(nodes, node, meta, pair)
-            out.verified.add(blob_id)
-        except KeyNotFound:
-            out.findings.append(Finding(node, blob_id, pair, "missing", "deleted meanwhile"))
+            finding = await _verify(nodes, node, meta, pair, "deleted meanwhile")
         except NodeError as exc:
             out.error = str(exc)
             return out
-        except (SliverFileError, CodecError) as exc:
-            nodes.note_corrupt(node, str(exc))
-            intact = exc.intact if isinstance(exc, SliverCorrupt) else ()
-            out.findings.append(Finding(node, blob_id, pair, "corrupt", str(exc), intact))
+        if finding is None:
+            out.verified.add(blob_id)
+        else:
+            out.findings.append(finding)
         out.files += 1
         out.bytes += size
         if progress is not None:
@@ -373,6 +386,50 @@ class Scrubber:
             if report.corrupt or report.missing or report.orphans_removed:
                 log.warning("%s", report.summary())
         return report
+
+    async def check_blobs(
+        self, blobs: Mapping[bytes, bytes], skip: Mapping[bytes, Collection[int]]
+    ) -> list[Finding]:
+        """Verify the sliver files of `blobs` (id -> metadata) on every readable node but
+        those `skip` names for a blob, paced like a pass; hand what is corrupt or missing
+        to repair, and return it. A node that fails is left to the rolling passes.
+
+        For the blobs a crash recovery kept (Recovered.tail): reading one back verified
+        R primary slivers, which tells that its data survived, not that every file did.
+        A filesystem may keep a file's size and lose its pages, so the first pass would
+        otherwise be the first to notice, hours later on a large volume.
+        """
+        todo = {blob_id: self.vol.blobs.metadata(blob_id, meta) for blob_id, meta in blobs.items()}
+        findings: list[Finding] = []
+
+        async def one(node: int) -> None:
+            for blob_id, meta in sorted(todo.items()):
+                if node in skip.get(blob_id, ()):
+                    continue
+                await self.limit.take(file_size(meta))
+                try:
+                    finding = await _verify(
+                        self.nodes, node, meta, meta.pair_of_node(node), "no sliver file"
+                    )
+                except NodeError:
+                    return
+                if finding is not None:
+                    findings.append(finding)
+
+        async with trio.open_nursery() as nursery:
+            for i in sorted(self.nodes.readable()):
+                nursery.start_soon(one, i)
+        for fd in findings:
+            self.errors_found += 1
+            if self.repair is not None:
+                self.repair.note_bad(fd.blob_id, fd.pair, f"{fd.kind} (after a crash): {fd.detail}")
+        if findings:
+            log.warning(
+                "%d sliver files of blobs written just before a crash are corrupt or "
+                "missing: repairing",
+                len(findings),
+            )
+        return findings
 
     async def _absorb(self, sw: NodeSweep, report: ScrubReport) -> None:
         report.files += sw.files

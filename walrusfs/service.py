@@ -406,6 +406,8 @@ async def _serve_volume(opts: MountOptions, ready: Callable[[list[str]], object]
                 nursery.start_soon(vol.nodes.probe_forever)
                 await nursery.start(repair.run_forever)
                 await nursery.start(scrubber.run_forever)
+                if metastore.tail:
+                    nursery.start_soon(scrubber.check_blobs, metastore.tail, metastore.torn)
                 await nursery.start(serve_control, opts.mountpoint, mounted.handle)
                 await serve(
                     fs,
