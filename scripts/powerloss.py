@@ -15,7 +15,9 @@ volume from it with an empty state directory. Checked:
 - every file reads back whole (no EIO, no garbage): its content is the one it had at
   the last fsync (of any file: an fsync flushes every node) or one it was given since;
   a file created since may be missing or empty;
-- `walrusfs fsck` finds no lost data.
+- the mount finds the sliver files the power loss spoilt (its check of what was written
+  since the last durable sync, then a repair pass), and `walrusfs fsck` after it finds
+  no lost data and no corrupt or missing sliver file.
 Whether recovery left out journal changes whose blobs the disk did not have is printed:
 that is the case this run exists for, and how often it comes up depends on timing.
 
@@ -33,6 +35,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -57,6 +60,21 @@ def sh(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str
 
 def walrusfs(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     return sh(*WALRUSFS, *args, check=check)
+
+
+def settle(mnt: Path, timeout: float = 120.0) -> str:
+    """Wait for the mount's check of the files written just before the crash, then run
+    a repair pass; what did not happen ("" if all did)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = json.loads(walrusfs("status", mnt, "--json").stdout)
+        if st["scrub"]["after_crash_left"] == 0:
+            break
+        if time.monotonic() > deadline:
+            return f"{st['scrub']['after_crash_left']} files unchecked after {timeout:g} s"
+        time.sleep(0.2)
+    res = walrusfs("repair", mnt, check=False)
+    return "" if res.returncode == 0 else f"repair: {res.stdout.strip()} {res.stderr.strip()}"
 
 
 def digest(data: bytes) -> str:
@@ -196,17 +214,21 @@ def power_loss(args: argparse.Namespace, base: Path) -> int:
                     newest += 1
                 else:
                     older += 1
+            unsettled = settle(mnt)
         finally:
             walrusfs("umount", mnt, check=False)
         fsck = walrusfs("fsck", after / "n0", check=False)
-        # What fsck found besides: orphans (blobs of changes left out or never named)
-        # and slivers the power loss tore are expected, and repaired by the mount.
+        # Orphans (blobs of changes left out or never named) are expected; sliver files
+        # the power loss spoilt must have been found and repaired by the mount.
         fsck_line = "; ".join(
             line.strip()
             for line in fsck.stdout.splitlines()
             if line.startswith(("sliver files:", "orphans:", "blobs:"))
         )
         lost = "LOST" in fsck.stdout
+        spoilt = re.search(r"sliver files: \d+ verified, (\d+) missing, (\d+) corrupt", fsck.stdout)
+        if unsettled or spoilt is None or spoilt.group(1) != "0" or spoilt.group(2) != "0":
+            bad.append(f"the mount did not repair what the power loss spoilt: {unsettled}")
     finally:
         sh("umount", "-l", after, check=False)
     for line in bad:

@@ -290,6 +290,7 @@ async def test_files_a_crash_spoilt_past_what_the_read_back_reads_are_found_and_
         scrubber = Scrubber(vol, catalog, repair, rate=None)
         found = await scrubber.check_blobs(ms.tail, ms.torn)
         assert sorted((f.kind, f.intact) for f in found) == [("corrupt", (PRIMARY,))] * 14
+        assert scrubber.after_crash_left == 0
         report = await repair.pass_once([])
         assert report.pairs_written == 14
         assert {p: p.read_bytes() for p in new} == intact
