@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import trio
 
@@ -456,11 +457,36 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
     scrub = st.get("scrub")
     if isinstance(scrub, dict):
-        print(
-            "  scrub: "
-            + ", ".join(f"{k} {v}" for k, v in scrub.items() if not isinstance(v, dict | list))
-        )
+        print(_scrub_line(scrub))
     return 0
+
+
+def _scrub_line(scrub: dict[str, Any]) -> str:
+    """The scrub's part of `status`, in words."""
+    if scrub["running"]:
+        done = scrub.get("progress")
+        state = "running" + (f" ({done:.0%} of a pass)" if done is not None else "")
+    else:
+        state = "idle"
+    parts = [state]
+    if scrub.get("after_crash_left"):
+        parts.append(f"checking {scrub['after_crash_left']} sliver files written before a crash")
+    limit = scrub.get("rate_limit")
+    parts.append(f"rate limit {_human(int(limit)) + '/s' if limit else 'none'}")
+    parts.append(f"errors found {scrub['errors_found']}")
+    parts.append(f"orphans waiting for removal {scrub['orphans_pending']}")
+    line = "  scrub: " + ", ".join(parts)
+    last = scrub.get("last_pass")
+    if isinstance(last, dict):
+        line += (
+            f"\n    last pass: {last['files']} files ({_human(last['bytes'])}) in "
+            f"{last['duration']:.0f}s, {len(last['corrupt'])} corrupt, {last['missing']} missing, "
+            f"{last['orphans']} orphans ({last['orphans_removed']} removed)"
+            + (", incomplete" if last["incomplete"] or last["cancelled"] else "")
+        )
+    else:
+        line += "\n    no pass yet (the first starts a minute after mounting)"
+    return line
 
 
 def _report(title: str, rep: dict[str, object]) -> int:

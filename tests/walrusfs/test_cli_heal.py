@@ -51,10 +51,13 @@ def test_scrub_finds_and_repairs_corrupt_slivers(vol: Vol) -> None:
     originals = {p: p.read_bytes() for p in victims}
     for p in victims:
         flip_byte(p, header_size(7) + 1000)
+    assert "no pass yet" in run("status", vol.mnt).stdout
     out = run("scrub", vol.mnt)
     assert "corrupt" in out.stdout
     run("repair", vol.mnt)
     assert {p: p.read_bytes() for p in victims} == originals
+    text = run("status", vol.mnt).stdout
+    assert "scrub: idle" in text and "errors found 3" in text and ", 3 corrupt, 0 missing" in text
 
 
 def test_replace_node_then_fsck_is_clean(vol: Vol, tmp_path: Path) -> None:
