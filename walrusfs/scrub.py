@@ -326,6 +326,7 @@ class Scrubber:
         self.passes = 0
         self._seen_orphans: dict[tuple[int, bytes, int], float] = {}
         self.after_crash_left = 0  # sliver files check_blobs has still to verify
+        self._ended: float | None = None  # trio time the last pass ended
         self._pass_bytes = 0
         self._pass_total = 0
         self._running = False
@@ -382,6 +383,7 @@ class Scrubber:
         finally:
             self._running = False
             report.duration = trio.current_time() - t0
+            self._ended = trio.current_time()
             self.last_report = report
             self.passes += 1
             if report.corrupt or report.missing or report.orphans_removed:
@@ -497,18 +499,29 @@ class Scrubber:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Background task for the mount's nursery: a pass, then `rest` seconds (or a
-        trigger), and again; paced by `rate`. Stops by cancellation."""
+        trigger), and again; paced by `rate`. Stops by cancellation.
+
+        The rest counts from the end of the last pass of any origin: a pass asked for
+        (`walrusfs scrub`) is not followed by another over the same files at once.
+        """
         task_status.started()
-        with trio.move_on_after(first_delay):
-            await self._wake.wait()
+        due = trio.current_time() + first_delay
         while True:
+            with trio.move_on_at(due):
+                await self._wake.wait()
+            woken = self._wake.is_set()
             self._wake = trio.Event()
+            if not woken:
+                async with self._pass_lock:  # one under way: look again once it is over
+                    pass
+                if self._ended is not None and self._ended + self.rest > trio.current_time():
+                    due = self._ended + self.rest
+                    continue
             try:
                 await self.scrub_pass()
             except Exception as exc:  # e.g. metadata unreadable: try again after the rest
                 log.warning("scrub pass failed: %s", exc)
-            with trio.move_on_after(self.rest):
-                await self._wake.wait()
+            due = trio.current_time() + self.rest
 
     def status(self) -> dict[str, object]:
         """For `walrusfs status`: progress of the running pass, last times, errors."""

@@ -113,6 +113,25 @@ async def test_scrub_and_repair_in_the_background_heal_a_damaged_node(tmp_path: 
     assert scrubber.passes >= 1 and scrubber.status()["errors_found"] == 4
 
 
+async def test_a_pass_asked_for_is_not_followed_at_once_by_a_scheduled_one(
+    tmp_path: Path,
+) -> None:
+    vol, _ = await make_volume(tmp_path)
+    refs, _ = await fill(vol, 4, seed=23)
+    scrubber = Scrubber(vol, refs, rate=None, rest=2.0)
+    with trio.fail_after(NO_HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: scrubber.run_forever(first_delay=0.2, task_status=task_status)
+            )
+            await scrubber.scrub_pass()  # `walrusfs scrub`, before the first one was due
+            await trio.sleep(0.4)  # past first_delay, inside the rest after that pass
+            assert scrubber.passes == 1 and not scrubber.status()["running"]
+            while scrubber.passes < 2:  # the rest over, the schedule goes on
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+
 async def test_orphans_go_only_after_their_grace_and_checkpoints_stay(tmp_path: Path) -> None:
     vol, paths = await make_volume(tmp_path)
     refs, data = await fill(vol, 4, seed=23)
