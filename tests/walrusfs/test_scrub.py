@@ -127,7 +127,7 @@ async def test_a_pass_asked_for_is_not_followed_at_once_by_a_scheduled_one(
             await scrubber.scrub_pass()  # `walrusfs scrub`, before the first one was due
             await trio.sleep(0.4)  # past first_delay, inside the rest after that pass
             assert scrubber.passes == 1 and not scrubber.status()["running"]
-            while scrubber.passes < 2:  # the rest over, the schedule goes on
+            while scrubber.passes < 2:  # noqa: ASYNC110 - the rest over, the schedule goes on
                 await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
 
