@@ -145,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # The pid: every mount's server appends to the same log file, and `walrusfs mount`
+    # prints its server's pid.
+    logging.basicConfig(
+        level=level, format="%(asctime)s [%(process)d] %(name)s %(levelname)s: %(message)s"
+    )
 
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
