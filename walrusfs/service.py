@@ -373,6 +373,15 @@ def mount_warnings(vol: Volume, metastore: MetaStore) -> list[str]:
     return said
 
 
+async def _check_tail(scrubber: Scrubber, metastore: MetaStore) -> None:
+    """Scrubber.check_blobs on what a crash recovery kept; a failure must not end the mount
+    (the rolling scrub passes check those files too)."""
+    try:
+        await scrubber.check_blobs(metastore.tail, metastore.torn)
+    except Exception as exc:
+        log.warning("checking the files written just before a crash failed: %s", exc)
+
+
 async def _serve_volume(opts: MountOptions, ready: Callable[[list[str]], object] | None) -> None:
     from walrusfs.fs import FileSystem
     from walrusfs.mount import serve
@@ -407,7 +416,7 @@ async def _serve_volume(opts: MountOptions, ready: Callable[[list[str]], object]
                 await nursery.start(repair.run_forever)
                 await nursery.start(scrubber.run_forever)
                 if metastore.tail:
-                    nursery.start_soon(scrubber.check_blobs, metastore.tail, metastore.torn)
+                    nursery.start_soon(_check_tail, scrubber, metastore)
                 await nursery.start(serve_control, opts.mountpoint, mounted.handle)
                 await serve(
                     fs,
