@@ -127,6 +127,10 @@ class _Handle:
     next_read: int = 0  # where a sequential reader reads next (read-ahead)
 
 
+def _read_only(h: _Handle) -> bool:
+    return h.flags & os.O_ACCMODE == os.O_RDONLY
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise NameTooLong(repr(name[:40]))
@@ -637,8 +641,15 @@ class FileSystem:
 
     async def flush(self, fh: int) -> None:
         """close(2) of one descriptor: store the file's dirty data and its metadata
-        (what fsync committed as patches is committed already, see FileData)."""
-        await self.data.flush(self._handle(fh).inode, fold=False)
+        (what fsync committed as patches is committed already, see FileData).
+
+        Not for a descriptor opened read-only: it changed nothing, and its close must not
+        fail because another writer's data cannot be stored (`cat` of a file that reads
+        fine would exit 1 on a volume with too many nodes full)."""
+        h = self._handle(fh)
+        if _read_only(h):
+            return
+        await self.data.flush(h.inode, fold=False)
         await self._committed(False)
 
     async def fsync(self, fh: int, datasync: bool = False) -> None:
@@ -650,12 +661,14 @@ class FileSystem:
         await self._committed(True)
 
     async def release(self, fh: int) -> None:
-        """Last close of an open: flush (writes may follow flush under mmap), then drop."""
+        """Last close of an open: flush a writable one (writes may follow flush under
+        mmap), then drop."""
         h = self._handles.pop(fh, None)
         if h is None:
             return
         try:
-            await self.data.flush(h.inode, fold=False)
+            if not _read_only(h):
+                await self.data.flush(h.inode, fold=False)
         finally:
             self._opens[h.inode] -= 1
             if self._opens[h.inode] <= 0:

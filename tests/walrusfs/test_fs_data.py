@@ -603,7 +603,7 @@ async def test_a_close_waits_only_for_the_pack_its_file_is_in(
     closed: list[int] = []
 
     async def close_one(ino: int) -> None:
-        fh = await fs.open(ino, os.O_RDONLY, 0)
+        fh = await fs.open(ino, os.O_RDWR, 0)  # a writer's: a reader's close waits for nothing
         await fs.release(fh)
         closed.append(ino)
 
@@ -671,6 +671,28 @@ async def test_a_pack_that_fails_keeps_its_files_in_memory(
     for ino, data in files.items():
         assert await read_fresh(meta, store, ino, len(data)) == data
     assert_no_leaks(fs, store)
+
+
+async def test_closing_a_reader_does_not_fail_on_data_a_writer_cannot_store(
+    fs: FileSystem, store: MemBlobStore
+) -> None:
+    # Too many nodes full: the writer's close fails, the data stays in memory and reads
+    # back. A reader's close reports nothing: cat of that file must exit 0.
+    ino, wfh = await new_file(fs)
+    data = os.urandom(3 * BS)
+    await fs.write(wfh, 0, data)
+    store.fail_puts = True
+    with pytest.raises(Exception) as info:
+        await fs.flush(wfh)
+    assert errno_of(info.value) == errno.EIO
+    rfh = await fs.open(ino, os.O_RDONLY, 0)
+    assert await read_all(fs, rfh, len(data)) == data
+    await fs.flush(rfh)
+    await fs.release(rfh)
+    store.fail_puts = False
+    await fs.flush(wfh)  # the writer's close stores it once the nodes take it again
+    assert fs.data.dirty_bytes == 0
+    await fs.release(wfh)
 
 
 async def delete_small(fs: FileSystem, files: dict[int, bytes], ino: int) -> None:
