@@ -28,6 +28,7 @@ and the mutation that follows it are atomic with respect to other requests.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import stat
 import time
@@ -53,10 +54,13 @@ from walrusfs.errors import (
     PermissionDenied,
     Range,
     TooBig,
+    is_known,
 )
 from walrusfs.filedata import FileData
 from walrusfs.metadata import ROOT_INODE, InodeRow, Metadata, clamp_time_ns
 from walrusfs.reclaim import BlobStoreProtocol
+
+log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -643,11 +647,18 @@ class FileSystem:
         """close(2) of one descriptor: store the file's dirty data and its metadata
         (what fsync committed as patches is committed already, see FileData).
 
-        Not for a descriptor opened read-only: it changed nothing, and its close must not
-        fail because another writer's data cannot be stored (`cat` of a file that reads
-        fine would exit 1 on a volume with too many nodes full)."""
+        A descriptor opened read-only wrote nothing: its close stores no data (another
+        writer's), and commits the metadata (an fchmod through it) only as far as the
+        nodes take it. Its close must not fail for what others wrote: `cat` of a file
+        that reads fine would exit 1 on a volume with too many nodes full."""
         h = self._handle(fh)
         if _read_only(h):
+            try:
+                await self._committed(False)
+            except Exception as exc:
+                if not is_known(exc):
+                    raise
+                log.debug("close of a reader of inode %d: not committed now: %s", h.inode, exc)
             return
         await self.data.flush(h.inode, fold=False)
         await self._committed(False)

@@ -14,7 +14,7 @@ import trio
 
 from tests.walrusfs.conftest import BS, FakeClock, fake_space
 from tests.walrusfs.memblobs import MemBlobStore
-from walrusfs.errors import errno_of
+from walrusfs.errors import NoSpace, errno_of
 from walrusfs.filedata import COMPACT_QUIET, PACK_HEADER, READ_AHEAD_BLOCKS
 from walrusfs.fs import FileSystem
 from walrusfs.metadata import ROOT_INODE, Change, Metadata
@@ -693,6 +693,34 @@ async def test_closing_a_reader_does_not_fail_on_data_a_writer_cannot_store(
     await fs.flush(wfh)  # the writer's close stores it once the nodes take it again
     assert fs.data.dirty_bytes == 0
     await fs.release(wfh)
+
+
+async def test_a_readers_close_commits_metadata_as_far_as_the_nodes_take_it(
+    meta: Metadata, store: MemBlobStore
+) -> None:
+    commits: list[bool] = []
+    failing = False
+
+    async def commit(durable: bool) -> None:
+        commits.append(durable)
+        if failing:
+            raise NoSpace("journal: too many nodes full")
+
+    fs = FileSystem(meta, store, space=fake_space, commit=commit)
+    ino, wfh = await new_file(fs)
+    await fs.release(wfh)
+    rfh = await fs.open(ino, os.O_RDONLY, 0)
+    await fs.setattr(ino, mode=0o600)  # fchmod through the reader: its close commits it
+    commits.clear()
+    await fs.flush(rfh)
+    assert commits == [False]
+    failing = True
+    await fs.flush(rfh)  # not the reader's failure to report
+    wfh = await fs.open(ino, os.O_WRONLY, 0)
+    with pytest.raises(NoSpace):
+        await fs.flush(wfh)  # a writer's close says it
+    await fs.release(wfh)
+    await fs.release(rfh)
 
 
 async def delete_small(fs: FileSystem, files: dict[int, bytes], ino: int) -> None:
