@@ -15,7 +15,13 @@ import pytest
 import trio
 
 from codec import PRIMARY
-from tests.walrusfs.volumes import formatted_volume, sliver_files, zero_range
+from tests.walrusfs.volumes import (
+    formatted_volume,
+    lose_secondary,
+    secondary_start,
+    sliver_files,
+    zero_range,
+)
 from walrusfs.blobstore import BlobStore
 from walrusfs.catalog import Catalog
 from walrusfs.errors import FSError, StorageUnavailable
@@ -208,17 +214,14 @@ async def test_a_kept_blob_the_crash_left_short_on_some_nodes_goes_to_repair(
         await ms.close()
 
 
-def cut(path: Path, *, keep_size: bool, n: int = 7, r: int = 3, c: int = 5) -> None:
+def cut(path: Path, *, keep_size: bool) -> None:
     """What a power loss may leave of an unflushed sliver file: its secondary sliver's
     pages lost, and with `keep_size` its primary's too, the size kept (zeros read back);
     else the file cut short after its primary."""
-    h = header_size(n)
-    size = path.stat().st_size
-    end = h + (size - h) // (r + c) * c  # the end of the primary sliver
     if keep_size:
-        zero_range(path, h, size)
+        zero_range(path, header_size(7), path.stat().st_size)
     else:
-        os.truncate(path, end)
+        os.truncate(path, secondary_start(path))
 
 
 async def test_a_blob_whose_files_kept_their_size_but_not_their_pages_is_left_out(
@@ -277,9 +280,8 @@ async def test_files_a_crash_spoilt_past_what_the_read_back_reads_are_found_and_
     # repair rebuilds them byte-identical.
     vol, ms, _, data, new = await rewritten_after_fsync(tmp_path)
     intact = {p: p.read_bytes() for p in new}
-    h = header_size(7)
     for path in new:
-        zero_range(path, h + (path.stat().st_size - h) // 8 * 5, path.stat().st_size)
+        lose_secondary(path)
     ms = await crash_and_remount(vol, ms, tmp_path, set())
     catalog = Catalog(ms.metadata.path, lambda: ms.superblock)
     try:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from walrusfs.metastore import MetaStore, format_metadata
-from walrusfs.sliverfile import parse_key
+from walrusfs.sliverfile import header_size, parse_key
 from walrusfs.volume import Volume, create_volume, open_volume
 
 
@@ -44,6 +44,19 @@ def zero_range(path: Path, start: int, stop: int) -> None:
     raw = bytearray(path.read_bytes())
     raw[start:stop] = bytes(len(raw[start:stop]))
     path.write_bytes(bytes(raw))
+
+
+def secondary_start(path: Path, n: int = 7, r: int = 3, c: int = 5) -> int:
+    """Where a sliver file's secondary sliver begins: after its header and its primary (C
+    symbols; the secondary has R)."""
+    h = header_size(n)
+    return h + (path.stat().st_size - h) // (r + c) * c
+
+
+def lose_secondary(path: Path) -> None:
+    """Zeros over the secondary sliver, the size kept: a power loss that kept the file's
+    first pages only."""
+    zero_range(path, secondary_start(path), path.stat().st_size)
 
 
 @contextlib.contextmanager
