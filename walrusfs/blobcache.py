@@ -14,6 +14,11 @@ is read and cached in *windows*: aligned runs of whole symbols, the smallest ran
 store verifies on their own. Caching it whole would not fit, and not caching it made
 every 1 MiB read of the kernel fetch all of a 128 MiB blob again (measured: 13 MB/s).
 
+A reader that jumps about (a database, a VM image, git's pack lookups) is served by
+windows too, of a symbol or so: fetching the whole 4 MiB blob for each 4 KiB read cost
+3.8 ms a read here, the symbol 1.5 ms, and a cold disk reads 15x fewer bytes. A
+sequential reader still gets whole blobs, read ahead.
+
 Must not import pyfuse3. Talks to the blob store only through `BlobStoreProtocol`.
 Thread/task safety: trio tasks of one thread.
 """
@@ -43,6 +48,11 @@ WHOLE_SHARE = 4
 # cache's share (a small cache, as in tests, gets small windows).
 WINDOW_BYTES = 4 << 20
 WINDOWS_IN_CACHE = 16
+# A read that is not sequential fetches the fewest whole symbols that make at least this
+# many bytes around it (one symbol of a 4 MiB blob at n=7: 280 KiB), unless it asks for
+# more than 1/RANGE_SHARE of its block, or the block is cached or on its way.
+RANDOM_WINDOW = 64 << 10
+RANGE_SHARE = 4
 
 
 class _BlobCache:
@@ -138,22 +148,41 @@ class BlockFetcher:
 
         return await self._once(ref.blob_id, cached, functools.partial(self._load, ref))
 
-    async def read(self, ref: BlockRef, start: int, n: int) -> bytes | memoryview:
+    async def read(
+        self, ref: BlockRef, start: int, n: int, *, sequential: bool = True
+    ) -> bytes | memoryview:
         """The block's stored bytes in [start, start + n): fewer past its end, and where
-        the blob is short. Reads whole windows of a windowed blob, the whole blob of
-        another. Raises what the store's get_range raises."""
+        the blob is short. Reads whole windows of a windowed blob; of another, the whole
+        blob, or for a reader that is not `sequential`, the small windows around the
+        range (see the module). Raises what the store's get_range raises."""
         stop = min(start + n, ref.length)
         if stop <= start:
             return b""
-        if not self.windowed(ref):
+        if self.windowed(ref):
+            w = self._window_size(ref)
+        elif sequential or not self._by_range(ref, start, stop):
             return memoryview(await self.fetch(ref)).toreadonly()[start:stop]
-        w = self._window_size(ref)
+        else:
+            unit = self._store.read_unit(ref.blob_id, ref.meta)
+            w = unit * -(-min(RANDOM_WINDOW, self.window_bytes) // unit)
         lo, hi = ref.start + start, ref.start + stop
         parts = []
         for k in range(lo // w, (hi - 1) // w + 1):
             data = memoryview(await self._window(ref, k, w)).toreadonly()
             parts.append(data[max(lo - k * w, 0) : hi - k * w])
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _by_range(self, ref: BlockRef, start: int, stop: int) -> bool:
+        """Whether a read of [start, stop) that is not sequential is better served by
+        small windows than by the whole blob: a block that is a blob of its own (a pack's
+        blocks are read as the module says), asked for in a small part, and neither
+        cached whole nor being fetched whole (then that serves it)."""
+        return (
+            ref.start == 0
+            and (stop - start) * RANGE_SHARE <= ref.length
+            and ref.blob_id not in self._fetching
+            and self._cache.get(ref.blob_id, ref.length) is None
+        )
 
     def prefetch(
         self, nursery: trio.Nursery, ref: BlockRef, start: int = 0, stop: int | None = None

@@ -302,6 +302,9 @@ class FileData:
     ) -> bytes | memoryview:
         """Up to `length` bytes at `offset` (short only at end of file). Raises FSError.
 
+        `readahead`: the caller reads sequentially (this read starts where its last one
+        ended), so what follows is fetched ahead and blocks are fetched whole; otherwise
+        a small read fetches only the symbols around it (see walrusfs.blobcache).
         The result may be a read-only view of a cached blob: blobs are immutable, so the
         kernel can be handed their bytes without a copy.
         """
@@ -323,17 +326,21 @@ class FileData:
                 base = index * bs
                 self._prefetch(inode, index, max(end - base, 0), min(stop - base, bs))
         if first == last:
-            return await self._read_block(inode, first, offset - first * bs, end - offset)
+            return await self._read_block(
+                inode, first, offset - first * bs, end - offset, sequential=readahead
+            )
         pieces = []
         pos = offset
         while pos < end:
             index, start = divmod(pos, bs)
             n = min(bs - start, end - pos)
-            pieces.append(await self._read_block(inode, index, start, n))
+            pieces.append(await self._read_block(inode, index, start, n, sequential=readahead))
             pos += n
         return b"".join(pieces)
 
-    async def _read_block(self, inode: int, index: int, start: int, n: int) -> bytes | memoryview:
+    async def _read_block(
+        self, inode: int, index: int, start: int, n: int, *, sequential: bool = True
+    ) -> bytes | memoryview:
         for _attempt in range(3):
             f = self._files.get(inode)
             if f is not None:
@@ -353,7 +360,7 @@ class FileData:
             if ref is None:
                 return bytes(n)
             try:
-                part = await self._blobs.read(ref, start, n)
+                part = await self._blobs.read(ref, start, n, sequential=sequential)
             except FSError:
                 # A flush or truncate may have replaced the block and deleted its blob
                 # while we read it: then read the new version instead of failing.

@@ -443,6 +443,50 @@ async def test_a_block_too_big_to_cache_whole_is_read_in_windows_once(
     await cold.release(fh)
 
 
+async def test_a_reader_that_jumps_about_fetches_the_symbols_it_reads_not_blocks(
+    meta: Metadata, store: MemBlobStore
+) -> None:
+    """A database or VM image read at random offsets: each small read used to fetch its
+    whole block (a 4 MiB blob for 4 KiB). Now it fetches the window of whole symbols
+    around it; a sequential reader still gets whole blocks, and what is cached serves
+    both."""
+    blocks = 4
+    data = random.Random(10).randbytes(blocks * BS)
+    fs = FileSystem(meta, store)
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, data)
+    await fs.release(fh)
+    cache = 16 * 16384  # windows of 16 KiB: 4 symbols of the store's 4 KiB
+    cold = FileSystem(meta, store, cache_bytes=cache)
+    fh = await cold.open(ino, os.O_RDONLY, 0)
+    got = len(store.got)
+    at = 2 * BS + 40000  # not where a sequential reader of this handle would read
+    assert await cold.read(fh, at, 100) == data[at : at + 100]
+    assert store.got[got:] == [(32768, 16384)]  # the window of block 2 holding 40000
+    assert await cold.read(fh, at + 3000, 100) == data[at + 3000 : at + 3100]
+    assert len(store.got) == got + 1  # the same window, cached
+    # Across a window's end: both windows, and nothing else.
+    assert await cold.read(fh, BS + 16000, 1000) == data[BS + 16000 : BS + 17000]
+    assert store.got[got + 1 :] == [(0, 16384), (16384, 16384)]
+    # The next read goes on where that one ended: sequential, so whole blocks again.
+    got = len(store.got)
+    assert await cold.read(fh, BS + 17000, 100) == data[BS + 17000 : BS + 17100]
+    assert store.got[got] == (0, BS)
+    # A big read is no small part of its block: the whole block, as before.
+    got = len(store.got)
+    assert await cold.read(fh, 3 * BS + 100, BS // 2) == data[3 * BS + 100 : 3 * BS + 100 + BS // 2]
+    assert store.got[got:] == [(0, BS)]
+    # A block cached whole serves a jump into it without a fetch.
+    got = len(store.got)
+    assert await cold.read(fh, 3 * BS + 5, 10) == data[3 * BS + 5 : 3 * BS + 15]
+    assert len(store.got) == got
+    store.fail_gets = True
+    with pytest.raises(Exception) as info:
+        await cold.read(fh, 100, 100)
+    assert errno_of(info.value) == errno.EIO
+    await cold.release(fh)
+
+
 async def test_dirty_memory_is_bounded(meta: Metadata, store: MemBlobStore) -> None:
     fs = FileSystem(meta, store, dirty_limit=4 * BS)
     ino, fh = await new_file(fs)
