@@ -2,9 +2,10 @@
 """Benchmark the mounted filesystem (n=7) against a plain directory on the same disk.
 
 In one run: 1 GiB of random data written (then fsynced) and read back cold through a
-walrusfs mount and through a plain directory; the same read with 2 node directories taken
-away; extracting a tar of 2,000 small files (1-64 KiB); 1,000 SQLite commits, each one
-fsync (a database's workload), and 200 more with a rollback journal; and the write again
+walrusfs mount and through a plain directory, sequentially and in 4 KiB at random
+offsets; the sequential read with 2 node directories taken away; extracting a tar of
+2,000 small files (1-64 KiB); 1,000 SQLite commits, each one fsync (a database's
+workload), and 200 more with a rollback journal; and the write again
 with the node directories on tmpfs. Reads are cold: the filesystem is remounted (its own
 cache empty) and the page cache dropped. Free memory is touched once before anything is
 measured (scripts/benchlib.py: a fresh VM's first touch of a page would otherwise cost
@@ -84,6 +85,26 @@ def read_file(path: Path, expect: memoryview) -> float:
     if pos != len(expect):
         raise SystemExit(f"{path}: read {pos} bytes, expected {len(expect)}")
     return pos / elapsed / 1e6
+
+
+RANDOM_READS = 2000
+
+
+def random_reads(path: Path, expect: memoryview) -> float:
+    """Reads per second of 4 KiB at random offsets (a database's or a VM image's reads),
+    each checked; the same offsets every time."""
+    rng = random.Random(12)
+    offsets = [rng.randrange(len(expect) - 4096) for _ in range(RANDOM_READS)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        for off in offsets:
+            if os.pread(fd, 4096, off) != expect[off : off + 4096]:
+                raise SystemExit(f"{path}: WRONG data at offset {off}")
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return len(offsets) / elapsed
 
 
 def node_bytes_ceiling(where: Path, file_bytes: int, expansion: float, file_size: int) -> float:
@@ -268,6 +289,8 @@ def one_round(
         r["plain_write"] = write_file(plain / "big.bin", data)
         drop_caches()
         r["plain_read"] = read_file(plain / "big.bin", data)
+        drop_caches()
+        r["plain_random"] = random_reads(plain / "big.bin", data)
         (plain / "big.bin").unlink()
 
         vol = Volume(base, "disk")
@@ -278,6 +301,10 @@ def one_round(
         drop_caches()
         vol.mount()
         vol.measure(r, "read", lambda: read_file(vol.mnt / "big.bin", data))
+        vol.umount()
+        drop_caches()
+        vol.mount()
+        vol.measure(r, "random", lambda: random_reads(vol.mnt / "big.bin", data))
         vol.umount()
         away = [vol.nodes[2], vol.nodes[5]]
         for node in away:
@@ -421,6 +448,10 @@ def main() -> None:
                 f"{r['memfuse_read']:.0f} MB/s ({r['memfuse_read'] / q:.2f} of plain), small files "
                 f"{r['memfuse_small'] / r['plain_small']:.1f}x plain"
             )
+    print(
+        f"  random 4 KiB reads, cold: {r['random']:.0f} a second (plain {r['plain_random']:.0f}; "
+        "the plain file's come from the host's cache)"
+    )
     print(
         f"  database: SQLite commit (WAL, an fsync each) {r['sqlite_ms']:.1f} ms "
         f"(plain {r['plain_sqlite_ms']:.2f} ms), with a rollback journal "
