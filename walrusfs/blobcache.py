@@ -50,9 +50,9 @@ WINDOW_BYTES = 4 << 20
 WINDOWS_IN_CACHE = 16
 # A read that is not sequential fetches the fewest whole symbols that make at least this
 # many bytes around it (one symbol of a 4 MiB blob at n=7: 280 KiB), unless it asks for
-# more than 1/RANGE_SHARE of its block, or the block is cached or on its way.
+# more than that (the kernel's read-around of an mmap fault: 1 MiB requests, each of
+# which would take several windows in turn), or the block is cached or on its way.
 RANDOM_WINDOW = 64 << 10
-RANGE_SHARE = 4
 
 
 class _BlobCache:
@@ -160,11 +160,10 @@ class BlockFetcher:
             return b""
         if self.windowed(ref):
             w = self._window_size(ref)
-        elif sequential or not self._by_range(ref, start, stop):
-            return memoryview(await self.fetch(ref)).toreadonly()[start:stop]
         else:
-            unit = self._store.read_unit(ref.blob_id, ref.meta)
-            w = unit * -(-min(RANDOM_WINDOW, self.window_bytes) // unit)
+            w = self._random_window(ref)
+            if sequential or not self._by_range(ref, stop - start, w):
+                return memoryview(await self.fetch(ref)).toreadonly()[start:stop]
         lo, hi = ref.start + start, ref.start + stop
         parts = []
         for k in range(lo // w, (hi - 1) // w + 1):
@@ -172,14 +171,20 @@ class BlockFetcher:
             parts.append(data[max(lo - k * w, 0) : hi - k * w])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _by_range(self, ref: BlockRef, start: int, stop: int) -> bool:
-        """Whether a read of [start, stop) that is not sequential is better served by
-        small windows than by the whole blob: a block that is a blob of its own (a pack's
-        blocks are read as the module says), asked for in a small part, and neither
-        cached whole nor being fetched whole (then that serves it)."""
+    def _random_window(self, ref: BlockRef) -> int:
+        unit = self._store.read_unit(ref.blob_id, ref.meta)
+        return unit * -(-min(RANDOM_WINDOW, self.window_bytes) // unit)
+
+    def _by_range(self, ref: BlockRef, n: int, window: int) -> bool:
+        """Whether a read of `n` bytes that is not sequential is better served by windows
+        of `window` bytes than by the whole blob: a block that is a blob of its own (a
+        pack's blocks are read as the module says), a read no bigger than a window (so
+        two at the most), of less than half the block, and the block neither cached
+        whole nor being fetched whole (then that serves it)."""
         return (
             ref.start == 0
-            and (stop - start) * RANGE_SHARE <= ref.length
+            and n <= window
+            and 2 * window <= ref.length
             and ref.blob_id not in self._fetching
             and self._cache.get(ref.blob_id, ref.length) is None
         )

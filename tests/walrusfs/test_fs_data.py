@@ -472,7 +472,7 @@ async def test_a_reader_that_jumps_about_fetches_the_symbols_it_reads_not_blocks
     got = len(store.got)
     assert await cold.read(fh, BS + 17000, 100) == data[BS + 17000 : BS + 17100]
     assert store.got[got] == (0, BS)
-    # A big read is no small part of its block: the whole block, as before.
+    # A read bigger than a window (an mmap fault's read-around): the whole block.
     got = len(store.got)
     assert await cold.read(fh, 3 * BS + 100, BS // 2) == data[3 * BS + 100 : 3 * BS + 100 + BS // 2]
     assert store.got[got:] == [(0, BS)]
