@@ -116,6 +116,7 @@ class Workload:
                 "delete",
                 "read",
                 "read",
+                "pread",
                 "tree",
             ]
         )
@@ -201,6 +202,25 @@ class Workload:
         a, b = self.both(rel)
         if a.read_bytes() != b.read_bytes():
             self.stats.errors.append(f"read: {rel} differs from the shadow copy")
+
+    def pread(self, files: list[str]) -> None:
+        """Small reads at random offsets, as a database or an image reader does: each
+        fetches only the symbols around it, from other nodes where its row's is bad."""
+        rel = self.rng.choice(files)
+        a, b = self.both(rel)
+        want = b.read_bytes()
+        if not want:
+            return
+        fd = os.open(a, os.O_RDONLY)
+        try:
+            for _ in range(4):
+                off = self.rng.randrange(len(want))
+                n = self.rng.choice([1, 512, 4096, 65536])
+                if os.pread(fd, n, off) != want[off : off + n]:
+                    self.stats.errors.append(f"pread: {rel} at {off} differs from the shadow")
+                    return
+        finally:
+            os.close(fd)
 
     def tree(self, files: list[str]) -> None:
         how = self.rng.choice(["cp", "rsync", "tar"])
