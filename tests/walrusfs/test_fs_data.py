@@ -28,6 +28,15 @@ async def new_file(fs: FileSystem, name: bytes = b"f", flags: int = os.O_RDWR) -
     return attrs.ino, fh
 
 
+async def stored_file(meta: Metadata, store: MemBlobStore, data: bytes) -> int:
+    """A file of `data`, written and closed through a FileSystem of its own; its inode."""
+    fs = FileSystem(meta, store)
+    ino, fh = await new_file(fs)
+    await fs.write(fh, 0, data)
+    await fs.release(fh)
+    return ino
+
+
 async def read_all(fs: FileSystem, fh: int, size: int) -> bytes:
     return await fs.read(fh, 0, size + 10)
 
@@ -400,10 +409,7 @@ async def test_read_ahead_stays_within_the_cache(meta: Metadata, store: MemBlobS
     of 4 blocks, 6 blocks ahead had every block fetched twice."""
     blocks = 12
     data = random.Random(8).randbytes(blocks * BS)
-    fs = FileSystem(meta, store)
-    ino, fh = await new_file(fs)
-    await fs.write(fh, 0, data)
-    await fs.release(fh)
+    ino = await stored_file(meta, store, data)
     gets = store.gets
     fresh = FileSystem(meta, store, cache_bytes=4 * BS)
     assert await read_sequentially(fresh, ino, len(data), 4096) == data
@@ -417,10 +423,7 @@ async def test_a_block_too_big_to_cache_whole_is_read_in_windows_once(
     to fetch the whole blob again, as it did not fit in the cache."""
     blocks = 3
     data = random.Random(9).randbytes(blocks * BS - 1000)  # the last block short
-    fs = FileSystem(meta, store)
-    ino, fh = await new_file(fs)
-    await fs.write(fh, 0, data)
-    await fs.release(fh)
+    ino = await stored_file(meta, store, data)
     got = len(store.got)
     cache = 2 * BS  # a block is more than a quarter of it: windows of 8 KiB
     fresh = FileSystem(meta, store, cache_bytes=cache)
@@ -452,10 +455,7 @@ async def test_a_reader_that_jumps_about_fetches_the_symbols_it_reads_not_blocks
     both."""
     blocks = 4
     data = random.Random(10).randbytes(blocks * BS)
-    fs = FileSystem(meta, store)
-    ino, fh = await new_file(fs)
-    await fs.write(fh, 0, data)
-    await fs.release(fh)
+    ino = await stored_file(meta, store, data)
     cache = 16 * 16384  # windows of 16 KiB: 4 symbols of the store's 4 KiB
     cold = FileSystem(meta, store, cache_bytes=cache)
     fh = await cold.open(ino, os.O_RDONLY, 0)
