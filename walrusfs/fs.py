@@ -129,6 +129,7 @@ class _Handle:
     uid: int  # opener: writes by non-root clear set-ID bits
     gids: frozenset[int]  # opener's group and supplementary groups (set-group-ID rule)
     next_read: int = 0  # where a sequential reader reads next (read-ahead)
+    read_bytes: int = 0  # read through it so far (read-ahead grows with it)
 
 
 def _read_only(h: _Handle) -> bool:
@@ -619,8 +620,11 @@ class FileSystem:
     async def read(self, fh: int, offset: int, length: int) -> bytes | memoryview:
         """Bytes of the file; a read-only view where they come from an immutable blob."""
         h = self._handle(fh)
-        data = await self.data.read(h.inode, offset, length, readahead=offset == h.next_read)
+        data = await self.data.read(
+            h.inode, offset, length, readahead=offset == h.next_read, done=h.read_bytes
+        )
         h.next_read = offset + len(data)
+        h.read_bytes += len(data)
         return data
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

@@ -379,14 +379,43 @@ async def test_read_cache_and_read_ahead(meta: Metadata, store: MemBlobStore) ->
         gets = store.gets
         assert await fresh.read(fh, 0, 4096) == data[:4096]
         await trio.testing.wait_all_tasks_blocked()
-        assert store.gets == gets + 1 + ahead  # block 0 and, ahead of the reader, the next
+        assert store.gets == gets + 1  # block 0: 4096 bytes read do not call for more yet
         assert await fresh.read(fh, 4096, BS) == data[4096 : 4096 + BS]
-        assert await fresh.read(fh, 0, 10) == data[:10]  # cached
         await trio.testing.wait_all_tasks_blocked()
-        assert store.gets == gets + 2 + ahead  # one more block ahead; nothing fetched twice
+        assert store.gets == gets + 6  # block 1, and ahead of the reader 4x what it read
+        assert await fresh.read(fh, 0, 10) == data[:10]  # cached
+        assert store.gets == gets + 6  # nothing fetched twice
         assert await fresh.read(fh, 4096 + BS, blocks * BS) == data[4096 + BS :]
         await trio.testing.wait_all_tasks_blocked()
         assert store.gets == gets + blocks  # each block once, none beyond the end
+        nursery.cancel_scope.cancel()
+
+
+async def test_read_ahead_grows_as_the_reader_proves_sequential(
+    meta: Metadata, store: MemBlobStore
+) -> None:
+    """`head -c 100` of a big file fetched 7 blocks for its 100 bytes; a reader going on
+    gets the full read-ahead after its first block."""
+    blocks = 12
+    data = random.Random(11).randbytes(blocks * BS)
+    ino = await stored_file(meta, store, data)
+    fresh = FileSystem(meta, store, cache_bytes=4 * blocks * BS)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fresh.run_background)
+        fh = await fresh.open(ino, os.O_RDONLY, 0)
+        gets = store.gets
+        assert await fresh.read(fh, 0, 100) == data[:100]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.gets == gets + 1  # its own block only
+        await fresh.release(fh)
+        fh = await fresh.open(ino, os.O_RDONLY, 0)
+        assert await fresh.read(fh, 0, BS) == data[:BS]  # block 0, cached
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.gets == gets + 1 + 4  # 4 blocks ahead: 4x the block it has read
+        assert await fresh.read(fh, BS, BS) == data[BS : 2 * BS]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.gets == gets + 2 + READ_AHEAD_BLOCKS  # up to block 7: the full window
+        await fresh.release(fh)
         nursery.cancel_scope.cancel()
 
 
