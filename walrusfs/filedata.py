@@ -73,7 +73,7 @@ READ_AHEAD_BLOCKS = 6
 # far (this read included), up to READ_AHEAD_BLOCKS. `head -c 100` of a big file fetched
 # 7 blobs (28 MiB) for its 100 bytes; a 1 GiB `cat` reaches the full window after its
 # first block. What it has read in all, not in turn: the kernel's read-ahead requests
-# arrive out of order, and a count reset by each kept the window small (4% slower).
+# arrive out of order, and a count that each of them reset would keep the window small.
 READ_AHEAD_RAMP = 4
 # fsync() of a small change to a stored block records the changed bytes as patches in the
 # metadata (journalled to every node) instead of storing the whole block again, which
