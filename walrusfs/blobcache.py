@@ -161,8 +161,8 @@ class BlockFetcher:
         if self.windowed(ref):
             w = self._window_size(ref)
         else:
-            w = self._random_window(ref)
-            if sequential or not self._by_range(ref, stop - start, w):
+            w = 0 if sequential else self._range_window(ref, stop - start)
+            if not w:
                 return memoryview(await self.fetch(ref)).toreadonly()[start:stop]
         lo, hi = ref.start + start, ref.start + stop
         parts = []
@@ -171,23 +171,19 @@ class BlockFetcher:
             parts.append(data[max(lo - k * w, 0) : hi - k * w])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _random_window(self, ref: BlockRef) -> int:
+    def _range_window(self, ref: BlockRef, n: int) -> int:
+        """The window size in which a read of `n` bytes that is not sequential is better
+        served than by the whole blob, or 0 where it is not: the block must be a blob of
+        its own (a pack's blocks are read as the module says), the read no bigger than a
+        window (so two at the most), less than half the block, and the block neither
+        cached whole nor being fetched whole (then that serves it)."""
+        if ref.start != 0 or ref.blob_id in self._fetching:
+            return 0
         unit = self._store.read_unit(ref.blob_id, ref.meta)
-        return unit * -(-min(RANDOM_WINDOW, self.window_bytes) // unit)
-
-    def _by_range(self, ref: BlockRef, n: int, window: int) -> bool:
-        """Whether a read of `n` bytes that is not sequential is better served by windows
-        of `window` bytes than by the whole blob: a block that is a blob of its own (a
-        pack's blocks are read as the module says), a read no bigger than a window (so
-        two at the most), of less than half the block, and the block neither cached
-        whole nor being fetched whole (then that serves it)."""
-        return (
-            ref.start == 0
-            and n <= window
-            and 2 * window <= ref.length
-            and ref.blob_id not in self._fetching
-            and self._cache.get(ref.blob_id, ref.length) is None
-        )
+        w = unit * -(-min(RANDOM_WINDOW, self.window_bytes) // unit)
+        if n > w or 2 * w > ref.length or self._cache.get(ref.blob_id, ref.length) is not None:
+            return 0
+        return w
 
     def prefetch(
         self, nursery: trio.Nursery, ref: BlockRef, start: int = 0, stop: int | None = None
