@@ -31,7 +31,6 @@ import itertools
 import logging
 import os
 import stat
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any
 
 import trio
 
+from walrusfs.clock import StampClock
 from walrusfs.errors import (
     Exists,
     Invalid,
@@ -166,21 +166,25 @@ class FileSystem:
         *,
         space: SpaceFn | None = None,
         commit: CommitFn | None = None,
-        clock_ns: Callable[[], int] = time.time_ns,
+        clock_ns: Callable[[], int] | None = None,
         **filedata_options: Any,
     ) -> None:
+        """`clock_ns`: the time to stamp (tests); by default a StampClock, which keeps
+        in step with the kernel's stamps (see walrusfs.clock)."""
         self.meta = meta
+        stamps = StampClock()
+        self._stamps = stamps if clock_ns is None else None
+        self._now = stamps if clock_ns is None else clock_ns
         self._commit = commit
         # With the FUSE writeback cache the kernel places O_APPEND writes itself and may
         # resend whole pages at explicit offsets; appending those again at our EOF would
         # misplace data. The mount sets this; direct callers keep O_APPEND semantics.
         self.kernel_handles_append = False
         self.data = FileData(
-            meta, store, clock_ns=clock_ns, is_open=self._is_open, **filedata_options
+            meta, store, clock_ns=self._now, is_open=self._is_open, **filedata_options
         )
         self.block_size = meta.block_size
         self._space = space
-        self._now = clock_ns
         self._lookups: Counter[int] = Counter()
         self._opens: Counter[int] = Counter()
         self._handles: dict[int, _Handle] = {}
@@ -259,12 +263,15 @@ class FileSystem:
         caller_gids: Collection[int] = (),
         by_handle: bool = False,
     ) -> Attrs:
-        """Change exactly the given fields; ctime becomes now unless given.
+        """Change exactly the given fields; ctime becomes now unless given (a ctime is
+        the kernel's own stamp: no call sets it to a chosen time).
 
         `caller_uid` and `caller_gids` (group and supplementary groups) decide which
         set-ID bits a truncate or chown clears. `by_handle`: the truncate comes through
         an open file (ftruncate, O_TRUNC), whose close commits it (see FileData.truncate)."""
         row = self.meta.get_inode(ino)
+        if ctime_ns is not None and self._stamps is not None:
+            self._stamps.kernel_stamped(ctime_ns)
         now = self._now()
         atime_ns, mtime_ns, ctime_ns = (
             None if t is None else clamp_time_ns(t) for t in (atime_ns, mtime_ns, ctime_ns)

@@ -355,6 +355,39 @@ async def test_times_out_of_range_are_clamped_not_refused(mounted: Mounted) -> N
     assert await in_thread((mounted.path / "open").read_bytes) == b"y" * 5000
 
 
+def stamps_out_of_order(root: Path, elsewhere: Path, rounds: int) -> list[str]:
+    """Change things on the mount in orders that make and tar rely on, each change
+    stamped by the mount or by the kernel; return every later change that got the older
+    time."""
+    wrong = []
+    elsewhere.write_bytes(b"")
+    for i in range(rounds):
+        made = root / f"dir{i}"
+        made.mkdir()  # stamped by the mount
+        before = made.stat().st_mtime_ns
+        os.utime(made)  # by the kernel
+        if made.stat().st_mtime_ns < before:
+            wrong.append(f"dir{i}: touched after mkdir, older")
+        # A change to a file whose times were just read gets a fine-grained time (ext4,
+        # tmpfs since Linux 6.13), and the kernel's later stamps are never older than it.
+        elsewhere.stat()
+        elsewhere.write_bytes(b"x")
+        (root / f"written{i}").write_bytes(b"w")  # stamped by the kernel
+        (root / f"made{i}").touch()  # by the mount
+        written = (root / f"written{i}").stat().st_mtime_ns
+        if (root / f"made{i}").stat().st_mtime_ns < written:
+            wrong.append(f"made{i}: created after written{i}, older")
+    return wrong
+
+
+async def test_times_stamped_by_the_mount_and_the_kernel_keep_their_order(
+    mounted: Mounted, tmp_path: Path
+) -> None:
+    # Stamped from the fine clock, every directory here was older after the touch.
+    wrong = await in_thread(stamps_out_of_order, mounted.path, tmp_path / "elsewhere", 100)
+    assert wrong == []
+
+
 def extract_like_tar(path: Path, size: int) -> None:
     """What tar does for each file: write, restore the times and owner through the open
     file, then close."""
