@@ -163,11 +163,11 @@ async def write_superblock(vol: Volume, sb: Superblock) -> None:
     began = trio.current_time()
     quorum = vol.params.n - vol.params.f
     async with trio.open_nursery() as nursery:
-        for i in sorted(vol.nodes.writable()):
+        for i in sorted(vol.nodes.writable(small=True)):
             nursery.start_soon(one, i)
     if len(ok) < quorum:
         # Nodes taken as down may be back since their last probe (NodeSet.revive).
-        back = await vol.nodes.writable_again(began, ok)
+        back = await vol.nodes.writable_again(began, ok, small=True)
         async with trio.open_nursery() as nursery:
             for i in back:
                 nursery.start_soon(one, i)

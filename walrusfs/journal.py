@@ -180,7 +180,9 @@ class Journal:
 
         Raises StorageUnavailable.
         """
-        durable, errors = await flush_filesystems(self.nodes, self.nodes.writable(), self.quorum)
+        durable, errors = await flush_filesystems(
+            self.nodes, self.nodes.writable(small=True), self.quorum
+        )
         if len(durable) < self.quorum:
             detail = describe_failures(errors)
             raise StorageUnavailable(
@@ -198,7 +200,7 @@ class Journal:
         errors: dict[int, NodeError] = {}  # kept whole: describe_failures groups them
         key = self._log
         began = trio.current_time()
-        writable = sorted(self.nodes.writable())
+        writable = sorted(self.nodes.writable(small=True))
         done = await self.nodes.append_batch([(i, key, raw) for i in writable])
         have = {i for i, outcome in done.items() if outcome is None}
         for i, outcome in done.items():
@@ -222,7 +224,7 @@ class Journal:
         )
         if ok < self.quorum:
             # Nodes taken as down may be back since their last probe (NodeSet.revive).
-            back = await self.nodes.writable_again(began, have)
+            back = await self.nodes.writable_again(began, have, small=True)
             ok = await quorum_of([functools.partial(one, i) for i in back], self.quorum, have=ok)
         if ok < self.quorum:
             detail = describe_failures(errors)
@@ -300,7 +302,7 @@ async def drop_history(nodes: NodeSet, epoch: int, cut: int) -> int:
             log.debug("old journal on node %d not removed now: %s", i, exc)
 
     async with trio.open_nursery() as nursery:
-        for i in sorted(nodes.writable()):
+        for i in sorted(nodes.writable(small=True)):
             nursery.start_soon(one, i)
     return removed
 

@@ -145,7 +145,7 @@ class MountLock:
                 return
 
         async with trio.open_nursery() as nursery:
-            for i in sorted(self.vol.nodes.writable()):
+            for i in sorted(self.vol.nodes.writable(small=True)):
                 nursery.start_soon(one, i)
         return ok
 

@@ -121,7 +121,16 @@ class NodeSet:
     def readable(self) -> set[int]:
         return {n.index for n in self.nodes if n.state is not NodeState.DOWN}
 
-    def writable(self) -> set[int]:
+    def writable(self, *, small: bool = False) -> set[int]:
+        """The nodes to write to; with `small`, for a write of KiBs (the metadata's),
+        also the full ones.
+
+        A node is taken as full when it refused a blob's sliver file, MiBs, and stays so
+        until it has room for many: the journal segment of a delete, which is what frees
+        space, or the lock's heartbeat, may well fit meanwhile.
+        """
+        if small:
+            return self.readable()
         return {n.index for n in self.nodes if n.state in (NodeState.UP, NodeState.SUSPECT)}
 
     def set_state(self, index: int, state: NodeState, reason: str = "") -> None:
@@ -333,7 +342,12 @@ class NodeSet:
         except Exception as exc:  # identity refused: the directory is not this node
             self.set_state(index, NodeState.DOWN, str(exc))
             return
-        still_full = node.free is not None and node.free < max(64 << 20, (node.total or 0) // 100)
+        total = node.total or 0
+        # Room for many blobs again: 64 MiB or 1% of the filesystem, or a quarter of a
+        # small one, which would otherwise never have that much to give back.
+        still_full = node.free is not None and node.free < min(
+            max(64 << 20, total // 100), total // 4
+        )
         if node.state is NodeState.FULL:
             if still_full:
                 return
@@ -371,11 +385,13 @@ class NodeSet:
             self._reviving = None
             done.set()
 
-    async def writable_again(self, since: float, done: Collection[int]) -> list[int]:
+    async def writable_again(
+        self, since: float, done: Collection[int], *, small: bool = False
+    ) -> list[int]:
         """For a write that began at `since` and is short of nodes: `revive`, then the
-        writable nodes not in `done`, to try now."""
+        writable nodes (see `writable`) not in `done`, to try now."""
         await self.revive(since)
-        return sorted(self.writable() - set(done))
+        return sorted(self.writable(small=small) - set(done))
 
     async def probe_all(self) -> None:
         """Probe every node concurrently."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -513,6 +514,17 @@ async def test_changes_are_made_durable_a_commit_interval_after_they_were_made(
         await ms.close()
 
 
+def fill_up(directory: str) -> None:
+    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError) as full:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        assert full.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
 async def test_a_journal_that_finds_too_many_nodes_full_is_no_space(tmp_path: Path) -> None:
     paths = node_paths(tmp_path / "nodes", 7)
     with tmpfs(paths[1], "1m"), tmpfs(paths[3], "1m"), tmpfs(paths[5], "1m"):
@@ -523,6 +535,16 @@ async def test_a_journal_that_finds_too_many_nodes_full_is_no_space(tmp_path: Pa
         with pytest.raises(NoSpace):
             await vol.blobs.put_blob(os.urandom(4 << 20))  # now known to be full
         ms.metadata.create(ROOT_INODE, b"d", mode=DIR, uid=0, gid=0, now_ns=1)
+        # Too full for a blob is not too full for a journal record: it is appended (a
+        # delete's is what gives the space back).
+        await ms.sync()
+        assert all(os.listdir(os.path.join(paths[i], "journal")) for i in (1, 3, 5))
+        for i in (1, 3, 5):
+            fill_up(paths[i])
+        for k in range(100):  # more than the page a log file's last record may end in
+            ms.metadata.create(
+                ROOT_INODE, b"e%03d" % k + b"x" * 200, mode=DIR, uid=0, gid=0, now_ns=2
+            )
         with pytest.raises(NoSpace):  # ENOSPC for the user, not EIO
             await ms.sync()
         ms.metadata.close()

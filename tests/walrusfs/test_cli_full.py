@@ -1,0 +1,65 @@
+"""Node directories that fill up, through the real `walrusfs` command (tier 3)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.walrusfs.clivol import Vol, run
+from tests.walrusfs.volumes import tmpfs
+
+pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
+
+
+def node_states(vol: Vol) -> list[str]:
+    return [n["state"] for n in json.loads(run("status", vol.mnt, "--json").stdout)["nodes"]]
+
+
+def write_when_there_is_room(path: Path, data: bytes, within: float) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            path.write_bytes(data)
+            return
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC and time.monotonic() < deadline, exc
+            time.sleep(0.5)
+
+
+def test_deleting_files_gives_a_full_volume_its_space_back(tmp_path: Path) -> None:
+    """Every node full: a write fails with ENOSPC, and `rm` makes room again. The delete
+    used to wait for full nodes to take its journal record, and they took none until
+    64 MiB were free, which only the delete could give back."""
+    vol = Vol(tmp_path)
+    with contextlib.ExitStack() as stack:
+        for node in vol.nodes:
+            stack.enter_context(tmpfs(str(node), "4m"))
+        run("mkfs", "--blob-size", "256K", *vol.nodes)
+        try:
+            vol.mount()
+            kept = os.urandom(300_000)
+            (vol.mnt / "kept").write_bytes(kept)
+            with pytest.raises(OSError) as err, open(vol.mnt / "big", "wb") as f:
+                for _ in range(64):  # 16 MiB: about twice what the nodes hold
+                    f.write(os.urandom(256 << 10))
+            assert err.value.errno == errno.ENOSPC
+            assert node_states(vol).count("full") > 2
+
+            (vol.mnt / "big").unlink()
+            after = os.urandom(1 << 20)
+            write_when_there_is_room(vol.mnt / "after", after, within=60)
+            assert node_states(vol) == ["up"] * 7
+
+            assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+            vol.mount()
+            assert sorted(p.name for p in vol.mnt.iterdir()) == ["after", "kept"]
+            assert (vol.mnt / "kept").read_bytes() == kept
+            assert (vol.mnt / "after").read_bytes() == after
+        finally:
+            vol.cleanup()
