@@ -6,6 +6,7 @@ Knows nothing of slivers, the codec or FUSE (import-linter enforces it).
 from backends.base import NodeStore
 from backends.errors import (
     InvalidKey,
+    KeyExists,
     KeyNotFound,
     NodeDown,
     NodeError,
@@ -21,6 +22,7 @@ from backends.remote import RemoteMountStore, is_mountpoint
 
 __all__ = [
     "InvalidKey",
+    "KeyExists",
     "KeyNotFound",
     "LocalStore",
     "NodeDown",

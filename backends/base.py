@@ -47,12 +47,17 @@ class NodeStore(abc.ABC):
         return f"{type(self).__name__}({self.path!r})"
 
     @abc.abstractmethod
-    async def put(self, key: str, data: Payload, *, durable: bool = True) -> None:
+    async def put(
+        self, key: str, data: Payload, *, durable: bool = True, replace: bool = True
+    ) -> None:
         """Store ``data`` (a buffer, or a tuple of pieces) under ``key`` atomically.
 
-        Replaces any old value.
+        Replaces any old value; without ``replace``, raises KeyExists instead, having
+        written nothing (for content-addressed keys: what is there is the same bytes, and
+        a caller undoing its put must not delete what it did not write).
 
-        Raises InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        Raises InvalidKey, KeyExists, NodeFull, NodePermissionError, NodeDown, NodeTimeout,
+        NodeIOError.
         """
 
     @abc.abstractmethod

@@ -107,6 +107,12 @@ class KeyNotFound(NodeError):
     default_errno = _errno.ENOENT
 
 
+class KeyExists(NodeError):
+    """A put that may not replace its key found it there (nothing was written)."""
+
+    default_errno = _errno.EEXIST
+
+
 class InvalidKey(ValueError):
     """A malformed key: a programming error of the caller, not a fault of any node."""
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Generator, Iterable
 
 import numpy as np
 
-from backends.errors import KeyNotFound, NodeDown, NodeIOError
+from backends.errors import KeyExists, KeyNotFound, NodeDown, NodeIOError
 from backends.keys import MAX_KEY_BYTES, is_key_component, is_temp_name, new_temp_name
 
 FILE_MODE = 0o600
@@ -162,19 +162,23 @@ def write_atomic(
     *,
     durable: bool,
     direct: bool = False,
+    replace: bool = True,
 ) -> bool:
     """Write ``data`` (or its pieces, in order) to a temp file beside the key, fsync,
     rename over the key, fsync the directory. With ``direct``, a large file is written
     with O_DIRECT; returns False if the filesystem refused that (then it was written
-    buffered), else True.
+    buffered), else True. Without ``replace``, a regular file of the same size at the key
+    is left as it is (KeyExists); one of another size is damaged, and replaced.
 
     On any failure the temp file is removed (best effort) and the key keeps its old value.
-    Raises NodeIOError (symlink or file where a key directory belongs), OSError.
+    Raises KeyExists, NodeIOError (symlink or file where a key directory belongs), OSError.
     """
     dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=True, durable=durable)
     try:
         pieces = data if isinstance(data, tuple) else (data,)
         size = sum(memoryview(p).nbytes for p in pieces)
+        if not replace and _regular_size(dir_fd, parts[-1]) == size:
+            raise KeyExists("already stored", path=node, key=key)
         wanted = direct and size >= DIRECT_MIN_BYTES
         took = wanted and _publish(dir_fd, parts[-1], pieces, size, durable=durable, direct=True)
         if not took:
@@ -184,6 +188,15 @@ def write_atomic(
     finally:
         os.close(dir_fd)
     return took or not wanted
+
+
+def _regular_size(dir_fd: int, name: str) -> int | None:
+    """The size of the regular file `name`; None if there is none (or something else)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _publish(

@@ -140,14 +140,20 @@ class LocalStore(NodeStore):
                 key=key,
             ) from None
 
-    async def put(self, key: str, data: Payload, *, durable: bool = True) -> None:
-        """Store ``data`` under ``key`` atomically (durably unless ``durable=False``).
+    async def put(
+        self, key: str, data: Payload, *, durable: bool = True, replace: bool = True
+    ) -> None:
+        """Store ``data`` under ``key`` atomically (durably unless ``durable=False``); see
+        NodeStore.put for ``replace``.
 
-        Raises InvalidKey, NodeFull, NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        Raises InvalidKey, KeyExists, NodeFull, NodePermissionError, NodeDown, NodeTimeout,
+        NodeIOError.
         """
-        await self._run("put", key, self.put_job(key, data, durable=durable))
+        await self._run("put", key, self.put_job(key, data, durable=durable, replace=replace))
 
-    def put_job(self, key: str, data: Payload, *, durable: bool) -> Callable[[int], None]:
+    def put_job(
+        self, key: str, data: Payload, *, durable: bool, replace: bool = True
+    ) -> Callable[[int], None]:
         """The blocking body of a put, for `_run` or `run_blocking`. Raises InvalidKey.
 
         The thread may outlive its caller (abandoned on timeout); a caller reusing its
@@ -162,7 +168,14 @@ class LocalStore(NodeStore):
         def job(root: int) -> None:
             dev, syncfs_durable, direct = self._traits(root)
             if not files.write_atomic(
-                root, self.path, key, parts, payload, durable=durable, direct=direct
+                root,
+                self.path,
+                key,
+                parts,
+                payload,
+                durable=durable,
+                direct=direct,
+                replace=replace,
             ):
                 self._fs_traits = (dev, syncfs_durable, False)  # refused: buffered from now on
             if not durable:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import trio
 
-from backends import NodeError, NodeFull, NodeStore, NodeTimeout, describe_failures
+from backends import KeyExists, NodeError, NodeFull, NodeStore, NodeTimeout, describe_failures
 from codec import (
     PRIMARY,
     SECONDARY,
@@ -202,6 +202,8 @@ class BlobStore:
         self._cpu_limiter = trio.CapacityLimiter(2)
         self._whole_gets: dict[bytes, _SharedGet] = {}
         self._puts = trio.Semaphore(max_puts)
+        self._putting: Counter[bytes] = Counter()  # puts under way, by blob id
+        self._overlapped: set[bytes] = set()  # blob ids with two puts under way at once
         self._headers: OrderedDict[tuple[bytes, int], Header] = OrderedDict()
         self._parsed: dict[bytes, BlobMetadata] = {}  # by serialized metadata
         # Told of every sliver that failed verification (repair queues it): blob id, pair, why.
@@ -247,45 +249,71 @@ class BlobStore:
         Raises StorageUnavailable (or NoSpace when nodes are full) below the quorum.
         """
         quorum = self.params.n - self.params.f
-        async with self._puts:
-            meta, files = await trio.to_thread.run_sync(
-                _encode_files, self.params, data, limiter=self._encode_limiter
-            )
-            written, errors = await self._store_files(files)
-            keys = {i: key for i, (key, _) in files.items()}
-            del files  # the flush below must not hold the encoded bytes out of `_puts`
-        stored = written
-        if durable and len(written) >= quorum:
-            stored, flush_errors = await flush_filesystems(self.nodes, written, quorum)
-            for i in written - stored:
-                errors[i] = flush_errors.get(i, "not flushed in time: left for repair")
-        if len(stored) < quorum:
-            self.stats.failed_puts += 1
-            await self._remove(meta.blob_id, {node: keys[node] for node in written})
-            detail = describe_failures(errors)
-            # Full now, or skipped because a write found it full before: either way the
-            # user's answer is ENOSPC, not EIO, once too many nodes are out of space.
-            full = sum(
-                1
-                for i, e in errors.items()
-                if isinstance(e, NodeFull) or self.nodes.state(i) is NodeState.FULL
-            )
-            cls = NoSpace if full > self.params.f else StorageUnavailable
-            raise cls(
-                f"blob stored on only {len(stored)} of {self.params.n} nodes, need {quorum}: {detail}"
-            )
+        claimed: bytes | None = None
+        try:
+            async with self._puts:
+                meta, files = await trio.to_thread.run_sync(
+                    _encode_files, self.params, data, limiter=self._encode_limiter
+                )
+                claimed = self._claim(meta.blob_id)
+                created: set[int] = set()
+                written, errors = await self._store_files(files, created)
+                keys = {i: key for i, (key, _) in files.items()}
+                del files  # the flush below must not hold the encoded bytes out of `_puts`
+            stored = written
+            if durable and len(written) >= quorum:
+                stored, flush_errors = await flush_filesystems(self.nodes, written, quorum)
+                for i in written - stored:
+                    errors[i] = flush_errors.get(i, "not flushed in time: left for repair")
+            if len(stored) < quorum:
+                self.stats.failed_puts += 1
+                # Only the files this put created: keys follow content, so a file that was
+                # there already may be a stored blob's (a copy of a file), and one written
+                # by another put of the same blob meanwhile, that put's.
+                if meta.blob_id not in self._overlapped:
+                    await self._remove(meta.blob_id, {node: keys[node] for node in created})
+                detail = describe_failures(errors)
+                # Full now, or skipped because a write found it full before: either way the
+                # user's answer is ENOSPC, not EIO, once too many nodes are out of space.
+                full = sum(
+                    1
+                    for i, e in errors.items()
+                    if isinstance(e, NodeFull) or self.nodes.state(i) is NodeState.FULL
+                )
+                cls = NoSpace if full > self.params.f else StorageUnavailable
+                raise cls(
+                    f"blob stored on only {len(stored)} of {self.params.n} nodes, "
+                    f"need {quorum}: {detail}"
+                )
+        finally:
+            if claimed is not None:
+                self._unclaim(claimed)
         missed = tuple(sorted(set(range(self.params.n)) - stored))
         self.stats.puts += 1
         self.stats.put_bytes += len(data)
         self.stats.missed_pairs += len(missed)
         return PutResult(meta.blob_id, meta.to_bytes(), missed)
 
+    def _claim(self, blob_id: bytes) -> bytes:
+        """Count a put of `blob_id` under way; note when another is too (see put_blob)."""
+        if self._putting[blob_id]:
+            self._overlapped.add(blob_id)
+        self._putting[blob_id] += 1
+        return blob_id
+
+    def _unclaim(self, blob_id: bytes) -> None:
+        self._putting[blob_id] -= 1
+        if not self._putting[blob_id]:
+            del self._putting[blob_id]
+            self._overlapped.discard(blob_id)
+
     async def _store_files(
-        self, files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]]
+        self, files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]], created: set[int]
     ) -> tuple[set[int], dict[int, Exception | str]]:
         """Write each node's file (not durably: see put_blob); return once a quorum (plus
         grace) or all have answered. Short of the quorum, the nodes taken as down or full
-        are probed again, and those back take their files too."""
+        are probed again, and those back take their files too. A node that has the file
+        already keeps it (counted as stored); `created` gets the nodes written to."""
         quorum = self.params.n - self.params.f
         began = trio.current_time()
         writable = self.nodes.writable()
@@ -293,10 +321,12 @@ class BlobStore:
             i: f"skipped: node is {self.nodes.state(i).value}" for i in files if i not in writable
         }
         # Too few writable to start: nothing is written, and the look again below decides.
-        stored = await self._store_on(files, [i for i in files if i in writable], set(), errors)
+        stored = await self._store_on(
+            files, [i for i in files if i in writable], set(), created, errors
+        )
         if len(stored) < quorum:
             back = [i for i in await self.nodes.writable_again(began, stored) if i in files]
-            stored = await self._store_on(files, back, stored, errors)
+            stored = await self._store_on(files, back, stored, created, errors)
         return stored, errors
 
     async def _store_on(
@@ -304,19 +334,22 @@ class BlobStore:
         files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]],
         pending: list[int],
         stored: set[int],
+        created: set[int],
         errors: dict[int, Exception | str],
     ) -> set[int]:
         """Write the files of the `pending` nodes, adding to `stored` (which holds the
-        nodes done already) and `errors`; return `stored`."""
+        nodes done already), `created` and `errors`; return `stored`."""
         quorum = self.params.n - self.params.f
         if len(stored) + len(pending) < quorum:
             return stored
         # The healthy nodes take their files in one thread job; the rest as below.
-        done = await self.nodes.put_batch([(i, *files[i]) for i in pending])
+        done = await self.nodes.put_batch([(i, *files[i]) for i in pending], replace=False)
         for i, outcome in done.items():
-            if outcome is None:
+            if outcome is None or isinstance(outcome, KeyExists):
                 stored.add(i)
                 errors.pop(i, None)
+                if outcome is None:
+                    created.add(i)
             else:
                 errors[i] = outcome
         pending = [i for i in pending if i not in done]
@@ -329,7 +362,13 @@ class BlobStore:
             nonlocal left
             key, payload = files[i]
             try:
-                await self.nodes.call(i, lambda st: st.put(key, payload, durable=False))
+                await self.nodes.call(
+                    i, lambda st: st.put(key, payload, durable=False, replace=False)
+                )
+                created.add(i)
+                stored.add(i)
+                errors.pop(i, None)
+            except KeyExists:
                 stored.add(i)
                 errors.pop(i, None)
             except NodeError as exc:

@@ -23,6 +23,7 @@ from typing import TypeVar
 import trio
 
 from backends import (
+    KeyExists,
     KeyNotFound,
     LocalStore,
     NodeDown,
@@ -174,14 +175,14 @@ class NodeSet:
     async def call(self, index: int, op: Callable[[NodeStore], Awaitable[T]]) -> T:
         """Run one node operation and record its outcome; re-raises NodeError.
 
-        A missing key is not a node fault: the node answered.
+        A missing key, or one a put may not replace, is not a node fault: the node answered.
         """
         node = self.nodes[index]
         node.calls += 1
         t0 = trio.current_time()
         try:
             result = await op(node.store)
-        except KeyNotFound:
+        except (KeyNotFound, KeyExists):
             self._ok(node, trio.current_time() - t0)
             raise
         except NodeError as exc:
@@ -190,16 +191,19 @@ class NodeSet:
         self._ok(node, trio.current_time() - t0)
         return result
 
-    async def put_batch(self, puts: list[tuple[int, str, Payload]]) -> dict[int, NodeError | None]:
+    async def put_batch(
+        self, puts: list[tuple[int, str, Payload]], *, replace: bool = True
+    ) -> dict[int, NodeError | None]:
         """Try puts (node, key, data), not durable, on the nodes that are up, from one
-        worker thread (durability comes from walrusfs.flush afterwards).
+        worker thread (durability comes from walrusfs.flush afterwards); see
+        NodeStore.put for `replace`.
 
         Returns the outcome (None: stored) of each put it finished, recorded as `call`
         records them; the caller puts the rest through `call`. Only healthy local stores
         take part, and only up to BATCH_BYTES in all. Raises InvalidKey.
         """
         size = sum(sum(map(len, p)) if isinstance(p, tuple) else len(p) for _, _, p in puts)
-        return await self._batch([(i, key, _putter(key, p)) for i, key, p in puts], size)
+        return await self._batch([(i, key, _putter(key, p, replace)) for i, key, p in puts], size)
 
     async def append_batch(
         self, appends: list[tuple[int, str, bytes]]
@@ -285,7 +289,7 @@ class NodeSet:
             if (
                 node.state is NodeState.SUSPECT
                 and node.reason == why
-                and (late is None or isinstance(late, KeyNotFound))
+                and (late is None or isinstance(late, KeyNotFound | KeyExists))
             ):
                 # Late, not hung: a cold disk or a busy moment. Left suspect, it would be
                 # read last until a probe, and reads would decode around a healthy node.
@@ -310,7 +314,7 @@ class NodeSet:
         for pos, outcome in done.items():
             node = self.nodes[batch[pos][0]]
             node.calls += 1
-            if outcome is None or isinstance(outcome, KeyNotFound):
+            if outcome is None or isinstance(outcome, KeyNotFound | KeyExists):
                 self._ok(node, share)
             else:
                 self._failed(node, outcome)
@@ -442,8 +446,8 @@ class NodeSet:
 Job = Callable[[int], object]
 
 
-def _putter(key: str, data: Payload) -> Callable[[LocalStore], Job]:
-    return lambda store: store.put_job(key, data, durable=False)
+def _putter(key: str, data: Payload, replace: bool) -> Callable[[LocalStore], Job]:
+    return lambda store: store.put_job(key, data, durable=False, replace=replace)
 
 
 def _reader(

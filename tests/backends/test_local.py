@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from backends import (
+    KeyExists,
     KeyNotFound,
     LocalStore,
     NodeDown,
@@ -167,6 +168,22 @@ async def test_put_replaces_and_leaves_no_temps(store: LocalStore, node: Path) -
     await store.put("x/k", b"second")
     assert await store.get("x/k") == b"second"
     assert files_in(node) == ["x/k"]
+
+
+async def test_a_put_that_may_not_replace_leaves_a_file_of_its_size(
+    store: LocalStore, node: Path
+) -> None:
+    await store.put("x/k", b"first")
+    before = (node / "x/k").stat()
+    with pytest.raises(KeyExists):
+        await store.put("x/k", b"again", replace=False)  # same size: taken as the same
+    assert await store.get("x/k") == b"first"
+    assert (node / "x/k").stat().st_ino == before.st_ino  # not even rewritten
+    await store.put("x/k", b"a longer value", replace=False)  # another size: damaged
+    assert await store.get("x/k") == b"a longer value"
+    await store.put("x/new", b"new", replace=False)
+    assert await store.get("x/new") == b"new"
+    assert files_in(node) == ["x/k", "x/new"]
 
 
 async def test_files_and_directories_are_private(store: LocalStore, node: Path) -> None:

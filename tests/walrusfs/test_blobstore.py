@@ -453,6 +453,31 @@ async def test_a_node_of_another_volume_is_refused(tmp_path: Path) -> None:
     assert states(vol2)[4] == "down"
 
 
+async def test_a_failed_put_of_a_stored_blobs_content_leaves_its_files(tmp_path: Path) -> None:
+    """A copy of a stored file puts the same blob again. When that put failed (3 nodes
+    away, f=2), undoing it deleted the stored blob's sliver files on the 4 nodes it had
+    written to: with the 3 still away, a file nobody touched was unreadable."""
+    vol, paths = await make_volume(tmp_path)
+    data = os.urandom(300_000)
+    first = await vol.blobs.put_blob(data)
+
+    def on_nodes_left() -> list[Path]:
+        return sorted(p for node in paths[3:] for p in sliver_files(node))
+
+    kept = on_nodes_left()
+    assert len(kept) == 4
+    for i in (0, 1, 2):
+        os.rename(paths[i], paths[i] + ".away")
+    with pytest.raises(StorageUnavailable):
+        await vol.blobs.put_blob(data)
+    assert on_nodes_left() == kept
+    assert bytes(await vol.blobs.get_blob(first.blob_id, first.meta)) == data
+    # What a failed put of new content wrote is still undone.
+    with pytest.raises(StorageUnavailable):
+        await vol.blobs.put_blob(os.urandom(300_000))
+    assert on_nodes_left() == kept
+
+
 async def test_puts_racing_a_node_going_down(tmp_path: Path) -> None:
     vol, paths = await make_volume(tmp_path)
     blobs = [os.urandom(200_000 + i) for i in range(8)]
