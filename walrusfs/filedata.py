@@ -794,6 +794,9 @@ class FileData:
             f.cleared = False
         except BaseException:
             self._untake(f, picked)
+            self._reclaim.free_later(
+                [FreedBlob(r.blob_id, r.meta) for r in refs.values() if r is not None]
+            )
             raise
         finally:
             self._round_done(pinned)
@@ -876,6 +879,8 @@ class FileData:
         except BaseException:
             for f in files:
                 self._untake(f, picked[f.inode], settled=True)
+            if pinned:
+                self._reclaim.free_later([FreedBlob(blob_id, meta)])
             raise
         finally:
             self._round_done(pinned)

@@ -141,7 +141,16 @@ class Reclaimer:
         are named again first: in the next round while `run` runs, else now."""
         if not freed:
             return
-        self._queue.extend(freed)
+        self.free_later(freed)
+        if not self._background:
+            await self.drain()
+
+    def free_later(self, blobs: list[FreedBlob]) -> None:
+        """As `free`, in the next round (or drain): also for blobs put for a commit that
+        did not happen, which nothing may name (a put that a later one in the same
+        store left uncommitted, nodes being full, would otherwise hold its space on the
+        nodes until a scrub, a day later)."""
+        self._queue.extend(blobs)
         if len(self._queue) > self._queue_max:
             dropped = len(self._queue) - self._queue_max
             del self._queue[:dropped]
@@ -154,8 +163,6 @@ class Reclaimer:
             self.left_to_scrub += dropped
         if self._background:
             self._queued.set()
-        else:
-            await self.drain()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Delete freed blobs in rounds, until cancelled; what is left stays queued."""

@@ -24,6 +24,7 @@ class MemBlobStore:
         self.deletes = 0
         self.events: list[str] = []  # "settle" and "delete", in order
         self.fail_puts = False
+        self.fail_prefix: bytes | None = None  # puts of content starting with it fail
         self.fail_settles = False
         self.fail_gets = False
         # While set, operations wait for the event: lets a test interleave tasks.
@@ -42,6 +43,9 @@ class MemBlobStore:
     ) -> tuple[bytes, bytes]:
         content = bytes(data)  # copy now: the caller's buffer is only borrowed
         await trio.lowlevel.checkpoint()
+        if self.fail_prefix is not None and content.startswith(self.fail_prefix):
+            await trio.sleep(0.01)  # late, as when nodes fill up: puts started with it land
+            raise StorageUnavailable("memblobs: puts of this content are failing")
         if self.fail_puts:
             raise StorageUnavailable("memblobs: puts are failing")
         blob_id = blake3.blake3(content).digest()

@@ -349,6 +349,39 @@ async def test_failed_flush_keeps_data_and_retries(fs: FileSystem, store: MemBlo
     await fs.release(fh)
 
 
+async def test_blocks_stored_for_a_commit_that_failed_are_deleted(
+    fs: FileSystem, store: MemBlobStore
+) -> None:
+    """Two blocks stored at once, one put fails (nodes full): the other's blob, named by
+    nothing, used to stay on the nodes until a scrub, a day later."""
+    _ino, fh = await new_file(fs)
+    await fs.write(fh, 0, b"a" * BS + b"b" * BS)
+    store.fail_prefix = b"b"
+    with pytest.raises(Exception) as info:
+        await fs.flush(fh)
+    assert errno_of(info.value) == errno.EIO and len(store.blobs) == 1
+    store.fail_prefix = None
+    await fs.write(fh, 0, b"x" * 2 * BS)  # rewritten before it was ever stored
+    await fs.flush(fh)
+    await fs.data.flush_all()  # and the deletes' round
+    assert [b[:1] for b in store.blobs.values()] == [b"x"] and store.deletes == 1
+    await fs.release(fh)
+
+    # One named again by the next commit is kept.
+    _ino, fh = await new_file(fs, b"g")
+    await fs.write(fh, 0, b"c" * BS + b"d" * BS)
+    store.fail_prefix = b"d"
+    with pytest.raises(Exception):
+        await fs.flush(fh)
+    store.fail_prefix = None
+    await fs.flush(fh)
+    await fs.data.flush_all()
+    assert sorted(b[:1] for b in store.blobs.values()) == [b"c", b"d", b"x"]
+    assert await read_all(fs, fh, 2 * BS) == b"c" * BS + b"d" * BS
+    await fs.release(fh)
+    assert_no_leaks(fs, store)
+
+
 async def test_unreadable_blob_is_eio(fs: FileSystem, store: MemBlobStore, meta: Metadata) -> None:
     ino, fh = await new_file(fs)
     await fs.write(fh, 0, b"z" * 100)
