@@ -329,8 +329,14 @@ def append_key(
                 raise _refuse_symlink(node, key, key) from None
             raise
         try:
-            _check_regular(os.fstat(fd).st_mode, node, key)
-            _write_all(fd, (data,))
+            st = os.fstat(fd)
+            _check_regular(st.st_mode, node, key)
+            try:
+                _write_all(fd, (data,))
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    _cut_torn_tail(fd, st.st_size, len(data))
+                raise
             if durable:
                 os.fdatasync(fd)
         finally:
@@ -339,6 +345,15 @@ def append_key(
             os.fsync(dir_fd)  # a new key's name must survive too
     finally:
         os.close(dir_fd)
+
+
+def _cut_torn_tail(fd: int, size: int, most: int) -> None:
+    """Cut what an append that ran out of space wrote past `size` (at most `most`
+    bytes), best effort: readers would skip it, but on a full filesystem it is the space
+    the next, smaller append (a delete's record) needs."""
+    with contextlib.suppress(OSError):
+        if size < os.fstat(fd).st_size <= size + most:
+            os.ftruncate(fd, size)
 
 
 def _write_all(fd: int, pieces: tuple[bytes | memoryview, ...]) -> int:

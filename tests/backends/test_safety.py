@@ -66,6 +66,21 @@ async def test_probe_notices_a_full_node(tmpfs: Callable[..., Path]) -> None:
     assert files_in(node) == ["filler"]  # the failed probe left no temp
 
 
+async def test_an_append_that_runs_out_of_space_leaves_the_space_it_took(
+    tmpfs: Callable[..., Path],
+) -> None:
+    """The part of an append that fitted used to stay behind it (readers skip a torn
+    tail): on a full node, it took the room the next, smaller append needed."""
+    node = tmpfs(size="256k")
+    store = LocalStore(node)
+    await store.append("log", b"a" * (128 << 10))
+    with pytest.raises(NodeFull):
+        await store.append("log", b"b" * (256 << 10))
+    assert (node / "log").stat().st_size == 128 << 10
+    await store.append("log", b"c" * (64 << 10))  # fits in what is left
+    assert await store.get("log") == b"a" * (128 << 10) + b"c" * (64 << 10)
+
+
 async def test_read_only_node_refuses_writes_but_serves_reads(
     tmpfs: Callable[..., Path],
 ) -> None:
