@@ -371,8 +371,9 @@ async def test_blocks_stored_for_a_commit_that_failed_are_deleted(
     _ino, fh = await new_file(fs, b"g")
     await fs.write(fh, 0, b"c" * BS + b"d" * BS)
     store.fail_prefix = b"d"
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as info:
         await fs.flush(fh)
+    assert errno_of(info.value) == errno.EIO
     store.fail_prefix = None
     await fs.flush(fh)
     await fs.data.flush_all()
