@@ -224,6 +224,10 @@ class FileData:
         self._small_patch = min(SMALL_PATCH_BYTES, self.block_size // PATCH_FRACTION)
         self._limiter = trio.CapacityLimiter(max_parallel)
         self._clock_ns = clock_ns
+        # With the FUSE writeback cache the kernel stamps mtime and ctime at write(2)
+        # and sends them (a setattr) when they changed; its WRITE requests come later,
+        # and a stamp of ours then would disagree with the kernel's (which it keeps).
+        self.stamp_writes = True
         self._files: dict[int, _File] = {}
         self.dirty_bytes = 0  # dirty + in-flight block bytes, all files
         self._progress = trio.Event()  # set (and replaced) whenever a flush ends
@@ -456,7 +460,8 @@ class FileData:
                             f.completed.add(index)
                         pos += n
                 f.size = max(f.size, end)
-                f.mtime_ns = f.ctime_ns = now
+                if self.stamp_writes:
+                    f.mtime_ns = f.ctime_ns = now
                 self._mark_dirty(f)
                 if f.completed and not f.behind and self._nursery is not None:
                     f.behind = True

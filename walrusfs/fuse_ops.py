@@ -124,6 +124,7 @@ class FuseOperations(pyfuse3.Operations):
         # The writeback cache places O_APPEND writes itself (and may resend whole pages
         # at their own offsets): the core must take every offset as given.
         fs.kernel_handles_append = self.enable_writeback_cache
+        fs.data.stamp_writes = not self.enable_writeback_cache
 
     def init(self) -> None:
         # The kernel's INIT request: its reply leaves this call and is processed before
