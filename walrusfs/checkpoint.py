@@ -232,10 +232,16 @@ async def write_checkpoint(
     """
     data, seq = await trio.to_thread.run_sync(snapshot, db_path)
     size = vol.identity.blob_size
-    blobs = []
-    for off in range(0, max(len(data), 1), size):
-        r = await vol.blobs.put_blob(data[off : off + size], durable=True)
-        blobs.append((r.blob_id.hex(), r.meta.hex(), len(data[off : off + size])))
+    blobs: list[tuple[str, str, int]] = []
+    try:
+        for off in range(0, max(len(data), 1), size):
+            r = await vol.blobs.put_blob(data[off : off + size], durable=True)
+            blobs.append((r.blob_id.hex(), r.meta.hex(), len(data[off : off + size])))
+    except Exception:
+        # No superblock names them: left, they would hold their space until a scrub
+        # (a day), on nodes that may be failing for want of it.
+        await _delete_unnamed(vol, blobs, previous)
+        raise
     sb = Superblock(
         volume_id=vol.identity.volume_id,
         epoch=epoch,
@@ -254,6 +260,22 @@ async def write_checkpoint(
             vol, previous, keep={b for b, _, _ in sb.blobs} | {b for b, _, _ in previous.blobs}
         )
     return sb
+
+
+async def _delete_unnamed(
+    vol: Volume, stored: list[tuple[str, str, int]], previous: Superblock | None
+) -> None:
+    """Delete the blobs a failed checkpoint stored, but for those the current or the
+    previous checkpoint names too (same content, same id). Not after a superblock write
+    that failed: f+1 nodes holding it would make it the one the next mount recovers."""
+    named = {b for b, _, _ in (*previous.blobs, *previous.previous)} if previous else set()
+    for b, meta, _ in stored:
+        if b in named:
+            continue
+        try:
+            await vol.blobs.delete_blob(bytes.fromhex(b), bytes.fromhex(meta))
+        except StorageUnavailable:
+            log.debug("blob %s of a failed checkpoint not deleted now", b[:16])
 
 
 async def _drop_old(vol: Volume, previous: Superblock, keep: set[str]) -> None:

@@ -15,8 +15,9 @@ import blake3
 import pytest
 import trio
 
-from tests.walrusfs.volumes import back_unseen_others_gone, node_paths, tmpfs
+from tests.walrusfs.volumes import back_unseen_others_gone, node_paths, sliver_files, tmpfs
 from walrusfs import checkpoint, metastore
+from walrusfs.blobstore import PutResult
 from walrusfs.checkpoint import SUPERBLOCK_KEY, RecoveryError, install, snapshot
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
@@ -548,6 +549,41 @@ async def test_a_journal_that_finds_too_many_nodes_full_is_no_space(tmp_path: Pa
         with pytest.raises(NoSpace):  # ENOSPC for the user, not EIO
             await ms.sync()
         ms.metadata.close()
+
+
+async def test_a_checkpoint_that_fails_part_way_deletes_the_blobs_it_stored(
+    tmp_path: Path,
+) -> None:
+    """The snapshot takes several blobs; the nodes go away after the first. That blob,
+    named by no superblock, used to stay on the nodes until a scrub, a day later."""
+    vol, paths = await new_volume(tmp_path)
+    ms = await MetaStore.open(vol, str(tmp_path / "state"))
+    for k in range(400):  # a database of a few blobs of 64 KiB
+        ms.metadata.create(ROOT_INODE, b"%0200d" % k, mode=DIR, uid=0, gid=0, now_ns=1)
+    await ms.sync()
+
+    def on_nodes_left() -> set[Path]:
+        return {p for node in paths[3:] for p in sliver_files(node)}
+
+    kept = on_nodes_left()
+    put = vol.blobs.put_blob
+    puts = 0
+
+    async def put_then_lose_three_nodes(data: bytes, **kwargs: bool) -> PutResult:
+        nonlocal puts
+        puts += 1
+        if puts == 2:
+            for i in (0, 1, 2):
+                os.rename(paths[i], paths[i] + ".away")
+        return await put(data, **kwargs)
+
+    vol.blobs.put_blob = put_then_lose_three_nodes  # type: ignore[method-assign]
+    with pytest.raises(StorageUnavailable):
+        await ms.checkpoint()
+    assert puts == 2
+    assert on_nodes_left() == kept  # the first blob's files are gone again
+    vol.blobs.put_blob = put  # type: ignore[method-assign]
+    ms.metadata.close()
 
 
 async def test_the_checkpoint_before_the_last_two_is_deleted_from_every_node(
