@@ -36,7 +36,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -269,18 +269,18 @@ async def _delete_unnamed(
     previous checkpoint names too (same content, same id). Not after a superblock write
     that failed: f+1 nodes holding it would make it the one the next mount recovers."""
     named = {b for b, _, _ in (*previous.blobs, *previous.previous)} if previous else set()
-    for b, meta, _ in stored:
-        if b in named:
-            continue
-        try:
-            await vol.blobs.delete_blob(bytes.fromhex(b), bytes.fromhex(meta))
-        except StorageUnavailable:
-            log.debug("blob %s of a failed checkpoint not deleted now", b[:16])
+    await _delete_blobs(vol, stored, named, "of a failed checkpoint")
 
 
 async def _drop_old(vol: Volume, previous: Superblock, keep: set[str]) -> None:
     """Delete the checkpoint before `previous`: the newest two stay recoverable."""
-    for b, meta, _ in previous.previous:
+    await _delete_blobs(vol, previous.previous, keep, "of an old checkpoint")
+
+
+async def _delete_blobs(
+    vol: Volume, blobs: Iterable[tuple[str, str, int]], keep: set[str], what: str
+) -> None:
+    for b, meta, _ in blobs:
         if b in keep:
             continue
         try:
@@ -288,7 +288,7 @@ async def _drop_old(vol: Volume, previous: Superblock, keep: set[str]) -> None:
             # (20 s at a mount beside one slow node, instead of 3).
             await vol.blobs.delete_blob(bytes.fromhex(b), bytes.fromhex(meta))
         except StorageUnavailable:
-            log.debug("old checkpoint blob %s not deleted now", b[:16])
+            log.debug("blob %s %s not deleted now", b[:16], what)
 
 
 async def restore(vol: Volume, sb: Superblock, db_path: str) -> None:
