@@ -7,6 +7,8 @@ import functools
 import os
 import random
 import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import blake3
 import pytest
@@ -398,31 +400,40 @@ async def test_unreadable_blob_is_eio(fs: FileSystem, store: MemBlobStore, meta:
     assert await fresh.read(fh, 0, 3) == b"zzz"
 
 
+@asynccontextmanager
+async def read_afresh(
+    meta: Metadata, store: MemBlobStore, data: bytes, cache_bytes: int
+) -> AsyncIterator[tuple[FileSystem, int, int]]:
+    """`data` stored as a file, open read-only in a new FileSystem (nothing cached) whose
+    background (read-ahead) runs: (that FileSystem, the inode, the handle)."""
+    ino = await stored_file(meta, store, data)
+    fresh = FileSystem(meta, store, cache_bytes=cache_bytes)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fresh.run_background)
+        yield fresh, ino, await fresh.open(ino, os.O_RDONLY, 0)
+        nursery.cancel_scope.cancel()
+
+
+async def read_settled(fs: FileSystem, fh: int, data: bytes, offset: int, n: int) -> None:
+    """Read and check `n` bytes at `offset`, then let the read-ahead it started land."""
+    assert await fs.read(fh, offset, n) == data[offset : offset + n]
+    await trio.testing.wait_all_tasks_blocked()
+
+
 async def test_read_cache_and_read_ahead(meta: Metadata, store: MemBlobStore) -> None:
     ahead = READ_AHEAD_BLOCKS
     blocks = ahead + 3
-    fs = FileSystem(meta, store, cache_bytes=2 * blocks * BS)
-    ino, fh = await new_file(fs)
     data = random.Random(7).randbytes(blocks * BS)
-    await fs.write(fh, 0, data)
-    await fs.release(fh)
-    fresh = FileSystem(meta, store, cache_bytes=2 * blocks * BS)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(fresh.run_background)
-        fh = await fresh.open(ino, os.O_RDONLY, 0)
+    async with read_afresh(meta, store, data, 2 * blocks * BS) as (fresh, _ino, fh):
         gets = store.gets
-        assert await fresh.read(fh, 0, 4096) == data[:4096]
-        await trio.testing.wait_all_tasks_blocked()
+        await read_settled(fresh, fh, data, 0, 4096)
         assert store.gets == gets + 1  # block 0: 4096 bytes read do not call for more yet
-        assert await fresh.read(fh, 4096, BS) == data[4096 : 4096 + BS]
-        await trio.testing.wait_all_tasks_blocked()
+        await read_settled(fresh, fh, data, 4096, BS)
         assert store.gets == gets + 6  # block 1, and ahead of the reader 4x what it read
         assert await fresh.read(fh, 0, 10) == data[:10]  # cached
         assert store.gets == gets + 6  # nothing fetched twice
-        assert await fresh.read(fh, 4096 + BS, blocks * BS) == data[4096 + BS :]
-        await trio.testing.wait_all_tasks_blocked()
+        await read_settled(fresh, fh, data, 4096 + BS, blocks * BS)
         assert store.gets == gets + blocks  # each block once, none beyond the end
-        nursery.cancel_scope.cancel()
 
 
 async def test_read_ahead_grows_as_the_reader_proves_sequential(
@@ -432,25 +443,17 @@ async def test_read_ahead_grows_as_the_reader_proves_sequential(
     gets the full read-ahead after its first block."""
     blocks = 12
     data = random.Random(11).randbytes(blocks * BS)
-    ino = await stored_file(meta, store, data)
-    fresh = FileSystem(meta, store, cache_bytes=4 * blocks * BS)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(fresh.run_background)
-        fh = await fresh.open(ino, os.O_RDONLY, 0)
+    async with read_afresh(meta, store, data, 4 * blocks * BS) as (fresh, ino, fh):
         gets = store.gets
-        assert await fresh.read(fh, 0, 100) == data[:100]
-        await trio.testing.wait_all_tasks_blocked()
+        await read_settled(fresh, fh, data, 0, 100)
         assert store.gets == gets + 1  # its own block only
         await fresh.release(fh)
         fh = await fresh.open(ino, os.O_RDONLY, 0)
-        assert await fresh.read(fh, 0, BS) == data[:BS]  # block 0, cached
-        await trio.testing.wait_all_tasks_blocked()
+        await read_settled(fresh, fh, data, 0, BS)  # block 0, cached
         assert store.gets == gets + 1 + 4  # 4 blocks ahead: 4x the block it has read
-        assert await fresh.read(fh, BS, BS) == data[BS : 2 * BS]
-        await trio.testing.wait_all_tasks_blocked()
+        await read_settled(fresh, fh, data, BS, BS)
         assert store.gets == gets + 2 + READ_AHEAD_BLOCKS  # up to block 7: the full window
         await fresh.release(fh)
-        nursery.cancel_scope.cancel()
 
 
 async def read_sequentially(fs: FileSystem, ino: int, size: int, request: int) -> bytes:
