@@ -69,6 +69,14 @@ class NodeStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def reserve(self, key: str, size: int) -> bool:
+        """Make ``key`` a file holding at least ``size`` bytes of allocated space, kept
+        for a moment the node is full (deleting it gives them back); returns False if it
+        held them already. Raises InvalidKey, NodeFull (nothing is kept then),
+        NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        """
+
+    @abc.abstractmethod
     async def get(
         self,
         key: str,

@@ -347,6 +347,66 @@ def append_key(
         os.close(dir_fd)
 
 
+def reserve_key(root_fd: int, node: str, key: str, parts: tuple[str, ...], size: int) -> bool:
+    """Make the key's file (created 0600) hold at least ``size`` bytes of allocated space;
+    returns False if it did already.
+
+    Space is allocated (posix_fallocate), not merely addressed: a sparse file would
+    give nothing back when deleted. Where fallocate is unsupported the bytes are
+    written, and not as zeros, which a compressing filesystem would store in nothing.
+    A failed call leaves the file as it was, or no file. Raises NodeIOError (a symlink
+    or something else than a regular file at the key), OSError.
+    """
+    dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=True, durable=False)
+    try:
+        try:
+            fd = os.open(
+                parts[-1],
+                os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                FILE_MODE,
+                dir_fd=dir_fd,
+            )
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _refuse_symlink(node, key, key) from None
+            raise
+        try:
+            st = os.fstat(fd)
+            _check_regular(st.st_mode, node, key)
+            if st.st_size >= size and st.st_blocks * 512 >= size:
+                return False
+            try:
+                _allocate(fd, st.st_size, size)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    if st.st_size:
+                        os.ftruncate(fd, st.st_size)
+                    else:
+                        os.unlink(parts[-1], dir_fd=dir_fd)
+                raise
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+_FILLER = b"walrusfs space reserve\n" * 2731  # 64 KiB give or take; not zeros
+
+
+def _allocate(fd: int, have: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    os.lseek(fd, 0, os.SEEK_SET)
+    left = size
+    while left > 0:
+        left -= os.write(fd, _FILLER[: min(left, len(_FILLER))])
+
+
 def _cut_torn_tail(fd: int, size: int, most: int) -> None:
     """Cut what an append that ran out of space wrote past `size` (at most `most`
     bytes), best effort: readers would skip it, but on a full filesystem it is the space

@@ -202,6 +202,13 @@ class LocalStore(NodeStore):
 
         return job
 
+    async def reserve(self, key: str, size: int) -> bool:
+        """See NodeStore.reserve."""
+        parts = check_key(key)
+        return await self._run(
+            "reserve", key, lambda root: files.reserve_key(root, self.path, key, parts, size)
+        )
+
     def _traits(self, root: int) -> tuple[int, bool, bool]:
         """(st_dev, syncfs is durable, write large files O_DIRECT) of the filesystem the
         node directory is on now (worker thread; learnt once per filesystem)."""

@@ -176,3 +176,31 @@ async def test_cleanup_does_not_follow_symlinks(hostile: tuple[Path, Path]) -> N
     store = LocalStore(node)
     assert await store.cleanup_temps(older_than=-1) == 0
     assert (outside / ".tmp-0001").exists()
+
+
+async def test_a_reserve_holds_space_that_deleting_it_gives_back(
+    tmpfs: Callable[..., Path],
+) -> None:
+    """A full node must still find room for a delete's journal record: the reserve is
+    space taken early (allocated, not a sparse file) and given back when needed."""
+    node = tmpfs(size="1m")
+    store = LocalStore(node)
+    assert await store.reserve("reserve", 256 << 10)
+    assert (node / "reserve").stat().st_blocks * 512 >= 256 << 10
+    assert not await store.reserve("reserve", 256 << 10)  # held already
+    fill_up(node)
+    with pytest.raises(NodeFull):
+        await store.append("log", b"x" * (64 << 10))
+    await store.delete("reserve")
+    await store.append("log", b"x" * (64 << 10))
+    assert await store.get("log") == b"x" * (64 << 10)
+
+
+async def test_a_reserve_that_does_not_fit_takes_nothing(tmpfs: Callable[..., Path]) -> None:
+    node = tmpfs(size="1m")
+    store = LocalStore(node)
+    with pytest.raises(NodeFull):
+        await store.reserve("reserve", 4 << 20)
+    assert files_in(node) == []
+    free, _ = await store.free_space()
+    assert free > 900 << 10
