@@ -70,10 +70,10 @@ class NodeStore(abc.ABC):
 
     @abc.abstractmethod
     async def reserve(self, key: str, size: int) -> bool:
-        """Make ``key`` a file holding at least ``size`` bytes of allocated space, kept
-        for a moment the node is full (deleting it gives them back); returns False if it
-        held them already. Raises InvalidKey, NodeFull (nothing is kept then),
-        NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
+        """Make ``key`` a file holding ``size`` bytes of allocated space, kept for a
+        moment the node is full: a smaller ``size``, or deleting it, gives them back.
+        Returns False if it held that already. Raises InvalidKey, NodeFull (it is left as
+        it was then), NodePermissionError, NodeDown, NodeTimeout, NodeIOError.
         """
 
     @abc.abstractmethod

@@ -348,8 +348,8 @@ def append_key(
 
 
 def reserve_key(root_fd: int, node: str, key: str, parts: tuple[str, ...], size: int) -> bool:
-    """Make the key's file (created 0600) hold at least ``size`` bytes of allocated space;
-    returns False if it did already.
+    """Make the key's file (created 0600) hold ``size`` bytes of allocated space, grown
+    or cut (which gives the rest back); returns False if it held that already.
 
     Space is allocated (posix_fallocate), not merely addressed: a sparse file would
     give nothing back when deleted. Where fallocate is unsupported the bytes are
@@ -373,7 +373,10 @@ def reserve_key(root_fd: int, node: str, key: str, parts: tuple[str, ...], size:
         try:
             st = os.fstat(fd)
             _check_regular(st.st_mode, node, key)
-            if st.st_size >= size and st.st_blocks * 512 >= size:
+            if st.st_size > size:
+                os.ftruncate(fd, size)
+                return True
+            if st.st_size == size and st.st_blocks * 512 >= size:
                 return False
             try:
                 _allocate(fd, st.st_size, size)

@@ -239,9 +239,10 @@ class BlobStore:
     # -- put ------------------------------------------------------------------------------
 
     async def put_blob(
-        self, data: bytes | bytearray | memoryview, *, durable: bool = True
+        self, data: bytes | bytearray | memoryview, *, durable: bool = True, small: bool = False
     ) -> PutResult:
-        """Store a blob on at least n-f nodes; `durable`: on their stable storage too.
+        """Store a blob on at least n-f nodes; `durable`: on their stable storage too;
+        `small`: the nodes taken as full are tried as well (see NodeSet.writable).
 
         Durable puts write their files like the others and then flush each filesystem
         holding them once (walrusfs.flush), instead of an fsync per file and directory:
@@ -257,7 +258,7 @@ class BlobStore:
                 )
                 claimed = self._claim(meta.blob_id)
                 created: set[int] = set()
-                written, errors = await self._store_files(files, created)
+                written, errors = await self._store_files(files, created, small)
                 keys = {i: key for i, (key, _) in files.items()}
                 del files  # the flush below must not hold the encoded bytes out of `_puts`
             stored = written
@@ -308,7 +309,10 @@ class BlobStore:
             self._overlapped.discard(blob_id)
 
     async def _store_files(
-        self, files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]], created: set[int]
+        self,
+        files: dict[int, tuple[str, tuple[bytes | memoryview, ...]]],
+        created: set[int],
+        small: bool,
     ) -> tuple[set[int], dict[int, Exception | str]]:
         """Write each node's file (not durably: see put_blob); return once a quorum (plus
         grace) or all have answered. Short of the quorum, the nodes taken as down or full
@@ -316,7 +320,7 @@ class BlobStore:
         already keeps it (counted as stored); `created` gets the nodes written to."""
         quorum = self.params.n - self.params.f
         began = trio.current_time()
-        writable = self.nodes.writable()
+        writable = self.nodes.writable(small=small)
         errors: dict[int, Exception | str] = {
             i: f"skipped: node is {self.nodes.state(i).value}" for i in files if i not in writable
         }
@@ -325,7 +329,9 @@ class BlobStore:
             files, [i for i in files if i in writable], set(), created, errors
         )
         if len(stored) < quorum:
-            back = [i for i in await self.nodes.writable_again(began, stored) if i in files]
+            back = [
+                i for i in await self.nodes.writable_again(began, stored, small=small) if i in files
+            ]
             stored = await self._store_on(files, back, stored, created, errors)
         return stored, errors
 

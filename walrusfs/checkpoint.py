@@ -25,6 +25,8 @@ Superblock, key `superblock.json`: JSON, then a line with the blake3 of the JSON
 | previous      | the checkpoint before, as `blobs` (kept, and repaired, until the   |
 |               | next one: the fallback should the newest become unreadable)       |
 | created_ns    | wall-clock time of writing                                        |
+| carry         | version 2 only: [[epoch, seq], ...], journals of earlier sessions |
+|               | to replay, each up to seq, before this one's (see `carried`)      |
 
 Runs in trio tasks; SQLite snapshots are taken in worker threads.
 """
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 SUPERBLOCK_KEY = "superblock.json"
 FORMAT = "walrusfs-superblock"
 VERSION = 1
+# With a `carry`: a reader that knew only version 1 would replay this session's journal
+# alone, and find it does not chain on: refused, it cannot lose the carried changes.
+CARRY_VERSION = 2
 
 
 class RecoveryError(Exception):
@@ -73,9 +78,13 @@ class Superblock:
     digest: str
     previous: tuple[tuple[str, str, int], ...]
     created_ns: int
+    carry: tuple[tuple[int, int], ...] = ()
 
     def to_bytes(self) -> bytes:
-        doc = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        doc = {"format": FORMAT, "version": CARRY_VERSION if self.carry else VERSION}
+        doc.update(asdict(self))
+        if not self.carry:
+            del doc["carry"]
         body = json.dumps(doc, sort_keys=True).encode()
         return body + b"\n" + blake3(body).hexdigest().encode() + b"\n"
 
@@ -86,7 +95,7 @@ class Superblock:
         if not sep or blake3(body).hexdigest().encode() != rest:
             raise ValueError("superblock checksum mismatch")
         doc = json.loads(body)
-        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        if doc.get("format") != FORMAT or doc.get("version") not in (VERSION, CARRY_VERSION):
             raise ValueError(
                 f"unknown superblock format {doc.get('format')!r} v{doc.get('version')!r}"
             )
@@ -101,6 +110,7 @@ class Superblock:
             digest=str(doc["digest"]),
             previous=tuple((str(b), str(m), int(n)) for b, m, n in doc["previous"]),
             created_ns=int(doc["created_ns"]),
+            carry=tuple((int(e), int(q)) for e, q in doc.get("carry", ())),
         )
 
 
@@ -155,7 +165,9 @@ async def write_superblock(vol: Volume, sb: Superblock) -> None:
 
     async def one(i: int) -> None:
         try:
-            await vol.nodes.call(i, lambda st: st.put(SUPERBLOCK_KEY, raw, durable=True))
+            await vol.nodes.call_small(
+                i, lambda st: st.put(SUPERBLOCK_KEY, raw, durable=True), len(raw)
+            )
             ok.append(i)
         except NodeError:
             pass
@@ -235,7 +247,8 @@ async def write_checkpoint(
     blobs: list[tuple[str, str, int]] = []
     try:
         for off in range(0, max(len(data), 1), size):
-            r = await vol.blobs.put_blob(data[off : off + size], durable=True)
+            # Full nodes too: a checkpoint is what lets their journal files go.
+            r = await vol.blobs.put_blob(data[off : off + size], durable=True, small=True)
             blobs.append((r.blob_id.hex(), r.meta.hex(), len(data[off : off + size])))
     except Exception:
         # No superblock names them: left, they would hold their space until a scrub
@@ -338,49 +351,69 @@ def _refs(value: Any) -> Iterator[BlockRef]:
 async def replay(
     vol: Volume, sb: Superblock, apply: Callable[[Change], None], *, until: int | None = None
 ) -> Replayed:
-    """Apply the journal after the checkpoint (up to seq `until` if given).
+    """Apply the journal after the checkpoint (up to seq `until` if given): the journals
+    it carries (`Superblock.carry`), then its own session's.
 
     Stops at the first segment that f+1 nodes do not hold identically (the uncommitted
     tail of a crashed session) or that does not chain; records already in the snapshot
     are skipped. Raises RecoveryError for a damaged record in an agreed segment.
     """
     seq, prev = sb.chain_seq, bytes.fromhex(sb.chain_hash)
-    applied = sb.seq
     out = Replayed(seq, prev, sb.seq, {})
-    held = await read_epoch(vol.nodes, sb.epoch)
-    while until is None or seq < until:
-        raw = agreed_segment(held, seq + 1, vol.params.f + 1)
-        if raw is None:
+    applied = sb.seq
+    for epoch, through in (*sb.carry, (sb.epoch, None)):
+        stop = through if until is None else until if through is None else min(through, until)
+        held = await read_epoch(vol.nodes, epoch)
+        while stop is None or seq < stop:
+            raw = agreed_segment(held, seq + 1, vol.params.f + 1)
+            if raw is None:
+                break
+            seg = Segment.from_bytes(raw, f"journal of epoch {epoch} at {seq + 1}")
+            if seg.prev != prev or seg.first_seq != seq + 1 or seg.epoch != epoch:
+                log.warning(
+                    "journal segment at %d of epoch %d does not chain; recovery stops before it",
+                    seq + 1,
+                    epoch,
+                )
+                break
+            if stop is not None and seg.last_seq > stop:
+                # Cut inside a segment: what follows chains to the last whole one.
+                applied = _apply_records(seg, applied, stop, apply, out)
+                seq = stop
+                break
+            applied = _apply_records(seg, applied, seg.last_seq, apply, out)
+            seq, prev = seg.last_seq, segment_hash(raw)
+        if through is None:
             break
-        seg = Segment.from_bytes(raw, f"journal of epoch {sb.epoch} at {seq + 1}")
-        if seg.prev != prev or seg.first_seq != seq + 1 or seg.epoch != sb.epoch:
-            log.warning(
-                "journal segment at %d of epoch %d does not chain; recovery stops before it",
-                seq + 1,
-                sb.epoch,
-            )
-            break
-        for at, record in enumerate(seg.records, seg.first_seq):
-            if until is not None and at > until:
-                # Cut inside a segment: the next session chains to the last whole one.
-                return Replayed(until, prev, out.durable, out.named)
-            if at <= applied:
-                continue
-            try:
-                change = decode_change(record)
-                mark = int(change.args["through"]) if change.op == DURABLE_MARK else None
-            except (JournalError, KeyError, TypeError, ValueError) as exc:
-                raise RecoveryError(f"journal at {at}: {exc}") from exc
-            if mark is None:
-                try:
-                    apply(change)
-                except FSError as exc:
-                    raise RecoveryError(f"journal at {at}: {exc}") from exc
-            else:
-                out.durable = max(out.durable, mark)
-            for ref in _refs(change.args):
-                out.named.setdefault(ref.blob_id, (at, ref.meta))
-            applied = at
-        seq, prev = seg.last_seq, segment_hash(raw)
+        seq = max(seq, applied)  # the snapshot may hold records past the last segment
+        if seq < through or (until is not None and seq >= until):
+            break  # a carried journal that stops short: nothing chains on; or done
     out.seq, out.prev = max(applied, seq), prev
     return out
+
+
+def _apply_records(
+    seg: Segment, applied: int, last: int, apply: Callable[[Change], None], out: Replayed
+) -> int:
+    """Apply the segment's records after `applied` up to `last`; returns the last applied."""
+    for at, record in enumerate(seg.records, seg.first_seq):
+        if at > last:
+            break
+        if at <= applied:
+            continue
+        try:
+            change = decode_change(record)
+            mark = int(change.args["through"]) if change.op == DURABLE_MARK else None
+        except (JournalError, KeyError, TypeError, ValueError) as exc:
+            raise RecoveryError(f"journal at {at}: {exc}") from exc
+        if mark is None:
+            try:
+                apply(change)
+            except FSError as exc:
+                raise RecoveryError(f"journal at {at}: {exc}") from exc
+        else:
+            out.durable = max(out.durable, mark)
+        for ref in _refs(change.args):
+            out.named.setdefault(ref.blob_id, (at, ref.meta))
+        applied = at
+    return applied

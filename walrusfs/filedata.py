@@ -209,8 +209,14 @@ class FileData:
         max_parallel: int = 6,
         clock_ns: Callable[[], int] = time.time_ns,
         is_open: Callable[[int], bool] = lambda inode: False,
+        room_for_data: Callable[[], bool] = lambda: True,
     ) -> None:
         self._meta = meta
+        # False while too many nodes are full to store a blob. File bytes then go no
+        # further than memory, not into the journal as patches either: what space the
+        # full nodes have left (their reserve, see walrusfs.nodeset) is for the deletes
+        # that free them.
+        self._room_for_data = room_for_data
         self._is_open = is_open  # whether a file has open handles (walrusfs.fs knows)
         self._store = store
         self.block_size = meta.block_size
@@ -629,6 +635,8 @@ class FileData:
             patches.extend((index, a, bytes(buf[a:b])) for a, b in ranges)
         if sum(len(p[2]) for p in patches) > PATCH_MAX_BYTES:
             return None
+        if patches and not self._room_for_data():
+            return None  # stored as blobs instead, which fails with ENOSPC
         freed: list[FreedBlob] = []
         if patches or f.attrs_dirty:
             freed = self._meta.patch_blocks(

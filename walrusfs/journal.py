@@ -209,7 +209,7 @@ class Journal:
 
         async def one(i: int) -> int:
             try:
-                await self.nodes.call(i, lambda st: st.append(key, raw))
+                await self.nodes.call_small(i, lambda st: st.append(key, raw), len(raw))
             except NodeError as exc:
                 errors[i] = exc
                 return 0

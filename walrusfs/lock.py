@@ -139,7 +139,9 @@ class MountLock:
         async def one(i: int) -> None:
             nonlocal ok
             try:
-                await self.vol.nodes.call(i, lambda st: st.put(LOCK_KEY, raw, durable=True))
+                await self.vol.nodes.call_small(
+                    i, lambda st: st.put(LOCK_KEY, raw, durable=True), len(raw)
+                )
                 ok += 1
             except NodeError:
                 return

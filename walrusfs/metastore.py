@@ -11,14 +11,22 @@ Runs in trio tasks; not thread-safe.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from typing import Any
 
 import trio
 
-from walrusfs.checkpoint import RecoveryError, Superblock, read_superblock, write_checkpoint
-from walrusfs.errors import StorageUnavailable
+from walrusfs.checkpoint import (
+    RecoveryError,
+    Superblock,
+    read_superblock,
+    write_checkpoint,
+    write_superblock,
+)
+from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.journal import Journal, drop_history
 from walrusfs.metadata import Metadata
 from walrusfs.recovery import recover
@@ -32,6 +40,15 @@ DB_NAME = "metadata.db"
 # journal before a checkpoint is kept on every node and read back at every mount.
 CHECKPOINT_EVERY = 20_000
 CHECKPOINT_BYTES = 64 << 20
+# ... or a 1/JOURNAL_SHARE of the smallest node's filesystem, if less: every node holds
+# the whole journal, and a small node would otherwise fill with it.
+JOURNAL_SHARE = 16
+# While a node is full, checkpoint once there are new changes (deletes, as a rule: the
+# journal files a checkpoint lets go are what gives a full node its space back), and
+# while the superblock carries journals (see _carry); at most every FULL_RETRY_S
+# seconds and in at most 1/FULL_DUTY of the time.
+FULL_RETRY_S = 5.0
+FULL_DUTY = 20
 # Changes not made durable by fsync() are made so once they are this many seconds old
 # (0: never; only fsync() and unmount do), as ext4 commits every 5 s. It
 # bounds what a power loss of every node takes of closed files, and what recovery reads
@@ -90,8 +107,14 @@ class MetaStore:
         self.journal = journal
         self.superblock = superblock
         self._checkpointing = trio.Lock()
+        self._tried_at: float | None = None  # when the last checkpoint ended (trio time)
+        self._took = 0.0  # and how long it took
+        vol.nodes.reserve_extra = checkpoint_footprint(vol, superblock.size)
         # The newest committed checkpoint's (epoch, cut): log files up to it are history.
-        self._history: tuple[int, int] | None = (superblock.epoch, superblock.chain_seq)
+        # Not those of a checkpoint that carries them (see _carry).
+        self._history: tuple[int, int] | None = (
+            None if superblock.carry else (superblock.epoch, superblock.chain_seq)
+        )
 
     @classmethod
     async def open(cls, vol: Volume, state_dir: str) -> MetaStore:
@@ -111,9 +134,12 @@ class MetaStore:
         try:
             md.set_journal_seq(seq)
             epoch = sb.epoch + 1
-            new = await write_checkpoint(
-                vol, path, epoch=epoch, chain_seq=seq, chain_hash=prev, previous=sb
-            )
+            try:
+                new = await _write_checkpoint(
+                    vol, path, epoch=epoch, chain_seq=seq, chain_hash=prev, previous=sb
+                )
+            except NoSpace as exc:
+                new = await _carry(vol, sb, epoch, seq, exc)
         except BaseException:
             md.close()
             raise
@@ -130,16 +156,22 @@ class MetaStore:
     async def checkpoint(self) -> None:
         """Write a new checkpoint; the journal before it is then only history."""
         async with self._checkpointing:
-            chain_seq, chain_hash = await self.journal.rotate()
-            self.superblock = await write_checkpoint(
-                self.vol,
-                self.metadata.path,
-                epoch=self.journal.epoch,
-                chain_seq=chain_seq,
-                chain_hash=chain_hash,
-                previous=self.superblock,
-            )
+            began = trio.current_time()
+            try:
+                chain_seq, chain_hash = await self.journal.rotate()
+                self.superblock = await _write_checkpoint(
+                    self.vol,
+                    self.metadata.path,
+                    epoch=self.journal.epoch,
+                    chain_seq=chain_seq,
+                    chain_hash=chain_hash,
+                    previous=self.superblock,
+                )
+            finally:
+                self._tried_at = trio.current_time()
+                self._took = self._tried_at - began
             self._history = (self.journal.epoch, chain_seq)
+            self.vol.nodes.reserve_extra = checkpoint_footprint(self.vol, self.superblock.size)
 
     async def drop_history(self) -> None:
         """Delete the journal log files the newest checkpoint made history (if not yet)."""
@@ -152,10 +184,21 @@ class MetaStore:
                 log.debug("removed %d journal log files older than the checkpoint", removed)
 
     def checkpoint_due(self) -> bool:
-        return (
+        if (
             self.journal.seq - self.superblock.seq >= CHECKPOINT_EVERY
-            or self.journal.log_bytes >= CHECKPOINT_BYTES
-        )
+            or self.journal.log_bytes >= self._checkpoint_bytes()
+        ):
+            return True
+        if not self.superblock.carry and (
+            not self.vol.nodes.full_count() or self.journal.seq <= self.superblock.seq
+        ):
+            return False
+        wait = max(FULL_RETRY_S, FULL_DUTY * self._took)
+        return self._tried_at is None or trio.current_time() - self._tried_at >= wait
+
+    def _checkpoint_bytes(self) -> int:
+        totals = [n.total for n in self.vol.nodes.nodes if n.total]
+        return min([CHECKPOINT_BYTES, *(t // JOURNAL_SHARE for t in totals)])
 
     async def run_background(self, interval: float = 1.0, commit: float = DEFAULT_COMMIT_S) -> None:
         """Sync the journal every `interval` seconds, and durably once changes are
@@ -185,6 +228,52 @@ class MetaStore:
         """Final durable sync and checkpoint, then close the database."""
         try:
             await self.journal.sync(durable=True)
-            await self.checkpoint()
+            try:
+                await self.checkpoint()
+            except NoSpace as exc:  # the journal holds every change: a mount replays it
+                log.warning("no checkpoint at unmount, the nodes are full: %s", exc)
         finally:
             self.metadata.close()
+
+
+async def _write_checkpoint(vol: Volume, path: str, **where: Any) -> Superblock:
+    """write_checkpoint; on nodes out of space, once more after they give up their
+    reserves (walrusfs.nodeset): a mount must write one, a volume filled to the last
+    byte too, and a checkpoint is what lets a full node's journal files go."""
+    try:
+        return await write_checkpoint(vol, path, **where)
+    except NoSpace as exc:
+        if not await vol.nodes.release_reserves():
+            raise
+        log.warning("checkpoint retried in the nodes' space reserves: %s", exc)
+    return await write_checkpoint(vol, path, **where)
+
+
+async def _carry(vol: Volume, sb: Superblock, epoch: int, seq: int, why: NoSpace) -> Superblock:
+    """Start session `epoch` without a new snapshot, for nodes too full to store one: a
+    superblock that names `sb`'s snapshot and carries its journal, up to the `seq` just
+    recovered, for recovery to replay before the new session's. Those log files stay
+    until a checkpoint (MetaStore.checkpoint_due retries while nodes are full) holds
+    what they do. Without this, a volume filled to the last byte would not mount, and
+    so could not be given its space back. Raises StorageUnavailable."""
+    new = dataclasses.replace(
+        sb, epoch=epoch, carry=(*sb.carry, (sb.epoch, seq)), created_ns=time.time_ns()
+    )
+    await write_superblock(vol, new)
+    log.warning(
+        "mounted without a metadata checkpoint, the nodes are too full for one (%s): the "
+        "next mounts replay the journal of %d earlier sessions until one is written",
+        why,
+        len(new.carry),
+    )
+    return new
+
+
+def checkpoint_footprint(vol: Volume, size: int) -> int:
+    """About the bytes a checkpoint of `size` bytes takes on each node, twice over: the
+    next one may be bigger, and is written before the one before it is deleted."""
+    p = vol.params
+    per_blob = vol.identity.blob_size
+    blobs = max(1, -(-size // per_blob))
+    symbol = p.symbol_size(min(size, per_blob))
+    return 2 * blobs * (p.R + p.C) * symbol + (64 << 10)

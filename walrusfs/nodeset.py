@@ -66,6 +66,27 @@ _NO_ANSWER = object()  # a batch position its thread never reached
 # write. The probes get this long, so a hung node delays a failing write at most that.
 REVIVE_WAIT_S = 1.0
 
+# Each node keeps this key filled with allocated space, given back when a write of the
+# metadata (a journal append, the superblock) finds the node full: a volume filled to
+# the last byte (by small files, which wait in the journal until packed) must still
+# commit the deletes that free it, and the checkpoint after them (a mount starts with
+# one). Taken again once the node has room. Its size: 1/RESERVE_FRACTION of the node's
+# filesystem, within bounds, plus what a checkpoint takes (NodeSet.reserve_extra), at
+# most an eighth of the filesystem.
+RESERVE_KEY = "space-reserve"
+RESERVE_FRACTION = 32
+RESERVE_MIN = 128 << 10
+RESERVE_MAX = 32 << 20
+# What a small write that finds its node full has it give back (a journal segment is
+# KiBs): the rest stays for the writes after it, the superblock and the mount lock.
+RESERVE_SLICE = 64 << 10
+
+
+def reserve_bytes(total: int) -> int:
+    """The space a node whose filesystem holds `total` bytes keeps in reserve."""
+    return min(RESERVE_MAX, max(RESERVE_MIN, total // RESERVE_FRACTION))
+
+
 # Lower ranks are preferred when choosing which nodes to read from.
 _RANK = {NodeState.UP: 0, NodeState.FULL: 0, NodeState.SUSPECT: 1, NodeState.DOWN: 2}
 _UNWRITABLE = (NodeState.DOWN, NodeState.FULL)
@@ -89,6 +110,7 @@ class Node:
     filesystem: int | None = None  # nodes with the same id share free space
     since: float = field(default=0.0)
     stuck_batches: int = 0  # batch threads left behind on this node, not ended yet
+    reserved: int | None = None  # bytes its RESERVE_KEY holds (None: not known yet)
 
 
 class NodeSet:
@@ -108,6 +130,8 @@ class NodeSet:
         self._probe_soon: set[int] = set()  # turned suspect: probe_forever looks early
         self._reviving: trio.Event | None = None  # a revive round under way: set at its end
         self._revive_at: float | None = None  # when the latest round started
+        # Bytes a checkpoint of the metadata takes on a node: held in reserve as well.
+        self.reserve_extra = 0
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -133,6 +157,9 @@ class NodeSet:
         if small:
             return self.readable()
         return {n.index for n in self.nodes if n.state in (NodeState.UP, NodeState.SUSPECT)}
+
+    def full_count(self) -> int:
+        return sum(1 for n in self.nodes if n.state is NodeState.FULL)
 
     def set_state(self, index: int, state: NodeState, reason: str = "") -> None:
         """Change a node's state, logging only actual changes."""
@@ -190,6 +217,76 @@ class NodeSet:
             raise
         self._ok(node, trio.current_time() - t0)
         return result
+
+    async def call_small(self, index: int, op: Callable[[NodeStore], Awaitable[T]], size: int) -> T:
+        """`call`, for a write of `size` bytes of the metadata's (see `writable(small=True)`):
+        a node that refuses it for want of space gives up a slice of its reserve and is
+        asked once more."""
+        try:
+            return await self.call(index, op)
+        except NodeFull:
+            if not await self.release_reserve(index, max(RESERVE_SLICE, 2 * size)):
+                raise
+        return await self.call(index, op)
+
+    async def release_reserve(self, index: int, size: int | None = None) -> bool:
+        """Give back `size` bytes of a node's reserve (RESERVE_KEY), or all of it; False
+        if it has none to give."""
+        node = self.nodes[index]
+        if node.reserved == 0 or node.state is NodeState.DOWN:
+            return False
+        try:
+            held = node.reserved
+            if held is None:
+                held = await self.call(index, lambda st: st.size(RESERVE_KEY))
+            keep = 0 if size is None else max(0, held - size)
+            if keep:
+                await self.call(index, lambda st: st.reserve(RESERVE_KEY, keep))
+            else:
+                await self.call(index, lambda st: st.delete(RESERVE_KEY))
+        except KeyNotFound:
+            node.reserved = 0
+            return False
+        except NodeError as exc:
+            log.debug("node %d: reserve not released: %s", index, exc)
+            return False
+        node.reserved = keep
+        log.warning(
+            "node %d (%s) is full: %s of its space reserve given up, so that the metadata "
+            "(the deletes that free space) can still be stored; new data is refused while "
+            "more than f nodes are full",
+            index,
+            node.store.path,
+            f"{(held - keep) >> 10} KiB" if keep else "the rest",
+        )
+        return True
+
+    async def release_reserves(self) -> int:
+        """Release every node's reserve (see release_reserve); returns how many gave one."""
+        given = 0
+
+        async def one(i: int) -> None:
+            nonlocal given
+            given += await self.release_reserve(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in sorted(self.readable()):
+                nursery.start_soon(one, i)
+        return given
+
+    async def _keep_reserve(self, node: Node) -> None:
+        """Make sure a node that is not full holds its reserve (probes call it)."""
+        if node.total is None or node.state is NodeState.FULL:
+            return
+        want = min(reserve_bytes(node.total) + self.reserve_extra, node.total // 8)
+        if node.reserved is not None and node.reserved >= want:
+            return
+        try:
+            await node.store.reserve(RESERVE_KEY, want)
+        except NodeError as exc:
+            log.debug("node %d: no space reserve taken now: %s", node.index, exc)
+            return
+        node.reserved = want
 
     async def put_batch(
         self, puts: list[tuple[int, str, Payload]], *, replace: bool = True
@@ -338,6 +435,10 @@ class NodeSet:
             node.filesystem = await node.store.filesystem()
         except NodeFull as exc:
             self.set_state(index, NodeState.FULL, str(exc))
+            # The probe's own write failed, so the free space was not read: what `status`
+            # shows must still say how full the node is.
+            with contextlib.suppress(NodeError):
+                node.free, node.total = await node.store.free_space()
             return
         except NodeError as exc:
             node.failures += 1
@@ -359,6 +460,7 @@ class NodeSet:
             # must not make it writable again.
             self.set_state(index, NodeState.UP)
         self._ok(node, latency)
+        await self._keep_reserve(node)
 
     async def revive(self, since: float) -> None:
         """See that the nodes taken as down or full have been probed by a round started

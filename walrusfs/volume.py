@@ -16,6 +16,7 @@ Runs in trio tasks; blocking filesystem checks go through worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from walrusfs.identity import (
     read_identity,
     write_identity,
 )
-from walrusfs.nodeset import NodeSet, NodeState
+from walrusfs.nodeset import RESERVE_KEY, NodeSet, NodeState, reserve_bytes
 from walrusfs.tuning import tune_malloc
 
 DEFAULT_BLOB_SIZE = 4 << 20
@@ -113,10 +114,13 @@ async def create_volume(
     volume_id = new_volume_id()
     for i, p in enumerate(paths):
         ident = NodeIdentity(volume_id, i, params.n, params.f, blob_size, tuple(paths), mounts)
+        store = make_store(p, mounts[i])
         try:
-            await write_identity(make_store(p, mounts[i]), ident)
+            await write_identity(store, ident)
         except NodeError as exc:
             raise VolumeError(f"{p}: cannot write the node identity: {exc}") from exc
+        with contextlib.suppress(NodeError):  # else a mount's first probe takes it
+            await store.reserve(RESERVE_KEY, reserve_bytes((await store.free_space())[1]))
     return volume_id
 
 

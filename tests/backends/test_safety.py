@@ -191,9 +191,14 @@ async def test_a_reserve_holds_space_that_deleting_it_gives_back(
     fill_up(node)
     with pytest.raises(NodeFull):
         await store.append("log", b"x" * (64 << 10))
-    await store.delete("reserve")
+    assert await store.reserve("reserve", 160 << 10)  # gives 96 KiB back
     await store.append("log", b"x" * (64 << 10))
     assert await store.get("log") == b"x" * (64 << 10)
+    with pytest.raises(NodeFull):
+        await store.append("log", b"y" * (64 << 10))
+    await store.delete("reserve")
+    await store.append("log", b"y" * (64 << 10))
+    assert (node / "log").stat().st_size == 128 << 10
 
 
 async def test_a_reserve_that_does_not_fit_takes_nothing(tmpfs: Callable[..., Path]) -> None:

@@ -63,3 +63,48 @@ def test_deleting_files_gives_a_full_volume_its_space_back(tmp_path: Path) -> No
             assert (vol.mnt / "after").read_bytes() == after
         finally:
             vol.cleanup()
+
+
+def test_a_volume_filled_with_small_files_mounts_again_and_gives_its_space_back(
+    tmp_path: Path,
+) -> None:
+    """Small files wait in the journal, on every node, until they are packed: they can
+    fill the nodes to the last byte. Then the delete that would free them could not be
+    committed, nor could a mount write its first checkpoint: the volume stayed full for
+    good. The nodes keep a reserve for the metadata, new data is refused once they use
+    it, and a mount too full for a checkpoint carries the journal on."""
+    vol = Vol(tmp_path)
+    with contextlib.ExitStack() as stack:
+        for node in vol.nodes:
+            stack.enter_context(tmpfs(str(node), "4m"))
+        run("mkfs", "--blob-size", "256K", *vol.nodes)
+        try:
+            vol.mount()
+            written: dict[str, bytes] = {}
+            for k in range(1000):  # 20 MB: five times what the nodes hold
+                data = os.urandom(20_000)
+                try:
+                    (vol.mnt / f"f{k}").write_bytes(data)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    break
+                written[f"f{k}"] = data
+            else:
+                pytest.fail("the volume never filled up")
+            assert len(written) > 50
+            run("umount", vol.mnt, check=False)  # the last file's bytes stay unstored
+
+            vol.mount()
+            for name, data in written.items():
+                assert (vol.mnt / name).read_bytes() == data
+            for path in vol.mnt.iterdir():
+                path.unlink()
+            after = os.urandom(1 << 20)
+            write_when_there_is_room(vol.mnt / "after", after, within=60)
+            assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+            vol.mount()
+            assert [p.name for p in vol.mnt.iterdir()] == ["after"]
+            assert (vol.mnt / "after").read_bytes() == after
+        finally:
+            vol.cleanup()

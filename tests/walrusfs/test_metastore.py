@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -23,6 +24,7 @@ from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
 from walrusfs.metadata import ROOT_INODE, BlockRef, BlockUpdate, Change, Metadata
 from walrusfs.metastore import MetaStore, db_path, format_metadata
+from walrusfs.nodeset import RESERVE_KEY
 from walrusfs.segment import (
     JournalError,
     Segment,
@@ -515,8 +517,8 @@ async def test_changes_are_made_durable_a_commit_interval_after_they_were_made(
         await ms.close()
 
 
-def fill_up(directory: str) -> None:
-    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+def fill_up(directory: str, name: str = "filler") -> None:
+    fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         with pytest.raises(OSError) as full:
             while True:
@@ -540,15 +542,84 @@ async def test_a_journal_that_finds_too_many_nodes_full_is_no_space(tmp_path: Pa
         # delete's is what gives the space back).
         await ms.sync()
         assert all(os.listdir(os.path.join(paths[i], "journal")) for i in (1, 3, 5))
-        for i in (1, 3, 5):
-            fill_up(paths[i])
-        for k in range(100):  # more than the page a log file's last record may end in
-            ms.metadata.create(
-                ROOT_INODE, b"e%03d" % k + b"x" * 200, mode=DIR, uid=0, gid=0, now_ns=2
-            )
-        with pytest.raises(NoSpace):  # ENOSPC for the user, not EIO
-            await ms.sync()
+        # Full to the last byte, the nodes give up their reserves a slice at a time.
+        for attempt in range(5):
+            for i in (1, 3, 5):
+                fill_up(paths[i], f"filler{attempt}")
+            for k in range(100):  # more than the page a log file's last record may end in
+                ms.metadata.create(
+                    ROOT_INODE,
+                    b"e%d-%03d" % (attempt, k) + b"x" * 200,
+                    mode=DIR,
+                    uid=0,
+                    gid=0,
+                    now_ns=2,
+                )
+            try:
+                await ms.sync()
+            except NoSpace:  # ENOSPC for the user, not EIO
+                break
+        else:
+            pytest.fail("the reserves never ran out")
+        assert attempt >= 1
+        assert not any(os.path.exists(os.path.join(paths[i], RESERVE_KEY)) for i in (1, 3, 5))
         ms.metadata.close()
+
+
+async def test_a_volume_too_full_for_a_checkpoint_mounts_and_carries_its_journal(
+    tmp_path: Path,
+) -> None:
+    """Each mount starts with a checkpoint. On nodes filled to the last byte (reserves
+    spent) none fits, and the volume did not mount, so nothing could be deleted to give
+    the space back. The mount now names the old snapshot and carries the journals
+    since, until a checkpoint fits again."""
+    paths = node_paths(tmp_path / "nodes", 7)
+    with contextlib.ExitStack() as stack:
+        for p in paths:
+            stack.enter_context(tmpfs(p, "1m"))
+        await create_volume(paths, blob_size=1 << 16)
+        vol = await open_volume(paths[0], **OPTS)
+        await format_metadata(vol, str(tmp_path / "state0"), uid=0, gid=0)
+        ms = await MetaStore.open(vol, str(tmp_path / "state"))
+        first = ms.journal.epoch
+        await make_changes(ms, vol, b"a")
+        for k in range(1500):  # a snapshot bigger than the nodes' reserves
+            ms.metadata.create(ROOT_INODE, b"%0200d" % k, mode=DIR, uid=0, gid=0, now_ns=1)
+        await ms.sync()
+        ms.metadata.close()  # a crash: the next mount checkpoints what it recovers
+        for p in paths:
+            fill_up(p)
+
+        expected = None
+        for session in (1, 2):
+            vol = await open_volume(paths[0], **OPTS)
+            ms = await MetaStore.open(vol, str(tmp_path / f"state{session}"))
+            assert [e for e, _ in ms.superblock.carry] == list(range(first, first + session))
+            if expected is not None:
+                assert dump(ms.metadata.path) == expected
+            ms.metadata.unlink(ROOT_INODE, b"%0200d" % session, now_ns=20)
+            ms.metadata.create(ROOT_INODE, b"s%d" % session, mode=DIR, uid=0, gid=0, now_ns=21)
+            expected = dump(ms.metadata.path)
+            if session == 1:
+                await ms.close()  # its checkpoint does not fit either: the journal holds all
+            else:
+                await ms.sync()
+                ms.metadata.close()  # a crash
+
+        for p in paths:
+            os.unlink(os.path.join(p, "filler"))
+        vol = await open_volume(paths[0], **OPTS)
+        ms = await MetaStore.open(vol, str(tmp_path / "state3"))
+        assert dump(ms.metadata.path) == expected
+        assert ms.superblock.carry == ()
+
+        def logs() -> list[str]:
+            return [f for _, _, fs in os.walk(os.path.join(paths[0], "journal")) for f in fs]
+
+        assert len(logs()) >= 3  # one per session at least, kept while carried
+        await ms.drop_history()  # history now: this session has appended nothing yet
+        assert logs() == []
+        await ms.close()
 
 
 async def test_a_checkpoint_that_fails_part_way_deletes_the_blobs_it_stored(
