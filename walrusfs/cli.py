@@ -413,9 +413,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     assert isinstance(nodes, list)
     for n in nodes:
         reason = f"  {n['reason']}" if n["state"] != "up" and n["reason"] else ""
+        reserve = f" (reserve {_human(n['reserve'])})" if n.get("reserve") is not None else ""
         print(
             f"  node {n['index']}: {n['state']:8s} free {_human(n['free']):>10s} of {_human(n['total']):>10s}"
-            f"  {n['latency_ms']:7.2f} ms  errors {n['errors']} corrupt {n['corrupt']}  {n['path']}{reason}"
+            f"{reserve}  {n['latency_ms']:7.2f} ms  errors {n['errors']} corrupt {n['corrupt']}"
+            f"  {n['path']}{reason}"
+        )
+    if st.get("checkpoint_carries"):
+        print(
+            f"  metadata: no checkpoint fits on the full nodes; a mount replays the journal of "
+            f"{st['checkpoint_carries']} earlier sessions until one does"
         )
     cache = st["read_cache"]
     assert isinstance(cache, dict)

@@ -538,6 +538,7 @@ class NodeSet:
                 "latency_ms": round(n.latency * 1000, 2),
                 "free": n.free,
                 "total": n.total,
+                "reserve": n.reserved,
                 "errors": n.errors,
                 "corrupt": n.corrupt,
             }

@@ -222,6 +222,8 @@ class Mounted:
             "dirty_bytes": 0 if data is None else data.unsaved_bytes(),
             "read_cache": {"size": 0, "used": 0} if data is None else data.cache_usage(),
             "journal_lag": self.metastore.journal.lag,
+            # Sessions since the last checkpoint that fitted on the nodes (see MetaStore).
+            "checkpoint_carries": len(self.metastore.superblock.carry),
             "commit_s": self.opts.commit_s,
             "deletes_pending": 0 if data is None else data.deletes_pending,
             "degraded_blobs": len(self.blobs.missed),

@@ -17,8 +17,12 @@ from tests.walrusfs.volumes import tmpfs
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
 
 
+def node_status(vol: Vol) -> list[dict[str, object]]:
+    return json.loads(run("status", vol.mnt, "--json").stdout)["nodes"]  # type: ignore[no-any-return]
+
+
 def node_states(vol: Vol) -> list[str]:
-    return [n["state"] for n in json.loads(run("status", vol.mnt, "--json").stdout)["nodes"]]
+    return [str(n["state"]) for n in node_status(vol)]
 
 
 def write_when_there_is_room(path: Path, data: bytes, within: float) -> None:
@@ -80,6 +84,12 @@ def test_a_volume_filled_with_small_files_mounts_again_and_gives_its_space_back(
         run("mkfs", "--blob-size", "256K", *vol.nodes)
         try:
             vol.mount()
+            deadline = time.monotonic() + 10
+            while not all(n["reserve"] for n in node_status(vol)):  # known after a probe
+                assert time.monotonic() < deadline, node_status(vol)
+                time.sleep(0.1)
+            assert all(n["reserve"] >= 128 << 10 for n in node_status(vol))
+            assert all(os.path.getsize(node / "space-reserve") >= 128 << 10 for node in vol.nodes)
             written: dict[str, bytes] = {}
             for k in range(1000):  # 20 MB: five times what the nodes hold
                 data = os.urandom(20_000)
