@@ -262,16 +262,19 @@ class NodeSet:
         return True
 
     async def release_reserves(self) -> int:
-        """Release every node's reserve (see release_reserve); returns how many gave one."""
+        """Release the whole reserve of every node taken as full (see release_reserve);
+        returns how many gave one."""
         given = 0
 
         async def one(i: int) -> None:
             nonlocal given
-            given += await self.release_reserve(i)
+            if await self.release_reserve(i):
+                given += 1
 
         async with trio.open_nursery() as nursery:
-            for i in sorted(self.readable()):
-                nursery.start_soon(one, i)
+            for node in self.nodes:
+                if node.state is NodeState.FULL:
+                    nursery.start_soon(one, node.index)
         return given
 
     async def _keep_reserve(self, node: Node) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.backends.util import fill_up
 from tests.walrusfs.volumes import node_paths, tmpfs
+from walrusfs.nodeset import RESERVE_KEY, RESERVE_MIN
 from walrusfs.service import space_of
 from walrusfs.volume import create_volume, open_volume
 
@@ -48,3 +51,37 @@ async def test_the_filesystem_that_fills_first_limits(tmp_path: Path) -> None:
         # The tmpfs holds 4 of the 7 nodes, so 4/7 of every blob's bytes: it fills first.
         assert space.total_bytes == st.f_blocks * st.f_frsize * 7 // 4
         assert space.free_bytes <= st.f_bavail * st.f_frsize * 7 // 4
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+async def test_each_node_keeps_a_reserve_that_only_a_full_one_gives_up(tmp_path: Path) -> None:
+    """The reserve is space for the metadata once a node is full (walrusfs.nodeset):
+    taken at mkfs and by probes, given back in slices by a full node's small writes,
+    and wholly only by the nodes taken as full."""
+    paths = node_paths(tmp_path, 7)
+    with contextlib.ExitStack() as stack:
+        for p in paths:
+            stack.enter_context(tmpfs(p, "4m"))
+        await create_volume(paths)
+        reserve = [Path(p, RESERVE_KEY) for p in paths]
+        assert all(r.stat().st_blocks * 512 >= RESERVE_MIN for r in reserve)
+        vol = await open_volume(paths[0])
+        vol.nodes.reserve_extra = 256 << 10  # a checkpoint's room, held too
+        await vol.nodes.probe_all()
+        want = RESERVE_MIN + (256 << 10)
+        assert [n.reserved for n in vol.nodes.nodes] == [want] * 7
+        assert all(r.stat().st_size == want for r in reserve)
+
+        for p in paths[:3]:
+            fill_up(Path(p))
+        await vol.nodes.put_batch([(i, "x", os.urandom(64 << 10)) for i in range(3)])
+        assert vol.nodes.full_count() == 3
+        record = os.urandom(16 << 10)
+        for i in range(3):  # fits in what the reserve gave back, not without it
+            await vol.nodes.call_small(i, lambda st: st.append("log", record), len(record))
+        assert [r.stat().st_size for r in reserve[:3]] == [want - (64 << 10)] * 3
+
+        assert await vol.nodes.release_reserves() == 3
+        assert [r.exists() for r in reserve] == [False] * 3 + [True] * 4
+        await vol.nodes.probe_all()  # still full: nothing taken back
+        assert [r.exists() for r in reserve] == [False] * 3 + [True] * 4
