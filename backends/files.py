@@ -322,15 +322,8 @@ def append_key(
     """
     dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=True, durable=durable)
     try:
+        fd, st = _open_for_writing(dir_fd, node, key, parts[-1], _APPEND_FLAGS)
         try:
-            fd = os.open(parts[-1], _APPEND_FLAGS, FILE_MODE, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _refuse_symlink(node, key, key) from None
-            raise
-        try:
-            st = os.fstat(fd)
-            _check_regular(st.st_mode, node, key)
             try:
                 _write_all(fd, (data,))
             except OSError as exc:
@@ -359,27 +352,15 @@ def reserve_key(root_fd: int, node: str, key: str, parts: tuple[str, ...], size:
     """
     dir_fd = open_key_dir(root_fd, node, key, parts[:-1], create=True, durable=False)
     try:
+        fd, st = _open_for_writing(dir_fd, node, key, parts[-1], _RESERVE_FLAGS)
         try:
-            fd = os.open(
-                parts[-1],
-                os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                FILE_MODE,
-                dir_fd=dir_fd,
-            )
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _refuse_symlink(node, key, key) from None
-            raise
-        try:
-            st = os.fstat(fd)
-            _check_regular(st.st_mode, node, key)
             if st.st_size > size:
                 os.ftruncate(fd, size)
                 return True
             if st.st_size == size and st.st_blocks * 512 >= size:
                 return False
             try:
-                _allocate(fd, st.st_size, size)
+                _allocate(fd, size)
             except BaseException:
                 with contextlib.suppress(OSError):
                     if st.st_size:
@@ -394,10 +375,11 @@ def reserve_key(root_fd: int, node: str, key: str, parts: tuple[str, ...], size:
     return True
 
 
+_RESERVE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILLER = b"walrusfs space reserve\n" * 2731  # 64 KiB give or take; not zeros
 
 
-def _allocate(fd: int, have: int, size: int) -> None:
+def _allocate(fd: int, size: int) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
         return
@@ -408,6 +390,31 @@ def _allocate(fd: int, have: int, size: int) -> None:
     left = size
     while left > 0:
         left -= os.write(fd, _FILLER[: min(left, len(_FILLER))])
+
+
+def _open_for_writing(
+    dir_fd: int, node: str, key: str, name: str, flags: int
+) -> tuple[int, os.stat_result]:
+    """Open (creating 0600) the regular file of a key; returns (fd, its stat). Raises
+    NodeIOError (a symlink or something else at the key), OSError."""
+    try:
+        fd = os.open(name, flags, FILE_MODE, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse_symlink(node, key, key) from None
+        raise
+    return fd, _stat_regular(fd, node, key)
+
+
+def _stat_regular(fd: int, node: str, key: str) -> os.stat_result:
+    """fstat an opened key's file, which must be a regular one; closes it if not."""
+    try:
+        st = os.fstat(fd)
+        _check_regular(st.st_mode, node, key)
+    except BaseException:
+        os.close(fd)
+        raise
+    return st
 
 
 def _cut_torn_tail(fd: int, size: int, most: int) -> None:
@@ -460,13 +467,7 @@ def _check_regular(mode: int, node: str, key: str) -> None:
 def _open_regular(root_fd: int, node: str, key: str, parts: tuple[str, ...]) -> tuple[int, int]:
     """Open the key's file for reading; return (fd, size). Raises as read_range."""
     fd = _open_key_file(root_fd, node, key, parts)
-    try:
-        st = os.fstat(fd)
-        _check_regular(st.st_mode, node, key)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st.st_size
+    return fd, _stat_regular(fd, node, key).st_size
 
 
 def _advise_range(fd: int, offset: int, want: int, size: int) -> None:

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,37 +37,44 @@ def write_when_there_is_room(path: Path, data: bytes, within: float) -> None:
             time.sleep(0.5)
 
 
-def test_deleting_files_gives_a_full_volume_its_space_back(tmp_path: Path) -> None:
-    """Every node full: a write fails with ENOSPC, and `rm` makes room again. The delete
-    used to wait for full nodes to take its journal record, and they took none until
-    64 MiB were free, which only the delete could give back."""
+@contextlib.contextmanager
+def small_volume(tmp_path: Path) -> Iterator[Vol]:
+    """A volume of 7 nodes of 4 MiB (tmpfs) and 256 KiB blobs; unmounted afterwards."""
     vol = Vol(tmp_path)
     with contextlib.ExitStack() as stack:
         for node in vol.nodes:
             stack.enter_context(tmpfs(str(node), "4m"))
         run("mkfs", "--blob-size", "256K", *vol.nodes)
         try:
-            vol.mount()
-            kept = os.urandom(300_000)
-            (vol.mnt / "kept").write_bytes(kept)
-            with pytest.raises(OSError) as err, open(vol.mnt / "big", "wb") as f:
-                for _ in range(64):  # 16 MiB: about twice what the nodes hold
-                    f.write(os.urandom(256 << 10))
-            assert err.value.errno == errno.ENOSPC
-            assert node_states(vol).count("full") > 2
-
-            (vol.mnt / "big").unlink()
-            after = os.urandom(1 << 20)
-            write_when_there_is_room(vol.mnt / "after", after, within=60)
-            assert node_states(vol) == ["up"] * 7
-
-            assert "all data and metadata stored" in run("umount", vol.mnt).stdout
-            vol.mount()
-            assert sorted(p.name for p in vol.mnt.iterdir()) == ["after", "kept"]
-            assert (vol.mnt / "kept").read_bytes() == kept
-            assert (vol.mnt / "after").read_bytes() == after
+            yield vol
         finally:
             vol.cleanup()
+
+
+def test_deleting_files_gives_a_full_volume_its_space_back(tmp_path: Path) -> None:
+    """Every node full: a write fails with ENOSPC, and `rm` makes room again. The delete
+    used to wait for full nodes to take its journal record, and they took none until
+    64 MiB were free, which only the delete could give back."""
+    with small_volume(tmp_path) as vol:
+        vol.mount()
+        kept = os.urandom(300_000)
+        (vol.mnt / "kept").write_bytes(kept)
+        with pytest.raises(OSError) as err, open(vol.mnt / "big", "wb") as f:
+            for _ in range(64):  # 16 MiB: about twice what the nodes hold
+                f.write(os.urandom(256 << 10))
+        assert err.value.errno == errno.ENOSPC
+        assert node_states(vol).count("full") > 2
+
+        (vol.mnt / "big").unlink()
+        after = os.urandom(1 << 20)
+        write_when_there_is_room(vol.mnt / "after", after, within=60)
+        assert node_states(vol) == ["up"] * 7
+
+        assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+        vol.mount()
+        assert sorted(p.name for p in vol.mnt.iterdir()) == ["after", "kept"]
+        assert (vol.mnt / "kept").read_bytes() == kept
+        assert (vol.mnt / "after").read_bytes() == after
 
 
 def test_a_volume_filled_with_small_files_mounts_again_and_gives_its_space_back(
@@ -77,44 +85,37 @@ def test_a_volume_filled_with_small_files_mounts_again_and_gives_its_space_back(
     committed, nor could a mount write its first checkpoint: the volume stayed full for
     good. The nodes keep a reserve for the metadata, new data is refused once they use
     it, and a mount too full for a checkpoint carries the journal on."""
-    vol = Vol(tmp_path)
-    with contextlib.ExitStack() as stack:
-        for node in vol.nodes:
-            stack.enter_context(tmpfs(str(node), "4m"))
-        run("mkfs", "--blob-size", "256K", *vol.nodes)
-        try:
-            vol.mount()
-            deadline = time.monotonic() + 10
-            while not all(n["reserve"] for n in node_status(vol)):  # known after a probe
-                assert time.monotonic() < deadline, node_status(vol)
-                time.sleep(0.1)
-            assert all(n["reserve"] >= 128 << 10 for n in node_status(vol))
-            assert all(os.path.getsize(node / "space-reserve") >= 128 << 10 for node in vol.nodes)
-            written: dict[str, bytes] = {}
-            for k in range(1000):  # 20 MB: five times what the nodes hold
-                data = os.urandom(20_000)
-                try:
-                    (vol.mnt / f"f{k}").write_bytes(data)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC
-                    break
-                written[f"f{k}"] = data
-            else:
-                pytest.fail("the volume never filled up")
-            assert len(written) > 50
-            run("umount", vol.mnt, check=False)  # the last file's bytes stay unstored
+    with small_volume(tmp_path) as vol:
+        vol.mount()
+        deadline = time.monotonic() + 10
+        while not all(n["reserve"] for n in node_status(vol)):  # known after a probe
+            assert time.monotonic() < deadline, node_status(vol)
+            time.sleep(0.1)
+        assert all(n["reserve"] >= 128 << 10 for n in node_status(vol))
+        assert all(os.path.getsize(node / "space-reserve") >= 128 << 10 for node in vol.nodes)
+        written: dict[str, bytes] = {}
+        for k in range(1000):  # 20 MB: five times what the nodes hold
+            data = os.urandom(20_000)
+            try:
+                (vol.mnt / f"f{k}").write_bytes(data)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+            written[f"f{k}"] = data
+        else:
+            pytest.fail("the volume never filled up")
+        assert len(written) > 50
+        run("umount", vol.mnt, check=False)  # the last file's bytes stay unstored
 
-            vol.mount()
-            for name, data in written.items():
-                assert (vol.mnt / name).read_bytes() == data
-            for path in vol.mnt.iterdir():
-                path.unlink()
-            after = os.urandom(1 << 20)
-            write_when_there_is_room(vol.mnt / "after", after, within=60)
-            assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+        vol.mount()
+        for name, data in written.items():
+            assert (vol.mnt / name).read_bytes() == data
+        for path in vol.mnt.iterdir():
+            path.unlink()
+        after = os.urandom(1 << 20)
+        write_when_there_is_room(vol.mnt / "after", after, within=60)
+        assert "all data and metadata stored" in run("umount", vol.mnt).stdout
 
-            vol.mount()
-            assert [p.name for p in vol.mnt.iterdir()] == ["after"]
-            assert (vol.mnt / "after").read_bytes() == after
-        finally:
-            vol.cleanup()
+        vol.mount()
+        assert [p.name for p in vol.mnt.iterdir()] == ["after"]
+        assert (vol.mnt / "after").read_bytes() == after
