@@ -658,16 +658,38 @@ class FileData:
 
     async def flush_all(self) -> None:
         """Flush every file with unflushed changes (the small settled ones in packs), and
-        delete the blobs freed so far."""
+        delete the blobs freed so far.
+
+        Raises (FSError) only for changes that nothing committed: a settled file's are
+        committed as patches, and stay so when the nodes cannot take its blocks now
+        (full, say), as they do in the journal after a crash; unmounting then is no loss.
+        """
         for f in list(self._files.values()):
             if f.flush_lock.locked():
                 # A close finishing (release is asynchronous): a pack skips a file whose
                 # lock is taken, and the flush below would give each block a blob.
                 async with f.flush_lock:
                     pass
-        await self._pack([f for f in self._files.values() if self._settled(f)])
+        failed: Exception | None = None  # storing a settled file's blocks: not tried again
+        try:
+            await self._pack([f for f in self._files.values() if self._settled(f)])
+        except Exception as exc:
+            if not is_known(exc):
+                raise
+            failed = exc
         for inode in list(self._files):
-            await self.flush(inode)
+            held = self._files.get(inode)
+            settled = held is not None and self._settled(held)
+            if settled and failed is not None:
+                continue
+            try:
+                await self.flush(inode)
+            except Exception as exc:
+                if not (settled and is_known(exc)):
+                    raise
+                failed = exc
+        if failed is not None:
+            log.warning("files left as committed patches, not stored whole now: %s", failed)
         await self._reclaim.drain()
 
     async def _flush_locked(self, f: _File, full_only: bool) -> None:

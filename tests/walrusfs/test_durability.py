@@ -3,15 +3,12 @@ durable, so fsync() keeps its promise and closing small files costs no flush a p
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
-import pytest
-
 from tests.walrusfs.volumes import formatted_volume
 from walrusfs.blobstore import BlobStore
-from walrusfs.errors import StorageUnavailable, errno_of
+from walrusfs.errors import StorageUnavailable
 from walrusfs.fs import FileSystem
 from walrusfs.metadata import ROOT_INODE
 from walrusfs.metastore import MetaStore
@@ -100,9 +97,7 @@ async def test_a_block_whose_put_failed_is_put_again_as_durably_as_its_patches(
         await fs.flush(fh)
         await fs.release(fh)
         blobs.failing = 1
-        with pytest.raises(BaseException) as failed:
-            await fs.data.flush_all()
-        assert errno_of(failed.value) == errno.EIO
+        await fs.data.flush_all()  # fails, and says nothing: the patch is committed
         assert blobs.puts == [False, False, True]
         await fs.data.flush_all()  # the retry replaces the same durable patch
         assert blobs.puts == [False, False, True, True]
