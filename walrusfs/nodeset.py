@@ -76,7 +76,7 @@ REVIVE_WAIT_S = 1.0
 RESERVE_KEY = "space-reserve"
 RESERVE_FRACTION = 32
 RESERVE_MIN = 128 << 10
-RESERVE_MAX = 32 << 20
+RESERVE_MAX = 8 << 20
 # What a small write that finds its node full has it give back (a journal segment is
 # KiBs): the rest stays for the writes after it, the superblock and the mount lock.
 RESERVE_SLICE = 64 << 10
