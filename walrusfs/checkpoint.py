@@ -26,7 +26,7 @@ Superblock, key `superblock.json`: JSON, then a line with the blake3 of the JSON
 |               | next one: the fallback should the newest become unreadable)       |
 | created_ns    | wall-clock time of writing                                        |
 | carry         | version 2 only: [[epoch, seq], ...], journals of earlier sessions |
-|               | to replay, each up to seq, before this one's (see `carried`)      |
+|               | to replay, each up to seq, before this one's (see `replay`)       |
 
 Runs in trio tasks; SQLite snapshots are taken in worker threads.
 """

@@ -69,10 +69,10 @@ REVIVE_WAIT_S = 1.0
 # Each node keeps this key filled with allocated space, given back when a write of the
 # metadata (a journal append, the superblock) finds the node full: a volume filled to
 # the last byte (by small files, which wait in the journal until packed) must still
-# commit the deletes that free it, and the checkpoint after them (a mount starts with
-# one). Taken again once the node has room. Its size: 1/RESERVE_FRACTION of the node's
-# filesystem, within bounds, plus what a checkpoint takes (NodeSet.reserve_extra), at
-# most an eighth of the filesystem.
+# commit the deletes that free it, and the checkpoint after them that lets go of the
+# journal holding the deleted files. Taken again once the node has room. Its size:
+# 1/RESERVE_FRACTION of the node's filesystem, within bounds, plus what a checkpoint
+# takes (NodeSet.reserve_extra), at most an eighth of the filesystem.
 RESERVE_KEY = "space-reserve"
 RESERVE_FRACTION = 32
 RESERVE_MIN = 128 << 10
@@ -111,6 +111,7 @@ class Node:
     since: float = field(default=0.0)
     stuck_batches: int = 0  # batch threads left behind on this node, not ended yet
     reserved: int | None = None  # bytes its RESERVE_KEY holds (None: not known yet)
+    spending: bool = False  # has given up reserve since it last took it (logged once)
 
 
 class NodeSet:
@@ -251,14 +252,17 @@ class NodeSet:
             log.debug("node %d: reserve not released: %s", index, exc)
             return False
         node.reserved = keep
-        log.warning(
-            "node %d (%s) is full: %s of its space reserve given up, so that the metadata "
-            "(the deletes that free space) can still be stored; new data is refused while "
-            "more than f nodes are full",
+        log.log(
+            logging.DEBUG if node.spending else logging.WARNING,
+            "node %d (%s) is full: %d KiB of its space reserve given up, %d KiB left, so "
+            "that the metadata (the deletes that free space) can still be stored; new data "
+            "is refused while more than f nodes are full",
             index,
             node.store.path,
-            f"{(held - keep) >> 10} KiB" if keep else "the rest",
+            (held - keep) >> 10,
+            keep >> 10,
         )
+        node.spending = True
         return True
 
     async def release_reserves(self) -> int:
@@ -289,7 +293,7 @@ class NodeSet:
         except NodeError as exc:
             log.debug("node %d: no space reserve taken now: %s", node.index, exc)
             return
-        node.reserved = want
+        node.reserved, node.spending = want, False
 
     async def put_batch(
         self, puts: list[tuple[int, str, Payload]], *, replace: bool = True
