@@ -419,10 +419,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{reserve}  {n['latency_ms']:7.2f} ms  errors {n['errors']} corrupt {n['corrupt']}"
             f"  {n['path']}{reason}"
         )
-    if st.get("checkpoint_carries"):
+    carries = st.get("checkpoint_carries")
+    if isinstance(carries, int) and carries:
+        sessions = "1 earlier session" if carries == 1 else f"{carries} earlier sessions"
         print(
             f"  metadata: no checkpoint fits on the full nodes; a mount replays the journal of "
-            f"{st['checkpoint_carries']} earlier sessions until one does"
+            f"{sessions} until one does"
         )
     cache = st["read_cache"]
     assert isinstance(cache, dict)
