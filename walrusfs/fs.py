@@ -167,6 +167,7 @@ class FileSystem:
         space: SpaceFn | None = None,
         commit: CommitFn | None = None,
         clock_ns: Callable[[], int] | None = None,
+        room_for_data: Callable[[], bool] = lambda: True,
         **filedata_options: Any,
     ) -> None:
         """`clock_ns`: the time to stamp (tests); by default a StampClock, which keeps
@@ -181,8 +182,17 @@ class FileSystem:
         # misplace data. The mount sets this; direct callers keep O_APPEND semantics.
         self.kernel_handles_append = False
         self.data = FileData(
-            meta, store, clock_ns=self._now, is_open=self._is_open, **filedata_options
+            meta,
+            store,
+            clock_ns=self._now,
+            is_open=self._is_open,
+            room_for_data=room_for_data,
+            **filedata_options,
         )
+        # False while too many nodes are full to store data (see FileData): new names and
+        # xattrs are refused then too, as a full disk refuses them, so that what space the
+        # full nodes keep goes to the deletes that free them.
+        self._room = room_for_data
         self.block_size = meta.block_size
         self._space = space
         self._lookups: Counter[int] = Counter()
@@ -413,6 +423,7 @@ class FileSystem:
         target: bytes | None = None,
     ) -> InodeRow:
         prow = self._new_entry_parent(parent, name)
+        self._need_room()
         if prow.mode & stat.S_ISGID:
             # BSD group semantics in a set-group-ID directory, inherited by subdirectories.
             gid = prow.gid
@@ -458,6 +469,7 @@ class FileSystem:
         if row.nlink == 0:
             raise NotFound(f"inode {ino} has been removed")
         self._new_entry_parent(new_parent, new_name)
+        self._need_room()
         now = self._now()
         self.meta.link(ino, new_parent, new_name, now_ns=now)
         self.data.set_times(ino, ctime_ns=now)
@@ -618,6 +630,10 @@ class FileSystem:
         attrs = self._remember(row)
         return await self.open(row.id, flags & ~os.O_TRUNC, uid, {gid, *gids}), attrs
 
+    def _need_room(self) -> None:
+        if not self._room():
+            raise NoSpace("too many nodes are full: only deletes, renames and attributes now")
+
     def _handle(self, fh: int) -> _Handle:
         try:
             return self._handles[fh]
@@ -726,6 +742,7 @@ class FileSystem:
         self._xattr_target(ino, name, write=True)
         if len(value) > XATTR_SIZE_MAX:
             raise TooBig("xattr value over 64 KiB")
+        self._need_room()
         names = self.meta.list_xattrs(ino)
         present = name in names
         if flags & XATTR_CREATE and present:

@@ -9,6 +9,7 @@ import stat
 import pytest
 
 from tests.walrusfs.conftest import BS, FakeClock
+from tests.walrusfs.memblobs import MemBlobStore
 from walrusfs import errors
 from walrusfs.errors import errno_of
 from walrusfs.fs import (
@@ -19,7 +20,7 @@ from walrusfs.fs import (
     Attrs,
     FileSystem,
 )
-from walrusfs.metadata import ROOT_INODE
+from walrusfs.metadata import ROOT_INODE, Metadata
 
 R = ROOT_INODE
 
@@ -434,3 +435,33 @@ async def test_statfs_reports_usable_space(fs: FileSystem) -> None:
 async def test_errors_carry_errnos_not_strings(fs: FileSystem) -> None:
     with pytest.raises(errors.NotFound):
         await fs.getattr(999)
+
+
+async def test_a_volume_out_of_room_refuses_new_names_and_takes_deletes(
+    meta: Metadata, store: MemBlobStore
+) -> None:
+    """While too many nodes are full, the space they keep is for the deletes that free
+    them: every new name or xattr would take some, as on a full disk."""
+    room = True
+    fs = FileSystem(meta, store, room_for_data=lambda: room)
+    d = await fs.mkdir(R, b"d", 0o755, 0, 0)
+    f = await touch(fs, d.ino, b"f")
+    await fs.setxattr(f.ino, b"user.a", b"1")
+    room = False
+    for call in (
+        fs.mkdir(R, b"d2", 0o755, 0, 0),
+        touch(fs, R, b"g"),
+        fs.create(R, b"h", 0o644, os.O_WRONLY, 0, 0),
+        fs.symlink(R, b"s", b"d/f", 0, 0),
+        fs.link(f.ino, R, b"hard"),
+        fs.setxattr(f.ino, b"user.b", b"2"),
+    ):
+        await expect(errno.ENOSPC, call)
+    await fs.rename(d.ino, b"f", R, b"moved")
+    await fs.setattr(f.ino, mode=stat.S_IFREG | 0o600)
+    await fs.removexattr(f.ino, b"user.a")
+    await fs.unlink(R, b"moved")
+    await fs.rmdir(R, b"d")
+    assert await names(fs, R) == [b".", b".."]
+    room = True
+    await touch(fs, R, b"g")
