@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 SUPERBLOCK_KEY = "superblock.json"
 FORMAT = "walrusfs-superblock"
 VERSION = 1
-# With a `carry`: a reader that knew only version 1 would replay this session's journal
-# alone, and find it does not chain on: refused, it cannot lose the carried changes.
+# With a `carry`. A reader that knew only version 1 would replay this session's journal
+# alone, find nothing where the snapshot ends, and quietly stop there: it must refuse
+# the superblock instead, and it refuses unknown versions.
 CARRY_VERSION = 2
 
 
