@@ -30,6 +30,7 @@ from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.journal import Journal, drop_history
 from walrusfs.metadata import Metadata
 from walrusfs.recovery import recover
+from walrusfs.sliverfile import header_size
 from walrusfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -275,5 +276,5 @@ def checkpoint_footprint(vol: Volume, size: int) -> int:
     p = vol.params
     per_blob = vol.identity.blob_size
     blobs = max(1, -(-size // per_blob))
-    symbol = p.symbol_size(min(size, per_blob))
-    return 2 * blobs * (p.R + p.C) * symbol + (64 << 10)
+    pair = header_size(p.n) + (p.R + p.C) * p.symbol_size(min(size, per_blob))
+    return 2 * blobs * pair + (64 << 10)

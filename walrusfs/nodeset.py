@@ -82,9 +82,11 @@ RESERVE_MAX = 8 << 20
 RESERVE_SLICE = 64 << 10
 
 
-def reserve_bytes(total: int) -> int:
-    """The space a node whose filesystem holds `total` bytes keeps in reserve."""
-    return min(RESERVE_MAX, max(RESERVE_MIN, total // RESERVE_FRACTION))
+def reserve_bytes(total: int, extra: int = 0) -> int:
+    """The space a node whose filesystem holds `total` bytes keeps in reserve, with
+    `extra` for a checkpoint (see above)."""
+    own = min(RESERVE_MAX, max(RESERVE_MIN, total // RESERVE_FRACTION))
+    return min(own + extra, total // 8)
 
 
 # Lower ranks are preferred when choosing which nodes to read from.
@@ -285,7 +287,7 @@ class NodeSet:
         """Make sure a node that is not full holds its reserve (probes call it)."""
         if node.total is None or node.state is NodeState.FULL:
             return
-        want = min(reserve_bytes(node.total) + self.reserve_extra, node.total // 8)
+        want = reserve_bytes(node.total, self.reserve_extra)
         if node.reserved is not None and node.reserved >= want:
             return
         try:
