@@ -247,8 +247,8 @@ def _publish(
 def _write_direct(fd: int, pieces: tuple[bytes | memoryview, ...], size: int) -> bool:
     """Write the pieces through an aligned bounce buffer: its aligned part with O_DIRECT,
     the last partial page buffered (cutting a padded file instead would make the kernel
-    read that page back from the disk). False if the filesystem refuses (EINVAL, or a
-    short write that leaves the next one unaligned)."""
+    read that page back from the disk). False if the filesystem refuses (EINVAL, also for
+    the tail, or a short write that leaves the next one unaligned)."""
     aligned = size // _DIRECT_ALIGN * _DIRECT_ALIGN
     buf = _take_buffer(size)
     try:
@@ -266,8 +266,15 @@ def _write_direct(fd: int, pieces: tuple[bytes | memoryview, ...], size: int) ->
                     raise
             if done < size:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                while done < size:
-                    done += os.pwrite(fd, view[done:size], done)
+                try:
+                    while done < size:
+                        done += os.pwrite(fd, view[done:size], done)
+                except OSError as exc:
+                    # A FUSE or network server keeps its own file O_DIRECT whatever we
+                    # clear here, and then refuses the unaligned tail.
+                    if exc.errno == errno.EINVAL:
+                        return False
+                    raise
         return True
     finally:
         _give_buffer(buf)

@@ -376,8 +376,9 @@ async def test_a_node_hanging_under_a_batch_of_small_puts_stalls_only_one_put(
 async def test_a_filesystem_refusing_o_direct_gets_the_file_written_buffered(
     bad: BadVolume,
 ) -> None:
-    """The passthrough opens its backing file with the caller's O_DIRECT and writes the
-    unaligned buffers FUSE hands it, which ext4 refuses (EINVAL): as some servers do."""
+    """The passthrough opens its backing file with the caller's O_DIRECT and keeps it
+    so: clearing O_DIRECT on our side does not reach it, and ext4 under it refuses the
+    unaligned tail (EINVAL), as some servers do. The aligned part went through first."""
     data = os.urandom(files.DIRECT_MIN_BYTES + 12_345)
     root = os.open(bad.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:
