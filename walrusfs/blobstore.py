@@ -55,7 +55,7 @@ from codec import (
 )
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.flush import flush_filesystems
-from walrusfs.nodeset import NodeSet, NodeState
+from walrusfs.nodeset import NodeSet, NodeState, for_want_of_space
 from walrusfs.sliverfile import (
     Header,
     SliverFileError,
@@ -275,13 +275,15 @@ class BlobStore:
                     await self._remove(meta.blob_id, {node: keys[node] for node in created})
                 detail = describe_failures(errors)
                 # Full now, or skipped because a write found it full before: either way the
-                # user's answer is ENOSPC, not EIO, once too many nodes are out of space.
+                # user's answer is ENOSPC, not EIO, when the full nodes are what it lacked.
+                failed = [i for i in errors if i not in stored]
                 full = sum(
                     1
-                    for i, e in errors.items()
-                    if isinstance(e, NodeFull) or self.nodes.state(i) is NodeState.FULL
+                    for i in failed
+                    if isinstance(errors[i], NodeFull) or self.nodes.state(i) is NodeState.FULL
                 )
-                cls = NoSpace if full > self.params.f else StorageUnavailable
+                short = for_want_of_space(self.params.n, quorum, full, len(failed) - full)
+                cls = NoSpace if short else StorageUnavailable
                 raise cls(
                     f"blob stored on only {len(stored)} of {self.params.n} nodes, "
                     f"need {quorum}: {detail}"

@@ -212,7 +212,7 @@ class FileData:
         room_for_data: Callable[[], bool] = lambda: True,
     ) -> None:
         self._meta = meta
-        # False while too many nodes are full to store a blob. File bytes then go no
+        # False while too few nodes have room to store a blob. File bytes then go no
         # further than memory, not into the journal as patches either: what space the
         # full nodes have left (their reserve, see walrusfs.nodeset) is for the deletes
         # that free them.

@@ -189,7 +189,7 @@ class FileSystem:
             room_for_data=room_for_data,
             **filedata_options,
         )
-        # False while too many nodes are full to store data (see FileData): new names and
+        # False while too few nodes have room to store data (see FileData): new names and
         # xattrs are refused then too, as a full disk refuses them, so that what space the
         # full nodes keep goes to the deletes that free them.
         self._room = room_for_data
@@ -632,7 +632,7 @@ class FileSystem:
 
     def _need_room(self) -> None:
         if not self._room():
-            raise NoSpace("too many nodes are full: only deletes, renames and attributes now")
+            raise NoSpace("too few nodes have room: only deletes, renames and attributes now")
 
     def _handle(self, fh: int) -> _Handle:
         try:

@@ -29,7 +29,7 @@ from backends import NodeError, NodeStore, describe_failures
 from walrusfs.errors import NoSpace, StorageUnavailable
 from walrusfs.flush import flush_filesystems, quorum_of
 from walrusfs.metadata import Change
-from walrusfs.nodeset import NodeSet, NodeState
+from walrusfs.nodeset import NodeSet, NodeState, for_want_of_space
 from walrusfs.segment import (
     PREFIX,
     JournalError,
@@ -228,8 +228,14 @@ class Journal:
             ok = await quorum_of([functools.partial(one, i) for i in back], self.quorum, have=ok)
         if ok < self.quorum:
             detail = describe_failures(errors)
-            full = sum(1 for node in self.nodes.nodes if node.state is NodeState.FULL)
-            cls = NoSpace if full > len(self.nodes) - self.quorum else StorageUnavailable
+            full = sum(
+                1
+                for node in self.nodes.nodes
+                if node.state is NodeState.FULL and node.index not in have
+            )
+            n = len(self.nodes)
+            short = for_want_of_space(n, self.quorum, full, n - ok - full)
+            cls = NoSpace if short else StorageUnavailable
             raise cls(
                 f"metadata journal {key}: appended on only {ok} nodes, need "
                 f"{self.quorum}: {detail or 'too many nodes down or full'}"

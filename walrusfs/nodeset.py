@@ -116,6 +116,13 @@ class Node:
     spending: bool = False  # has given up reserve since it last took it (logged once)
 
 
+def for_want_of_space(n: int, quorum: int, full: int, other: int) -> bool:
+    """Whether a write short of its quorum failed for want of space (ENOSPC for the user,
+    not EIO): `full` nodes had no room, and the nodes that failed (or were skipped) for any
+    other reason, `other`, leave enough for a quorum had the full ones had room."""
+    return full > 0 and n - other >= quorum
+
+
 class NodeSet:
     """The volume's n nodes and their states.
 
@@ -163,6 +170,13 @@ class NodeSet:
 
     def full_count(self) -> int:
         return sum(1 for n in self.nodes if n.state is NodeState.FULL)
+
+    def out_of_room(self, quorum: int) -> bool:
+        """Whether a write of data can reach `quorum` only through full nodes: then it
+        would go into the metadata journal (a patch), spending the full nodes' reserves,
+        which are kept for the deletes that free them. Down nodes count too: with f down,
+        one full node is enough."""
+        return self.full_count() > 0 and len(self.writable()) < quorum
 
     def set_state(self, index: int, state: NodeState, reason: str = "") -> None:
         """Change a node's state, logging only actual changes."""
@@ -258,7 +272,7 @@ class NodeSet:
             logging.DEBUG if node.spending else logging.WARNING,
             "node %d (%s) is full: %d KiB of its space reserve given up, %d KiB left, so "
             "that the metadata (the deletes that free space) can still be stored; new data "
-            "is refused while more than f nodes are full",
+            "is refused while the nodes with room are too few to store it",
             index,
             node.store.path,
             (held - keep) >> 10,

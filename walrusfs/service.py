@@ -402,7 +402,7 @@ async def _serve_volume(opts: MountOptions, ready: Callable[[list[str]], object]
             space=space_of(vol),
             commit=lambda durable: metastore.sync(durable=durable),
             cache_bytes=opts.cache_bytes,
-            room_for_data=lambda: vol.nodes.full_count() <= vol.params.f,
+            room_for_data=lambda: not vol.nodes.out_of_room(vol.params.n - vol.params.f),
         )
         catalog = Catalog(metastore.metadata.path, lambda: metastore.superblock)
         repair = RepairService(vol, catalog, missed=blobs.missed, on_replaced=metastore.checkpoint)

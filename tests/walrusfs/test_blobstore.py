@@ -433,6 +433,35 @@ async def test_more_than_f_full_nodes_is_no_space_also_when_known_beforehand(
         assert [states(vol)[i] for i in (1, 3, 5)] == ["full"] * 3
 
 
+async def test_f_nodes_down_and_one_full_is_no_space_and_out_of_room(tmp_path: Path) -> None:
+    """The full node is what the put lacked: ENOSPC, not EIO. And data must not go to the
+    journal instead (NodeSet.out_of_room): it could reach the quorum only through the full
+    node's reserve."""
+    paths = node_paths(tmp_path, N)
+    quorum = N - 2
+    with tmpfs(paths[3], "1m"):
+        await create_volume(paths, blob_size=4 << 20)
+        vol = await open_volume(paths[0], **OPTS)
+        r = await vol.blobs.put_blob(os.urandom(4 << 20))  # finds node 3 full
+        assert r.missed == (3,) and states(vol)[3] == "full"
+        assert not vol.nodes.out_of_room(quorum)  # six nodes with room: no patch needs it
+        for i in (1, 5):
+            os.rename(paths[i], paths[i] + ".away")
+        with pytest.raises(NoSpace) as info:
+            await vol.blobs.put_blob(os.urandom(4 << 20))
+        assert info.value.errno == errno.ENOSPC
+        assert [states(vol)[i] for i in (1, 3, 5)] == ["down", "full", "down"]
+        assert vol.nodes.out_of_room(quorum)
+        os.rename(paths[1] + ".away", paths[1])
+        await vol.nodes.probe_all()
+        assert not vol.nodes.out_of_room(quorum)
+        for i in (1, 6):  # f+1 down: room on the full node would not help, so EIO
+            os.rename(paths[i], paths[i] + ".away")
+        with pytest.raises(StorageUnavailable) as gone:
+            await vol.blobs.put_blob(os.urandom(4 << 20))
+        assert not isinstance(gone.value, NoSpace) and gone.value.errno == errno.EIO
+
+
 async def test_a_node_of_another_volume_is_refused(tmp_path: Path) -> None:
     vol, paths = await make_volume(tmp_path / "a")
     other = node_paths(tmp_path / "b", N)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends.util import fill_up
 from tests.walrusfs.clivol import Vol, run
 from tests.walrusfs.volumes import tmpfs
 
@@ -119,3 +120,59 @@ def test_a_volume_filled_with_small_files_mounts_again_and_gives_its_space_back(
         vol.mount()
         assert [p.name for p in vol.mnt.iterdir()] == ["after"]
         assert (vol.mnt / "after").read_bytes() == after
+
+
+def test_with_f_nodes_down_one_full_node_keeps_its_reserve_for_deletes(tmp_path: Path) -> None:
+    """With f nodes down, every commit needs the one full node: its reserve is what takes
+    the journal records of deletes. New files and new bytes must not go there. They did,
+    as patches, because fewer than f+1 nodes were full; a checkpoint then took the rest of
+    the reserve, and the writes failed with EIO."""
+    vol = Vol(tmp_path)
+    full, down = vol.nodes[6], vol.nodes[1:3]
+    with tmpfs(str(full), "4m"):
+        run("mkfs", "--blob-size", "256K", *vol.nodes)
+        try:
+            vol.mount()
+            old = {f"old{k}": os.urandom(20_000) for k in range(10)}
+            for name, data in old.items():
+                (vol.mnt / name).write_bytes(data)
+            (vol.mnt / "kept").write_bytes(b"kept")
+            run("umount", vol.mnt)
+            for node in down:
+                node.rename(node.with_suffix(".away"))
+            fill_up(full)
+            vol.mount()  # its checkpoint leaves no changes for another to spend the reserve on
+            deadline = time.monotonic() + 30
+            while node_states(vol) != ["up", "down", "down", "up", "up", "up", "full"]:
+                assert time.monotonic() < deadline, node_states(vol)
+                time.sleep(0.2)
+            reserve = full / "space-reserve"
+            left = reserve.stat().st_size
+            assert left >= 128 << 10
+            for k in range(20):
+                with pytest.raises(OSError) as err:
+                    (vol.mnt / f"new{k}").write_bytes(os.urandom(20_000))
+                assert err.value.errno == errno.ENOSPC
+            # An existing file's new bytes are refused at close, not put into the journal.
+            changed = os.urandom(20_000)
+            fd = os.open(vol.mnt / "kept", os.O_WRONLY)
+            os.write(fd, changed)
+            with pytest.raises(OSError) as err:
+                os.close(fd)
+            assert err.value.errno == errno.ENOSPC
+            assert reserve.stat().st_size == left  # none of it spent on data
+            for name in old:
+                (vol.mnt / name).unlink()  # committed through the reserve
+            assert [p.name for p in vol.mnt.iterdir()] == ["kept"]
+
+            for node in down:
+                node.with_suffix(".away").rename(node)
+            after = os.urandom(1 << 20)
+            write_when_there_is_room(vol.mnt / "after", after, within=60)
+            assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+            vol.mount()
+            assert sorted(p.name for p in vol.mnt.iterdir()) == ["after", "kept"]
+            assert (vol.mnt / "after").read_bytes() == after
+            assert (vol.mnt / "kept").read_bytes() == changed  # stored once there was room
+        finally:
+            vol.cleanup()
