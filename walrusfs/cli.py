@@ -419,6 +419,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{reserve}  {n['latency_ms']:7.2f} ms  errors {n['errors']} corrupt {n['corrupt']}"
             f"  {n['path']}{reason}"
         )
+    if st.get("out_of_room"):
+        print(
+            "  out of room: too few nodes have space for n-f copies; new data, names and xattrs "
+            "get ENOSPC, while deletes, renames and attribute changes go on"
+        )
     carries = st.get("checkpoint_carries")
     if isinstance(carries, int) and carries:
         sessions = "1 earlier session" if carries == 1 else f"{carries} earlier sessions"

@@ -224,6 +224,8 @@ class Mounted:
             "journal_lag": self.metastore.journal.lag,
             # Sessions since the last checkpoint that fitted on the nodes (see MetaStore).
             "checkpoint_carries": len(self.metastore.superblock.carry),
+            # New data, names and xattrs get ENOSPC (see FileSystem's room_for_data).
+            "out_of_room": vol.nodes.out_of_room(vol.params.n - vol.params.f),
             "commit_s": self.opts.commit_s,
             "deletes_pending": 0 if data is None else data.deletes_pending,
             "degraded_blobs": len(self.blobs.missed),

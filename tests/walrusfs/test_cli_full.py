@@ -161,6 +161,7 @@ def test_with_f_nodes_down_one_full_node_keeps_its_reserve_for_deletes(tmp_path:
                 os.close(fd)
             assert err.value.errno == errno.ENOSPC
             assert reserve.stat().st_size == left  # none of it spent on data
+            assert "out of room: too few nodes have space" in run("status", vol.mnt).stdout
             for name in old:
                 (vol.mnt / name).unlink()  # committed through the reserve
             assert [p.name for p in vol.mnt.iterdir()] == ["kept"]
@@ -169,6 +170,7 @@ def test_with_f_nodes_down_one_full_node_keeps_its_reserve_for_deletes(tmp_path:
                 node.with_suffix(".away").rename(node)
             after = os.urandom(1 << 20)
             write_when_there_is_room(vol.mnt / "after", after, within=60)
+            assert "out of room" not in run("status", vol.mnt).stdout
             assert "all data and metadata stored" in run("umount", vol.mnt).stdout
             vol.mount()
             assert sorted(p.name for p in vol.mnt.iterdir()) == ["after", "kept"]
