@@ -118,8 +118,8 @@ class Node:
 
 def for_want_of_space(n: int, quorum: int, full: int, other: int) -> bool:
     """Whether a write short of its quorum failed for want of space (ENOSPC for the user,
-    not EIO): `full` nodes had no room, and the nodes that failed (or were skipped) for any
-    other reason, `other`, leave enough for a quorum had the full ones had room."""
+    not EIO): `full` nodes had no room, and so few failed or were skipped for any other
+    reason (`other`) that the rest would have made the quorum had the full ones had room."""
     return full > 0 and n - other >= quorum
 
 
