@@ -125,8 +125,8 @@ def test_a_volume_filled_with_small_files_mounts_again_and_gives_its_space_back(
 def test_with_f_nodes_down_one_full_node_keeps_its_reserve_for_deletes(tmp_path: Path) -> None:
     """With f nodes down, every commit needs the one full node: its reserve is what takes
     the journal records of deletes. New files and new bytes must not go there. They did,
-    as patches, because fewer than f+1 nodes were full; a checkpoint then took the rest of
-    the reserve, and the writes failed with EIO."""
+    as patches (fewer than f+1 nodes were full), until the reserve was gone and writes
+    failed with EIO."""
     vol = Vol(tmp_path)
     full, down = vol.nodes[6], vol.nodes[1:3]
     with tmpfs(str(full), "4m"):
