@@ -97,11 +97,12 @@ def space_of(vol: Volume) -> SpaceFn:
     """statfs numbers from the nodes' real free space, as of the last probe."""
     p = vol.params
     overhead = p.n * (p.R + p.C) / (p.R * p.C)
+    quorum = p.n - p.f
 
     async def space() -> Space:
         # Every blob puts 1/n of its encoded bytes on each node, so a filesystem holding k
-        # of the nodes takes k/n of them: the filesystem that fills first limits. Nodes
-        # sharing one disk (a demo, a test) must not count its space k times.
+        # of the nodes takes k/n of them. Nodes sharing one disk (a demo, a test) must not
+        # count its space k times.
         shared: dict[object, list[Node]] = {}
         for node in vol.nodes.nodes:
             if node.total:
@@ -112,17 +113,31 @@ def space_of(vol: Volume) -> SpaceFn:
         # A node not probed yet (down since the mount) may share any of these filesystems:
         # count it in each, so that df errs low, never high.
         unknown = sum(1 for node in vol.nodes.nodes if not node.total)
-        groups = [
-            (g[0].total or 0, min(n.free or 0 for n in g), len(g) + unknown)
-            for g in shared.values()
-        ]
+        totals: list[int] = []
+        frees: list[int] = []
+        for group in shared.values():
+            k = len(group) + unknown
+            free = min(n.free or 0 for n in group)
+            for node in group:
+                totals.append((node.total or 0) * p.n // k)
+                if node.state is not NodeState.DOWN:
+                    frees.append(free * p.n // k)
+        # Writes go on while n-f nodes take them (the others miss their pairs, left to
+        # repair), so the (n-f)th roomiest node limits, not the fullest: a full node does
+        # not make df say 0 while writes succeed, and df says 0 once they would fail.
         return Space(
-            total_bytes=min(total * p.n // k for total, _, k in groups),
-            free_bytes=min(free * p.n // k for _, free, k in groups),
+            total_bytes=_nth_largest(totals, quorum),
+            free_bytes=_nth_largest(frees, quorum) if len(frees) >= quorum else 0,
             overhead=overhead,
         )
 
     return space
+
+
+def _nth_largest(values: list[int], n: int) -> int:
+    """The n-th largest value; with fewer values, the smallest (0 if none)."""
+    ranked = sorted(values, reverse=True)
+    return ranked[min(n, len(ranked)) - 1] if ranked else 0
 
 
 # A mount goes on this long after n-f nodes showed their identity (or four times the

@@ -54,6 +54,32 @@ async def test_the_filesystem_that_fills_first_limits(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+async def test_one_full_node_leaves_the_free_space_writes_still_have(tmp_path: Path) -> None:
+    """Writes go on while n-f nodes take them: the (n-f)th roomiest node limits what df
+    shows, not the fullest. With f nodes down as well, nothing more can be written."""
+    small = tmp_path / "small"
+    with tmpfs(str(small), "4m"):
+        paths = [*node_paths(tmp_path, 6), str(small / "node6")]
+        await create_volume(paths)
+        fill_up(small)
+        vol = await open_volume(paths[0])
+        await vol.nodes.probe_all()
+        assert vol.nodes.full_count() == 1
+        st = os.statvfs(tmp_path)
+        space = await space_of(vol)()
+        assert space.total_bytes == st.f_blocks * st.f_frsize * 7 // 6  # the disk's 6 nodes
+        assert abs(space.free_bytes - st.f_bavail * st.f_frsize * 7 // 6) < 256 << 20
+        r = await vol.blobs.put_blob(os.urandom(1 << 20))  # and writes do go on
+        assert r.missed == (6,)
+
+        for i in (1, 2):
+            os.rename(paths[i], paths[i] + ".away")
+        await vol.nodes.probe_all()
+        assert vol.nodes.out_of_room(5)
+        assert (await space_of(vol)()).free_bytes == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 async def test_each_node_keeps_a_reserve_that_only_a_full_one_gives_up(tmp_path: Path) -> None:
     """The reserve is space for the metadata once a node is full (walrusfs.nodeset):
     taken at mkfs and by probes, given back in slices by a full node's small writes,
