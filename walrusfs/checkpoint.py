@@ -363,7 +363,7 @@ async def replay(
     out = Replayed(seq, prev, sb.seq, {})
     applied = sb.seq
     for epoch, through in (*sb.carry, (sb.epoch, None)):
-        stop = through if until is None else until if through is None else min(through, until)
+        stop = min((s for s in (through, until) if s is not None), default=None)
         held = await read_epoch(vol.nodes, epoch)
         while stop is None or seq < stop:
             raw = agreed_segment(held, seq + 1, vol.params.f + 1)

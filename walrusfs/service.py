@@ -240,7 +240,7 @@ class Mounted:
             # Sessions since the last checkpoint that fitted on the nodes (see MetaStore).
             "checkpoint_carries": len(self.metastore.superblock.carry),
             # New data, names and xattrs get ENOSPC (see FileSystem's room_for_data).
-            "out_of_room": vol.nodes.out_of_room(vol.params.n - vol.params.f),
+            "out_of_room": vol.out_of_room(),
             "commit_s": self.opts.commit_s,
             "deletes_pending": 0 if data is None else data.deletes_pending,
             "degraded_blobs": len(self.blobs.missed),
@@ -419,7 +419,7 @@ async def _serve_volume(opts: MountOptions, ready: Callable[[list[str]], object]
             space=space_of(vol),
             commit=lambda durable: metastore.sync(durable=durable),
             cache_bytes=opts.cache_bytes,
-            room_for_data=lambda: not vol.nodes.out_of_room(vol.params.n - vol.params.f),
+            room_for_data=lambda: not vol.out_of_room(),
         )
         catalog = Catalog(metastore.metadata.path, lambda: metastore.superblock)
         repair = RepairService(vol, catalog, missed=blobs.missed, on_replaced=metastore.checkpoint)

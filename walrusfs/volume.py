@@ -136,6 +136,10 @@ class Volume:
     def params(self) -> Params:
         return self.identity.params
 
+    def out_of_room(self) -> bool:
+        """NodeSet.out_of_room for this volume's write quorum, n-f."""
+        return self.nodes.out_of_room(self.params.n - self.params.f)
+
 
 async def identity_of(path: str, *, node_timeout: float = 10.0) -> NodeIdentity:
     """The identity file of one node directory, read without opening the volume (no call
