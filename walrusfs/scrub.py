@@ -454,7 +454,14 @@ class Scrubber:
             self.last_complete[sw.node] = time.time()
         else:
             report.incomplete[sw.node] = sw.error
-        for fd in sw.findings:
+        findings = sw.findings
+        gone = {fd.blob_id for fd in findings if fd.kind == "missing"}
+        if gone:
+            # The list of blobs is the pass's first step: a file deleted since freed its
+            # blobs (metadata first, then the sliver files), which is no loss to report.
+            still = await self.blobs.lookup(gone)
+            findings = [fd for fd in findings if fd.kind != "missing" or fd.blob_id in still]
+        for fd in findings:
             if fd.kind == "corrupt":
                 report.corrupt.append(f"node {fd.node}: {fd.key}: {fd.detail}")
             else:

@@ -11,10 +11,11 @@ import trio
 
 from tests.walrusfs.test_repair import NO_HANG, fill, make_volume, node_files
 from tests.walrusfs.volumes import flip_byte, sliver_file, sliver_files
-from walrusfs.catalog import StaticBlobs, list_slivers
+from walrusfs.catalog import BlobRef, StaticBlobs, list_slivers
 from walrusfs.healer import RepairService
 from walrusfs.scrub import Scrubber
 from walrusfs.sliverfile import header_size, parse_key, sliver_key
+from walrusfs.volume import Volume
 
 N = 7
 
@@ -160,3 +161,46 @@ async def test_orphans_go_only_after_their_grace_and_checkpoints_stay(tmp_path: 
         assert checkpoint.blob_id in keys
         assert set(data) <= keys
     assert (await scrubber.scrub_pass()).orphans == 0
+
+
+class _DeletesAfterLoad(StaticBlobs):
+    """The filesystem freeing blobs right after a pass took its list: their metadata is
+    gone first, then their files, as a delete does."""
+
+    def __init__(self, vol: Volume, refs: StaticBlobs, doomed: list[bytes]) -> None:
+        super().__init__(refs.refs.values())
+        self.vol = vol
+        self.doomed = doomed
+
+    async def load(self) -> dict[bytes, BlobRef]:
+        snapshot = await super().load()
+        for blob_id in self.doomed:
+            ref = self.refs.pop(blob_id)
+            assert not await self.vol.blobs.delete_blob(blob_id, ref.meta)
+        self.doomed = []
+        return snapshot
+
+
+async def test_blobs_deleted_during_a_pass_are_not_reported_missing(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, data = await fill(vol, 12, seed=24)
+    doomed = sorted(data)[-4:]
+    lost = sliver_files(paths[3])[0]  # really missing: its blob is still referenced
+    lost_blob = parse_key(str(lost.relative_to(paths[3])))
+    assert lost_blob is not None and lost_blob[0] not in doomed
+    lost.unlink()
+    blobs = _DeletesAfterLoad(vol, refs, doomed)
+    repair = RepairService(vol, blobs, rate=None)
+    scrubber = Scrubber(vol, blobs, repair, rate=None)
+    with trio.fail_after(NO_HANG):
+        report = await scrubber.scrub_pass()
+    assert report.missing == 1 and not report.corrupt and not report.incomplete
+    assert scrubber.status()["errors_found"] == 1
+    assert f"{report.missing} missing" in report.summary()
+    # Only the real loss went to repair, which puts it back.
+    fixed = await repair.pass_once([])
+    assert fixed.pairs_written == 1 and not fixed.unrepairable
+    assert lost.exists()
+    for i in range(N):
+        held = {parse_key(str(p.relative_to(paths[i])))[0] for p in sliver_files(paths[i])}  # type: ignore[index]
+        assert not held & set(doomed)
