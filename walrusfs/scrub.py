@@ -424,7 +424,8 @@ class Scrubber:
                         return
                     done += 1
                     self.after_crash_left -= 1
-                    if finding is not None:  # to repair at once: status shows it in hand
+                    if finding is not None and await self._losses([finding]):
+                        # To repair at once: status shows it in hand.
                         findings.append(finding)
                         self.errors_found += 1
                         if self.repair is not None:
@@ -447,6 +448,13 @@ class Scrubber:
             )
         return findings
 
+    async def _losses(self, findings: list[Finding]) -> list[Finding]:
+        """The findings that are losses: not a missing file of a blob freed since the
+        blobs were listed (a delete drops the metadata first, then the sliver files)."""
+        gone = {fd.blob_id for fd in findings if fd.kind == "missing"}
+        still = await self.blobs.lookup(gone) if gone else {}
+        return [fd for fd in findings if fd.kind != "missing" or fd.blob_id in still]
+
     async def _absorb(self, sw: NodeSweep, report: ScrubReport) -> None:
         report.files += sw.files
         report.bytes += sw.bytes
@@ -454,14 +462,7 @@ class Scrubber:
             self.last_complete[sw.node] = time.time()
         else:
             report.incomplete[sw.node] = sw.error
-        findings = sw.findings
-        gone = {fd.blob_id for fd in findings if fd.kind == "missing"}
-        if gone:
-            # The list of blobs is the pass's first step: a file deleted since freed its
-            # blobs (metadata first, then the sliver files), which is no loss to report.
-            still = await self.blobs.lookup(gone)
-            findings = [fd for fd in findings if fd.kind != "missing" or fd.blob_id in still]
-        for fd in findings:
+        for fd in await self._losses(sw.findings):
             if fd.kind == "corrupt":
                 report.corrupt.append(f"node {fd.node}: {fd.key}: {fd.detail}")
             else:

@@ -204,3 +204,22 @@ async def test_blobs_deleted_during_a_pass_are_not_reported_missing(tmp_path: Pa
     for i in range(N):
         held = {parse_key(str(p.relative_to(paths[i])))[0] for p in sliver_files(paths[i])}  # type: ignore[index]
         assert not held & set(doomed)
+
+
+async def test_the_check_after_a_crash_skips_blobs_freed_since(tmp_path: Path) -> None:
+    vol, paths = await make_volume(tmp_path)
+    refs, data = await fill(vol, 3, seed=25)
+    freed, kept, whole = sorted(data)
+    kept_meta = refs.refs[kept].meta
+    lost = Path(paths[kept_meta.node_of_pair(2)]) / sliver_key(kept, 2)
+    lost.unlink()
+    recovered = {b: refs.refs[b].meta.to_bytes() for b in (freed, kept, whole)}
+    ref = refs.refs.pop(freed)  # deleted by a user once the mount was up
+    assert not await vol.blobs.delete_blob(freed, ref.meta)
+    repair = RepairService(vol, refs, rate=None)
+    scrubber = Scrubber(vol, refs, repair, rate=None)
+    with trio.fail_after(NO_HANG):
+        found = await scrubber.check_blobs(recovered, {})
+    assert [(f.blob_id, f.pair, f.kind) for f in found] == [(kept, 2, "missing")]
+    assert scrubber.status()["errors_found"] == 1 and scrubber.after_crash_left == 0
+    assert (await repair.pass_once([])).pairs_written == 1 and lost.exists()
