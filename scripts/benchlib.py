@@ -12,6 +12,8 @@ things of the machine, not of either side, would otherwise decide the result:
   plain reference (into the page cache, or into memory on tmpfs), so it paid 3.7x that
   toll, and whichever side ran first paid for the other. `warm_memory` touches the free
   memory once before anything is measured, as any machine that has been up a while has.
+  It wears off: this VM's host takes back memory the guest leaves free (free page
+  reporting), so a measurement minutes later that fills memory touches it again first.
 """
 
 from __future__ import annotations
