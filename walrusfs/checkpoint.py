@@ -33,6 +33,7 @@ Runs in trio tasks; SQLite snapshots are taken in worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ import trio
 from blake3 import blake3
 
 from backends import NodeError
-from walrusfs.errors import FSError, StorageUnavailable
+from walrusfs.errors import FSError, StateDiskFull, StorageUnavailable, disk_full
 from walrusfs.journal import DURABLE_MARK, agreed_segment, read_epoch
 from walrusfs.metadata import BlockRef, Change
 from walrusfs.segment import JournalError, Segment, decode_change, segment_hash
@@ -120,7 +121,18 @@ VACUUM_FRACTION = 4
 
 
 def snapshot(db_path: str) -> tuple[bytes, int]:
-    """A consistent copy of the database and the journal seq it contains (blocking)."""
+    """A consistent copy of the database and the journal seq it contains (blocking).
+
+    The copy is made next to the database. Raises StateDiskFull when its disk is full."""
+    try:
+        return _snapshot(db_path)
+    except (sqlite3.Error, OSError) as exc:
+        if disk_full(exc):
+            raise StateDiskFull.of(db_path, exc) from exc
+        raise
+
+
+def _snapshot(db_path: str) -> tuple[bytes, int]:
     src = sqlite3.connect(db_path)
     tmp = db_path + ".snapshot"
     try:
@@ -147,16 +159,25 @@ def snapshot(db_path: str) -> tuple[bytes, int]:
 
 
 def install(db_path: str, data: bytes) -> None:
-    """Replace the local database with a restored snapshot, atomically (blocking)."""
+    """Replace the local database with a restored snapshot, atomically (blocking).
+
+    Raises StateDiskFull when the disk of the database is full (nothing written stays)."""
     for suffix in ("-wal", "-shm"):
         if os.path.exists(db_path + suffix):
             os.unlink(db_path + suffix)
     tmp = db_path + ".restore"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, db_path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, db_path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if disk_full(exc):
+            raise StateDiskFull.of(db_path, exc) from exc
+        raise
 
 
 async def write_superblock(vol: Volume, sb: Superblock) -> None:

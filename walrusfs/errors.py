@@ -13,6 +13,7 @@ Thread/task safety: pure functions and immutable exception classes; safe everywh
 from __future__ import annotations
 
 import errno as _errno
+import sqlite3
 
 
 class FSError(Exception):
@@ -106,6 +107,22 @@ class StorageUnavailable(FSError):
 
 class NoSpace(FSError):
     errno = _errno.ENOSPC
+
+
+class StateDiskFull(NoSpace):
+    """The disk of the local state directory (the metadata database) is full, not the
+    nodes: giving up node reserves or carrying the journal would not help."""
+
+    @classmethod
+    def of(cls, path: str, exc: BaseException) -> StateDiskFull:
+        return cls(f"the metadata's disk is full ({path}): {exc}")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (sqlite3 or OS) says the disk it wrote to is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (_errno.ENOSPC, _errno.EDQUOT)
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

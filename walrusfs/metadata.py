@@ -34,7 +34,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict, TypeVar
 
-from walrusfs.errors import Exists, FSError, Invalid, NoData, NoSpace, NotFound
+from walrusfs.errors import (
+    Exists,
+    FSError,
+    Invalid,
+    NoData,
+    NotFound,
+    StateDiskFull,
+    disk_full,
+)
 
 SCHEMA_VERSION = 3
 THINNED_MAX = 1 << 16  # thinned blobs remembered; more wait for the next mount
@@ -395,9 +403,9 @@ class Metadata:
         except BaseException as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            if isinstance(exc, sqlite3.Error) and disk_full(exc):
                 # The disk of the state directory, not the nodes: say so, as ENOSPC.
-                raise NoSpace(f"the metadata's disk is full ({self.path}): {exc}") from exc
+                raise StateDiskFull.of(self.path, exc) from exc
             raise
         finally:
             # Forget every remembered answer once the mutation is over (not before: its

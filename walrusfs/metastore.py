@@ -26,7 +26,7 @@ from walrusfs.checkpoint import (
     write_checkpoint,
     write_superblock,
 )
-from walrusfs.errors import NoSpace, StorageUnavailable
+from walrusfs.errors import NoSpace, StateDiskFull, StorageUnavailable
 from walrusfs.journal import Journal, drop_history
 from walrusfs.metadata import Metadata
 from walrusfs.recovery import recover
@@ -139,6 +139,8 @@ class MetaStore:
                 new = await _write_checkpoint(
                     vol, path, epoch=epoch, chain_seq=seq, chain_hash=prev, previous=sb
                 )
+            except StateDiskFull:
+                raise  # this machine's disk: a carried journal would not make room there
             except NoSpace as exc:
                 new = await _carry(vol, sb, epoch, seq, exc)
         except BaseException:
@@ -232,7 +234,9 @@ class MetaStore:
             try:
                 await self.checkpoint()
             except NoSpace as exc:  # the journal holds every change: a mount replays it
-                log.warning("no checkpoint at unmount, the nodes are full: %s", exc)
+                log.warning(
+                    "no checkpoint at unmount (%s); the next mount replays the journal", exc
+                )
         finally:
             self.metadata.close()
 
@@ -243,6 +247,8 @@ async def _write_checkpoint(vol: Volume, path: str, **where: Any) -> Superblock:
     byte too, and a checkpoint is what lets a full node's journal files go."""
     try:
         return await write_checkpoint(vol, path, **where)
+    except StateDiskFull:
+        raise  # this machine's disk: the nodes' reserves would not help
     except NoSpace as exc:
         if not await vol.nodes.release_reserves():
             raise

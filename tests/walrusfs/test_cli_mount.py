@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -491,24 +492,70 @@ def test_mount_helper_for_mount_8(vol: Vol) -> None:
 
 
 def test_umount_says_when_not_everything_was_stored(vol: Vol) -> None:
-    """With the state directory's disk full, close() fails with ENOSPC and the final
-    flush cannot finish: `umount` must say so, not that all was stored."""
-    with tmpfs(str(vol.state), "3m"):
-        vol.mount()
-        closed = {}
+    """A close() that could not store its file (f+1 nodes away) leaves its bytes to the
+    final flush, which cannot store them either: `umount` must say so, not that all was
+    stored. What earlier closes committed is there at the next mount."""
+    vol.mount()
+    (vol.mnt / "kept").write_bytes(b"committed by its close")
+    away = vol.nodes[4:]  # f+1 = 3 of 7
+    for node in away:
+        node.rename(node.with_suffix(".away"))
+    try:
         with pytest.raises(OSError) as err:
-            for i in range(1000):
-                data = os.urandom(30_000)
-                (vol.mnt / f"f{i}").write_bytes(data)
-                closed[f"f{i}"] = data
-        assert err.value.errno == errno.ENOSPC and closed
+            (vol.mnt / "late").write_bytes(os.urandom(1 << 20))
+        assert err.value.errno == errno.EIO
         res = run("umount", vol.mnt, check=False)
         assert res.returncode == 1 and "not everything may be stored" in res.stderr
         assert not mounted(vol.mnt)
-        subprocess.run(["mount", "-o", "remount,size=64m", str(vol.state)], check=True)
-        vol.mount()  # what close() had committed is recovered from the journal
-        assert {name: (vol.mnt / name).read_bytes() for name in closed} == closed
+    finally:
+        for node in away:
+            node.with_suffix(".away").rename(node)
+    vol.mount()
+    assert (vol.mnt / "kept").read_bytes() == b"committed by its close"
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
+def test_umount_with_the_state_disk_full_but_all_committed(vol: Vol) -> None:
+    """Every close committed, then another program fills this machine's disk: the
+    checkpoint at unmount does not fit, yet nothing is lost (the journal on the nodes
+    holds it all), so the server ends cleanly and `umount` says all was stored."""
+    with tmpfs(str(vol.state), "8m"):
+        vol.mount()
+        files = {f"f{i}": os.urandom(30_000) for i in range(20)}
+        for name, data in files.items():
+            (vol.mnt / name).write_bytes(data)
+        fill(vol.state / "fill")
+        res = run("umount", vol.mnt, check=False)
+        assert res.returncode == 0 and "all data and metadata stored" in res.stdout
+        (vol.state / "fill").unlink()
+        vol.mount()
+        assert {name: (vol.mnt / name).read_bytes() for name in files} == files
         assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until its disk is full."""
+    with open(path, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(bytes(1 << 16))
+
+
+def test_mount_with_the_state_disk_full_names_it(vol: Vol) -> None:
+    """The state directory is a cache of what the nodes hold; a full disk there is this
+    machine's to fix, and the mount says which disk, leaving nothing half written."""
+    vol.mount()
+    (vol.mnt / "f").write_bytes(b"on the nodes")
+    run("umount", vol.mnt)
+    shutil.rmtree(vol.state)
+    with tmpfs(str(vol.state), "64k"):
+        fill(vol.state / "fill")
+        res = vol.mount(check=False)
+        assert res.returncode == 1
+        assert f"the metadata's disk is full ({vol.state}" in res.stderr
+        assert os.listdir(vol.state) == ["fill"]
+        assert not mounted(vol.mnt)
+    vol.mount()
+    assert (vol.mnt / "f").read_bytes() == b"on the nodes"
 
 
 def test_umount_of_a_dead_mount_does_not_claim_it_stored_everything(vol: Vol) -> None:
