@@ -26,7 +26,7 @@ from walrusfs.checkpoint import (
     write_checkpoint,
     write_superblock,
 )
-from walrusfs.errors import NoSpace, StateDiskFull, StorageUnavailable
+from walrusfs.errors import NoSpace, NotADir, StateDiskFull, StorageUnavailable
 from walrusfs.journal import Journal, drop_history
 from walrusfs.metadata import Metadata
 from walrusfs.recovery import recover
@@ -65,7 +65,7 @@ async def format_metadata(
     vol: Volume, state_dir: str, *, uid: int, gid: int, mode: int = 0o755
 ) -> Superblock:
     """Create the empty filesystem and its first checkpoint (mkfs). Raises StorageUnavailable."""
-    await trio.to_thread.run_sync(lambda: os.makedirs(state_dir, mode=0o700, exist_ok=True))
+    await trio.to_thread.run_sync(make_state_dir, state_dir)
     path = db_path(state_dir)
     for suffix in ("", "-wal", "-shm"):
         if await trio.to_thread.run_sync(os.path.exists, path + suffix):
@@ -128,7 +128,7 @@ class MetaStore:
             raise RecoveryError(
                 "this volume has no metadata yet: was it created with `walrusfs mkfs`?"
             )
-        await trio.to_thread.run_sync(lambda: os.makedirs(state_dir, mode=0o700, exist_ok=True))
+        await trio.to_thread.run_sync(make_state_dir, state_dir)
         path = db_path(state_dir)
         got = await recover(vol, sb, path)
         md, seq, prev = got.metadata, got.seq, got.prev
@@ -254,6 +254,14 @@ async def _write_checkpoint(vol: Volume, path: str, **where: Any) -> Superblock:
             raise
         log.warning("checkpoint retried in the nodes' space reserves: %s", exc)
     return await write_checkpoint(vol, path, **where)
+
+
+def make_state_dir(state_dir: str) -> None:
+    """Create the state directory if missing (blocking). Raises NotADir, OSError."""
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise NotADir(f"state directory {state_dir}: exists and is not a directory") from None
 
 
 async def _carry(vol: Volume, sb: Superblock, epoch: int, seq: int, why: NoSpace) -> Superblock:

@@ -540,6 +540,15 @@ def fill(path: Path) -> None:
             f.write(bytes(1 << 16))
 
 
+def test_mount_with_a_file_as_state_directory_says_so(vol: Vol) -> None:
+    vol.state.write_bytes(b"not a directory")
+    res = vol.mount(check=False)
+    assert res.returncode == 1
+    assert f"state directory {vol.state}: exists and is not a directory" in res.stderr
+    assert vol.state.read_bytes() == b"not a directory"
+    assert not mounted(vol.mnt)
+
+
 def test_mount_with_the_state_disk_full_names_it(vol: Vol) -> None:
     """The state directory is a cache of what the nodes hold; a full disk there is this
     machine's to fix, and the mount says which disk, leaving nothing half written."""
