@@ -65,6 +65,7 @@ def nested(paths: list[str]) -> tuple[str, str] | None:
 
 
 def _check_empty(path: str) -> None:
+    """Refuse a path that is not an empty directory or missing (changes nothing)."""
     if os.path.lexists(path) and not os.path.isdir(path):
         raise VolumeError(f"{path}: exists and is not a directory")
     if os.path.isdir(path):
@@ -74,8 +75,10 @@ def _check_empty(path: str) -> None:
                 "another walrusfs volume's node" if "walrusfs-node.json" in entries else "not empty"
             )
             raise VolumeError(f"{path}: {what}; refusing to create a node there")
-    else:
-        os.makedirs(path, mode=0o700)
+
+
+def _prepare(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
 
 
@@ -105,11 +108,15 @@ async def create_volume(
         raise VolumeError(
             f"{pair[0]} is inside {pair[1]}: node directories must not be inside one another"
         )
-    for p in paths:
-        try:
-            await trio.to_thread.run_sync(_check_empty, p)
-        except OSError as exc:
-            raise VolumeError(f"{p}: cannot prepare the node directory: {exc.strerror}") from exc
+    # Every path is checked before any is touched: a refused mkfs leaves nothing behind.
+    for prepare in (_check_empty, _prepare):
+        for p in paths:
+            try:
+                await trio.to_thread.run_sync(prepare, p)
+            except OSError as exc:
+                raise VolumeError(
+                    f"{p}: cannot prepare the node directory: {exc.strerror}"
+                ) from exc
     mounts = tuple([await trio.to_thread.run_sync(_mount_of, p) for p in paths])
     volume_id = new_volume_id()
     for i, p in enumerate(paths):

@@ -35,9 +35,13 @@ async def test_create_refuses_bad_input(tmp_path: Path) -> None:
     busy = node_paths(tmp_path / "c", 4)
     os.makedirs(busy[2])
     Path(busy[2], "precious.txt").write_text("keep me")
+    os.makedirs(busy[0], mode=0o755)
     with pytest.raises(VolumeError, match="not empty"):
         await create_volume(busy)
     assert Path(busy[2], "precious.txt").read_text() == "keep me"
+    # Refused as a whole: no directory made, none changed.
+    assert sorted(os.listdir(tmp_path / "c")) == sorted(os.path.basename(p) for p in busy[0:3:2])
+    assert os.stat(busy[0]).st_mode & 0o777 == 0o755
     taken = node_paths(tmp_path / "d", 4)
     await create_volume(taken)
     with pytest.raises(VolumeError, match="another walrusfs volume"):
