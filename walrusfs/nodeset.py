@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -59,6 +60,12 @@ BATCH_DEADLINE = 0.25
 BATCH_RATE = 50e6
 
 _NO_ANSWER = object()  # a batch position its thread never reached
+
+# Corrupt slivers found on one node are warned of at most this many times a window; the
+# rest of the window's go to debug (`status` counts them all). A failing disk read by a
+# scrub pass would otherwise write a line per sliver file.
+CORRUPT_WARNINGS = 5
+CORRUPT_WINDOW_S = 60.0
 
 # A write short of its quorum probes the nodes taken as down or full again before it
 # fails (NodeSet.revive): one back since its last probe, up to 5 s ago, is used at once;
@@ -114,6 +121,7 @@ class Node:
     stuck_batches: int = 0  # batch threads left behind on this node, not ended yet
     reserved: int | None = None  # bytes its RESERVE_KEY holds (None: not known yet)
     spending: bool = False  # has given up reserve since it last took it (logged once)
+    corrupt_logged: tuple[float, int] = (0.0, 0)  # (window start, warnings in it)
 
 
 def for_want_of_space(n: int, quorum: int, full: int, other: int) -> bool:
@@ -198,7 +206,23 @@ class NodeSet:
         """Record that a node returned bytes that failed verification."""
         node = self.nodes[index]
         node.corrupt += 1
-        log.warning("node %d (%s): corrupt data: %s", index, node.store.path, what)
+        now = time.monotonic()
+        start, count = node.corrupt_logged
+        if now - start >= CORRUPT_WINDOW_S:
+            start, count = now, 0
+        node.corrupt_logged = (start, count + 1)
+        if count < CORRUPT_WARNINGS:
+            log.warning("node %d (%s): corrupt data: %s", index, node.store.path, what)
+        else:
+            log.debug("node %d (%s): corrupt data: %s", index, node.store.path, what)
+        if count + 1 == CORRUPT_WARNINGS:
+            log.warning(
+                "node %d (%s): more corrupt data in the next %.0f s is logged at debug "
+                "level only (`walrusfs status` counts it all)",
+                index,
+                node.store.path,
+                CORRUPT_WINDOW_S,
+            )
 
     def _ok(self, node: Node, elapsed: float) -> None:
         node.failures = 0

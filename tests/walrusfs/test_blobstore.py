@@ -27,7 +27,7 @@ from tests.walrusfs.volumes import (
 )
 from walrusfs.blobstore import PutResult
 from walrusfs.errors import NoSpace, StorageUnavailable
-from walrusfs.nodeset import NodeState
+from walrusfs.nodeset import CORRUPT_WARNINGS, NodeState
 from walrusfs.sliverfile import header_size
 from walrusfs.volume import Volume, create_volume, open_volume
 
@@ -298,6 +298,31 @@ async def test_f_corrupt_nodes_at_once_are_survived_and_reported(tmp_path: Path)
     assert bytes(await vol.blobs.get_blob(r.blob_id, r.meta)) == data
     assert [vol.nodes.nodes[i].corrupt for i in bad] == [1, 1]
     assert vol.blobs.stats.corrupt_slivers == 2
+
+
+async def test_a_node_full_of_corrupt_slivers_is_not_a_log_line_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing disk returns garbage for every sliver: each is counted (status), the
+    first few are warned of, then one line says the rest go to debug."""
+    vol, paths = await make_volume(tmp_path, blob_size=1 << 16)
+    victim, blobs = 3, []
+    while len(blobs) < 12:
+        data = os.urandom(50_000)
+        r = await vol.blobs.put_blob(data)
+        if victim in systematic_nodes(vol, r.meta):  # a healthy get reads its sliver
+            flip_byte(sliver_file(paths[victim], r.blob_id), header_size(N) + 100)
+            blobs.append((data, r))
+    fresh = await open_volume(paths[0], **OPTS)
+    caplog.set_level("DEBUG", logger="walrusfs.nodeset")
+    for data, r in blobs:
+        assert bytes(await fresh.blobs.get_blob(r.blob_id, r.meta)) == data
+    assert [n.corrupt for n in fresh.nodes.nodes] == [12 if i == victim else 0 for i in range(N)]
+    warned = [rec for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len([w for w in warned if "corrupt data:" in w.getMessage()]) == CORRUPT_WARNINGS
+    assert any("logged at debug level only" in w.getMessage() for w in warned)
+    debug = [rec for rec in caplog.records if rec.levelname == "DEBUG"]
+    assert len([d for d in debug if "corrupt data:" in d.getMessage()]) == 12 - CORRUPT_WARNINGS
 
 
 async def test_a_hung_node_does_not_stall_reads(tmp_path: Path) -> None:
