@@ -34,6 +34,7 @@ import trio
 from backends import NodeStore
 from codec import BlobMetadata, CodecError
 from walrusfs.checkpoint import Superblock
+from walrusfs.metadata import read_only
 from walrusfs.nodeset import NodeSet
 from walrusfs.sliverfile import PREFIX
 
@@ -115,9 +116,7 @@ class Catalog:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = sqlite3.connect(
-                f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False
-            )
+            self._db = read_only(self.db_path, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 5000")
         return self._db
 

@@ -40,7 +40,7 @@ from walrusfs.catalog import BlobRef, Catalog
 from walrusfs.checkpoint import RecoveryError, Superblock, read_superblock
 from walrusfs.errors import StorageUnavailable
 from walrusfs.lock import LOCK_KEY, LockRecord, MountLock, MountLockError
-from walrusfs.metadata import ROOT_INODE
+from walrusfs.metadata import ROOT_INODE, read_only
 from walrusfs.recovery import recover
 from walrusfs.repair import RepairEngine
 from walrusfs.scrub import Finding, NodeSweep, remove_stale_temps, sweep_node
@@ -94,7 +94,7 @@ def _paths(db: sqlite3.Connection, ino: int, depth: int = 0) -> list[str]:
 
 def affected_paths(db_path: str, blob_ids: list[bytes]) -> dict[bytes, list[str]]:
     """The file paths whose data lies in each blob (blocking)."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = read_only(db_path)
     try:
         found: dict[bytes, list[str]] = {}
         for blob_id in blob_ids:
@@ -109,7 +109,7 @@ def affected_paths(db_path: str, blob_ids: list[bytes]) -> dict[bytes, list[str]
 
 def refcount_problems(db_path: str) -> list[str]:
     """blobs.refcount against the blocks rows, and blocks naming no blob row (blocking)."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = read_only(db_path)
     try:
         problems = [
             f"blob {bytes(b).hex()[:16]}: refcount {rc}, but {count} blocks name it"

@@ -29,6 +29,7 @@ import inspect
 import os
 import sqlite3
 import stat
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -241,6 +242,15 @@ class Usage:
     pack_dead_bytes: int  # bytes in packs that no block names any more
 
 
+def read_only(path: str, **kwargs: Any) -> sqlite3.Connection:
+    """A connection that only reads the database at `path`: a missing file is an error,
+    never a new empty database (which the mount's own connection would then meet)."""
+    db: sqlite3.Connection = sqlite3.connect(
+        f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, **kwargs
+    )
+    return db
+
+
 def usage(path: str, length_of: Callable[[bytes], int], pack_header: int) -> Usage:
     """Sum up the database at `path` in one read transaction of its own connection:
     blocking and O(blobs), for a worker thread while the mount goes on.
@@ -248,7 +258,7 @@ def usage(path: str, length_of: Callable[[bytes], int], pack_header: int) -> Usa
     `length_of(meta)` is a blob's length (the metadata is opaque here); a pack's blocks
     start after its `pack_header` bytes, a plain blob's at 0.
     """
-    db = sqlite3.connect(path, isolation_level=None)
+    db = read_only(path, isolation_level=None)
     try:
         db.execute("PRAGMA busy_timeout = 5000")
         db.execute("BEGIN")
