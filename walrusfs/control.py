@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from walrusfs.errors import message_of
+
 log = logging.getLogger(__name__)
 
 
@@ -147,6 +149,11 @@ async def serve_control(
                     reply: dict[str, object] = {"ok": True, "result": await handle_request(request)}
                 except CommandError as exc:
                     reply = {"ok": False, "error": str(exc)}
+                except Exception as exc:
+                    # A status, repair or scrub that fails must not take the mount with it:
+                    # this task runs in the mount's nursery.
+                    log.error("control request %r failed", request.get("cmd"), exc_info=exc)
+                    reply = {"ok": False, "error": f"failed: {message_of(exc)} (see the log)"}
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
             except (trio.BrokenResourceError, ValueError) as exc:
                 log.debug("control request failed: %s", exc)

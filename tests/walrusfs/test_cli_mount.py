@@ -540,6 +540,24 @@ def fill(path: Path) -> None:
             f.write(bytes(1 << 16))
 
 
+def test_a_failing_control_request_does_not_take_the_mount_down(vol: Vol) -> None:
+    """`status` that cannot read the metadata (its file moved away under the mount)
+    fails with a message; the mount goes on serving files and answering."""
+    vol.mount()
+    (vol.mnt / "f").write_bytes(b"still here")
+    db = vol.state / "metadata.db"
+    db.rename(vol.state / "moved.db")
+    try:
+        res = run("status", vol.mnt, check=False)
+        assert res.returncode == 1 and "unable to open database file" in res.stderr
+        assert (vol.mnt / "f").read_bytes() == b"still here"
+    finally:
+        (vol.state / "moved.db").replace(db)
+    assert "node 0: up" in run("status", vol.mnt).stdout
+    assert (vol.mnt / "f").read_bytes() == b"still here"
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
 def test_mount_with_a_file_as_state_directory_says_so(vol: Vol) -> None:
     vol.state.write_bytes(b"not a directory")
     res = vol.mount(check=False)
