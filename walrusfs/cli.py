@@ -440,6 +440,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"freed blobs awaiting deletion {st.get('deletes_pending', 0)}"
     )
     use = st.get("usage")
+    if st.get("usage_error"):
+        print(f"  data: not known now ({st['usage_error']})")
     if isinstance(use, dict):
         packs = (
             f"; packs {_human(use['pack_bytes'])}, {_human(use['pack_dead_bytes'])} of it no longer used"

@@ -222,7 +222,13 @@ class Mounted:
         vol, md = self.vol, self.metastore.metadata
         stats = vol.blobs.stats
         data = getattr(self.fs, "data", None)
-        usage = await self.usage()
+        usage: dict[str, int] | None = None
+        usage_error = ""
+        try:
+            usage = await self.usage()
+        except Exception as exc:  # status is what one runs when things go wrong: answer
+            log.warning("status: data usage not known: %s", exc)
+            usage_error = message_of(exc)
         return {
             "mountpoint": self.opts.mountpoint,
             "pid": os.getpid(),
@@ -234,6 +240,7 @@ class Mounted:
             "files": md.inode_count(),
             "blobs": md.blob_count(),
             "usage": usage,
+            "usage_error": usage_error,
             "dirty_bytes": 0 if data is None else data.unsaved_bytes(),
             "read_cache": {"size": 0, "used": 0} if data is None else data.cache_usage(),
             "journal_lag": self.metastore.journal.lag,

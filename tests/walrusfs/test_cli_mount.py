@@ -540,20 +540,26 @@ def fill(path: Path) -> None:
             f.write(bytes(1 << 16))
 
 
-def test_a_failing_control_request_does_not_take_the_mount_down(vol: Vol) -> None:
-    """`status` that cannot read the metadata (its file moved away under the mount)
-    fails with a message; the mount goes on serving files and answering."""
+def test_status_answers_when_the_metadata_cannot_be_read(vol: Vol) -> None:
+    """`status` with the state database moved away from under the mount says what it
+    cannot know and shows the rest; `repair` fails with a message; the mount goes on
+    serving files and answering."""
     vol.mount()
     (vol.mnt / "f").write_bytes(b"still here")
     db = vol.state / "metadata.db"
     db.rename(vol.state / "moved.db")
     try:
-        res = run("status", vol.mnt, check=False)
+        out = run("status", vol.mnt).stdout
+        assert "data: not known now" in out and "unable to open database file" in out
+        assert "node 0: up" in out
+        # A request that cannot go on fails alone: the control server is part of the mount.
+        res = run("repair", vol.mnt, check=False)
         assert res.returncode == 1 and "unable to open database file" in res.stderr
         assert (vol.mnt / "f").read_bytes() == b"still here"
+        assert not (vol.state / "metadata.db").exists()  # nothing made in its place
     finally:
         (vol.state / "moved.db").replace(db)
-    assert "node 0: up" in run("status", vol.mnt).stdout
+    assert "data: not known" not in run("status", vol.mnt).stdout
     assert (vol.mnt / "f").read_bytes() == b"still here"
     assert "all data and metadata stored" in run("umount", vol.mnt).stdout
 
