@@ -121,7 +121,7 @@ class Node:
     stuck_batches: int = 0  # batch threads left behind on this node, not ended yet
     reserved: int | None = None  # bytes its RESERVE_KEY holds (None: not known yet)
     spending: bool = False  # has given up reserve since it last took it (logged once)
-    corrupt_logged: tuple[float, int] = (0.0, 0)  # (window start, warnings in it)
+    corrupt_logged: tuple[float, int] = (0.0, 0)  # (window start, findings in it)
 
 
 def for_want_of_space(n: int, quorum: int, full: int, other: int) -> bool:
