@@ -49,7 +49,7 @@ from blake3 import blake3
 from backends import NodeError
 from walrusfs.errors import FSError, StateDiskFull, StorageUnavailable, disk_full
 from walrusfs.journal import DURABLE_MARK, agreed_segment, read_epoch
-from walrusfs.metadata import BlockRef, Change
+from walrusfs.metadata import BlockRef, Change, read_only
 from walrusfs.segment import JournalError, Segment, decode_change, segment_hash
 from walrusfs.volume import Volume
 
@@ -133,7 +133,7 @@ def snapshot(db_path: str) -> tuple[bytes, int]:
 
 
 def _snapshot(db_path: str) -> tuple[bytes, int]:
-    src = sqlite3.connect(db_path)
+    src = read_only(db_path)
     tmp = db_path + ".snapshot"
     try:
         dst = sqlite3.connect(tmp)

@@ -564,6 +564,21 @@ def test_status_answers_when_the_metadata_cannot_be_read(vol: Vol) -> None:
     assert "all data and metadata stored" in run("umount", vol.mnt).stdout
 
 
+def test_unmount_without_the_state_database_loses_nothing(vol: Vol) -> None:
+    """The state database deleted under the mount: no checkpoint can be taken at
+    unmount, but the journal on the nodes holds every change, so nothing is lost and
+    umount says so; the next mount replays the journal."""
+    vol.mount()
+    (vol.mnt / "before").write_bytes(b"1")
+    (vol.state / "metadata.db").unlink()
+    (vol.mnt / "after").write_bytes(b"2")
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+    assert not (vol.state / "metadata.db").exists()  # no empty database made there
+    vol.mount()
+    assert [(vol.mnt / n).read_bytes() for n in ("before", "after")] == [b"1", b"2"]
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
 def test_mount_with_a_file_as_state_directory_says_so(vol: Vol) -> None:
     vol.state.write_bytes(b"not a directory")
     res = vol.mount(check=False)
