@@ -109,9 +109,12 @@ class NoSpace(FSError):
     errno = _errno.ENOSPC
 
 
-class StateDiskFull(NoSpace):
-    """The disk of the local state directory (the metadata database) is full, not the
-    nodes: giving up node reserves or carrying the journal would not help."""
+class StateDiskFull(FSError):
+    """The disk of the local state directory (the metadata database) is full. ENOSPC,
+    but not NoSpace, which means the nodes: what makes room on them (giving up their
+    reserves, carrying the journal past a checkpoint) makes none on this disk."""
+
+    errno = _errno.ENOSPC
 
     @classmethod
     def of(cls, path: str, exc: BaseException) -> StateDiskFull:

@@ -139,8 +139,6 @@ class MetaStore:
                 new = await _write_checkpoint(
                     vol, path, epoch=epoch, chain_seq=seq, chain_hash=prev, previous=sb
                 )
-            except StateDiskFull:
-                raise  # this machine's disk: a carried journal would not make room there
             except NoSpace as exc:
                 new = await _carry(vol, sb, epoch, seq, exc)
         except BaseException:
@@ -237,7 +235,7 @@ class MetaStore:
             await self.journal.sync(durable=True)
             try:
                 await self.checkpoint()
-            except NoSpace as exc:
+            except (NoSpace, StateDiskFull) as exc:
                 log.warning(
                     "no checkpoint at unmount (%s); the next mount replays the journal", exc
                 )
@@ -255,8 +253,6 @@ async def _write_checkpoint(vol: Volume, path: str, **where: Any) -> Superblock:
     byte too, and a checkpoint is what lets a full node's journal files go."""
     try:
         return await write_checkpoint(vol, path, **where)
-    except StateDiskFull:
-        raise  # this machine's disk: the nodes' reserves would not help
     except NoSpace as exc:
         if not await vol.nodes.release_reserves():
             raise

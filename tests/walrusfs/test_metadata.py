@@ -421,7 +421,7 @@ def test_a_full_state_disk_is_enospc_and_loses_nothing_committed(tmp_path: Path)
             ino = mkfile(m, ROOT_INODE, b"f")
             value = bytes(60_000)
             names = []
-            with pytest.raises(errors.NoSpace, match="metadata's disk is full") as caught:
+            with pytest.raises(errors.StateDiskFull, match="metadata's disk is full") as caught:
                 for k in range(100):
                     m.set_xattr(ino, b"user.k%d" % k, value, now_ns=2)
                     names.append(b"user.k%d" % k)

@@ -75,7 +75,7 @@ async def test_one_full_node_leaves_the_free_space_writes_still_have(tmp_path: P
         for i in (1, 2):
             os.rename(paths[i], paths[i] + ".away")
         await vol.nodes.probe_all()
-        assert vol.nodes.out_of_room(5)
+        assert vol.out_of_room()
         assert (await space_of(vol)()).free_bytes == 0
 
 
