@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from backends.remote import mount_devices
+from tests.backends.util import fill_up
 from tests.walrusfs.clivol import Vol, kill_server, mounted, run, server_pid
 from tests.walrusfs.silentmount import silent_mount
 from tests.walrusfs.volumes import lose_secondary, sliver_files, tmpfs
@@ -524,20 +525,13 @@ def test_umount_with_the_state_disk_full_but_all_committed(vol: Vol) -> None:
         files = {f"f{i}": os.urandom(30_000) for i in range(20)}
         for name, data in files.items():
             (vol.mnt / name).write_bytes(data)
-        fill(vol.state / "fill")
+        fill_up(vol.state)
         res = run("umount", vol.mnt, check=False)
         assert res.returncode == 0 and "all data and metadata stored" in res.stdout
-        (vol.state / "fill").unlink()
+        (vol.state / "filler").unlink()
         vol.mount()
         assert {name: (vol.mnt / name).read_bytes() for name in files} == files
         assert "all data and metadata stored" in run("umount", vol.mnt).stdout
-
-
-def fill(path: Path) -> None:
-    """Write zeros to `path` until its disk is full."""
-    with open(path, "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(bytes(1 << 16))
 
 
 def test_status_answers_when_the_metadata_cannot_be_read(vol: Vol) -> None:
@@ -596,11 +590,11 @@ def test_mount_with_the_state_disk_full_names_it(vol: Vol) -> None:
     run("umount", vol.mnt)
     shutil.rmtree(vol.state)
     with tmpfs(str(vol.state), "64k"):
-        fill(vol.state / "fill")
+        fill_up(vol.state)
         res = vol.mount(check=False)
         assert res.returncode == 1
         assert f"the metadata's disk is full ({vol.state}" in res.stderr
-        assert os.listdir(vol.state) == ["fill"]
+        assert os.listdir(vol.state) == ["filler"]
         assert not mounted(vol.mnt)
     vol.mount()
     assert (vol.mnt / "f").read_bytes() == b"on the nodes"
