@@ -197,16 +197,29 @@ def describe_failures(failures: Mapping[int, object]) -> str:
     OSError names); seven nodes failing alike made a line of 1.5 KB that said one thing.
     """
     groups: dict[str, list[int]] = {}
+    keys: dict[str, list[str]] = {}  # by text: the keys it failed on, where not in the text
     for index in sorted(failures):
         error = failures[index]
         if isinstance(error, NodeError):
             text = error.message.replace(error.path, "<node>")
             if error.key is not None and error.key not in text:
-                text = f"key {error.key!r}: {text}"
+                # Each node's key of one blob differs (its own pair): grouped by the error
+                # alone, or seven nodes out of space made seven clauses.
+                seen = keys.setdefault(text, [])
+                if error.key not in seen:
+                    seen.append(error.key)
         else:
             text = str(error)
         groups.setdefault(text, []).append(index)
     return "; ".join(
-        f"node{'s' if len(nodes) > 1 else ''} {', '.join(map(str, nodes))}: {text}"
+        f"node{'s' if len(nodes) > 1 else ''} {', '.join(map(str, nodes))}: "
+        f"{_keys_named(keys.get(text, []))}{text}"
         for text, nodes in groups.items()
     )
+
+
+def _keys_named(keys: list[str]) -> str:
+    if not keys:
+        return ""
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    return f"key {keys[0]!r}{more}: "

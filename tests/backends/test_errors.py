@@ -127,3 +127,18 @@ def test_failures_of_several_nodes_name_alike_ones_together() -> None:
         "node 3: key 'journal/e2/0000000000000001': took over 10s; node 6: skipped: node is down"
     )
     assert describe_failures({}) == ""
+
+
+def test_nodes_failing_alike_on_their_own_keys_are_named_together() -> None:
+    """A blob's pairs have a key each: seven nodes out of space are one clause."""
+    failures: dict[int, object] = {
+        i: map_os_error(
+            oserror(errno.ENOSPC, None), f"/srv/nodes/n{i}", key=f"slivers/ab/cd/x.p{i}"
+        )
+        for i in range(7)
+    }
+    failures[2] = NodeTimeout("took over 10s", path="/srv/nodes/n2", key="slivers/ab/cd/x.p2")
+    assert describe_failures(failures) == (
+        "nodes 0, 1, 3, 4, 5, 6: key 'slivers/ab/cd/x.p0' (and 5 more): ENOSPC: No space left on device; "
+        "node 2: key 'slivers/ab/cd/x.p2': took over 10s"
+    )
