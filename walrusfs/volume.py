@@ -100,9 +100,12 @@ async def create_volume(
     if blob_size < 4096 or blob_size > 256 << 20:
         raise VolumeError(f"blob size {blob_size}: must be between 4 KiB and 256 MiB")
     paths = await trio.to_thread.run_sync(lambda: [os.path.abspath(p) for p in paths])
-    real = await trio.to_thread.run_sync(lambda: {os.path.realpath(p) for p in paths})
+    reals = await trio.to_thread.run_sync(lambda: [os.path.realpath(p) for p in paths])
+    real = set(reals)
     if len(real) != len(paths):
-        raise VolumeError("the same directory is named twice")
+        twice = next(r for r in reals if reals.count(r) > 1)
+        names = [p for p, r in zip(paths, reals, strict=True) if r == twice]
+        raise VolumeError(f"the same directory is named twice: {' and '.join(names[:2])}")
     pair = nested(sorted(real))
     if pair is not None:
         raise VolumeError(

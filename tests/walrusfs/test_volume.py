@@ -48,6 +48,13 @@ async def test_create_refuses_bad_input(tmp_path: Path) -> None:
         await create_volume(taken)
     with pytest.raises(VolumeError, match="twice"):
         await create_volume([str(tmp_path / "e")] * 4)
+    # The same directory by another name (a symlink): the message says which two.
+    twins = node_paths(tmp_path / "g", 4)
+    os.makedirs(twins[1])
+    os.symlink(twins[1], tmp_path / "g" / "alias")
+    with pytest.raises(VolumeError, match=f"twice: {twins[1]} and {tmp_path}/g/alias$"):
+        await create_volume([*twins[:3], str(tmp_path / "g" / "alias")])
+    assert not os.path.exists(twins[0])
     outer = str(tmp_path / "f" / "n0")
     nested = [outer, os.path.join(outer, "n1"), *node_paths(tmp_path / "f", 4)[2:]]
     with pytest.raises(VolumeError, match="inside one another"):
