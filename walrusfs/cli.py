@@ -601,11 +601,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"walrusfs: error: {message_of(exc)}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
-        first = group.exceptions[0] if group.exceptions else group
-        if isinstance(first, expected):
-            print(f"walrusfs: error: {message_of(first)}", file=sys.stderr)
+        # Nurseries nest: a flush failing at unmount arrives two groups deep.
+        leaves = _leaves(group)
+        if leaves and all(isinstance(x, expected) for x in leaves):
+            print(f"walrusfs: error: {message_of(leaves[0])}", file=sys.stderr)
             return 1
         raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def mount_helper(argv: list[str] | None = None) -> int:
