@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from walrusfs import __version__
-from walrusfs.errors import message_of
+from walrusfs.errors import leaves_of, message_of
 
 log = logging.getLogger("walrusfs")
 
@@ -602,17 +602,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BaseExceptionGroup as group:
         # Nurseries nest: a flush failing at unmount arrives two groups deep.
-        leaves = _leaves(group)
+        leaves = leaves_of(group)
         if leaves and all(isinstance(x, expected) for x in leaves):
             print(f"walrusfs: error: {message_of(leaves[0])}", file=sys.stderr)
             return 1
         raise
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

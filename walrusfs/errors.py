@@ -128,12 +128,12 @@ def disk_full(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
+def leaves_of(exc: BaseException) -> list[BaseException]:
     """The non-group exceptions inside `exc`, depth first, in their group order."""
     if isinstance(exc, BaseExceptionGroup):
         out: list[BaseException] = []
         for sub in exc.exceptions:
-            out.extend(_leaves(sub))
+            out.extend(leaves_of(sub))
         return out
     return [exc]
 
@@ -156,7 +156,7 @@ def errno_of(exc: BaseException) -> int:
     In an exception group, the first leaf with a known errno other than EIO wins (EIO
     says least), then EIO if some leaf is known, else EIO.
     """
-    codes = [c for c in map(_known_errno, _leaves(exc)) if c is not None]
+    codes = [c for c in map(_known_errno, leaves_of(exc)) if c is not None]
     for code in codes:
         if code != _errno.EIO:
             return code
@@ -165,10 +165,10 @@ def errno_of(exc: BaseException) -> int:
 
 def message_of(exc: BaseException) -> str:
     """What to tell a user of `exc`: its first leaf's message (or its type's name)."""
-    leaf = _leaves(exc)[0] if isinstance(exc, BaseExceptionGroup) and exc.exceptions else exc
+    leaf = leaves_of(exc)[0] if isinstance(exc, BaseExceptionGroup) and exc.exceptions else exc
     return str(leaf) or type(leaf).__name__
 
 
 def is_known(exc: BaseException) -> bool:
     """True if every leaf of `exc` is an error we expect (so it needs no traceback)."""
-    return all(_known_errno(leaf) is not None for leaf in _leaves(exc))
+    return all(_known_errno(leaf) is not None for leaf in leaves_of(exc))
