@@ -224,6 +224,31 @@ async def test_times_set_on_a_file_being_written_are_committed_with_its_data(
     assert await read_fresh(meta, store, ino, 4) == b"data"
 
 
+async def test_times_the_kernel_stores_for_an_unlinked_file_are_not_committed(
+    fs: FileSystem, meta: Metadata
+) -> None:
+    # rm -rf: the kernel (writeback cache) stores the times of each file it has just
+    # unlinked before it forgets it. Nobody can see them: no commit. An unlinked file
+    # still open keeps them as any file does (fstat shows them).
+    commits = Commits()
+    meta.attach_journal(commits)
+    gone, fh = await new_file(fs)
+    await fs.release(fh)
+    kept, fh = await new_file(fs, b"g")
+    await fs.unlink(R, b"f")
+    await fs.unlink(R, b"g")
+    before = list(commits.ops)
+    attrs = await fs.setattr(gone, mtime_ns=7_000, ctime_ns=8_000)
+    assert (attrs.nlink, attrs.mtime_ns, attrs.ctime_ns) == (0, 7_000, 8_000)
+    assert commits.ops == before
+    await fs.setattr(kept, mtime_ns=9_000, ctime_ns=10_000)
+    assert commits.ops == [*before, "set_attrs"]
+    assert (await fs.getattr(kept)).mtime_ns == 9_000
+    await fs.forget([(gone, 1), (kept, 1)])
+    await fs.release(fh)
+    assert commits.ops[-2:] == ["delete_inode", "delete_inode"]
+
+
 async def committed(fs: FileSystem, store: MemBlobStore, ino: int) -> tuple[int, bytes]:
     """Size and bytes of the file as its metadata has them (what a crash would keep)."""
     other = FileSystem(fs.meta, store)
