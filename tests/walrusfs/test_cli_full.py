@@ -39,6 +39,14 @@ def write_when_there_is_room(path: Path, data: bytes, within: float) -> None:
             time.sleep(0.5)
 
 
+def write_past_full(path: Path) -> None:
+    """Write 16 MiB, about twice what a small_volume holds: ENOSPC, by close() at last."""
+    with pytest.raises(OSError) as err, open(path, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(256 << 10))
+    assert err.value.errno == errno.ENOSPC
+
+
 @contextlib.contextmanager
 def small_volume(tmp_path: Path) -> Iterator[Vol]:
     """A volume of 7 nodes of 4 MiB (tmpfs) and 256 KiB blobs; unmounted afterwards."""
@@ -61,10 +69,7 @@ def test_deleting_files_gives_a_full_volume_its_space_back(tmp_path: Path) -> No
         vol.mount()
         kept = os.urandom(300_000)
         (vol.mnt / "kept").write_bytes(kept)
-        with pytest.raises(OSError) as err, open(vol.mnt / "big", "wb") as f:
-            for _ in range(64):  # 16 MiB: about twice what the nodes hold
-                f.write(os.urandom(256 << 10))
-        assert err.value.errno == errno.ENOSPC
+        write_past_full(vol.mnt / "big")
         assert node_states(vol).count("full") > 2
 
         (vol.mnt / "big").unlink()
@@ -203,10 +208,7 @@ def test_a_full_volume_at_unmount_ends_the_server_with_one_error_line(tmp_path: 
             time.sleep(0.1)
         kept = os.urandom(300_000)
         (vol.mnt / "kept").write_bytes(kept)
-        with pytest.raises(OSError) as err, open(vol.mnt / "big", "wb") as f:
-            for _ in range(64):  # 16 MiB: about twice what the nodes hold
-                f.write(os.urandom(256 << 10))
-        assert err.value.errno == errno.ENOSPC
+        write_past_full(vol.mnt / "big")
 
         res = run("umount", vol.mnt, check=False)
         assert res.returncode == 1 and "not everything may be stored" in res.stderr
