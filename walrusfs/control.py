@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from walrusfs.errors import message_of
+from walrusfs.errors import is_known, message_of
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,14 @@ async def serve_control(
                 except Exception as exc:
                     # A status, repair or scrub that fails must not take the mount with it:
                     # this task runs in the mount's nursery.
-                    log.error("control request %r failed", request.get("cmd"), exc_info=exc)
+                    known = is_known(exc)
+                    log.log(
+                        logging.WARNING if known else logging.ERROR,
+                        "control request %r failed: %s",
+                        request.get("cmd"),
+                        message_of(exc),
+                        exc_info=None if known else exc,
+                    )
                     reply = {"ok": False, "error": f"failed: {message_of(exc)} (see the log)"}
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
             except (trio.BrokenResourceError, ValueError) as exc:

@@ -121,6 +121,21 @@ class StateDiskFull(FSError):
         return cls(f"the metadata's disk is full ({path}): {exc}")
 
 
+class StateUnavailable(FSError):
+    """The metadata database of the local state directory cannot be opened: moved or
+    deleted from under the mount, or unreadable. The nodes still hold every committed
+    change (the journal), so this is the state directory's trouble, not the data's."""
+
+    errno = _errno.EIO
+
+    @classmethod
+    def of(cls, path: str, exc: BaseException) -> StateUnavailable:
+        return cls(
+            f"the metadata database {path} cannot be opened ({exc}): was the state "
+            "directory moved or deleted?"
+        )
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether `exc` (sqlite3 or OS) says the disk it wrote to is full."""
     if isinstance(exc, OSError):

@@ -42,6 +42,7 @@ from walrusfs.errors import (
     NoData,
     NotFound,
     StateDiskFull,
+    StateUnavailable,
     disk_full,
 )
 
@@ -244,10 +245,14 @@ class Usage:
 
 def read_only(path: str, **kwargs: Any) -> sqlite3.Connection:
     """A connection that only reads the database at `path`: a missing file is an error,
-    never a new empty database (which the mount's own connection would then meet)."""
-    db: sqlite3.Connection = sqlite3.connect(
-        f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, **kwargs
-    )
+    never a new empty database (which the mount's own connection would then meet).
+    Raises StateUnavailable when it cannot be opened."""
+    try:
+        db: sqlite3.Connection = sqlite3.connect(
+            f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, **kwargs
+        )
+    except sqlite3.OperationalError as exc:
+        raise StateUnavailable.of(path, exc) from exc
     return db
 
 

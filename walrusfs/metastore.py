@@ -26,7 +26,7 @@ from walrusfs.checkpoint import (
     write_checkpoint,
     write_superblock,
 )
-from walrusfs.errors import NoSpace, NotADir, StateDiskFull, StorageUnavailable
+from walrusfs.errors import NoSpace, NotADir, StorageUnavailable, is_known, message_of
 from walrusfs.journal import Journal, drop_history
 from walrusfs.metadata import Metadata
 from walrusfs.recovery import recover
@@ -235,13 +235,14 @@ class MetaStore:
             await self.journal.sync(durable=True)
             try:
                 await self.checkpoint()
-            except (NoSpace, StateDiskFull) as exc:
-                log.warning(
-                    "no checkpoint at unmount (%s); the next mount replays the journal", exc
-                )
             except Exception as exc:
-                log.error(
-                    "no checkpoint at unmount; the next mount replays the journal", exc_info=exc
+                # A full or vanished state disk, nodes down: expected, told in a line.
+                known = is_known(exc)
+                log.log(
+                    logging.WARNING if known else logging.ERROR,
+                    "no checkpoint at unmount (%s); the next mount replays the journal",
+                    message_of(exc),
+                    exc_info=None if known else exc,
                 )
         finally:
             self.metadata.close()

@@ -79,6 +79,26 @@ class Vol:
             self.pids.append(int(started.group(1)))
         return res
 
+    def serve(self, log: Path) -> subprocess.Popen[bytes]:
+        """Mount with the server in the foreground, its output (the log, and its last
+        words) going to `log`; return once the mount is there. `cleanup` ends it."""
+        with open(log, "wb") as out:  # a file, not a pipe: nobody reads it while it runs
+            server = subprocess.Popen(
+                [
+                    *WALRUSFS,
+                    *("mount", "--foreground", "--state-dir", str(self.state)),
+                    *("--node-timeout", "3", str(self.nodes[0]), str(self.mnt)),
+                ],
+                stdout=out,
+                stderr=out,
+            )
+        self.pids.append(server.pid)
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(self.mnt):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        return server
+
     def cleanup(self) -> None:
         if mounted(self.mnt):
             try:

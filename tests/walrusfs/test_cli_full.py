@@ -6,7 +6,6 @@ import contextlib
 import errno
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.backends.util import fill_up
-from tests.walrusfs.clivol import WALRUSFS, Vol, run
+from tests.walrusfs.clivol import Vol, run
 from tests.walrusfs.volumes import tmpfs
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
@@ -190,22 +189,9 @@ def test_a_full_volume_at_unmount_ends_the_server_with_one_error_line(tmp_path: 
     """A file whose close() failed for want of space is still dirty at unmount, and the
     final flush fails the same way: the server says so in one line and exits 1. The
     error came up through two nurseries and the server died with a traceback."""
-    log = tmp_path / "server.log"  # a file, not a pipe: nobody reads it while it runs
-    with small_volume(tmp_path) as vol, open(log, "wb") as out:
-        server = subprocess.Popen(
-            [
-                *WALRUSFS,
-                *("mount", "--foreground", "--state-dir", str(vol.state)),
-                *("--node-timeout", "3", str(vol.nodes[0]), str(vol.mnt)),
-            ],
-            stdout=out,
-            stderr=out,
-        )
-        vol.pids.append(server.pid)  # cleanup ends it, whatever happens here
-        deadline = time.monotonic() + 60
-        while not os.path.ismount(vol.mnt):
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    log = tmp_path / "server.log"
+    with small_volume(tmp_path) as vol:
+        server = vol.serve(log)
         kept = os.urandom(300_000)
         (vol.mnt / "kept").write_bytes(kept)
         write_past_full(vol.mnt / "big")
