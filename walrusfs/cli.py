@@ -277,10 +277,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def _listed_mount(path: str) -> str | None:
     """The type of the mount the kernel lists at `path`, if any (also one whose server is
-    gone, which stat() cannot tell from a broken directory)."""
+    gone, which stat() cannot tell from a broken directory); of the top one, which an
+    unmount would take away, where several are stacked there."""
     from walrusfs.control import real_mountpoint
 
     want = real_mountpoint(path)
+    found = None
     with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split(" ")
@@ -289,8 +291,8 @@ def _listed_mount(path: str) -> str | None:
             # Spaces and the like are octal escapes there (\040).
             where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
             if where == want:
-                return fields[2]
-    return None
+                found = fields[2]
+    return found
 
 
 def _clear_dead_mount(mountpoint: str) -> None:
@@ -346,8 +348,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
         pid = int(str(query(args.mountpoint)["pid"]))
     except ControlError:
         pid = None
-    if pid is None and _listed_mount(args.mountpoint) is None:
+    kind = _listed_mount(args.mountpoint)
+    if pid is None and kind is None:
         raise SystemExit(f"walrusfs: error: {args.mountpoint}: nothing is mounted there")
+    if kind is not None and kind != "fuse.walrusfs":
+        # As root fusermount3 unmounts anything: a mistyped path (the disk holding the
+        # node directories, say) must not be taken away.
+        raise SystemExit(
+            f"walrusfs: error: {args.mountpoint}: the mount there is {kind}, not walrusfs; "
+            "nothing was unmounted"
+        )
     res = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
     if res.returncode:
         why = res.stderr.strip() or "fusermount3 failed"

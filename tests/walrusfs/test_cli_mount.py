@@ -214,6 +214,29 @@ def test_umount_of_what_is_not_mounted_says_so(vol: Vol) -> None:
     assert res.returncode == 1 and f"{vol.mnt}: nothing is mounted there" in res.stderr
 
 
+def test_umount_of_another_filesystem_leaves_it_mounted(vol: Vol, tmp_path: Path) -> None:
+    """A mistyped path (here the disk holding a node directory) is refused: as root,
+    fusermount3 unmounts any filesystem, and this one took the node with it. So is a
+    mount stacked over a walrusfs mount, which an unmount would take away first."""
+    disk = tmp_path / "disk"
+    with tmpfs(str(disk), "1m"):
+        (disk / "node").write_bytes(b"on the other disk")
+        res = run("umount", disk, check=False)
+        assert res.returncode == 1
+        assert f"{disk}: the mount there is tmpfs, not walrusfs; nothing was unmounted" in (
+            res.stderr
+        )
+        assert (disk / "node").read_bytes() == b"on the other disk"
+    vol.mount()
+    (vol.mnt / "f").write_bytes(b"under the stack")
+    with tmpfs(str(vol.mnt), "1m"):
+        res = run("umount", vol.mnt, check=False)
+        assert res.returncode == 1 and "the mount there is tmpfs" in res.stderr
+        assert mounted(vol.mnt) and not (vol.mnt / "f").exists()  # the tmpfs is still on top
+    assert (vol.mnt / "f").read_bytes() == b"under the stack"
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
 def test_second_mount_is_refused(vol: Vol, tmp_path: Path) -> None:
     vol.mount()
     other = tmp_path / "mnt2"
