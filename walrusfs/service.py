@@ -290,7 +290,10 @@ class Mounted:
                 # In a thread, as every path lookup of this server's: a lookup that
                 # reached the mount itself would wait for this very loop to answer it.
                 await trio.to_thread.run_sync(
-                    check_apart, self.opts.mountpoint, {"the new node directory": new_dir}
+                    check_apart,
+                    self.opts.mountpoint,
+                    {"the new node directory": new_dir},
+                    "choose a directory outside the mount",
                 )
                 warnings = await self.repair.replace_node(index, new_dir)
             except (KeyError, ValueError, ReplaceError, VolumeError) as exc:
@@ -299,11 +302,13 @@ class Mounted:
         raise CommandError(f"unknown command {cmd!r}")
 
 
-def check_apart(mountpoint: str, dirs: dict[str, str]) -> None:
+def check_apart(
+    mountpoint: str, dirs: dict[str, str], advice: str = "mount somewhere else"
+) -> None:
     """Refuse a mountpoint that is, holds, or lies inside a directory the mount itself
-    uses (`dirs`: a description of each -> its path). Mounted over, the directory would
-    be hidden, and the server's own I/O to it would come back through its own mount: a
-    deadlock. Paths are compared as written and with the mountpoint's symlinks resolved,
+    uses (`dirs`: a description of each -> its path); the error ends with `advice`.
+    Mounted over, the directory would be hidden, and the server's own I/O to it would
+    come back through its own mount: a deadlock. Paths are compared as written and with the mountpoint's symlinks resolved,
     without a stat of the mountpoint itself (real_mountpoint: once mounted, that stat would
     ask this server); node paths are not resolved, since a hung node would hang that.
     Blocking. Raises VolumeError.
@@ -313,15 +318,15 @@ def check_apart(mountpoint: str, dirs: dict[str, str]) -> None:
         p = os.path.abspath(path)
         for mnt in mnts:
             if p == mnt:
-                raise VolumeError(f"the mountpoint {mountpoint} is {what}; mount somewhere else")
+                raise VolumeError(f"the mountpoint {mountpoint} is {what}; {advice}")
             if os.path.commonpath([p, mnt]) == mnt:
                 raise VolumeError(
-                    f"{what} ({path}) is inside the mountpoint {mountpoint}: the mount would "
-                    "hide it; mount somewhere else"
+                    f"{what} ({path}) is inside the mountpoint {mountpoint}: its I/O would "
+                    f"come back through the mount itself; {advice}"
                 )
             if os.path.commonpath([p, mnt]) == p:
                 raise VolumeError(
-                    f"the mountpoint {mountpoint} is inside {what} ({path}); mount somewhere else"
+                    f"the mountpoint {mountpoint} is inside {what} ({path}); {advice}"
                 )
 
 

@@ -180,6 +180,7 @@ def test_a_mount_that_would_cover_what_it_uses_is_refused(vol: Vol, tmp_path: Pa
     (vol.mnt / "f").write_bytes(b"fine")
     res = run("replace-node", vol.mnt, "2", vol.mnt / "new2", check=False)
     assert res.returncode == 1 and "is inside the mountpoint" in res.stderr
+    assert res.stderr.rstrip().endswith("; choose a directory outside the mount")
     assert (vol.mnt / "f").read_bytes() == b"fine"
 
 
