@@ -40,7 +40,7 @@ from walrusfs.identity import NodeIdentity, read_identity, write_identity
 from walrusfs.nodeset import NodeState
 from walrusfs.repair import Counters, RepairEngine, was_cancelled
 from walrusfs.sliverfile import parse_key
-from walrusfs.volume import Volume, make_store, nested
+from walrusfs.volume import Volume, inside_a_node, make_store, nested
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _prepare_new_node(new_dir: str, others: list[str]) -> tuple[str, str]:
     real, other_real = os.path.realpath(path), {os.path.realpath(o) for o in others}
     if real in other_real:
         raise ReplaceError(f"{path}: is already another node of this volume")
-    pair = nested([real, *other_real])
+    pair = nested([real, *other_real]) or inside_a_node([real])
     if pair is not None:
         raise ReplaceError(
             f"{pair[0]} is inside {pair[1]}: node directories must not be inside one another"

@@ -26,6 +26,7 @@ from backends import LocalStore, NodeError, NodeStore, RemoteMountStore, is_moun
 from codec import ParameterError, Params
 from walrusfs.blobstore import BlobStore
 from walrusfs.identity import (
+    IDENTITY_KEY,
     IdentityError,
     NodeIdentity,
     check_identity,
@@ -64,6 +65,27 @@ def nested(paths: list[str]) -> tuple[str, str] | None:
     return None
 
 
+def inside_a_node(paths: list[str]) -> tuple[str, str] | None:
+    """(path, the node directory it lies inside) for the first of `paths` in one."""
+    for p in paths:
+        outer = enclosing_node(p)
+        if outer is not None:
+            return p, f"{outer} (a node directory of a walrusfs volume)"
+    return None
+
+
+def enclosing_node(path: str) -> str | None:
+    """The node directory of some volume that `path` (absolute, resolved) lies inside,
+    if any (blocking). A node there would go with that one, as in `nested`."""
+    parent = os.path.dirname(path)
+    while True:
+        if os.path.exists(os.path.join(parent, IDENTITY_KEY)):
+            return parent
+        if parent == os.path.dirname(parent):
+            return None
+        parent = os.path.dirname(parent)
+
+
 def _check_empty(path: str) -> None:
     """Refuse a path that is not an empty directory or missing (changes nothing)."""
     if os.path.lexists(path) and not os.path.isdir(path):
@@ -71,9 +93,7 @@ def _check_empty(path: str) -> None:
     if os.path.isdir(path):
         entries = [e for e in os.listdir(path) if e != "lost+found"]
         if entries:
-            what = (
-                "another walrusfs volume's node" if "walrusfs-node.json" in entries else "not empty"
-            )
+            what = "another walrusfs volume's node" if IDENTITY_KEY in entries else "not empty"
             raise VolumeError(f"{path}: {what}; refusing to create a node there")
 
 
@@ -106,7 +126,7 @@ async def create_volume(
         twice = next(r for r in reals if reals.count(r) > 1)
         names = [p for p, r in zip(paths, reals, strict=True) if r == twice]
         raise VolumeError(f"the same directory is named twice: {' and '.join(names[:2])}")
-    pair = nested(sorted(real))
+    pair = nested(sorted(real)) or await trio.to_thread.run_sync(inside_a_node, reals)
     if pair is not None:
         raise VolumeError(
             f"{pair[0]} is inside {pair[1]}: node directories must not be inside one another"

@@ -58,6 +58,11 @@ async def test_f_nodes_replaced_at_once_are_rebuilt_while_in_use(tmp_path: Path)
     with pytest.raises(ReplaceError, match="must not be inside one another"):
         await svc.replace_node(1, os.path.join(paths[2], "inside"))
     assert not os.path.exists(os.path.join(paths[2], "inside"))
+    other = tmp_path / "other"
+    await create_volume(node_paths(other, 4))
+    with pytest.raises(ReplaceError, match="a node directory of a walrusfs volume"):
+        await svc.replace_node(1, str(other / "node0" / "spare"))
+    assert not os.path.exists(other / "node0" / "spare")
     with trio.fail_after(NO_HANG):
         async with trio.open_nursery() as nursery:
             await nursery.start(

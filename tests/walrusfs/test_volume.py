@@ -60,6 +60,15 @@ async def test_create_refuses_bad_input(tmp_path: Path) -> None:
     with pytest.raises(VolumeError, match="inside one another"):
         await create_volume(nested)
     assert not os.path.exists(os.path.join(outer, "walrusfs-node.json"))
+    # Nor inside another volume's node: it would go with that node (replaced, its disk
+    # lost), all of this volume's nodes there at once.
+    inner = node_paths(Path(taken[2]) / "sub", 4)
+    with pytest.raises(
+        VolumeError,
+        match=f"{inner[0]} is inside {taken[2]} \\(a node directory of a walrusfs volume\\)",
+    ):
+        await create_volume(inner)
+    assert not os.path.exists(Path(taken[2]) / "sub")
 
 
 async def test_node_directories_are_private(tmp_path: Path) -> None:
