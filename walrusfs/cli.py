@@ -310,6 +310,14 @@ def _clear_dead_mount(mountpoint: str) -> None:
             "directory, or was killed and has not exited yet); nothing was mounted. Once "
             f"no server of it is left, `umount -l {mountpoint}` clears it."
         )
+    if answer == 0:
+        # Stacked over it, the new server would take its control socket (named after
+        # the mountpoint): status and umount would find only the top one.
+        raise SystemExit(
+            f"walrusfs: error: {mountpoint}: a walrusfs mount is there already and "
+            f"answering{_whose(mountpoint)}; nothing was mounted. Unmount it first "
+            f"(`walrusfs umount {mountpoint}`) or mount somewhere else."
+        )
     if answer not in (errno.ENOTCONN, errno.ECONNABORTED):  # aborted through fusectl
         return
     res = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
@@ -317,6 +325,17 @@ def _clear_dead_mount(mountpoint: str) -> None:
         print(
             f"walrusfs: cleared the dead mount a gone server left at {mountpoint}", file=sys.stderr
         )
+
+
+def _whose(mountpoint: str) -> str:
+    """ " (volume V, server pid P)" from the mount's control socket, or "" if it is silent."""
+    from walrusfs.control import ControlError, query
+
+    try:
+        st = query(mountpoint)
+    except ControlError:
+        return ""
+    return f" (volume {st.get('volume_id')}, server pid {st.get('pid')})"
 
 
 def _probe_mount(mountpoint: str, timeout: float) -> int | None:

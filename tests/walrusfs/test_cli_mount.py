@@ -247,6 +247,24 @@ def test_second_mount_is_refused(vol: Vol, tmp_path: Path) -> None:
     assert not mounted(other)
 
 
+def test_mount_over_a_live_walrusfs_mount_is_refused(vol: Vol, tmp_path: Path) -> None:
+    """Another volume mounted over this one's mountpoint would hide it and take its
+    control socket: `status` and `umount` would find only the new one."""
+    vol.mount()
+    (vol.mnt / "f").write_bytes(b"first")
+    others = [tmp_path / "other" / f"node{i}" for i in range(4)]
+    run("mkfs", *others)
+    res = run("mount", "--state-dir", tmp_path / "s2", others[0], vol.mnt, check=False)
+    assert res.returncode == 1
+    assert f"{vol.mnt}: a walrusfs mount is there already and answering (volume " in res.stderr
+    assert f"server pid {server_pid(vol.mnt)}); nothing was mounted" in res.stderr
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    assert sum(line.split()[1] == str(vol.mnt) for line in mounts) == 1  # nothing stacked
+    assert (vol.mnt / "f").read_bytes() == b"first"
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+    assert not mounted(vol.mnt)
+
+
 def test_remount_with_empty_local_state(vol: Vol, tmp_path: Path) -> None:
     vol.mount()
     files = {f"d{i}/f{j}": os.urandom(1000 * i + j) for i in range(3) for j in range(4)}
