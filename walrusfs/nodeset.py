@@ -224,10 +224,14 @@ class NodeSet:
                 CORRUPT_WINDOW_S,
             )
 
-    def _ok(self, node: Node, elapsed: float) -> None:
+    def _ok(self, node: Node, elapsed: float, *, probed: bool = False) -> None:
+        """A call succeeded. A suspect node is up again; a down one only by a probe
+        (`probed`): a call answering proves a directory is there, not which one, and a
+        directory back after a loss, or swapped under the mount, may be another node's
+        or another volume's (the probe checks the identity first)."""
         node.failures = 0
         node.latency = elapsed if node.latency == 0 else 0.8 * node.latency + 0.2 * elapsed
-        if node.state in (NodeState.SUSPECT, NodeState.DOWN):
+        if node.state is NodeState.SUSPECT or (probed and node.state is NodeState.DOWN):
             self.set_state(node.index, NodeState.UP)
 
     def _failed(self, node: Node, exc: NodeError) -> None:
@@ -506,7 +510,7 @@ class NodeSet:
             # Only a probe can tell that space came back: a read succeeding on a full node
             # must not make it writable again.
             self.set_state(index, NodeState.UP)
-        self._ok(node, latency)
+        self._ok(node, latency, probed=True)
         await self._keep_reserve(node)
 
     async def revive(self, since: float) -> None:
