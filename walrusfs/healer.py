@@ -37,8 +37,11 @@ from backends import NodeError, is_mountpoint
 from walrusfs.catalog import BlobRef, BlobSource, list_slivers, missing_on
 from walrusfs.checkpoint import SUPERBLOCK_KEY, Superblock
 from walrusfs.identity import NodeIdentity, read_identity, write_identity
+from walrusfs.lock import LOCK_KEY
 from walrusfs.nodeset import NodeState
 from walrusfs.repair import Counters, RepairEngine, was_cancelled
+from walrusfs.segment import PREFIX as JOURNAL_PREFIX
+from walrusfs.sliverfile import PREFIX as SLIVER_PREFIX
 from walrusfs.sliverfile import parse_key
 from walrusfs.volume import Volume, inside_a_node, make_store, nested
 
@@ -158,14 +161,32 @@ def _prepare_new_node(new_dir: str, others: list[str]) -> tuple[str, str]:
         raise ReplaceError(f"{path}: exists and is not a directory")
     try:
         if os.path.isdir(path):
-            if [e for e in os.listdir(path) if e != "lost+found"]:
-                raise ReplaceError(f"{path}: not empty; a replacement node must start empty")
+            entries = sorted(e for e in os.listdir(path) if e != "lost+found")
+            if entries:
+                raise ReplaceError(_not_empty(path, entries))
         else:
             os.makedirs(path, mode=0o700)
         os.chmod(path, 0o700)
     except OSError as exc:
         raise ReplaceError(f"{path}: cannot prepare the directory: {exc.strerror}") from exc
     return path, _mount_of(path)
+
+
+# What a mount writes into a node's directory between probes. Nothing is removed for the
+# user: such files could also be what is left of another volume's node.
+_MOUNT_WRITES = {LOCK_KEY, JOURNAL_PREFIX, SLIVER_PREFIX}
+
+
+def _not_empty(path: str, entries: list[str]) -> str:
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    why = f"{path}: not empty ({shown}); a replacement node must start empty"
+    if set(entries) <= _MOUNT_WRITES:
+        # A disk swapped under a mount takes its writes until a probe finds no identity.
+        why += (
+            ". These are names a mount writes into its nodes: if this mount wrote them there "
+            "before it noticed the new disk, remove them and run replace-node again"
+        )
+    return why
 
 
 class RepairService:

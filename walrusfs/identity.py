@@ -37,6 +37,10 @@ class IdentityError(Exception):
     """A node directory is not the node it should be (or not a node at all)."""
 
 
+class NoIdentity(IdentityError):
+    """A directory with no identity file: not a node, or an empty disk put in one's place."""
+
+
 @dataclass(frozen=True)
 class NodeIdentity:
     """What a node directory says about itself and its volume."""
@@ -107,7 +111,7 @@ async def read_identity(store: NodeStore) -> NodeIdentity:
     try:
         raw = await store.get(IDENTITY_KEY)
     except KeyNotFound as exc:
-        raise IdentityError(
+        raise NoIdentity(
             f"{store.path}: not a walrusfs node directory (no {IDENTITY_KEY})"
         ) from exc
     return NodeIdentity.from_bytes(raw, store.path)
@@ -123,7 +127,13 @@ async def check_identity(store: NodeStore, volume_id: str, index: int) -> NodeId
 
     Raises IdentityError (foreign volume, wrong index, damaged) or NodeError.
     """
-    ident = await read_identity(store)
+    try:
+        ident = await read_identity(store)
+    except NoIdentity as exc:
+        raise NoIdentity(
+            f"{exc}; if node {index}'s disk was replaced by this one, "
+            f"`walrusfs replace-node MOUNTPOINT {index} {store.path}` rebuilds the node there"
+        ) from exc
     if ident.volume_id != volume_id:
         raise IdentityError(
             f"{store.path}: belongs to another volume ({ident.volume_id}, not {volume_id}); "

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,38 @@ def test_replace_node_then_fsck_is_clean(vol: Vol, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     vol.nodes[1] = fresh
     vol.mount(node=1)  # the new directory is a full member of the volume
+    assert all((vol.mnt / name).read_bytes() == data for name, data in files.items())
+
+
+def test_a_new_empty_disk_in_a_nodes_place_is_named_and_taken(vol: Vol) -> None:
+    """A node's disk swapped for an empty one at the same path, under the mount: status
+    says what to run. What the mount wrote there before its probe found no identity (a
+    lock, say) makes replace-node refuse the directory, saying what it holds and why."""
+    vol.mount()
+    files = write_files(vol, 3)
+    before = snapshot(vol.nodes[4])
+    shutil.rmtree(vol.nodes[4])
+    vol.nodes[4].mkdir(mode=0o700)
+    (vol.nodes[4] / "mount.lock").write_bytes(b"{}")  # what the heartbeat may write there
+    deadline = time.monotonic() + 30
+    while "node 4: down" not in (text := run("status", vol.mnt).stdout):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.2)
+    assert (
+        f"if node 4's disk was replaced by this one, `walrusfs replace-node MOUNTPOINT 4 "
+        f"{vol.nodes[4]}` rebuilds the node there" in text
+    )
+    # What else the mount wrote there before the probe: named, and left to the user.
+    res = run("replace-node", vol.mnt, "4", vol.nodes[4], check=False)
+    assert res.returncode == 1 and f"{vol.nodes[4]}: not empty (" in res.stderr
+    assert "if this mount wrote them there before it noticed the new disk, remove" in res.stderr
+    for entry in vol.nodes[4].iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    run("replace-node", vol.mnt, "4", vol.nodes[4])
+    run("repair", vol.mnt)
+    rebuilt = snapshot(vol.nodes[4])
+    assert {k: rebuilt.get(k) for k in before} == before
+    assert "node 4: up" in run("status", vol.mnt).stdout
     assert all((vol.mnt / name).read_bytes() == data for name, data in files.items())
 
 
