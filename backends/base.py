@@ -181,6 +181,16 @@ class NodeStore(abc.ABC):
         NodeDown, NodeTimeout, NodeIOError.
         """
 
+    async def get_pinning(self, key: str) -> tuple[bytes, tuple[int, int] | None]:
+        """The whole of ``key`` and where it was read, for `pin` once it is trusted; a
+        store that cannot tell one directory from another at its path says None. Raises
+        what get raises."""
+        return await self.get(key), None
+
+    def pin(self, where: tuple[int, int] | None) -> None:  # noqa: B027 (optional: a no-op)
+        """Refuse calls on any directory at the path but `where` (None: any); see
+        LocalStore.pin."""
+
     @abc.abstractmethod
     async def probe(self) -> float:
         """Write, read back and delete a tiny probe file; return the seconds it took.

@@ -714,6 +714,17 @@ def syncfs(root_fd: int) -> None:
 _SYNCFS_BLIND = ("fuse", "fuseblk", "cifs", "smb3", "9p")
 
 
+# Filesystem types that keep a directory's inode number for its life: one found at a path
+# under another number is another directory. Network and FUSE filesystems may number
+# inodes afresh (sshfs without use_ino, SMB with noserverino).
+_STABLE_INODES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "bcachefs")
+
+
+def inodes_are_stable(fstype: str | None) -> bool:
+    """Whether a directory on a filesystem of this type keeps its inode number."""
+    return fstype in _STABLE_INODES
+
+
 def filesystem_type(dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """The type (ext4, nfs4, fuse.sshfs, ...) of the mounted filesystem whose device number
     is ``dev`` (an ``st_dev``), or None if no mount has it.

@@ -35,7 +35,7 @@ import trio
 
 from backends import files
 from backends.base import Buffer, NodeStore, Payload
-from backends.errors import KeyNotFound, NodeTimeout, map_os_error
+from backends.errors import KeyNotFound, NodeDown, NodeTimeout, map_os_error
 from backends.keys import check_key, check_prefix
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,10 @@ class LocalStore(NodeStore):
         # Where syncfs is not durable: keys written since the last flush (see syncfs).
         # What this node's filesystem is like, for the st_dev it was learnt on: whether
         # syncfs makes writes durable, whether large files are written O_DIRECT.
-        self._fs_traits: tuple[int, bool, bool] | None = None
+        self._fs_traits: tuple[int, bool, bool, bool] | None = None
+        # (st_dev, st_ino) of the directory a probe last found to be this node: calls
+        # refuse any other directory at the path (see pin). None: nothing pinned.
+        self._pinned: tuple[int, int] | None = None
         self._sync_lock = threading.Lock()
         self._unsynced: set[str] = set()
 
@@ -96,22 +99,57 @@ class LocalStore(NodeStore):
         """
         return files.open_root(self.path)
 
-    def run_blocking(self, key: str | None, fn: Callable[[int], T]) -> T:
+    def run_blocking(self, key: str | None, fn: Callable[[int], T], *, pinned: bool = True) -> T:
         """Run ``fn(root_fd)`` here and now, mapping OSErrors (worker thread only).
 
         No deadline and no limiter: for callers that bound the thread themselves (see
-        backends.batch). Raises NodeError.
+        backends.batch). Without `pinned`, any directory at the path will do (see pin).
+        Raises NodeError.
         """
         try:
             root = self._open_root()
             try:
+                if pinned and self._pinned is not None:
+                    self._check_pinned(root)
                 return fn(root)
             finally:
                 os.close(root)
         except OSError as exc:
             raise map_os_error(exc, self.path, key=key) from exc
 
-    async def _run(self, op: str, key: str | None, fn: Callable[[int], T]) -> T:
+    def pin(self, where: tuple[int, int] | None) -> None:
+        """From now on calls refuse (NodeDown) any directory at the node's path but `where`,
+        a place `get_pinning` reported once what it read there was trusted. A disk swapped
+        in under a mount then takes no writes before a probe has seen what it is. None
+        (also what `get_pinning` reports where inode numbers are not stable) unpins."""
+        self._pinned = where
+
+    def _check_pinned(self, root: int) -> None:
+        st = os.fstat(root)
+        if (st.st_dev, st.st_ino) != self._pinned:
+            raise NodeDown(
+                "another directory is at this path now (a disk swapped or remounted under "
+                "the mount?); it takes nothing until a probe has checked what it is",
+                path=self.path,
+            )
+
+    async def get_pinning(self, key: str) -> tuple[bytes, tuple[int, int] | None]:
+        """The whole of ``key`` from the directory at the path now, pinned or not, and
+        where it was read (see pin): None where this filesystem's inode numbers are not
+        stable. Raises what get raises."""
+        parts = check_key(key)
+
+        def read(root: int) -> tuple[bytes, tuple[int, int] | None]:
+            data = files.read_range(root, self.path, key, parts, 0, None)
+            st = os.fstat(root)
+            stable = self._traits(root)[3]
+            return data, (st.st_dev, st.st_ino) if stable else None
+
+        return await self._run("get", key, read, pinned=False)
+
+    async def _run(
+        self, op: str, key: str | None, fn: Callable[[int], T], *, pinned: bool = True
+    ) -> T:
         """Run ``fn(root_fd)`` in a worker thread under the deadline, mapping OSErrors.
 
         Raises NodeTimeout, NodeError.
@@ -119,7 +157,7 @@ class LocalStore(NodeStore):
         try:
             with trio.fail_after(self.timeout):
                 return await trio.to_thread.run_sync(
-                    lambda: self.run_blocking(key, fn),
+                    lambda: self.run_blocking(key, fn, pinned=pinned),
                     abandon_on_cancel=True,
                     limiter=self._limiter,
                 )
@@ -166,7 +204,7 @@ class LocalStore(NodeStore):
         payload = tuple(_immutable(p) for p in pieces)
 
         def job(root: int) -> None:
-            dev, syncfs_durable, direct = self._traits(root)
+            dev, syncfs_durable, direct, stable = self._traits(root)
             if not files.write_atomic(
                 root,
                 self.path,
@@ -177,7 +215,8 @@ class LocalStore(NodeStore):
                 direct=direct,
                 replace=replace,
             ):
-                self._fs_traits = (dev, syncfs_durable, False)  # refused: buffered from now on
+                # Refused: buffered from now on.
+                self._fs_traits = (dev, syncfs_durable, False, stable)
             if not durable:
                 self._note_unsynced(root, key, parts, syncfs_durable)
 
@@ -209,9 +248,10 @@ class LocalStore(NodeStore):
             "reserve", key, lambda root: files.reserve_key(root, self.path, key, parts, size)
         )
 
-    def _traits(self, root: int) -> tuple[int, bool, bool]:
-        """(st_dev, syncfs is durable, write large files O_DIRECT) of the filesystem the
-        node directory is on now (worker thread; learnt once per filesystem)."""
+    def _traits(self, root: int) -> tuple[int, bool, bool, bool]:
+        """(st_dev, syncfs is durable, write large files O_DIRECT, inode numbers stable)
+        of the filesystem the node directory is on now (worker thread; learnt once per
+        filesystem)."""
         dev = os.fstat(root).st_dev
         known = self._fs_traits
         if known is None or known[0] != dev:
@@ -223,6 +263,7 @@ class LocalStore(NodeStore):
                 dev,
                 files.syncfs_is_durable(fstype),
                 files.direct_writes_help(fstype),
+                files.inodes_are_stable(fstype),
             )
         return known
 

@@ -108,13 +108,19 @@ def new_volume_id() -> str:
 
 async def read_identity(store: NodeStore) -> NodeIdentity:
     """The identity of a node directory; raises IdentityError or NodeError."""
+    return (await _read_identity(store))[0]
+
+
+async def _read_identity(store: NodeStore) -> tuple[NodeIdentity, tuple[int, int] | None]:
+    """The identity of whatever directory is at the node's path now, and where it was read
+    (NodeStore.get_pinning). Raises IdentityError or NodeError."""
     try:
-        raw = await store.get(IDENTITY_KEY)
+        raw, where = await store.get_pinning(IDENTITY_KEY)
     except KeyNotFound as exc:
         raise NoIdentity(
             f"{store.path}: not a walrusfs node directory (no {IDENTITY_KEY})"
         ) from exc
-    return NodeIdentity.from_bytes(raw, store.path)
+    return NodeIdentity.from_bytes(raw, store.path), where
 
 
 async def write_identity(store: NodeStore, ident: NodeIdentity) -> None:
@@ -123,12 +129,14 @@ async def write_identity(store: NodeStore, ident: NodeIdentity) -> None:
 
 
 async def check_identity(store: NodeStore, volume_id: str, index: int) -> NodeIdentity:
-    """Read a node's identity and insist it is node `index` of volume `volume_id`.
+    """Read a node's identity and insist it is node `index` of volume `volume_id`; then
+    the store takes no calls on any other directory at its path (NodeStore.pin) until
+    the next check passes there.
 
     Raises IdentityError (foreign volume, wrong index, damaged) or NodeError.
     """
     try:
-        ident = await read_identity(store)
+        ident, where = await _read_identity(store)
     except NoIdentity as exc:
         raise NoIdentity(
             f"{exc}; if node {index}'s disk was replaced by this one, "
@@ -144,6 +152,7 @@ async def check_identity(store: NodeStore, volume_id: str, index: int) -> NodeId
             f"{store.path}: is node {ident.index} of this volume, not node {index}; "
             "was it moved? use --node to say where each node is"
         )
+    store.pin(where)
     return ident
 
 

@@ -20,6 +20,7 @@ from backends import (
     NodeDown,
     NodeIOError,
     NodeStore,
+    files,
 )
 from tests.backends.util import files_in, snapshot
 
@@ -402,3 +403,37 @@ async def test_node_directory_may_be_a_symlink(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "alias")
     await store.put("k", b"via the configured symlink")
     assert (real / "k").read_bytes() == b"via the configured symlink"
+
+
+async def test_a_pinned_store_refuses_another_directory_at_its_path(
+    store: LocalStore, node: Path
+) -> None:
+    """Pinned where it read a trusted key, a store takes no call on a directory put at its
+    path since (a disk swapped under a mount) until pinned there; unpinned, any will do."""
+    await store.put("id", b"node A")
+    data, where = await store.get_pinning("id")
+    assert data == b"node A" and where == (node.stat().st_dev, node.stat().st_ino)
+    store.pin(where)
+    await store.put("k", b"1")
+    os.rename(node, str(node) + ".a")
+    node.mkdir()
+    for call in (store.put("k", b"2"), store.get("k"), store.list_keys()):
+        with pytest.raises(NodeDown, match="another directory is at this path now"):
+            await call
+    assert os.listdir(node) == []  # nothing written there
+    with pytest.raises(KeyNotFound):
+        await store.get_pinning("id")  # reads whatever is there, pinned or not
+    os.rmdir(node)
+    os.rename(str(node) + ".a", node)
+    assert await store.get("k") == b"1"  # the pinned directory, back in place
+    store.pin(None)
+    os.rename(node, str(node) + ".a")
+    node.mkdir()
+    await store.put("k", b"3")  # unpinned: whatever directory is there
+    assert (node / "k").read_bytes() == b"3"
+
+
+def test_only_filesystems_with_stable_inode_numbers_are_pinned() -> None:
+    assert files.inodes_are_stable("ext4") and files.inodes_are_stable("tmpfs")
+    for fstype in ("fuse.sshfs", "nfs4", "cifs", None):
+        assert not files.inodes_are_stable(fstype)

@@ -105,29 +105,36 @@ async def test_a_node_swapped_under_a_mount_takes_no_writes_until_it_is_itself(
     tmp_path: Path,
 ) -> None:
     """Node 1's path made to lead to node 2's directory (disks remounted in each
-    other's places): the probe finds node 2's identity and takes node 1 down. A call
-    that then succeeds there (repair lists every node) must not bring it back up: new
-    blobs would put two of their pairs in one directory, whose loss then costs two.
-    Only a probe, which checks the identity, does; and once node 1 is itself again."""
+    other's places). New blobs must not put two of their pairs in one directory, whose
+    loss would then cost two: from the first call the store refuses a directory other
+    than the one the last identity check found, before any probe has looked; the probe
+    then says what it found. Where inode numbers prove nothing (unpinned), a call that
+    succeeds there (repair lists every node) must not bring a down node back up either:
+    only a probe does, which checks the identity first."""
     paths = node_paths(tmp_path, 7)
     await create_volume(paths)
     vol = await open_volume(paths[0])
     os.rename(paths[1], paths[1] + ".real")
     os.symlink(paths[2], paths[1])
-    await vol.nodes.probe(1)
-    assert vol.nodes.state(1).value == "down"
-    assert "is node 2 of this volume, not node 1" in vol.nodes.nodes[1].reason
-    await vol.nodes.call(1, lambda st: st.list_keys())  # answers: it is a directory
-    assert vol.nodes.state(1).value == "down"
-    before = set(os.listdir(paths[2]))
     put = await vol.blobs.put_blob(os.urandom(100_000))
     assert put.missed == (1,)
     assert len(list(Path(paths[2]).rglob("*.p*"))) == 1  # node 2's own pair only
-    assert set(os.listdir(paths[2])) >= before
+    assert "another directory is at this path now" in vol.nodes.nodes[1].reason
+    await vol.nodes.probe(1)
+    assert vol.nodes.state(1).value == "down"
+    assert "is node 2 of this volume, not node 1" in vol.nodes.nodes[1].reason
+
+    vol.nodes.nodes[1].store.pin(None)
+    await vol.nodes.call(1, lambda st: st.list_keys())  # answers: it is a directory
+    assert vol.nodes.state(1).value == "down"
+    assert (await vol.blobs.put_blob(os.urandom(100_000))).missed == (1,)
+    assert len(list(Path(paths[2]).rglob("*.p*"))) == 2
+
     os.unlink(paths[1])
     os.rename(paths[1] + ".real", paths[1])
     await vol.nodes.probe(1)
     assert vol.nodes.state(1).value == "up"
+    assert (await vol.blobs.put_blob(os.urandom(100_000))).missed == ()
 
 
 @pytest.mark.parametrize(
