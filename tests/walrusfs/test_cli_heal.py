@@ -90,14 +90,15 @@ def test_a_new_empty_disk_in_a_nodes_place_is_named_and_taken(vol: Vol) -> None:
     shutil.rmtree(vol.nodes[4])
     vol.nodes[4].mkdir(mode=0o700)
     (vol.nodes[4] / "mount.lock").write_bytes(b"{}")  # what the heartbeat may write there
+    hint = (
+        f"if node 4's disk was replaced by this one, `walrusfs replace-node MOUNTPOINT 4 "
+        f"{vol.nodes[4]}` rebuilds the node there"
+    )
     deadline = time.monotonic() + 30
-    while "node 4: down" not in (text := run("status", vol.mnt).stdout):
+    while hint not in (text := run("status", vol.mnt).stdout):  # once a probe has looked
         assert time.monotonic() < deadline, text
         time.sleep(0.2)
-    assert (
-        f"if node 4's disk was replaced by this one, `walrusfs replace-node MOUNTPOINT 4 "
-        f"{vol.nodes[4]}` rebuilds the node there" in text
-    )
+    assert "node 4: down" in text
     # What else the mount wrote there before the probe: named, and left to the user.
     res = run("replace-node", vol.mnt, "4", vol.nodes[4], check=False)
     assert res.returncode == 1 and f"{vol.nodes[4]}: not empty (" in res.stderr
