@@ -181,7 +181,8 @@ def _not_empty(path: str, entries: list[str]) -> str:
     shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     why = f"{path}: not empty ({shown}); a replacement node must start empty"
     if set(entries) <= _MOUNT_WRITES:
-        # A disk swapped under a mount takes its writes until a probe finds no identity.
+        # Where a store cannot pin its directory (sshfs, SMB: LocalStore.pin), a disk
+        # swapped under a mount takes its writes until a probe finds no identity.
         why += (
             ". These are names a mount writes into its nodes: if this mount wrote them there "
             "before it noticed the new disk, remove them and run replace-node again"

@@ -308,8 +308,9 @@ def check_apart(
     """Refuse a mountpoint that is, holds, or lies inside a directory the mount itself
     uses (`dirs`: a description of each -> its path); the error ends with `advice`.
     Mounted over, the directory would be hidden, and the server's own I/O to it would
-    come back through its own mount: a deadlock. Paths are compared as written and with the mountpoint's symlinks resolved,
-    without a stat of the mountpoint itself (real_mountpoint: once mounted, that stat would
+    come back through its own mount: a deadlock. Paths are compared as written and with
+    the mountpoint's symlinks resolved, without a stat of the mountpoint itself
+    (real_mountpoint: once mounted, that stat would
     ask this server); node paths are not resolved, since a hung node would hang that.
     Blocking. Raises VolumeError.
     """
