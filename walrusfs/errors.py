@@ -136,6 +136,12 @@ class StateUnavailable(FSError):
         )
 
 
+class StateInUse(FSError):
+    """Another mount holds the local state directory (walrusfs.statelock)."""
+
+    errno = _errno.EBUSY
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether `exc` (sqlite3 or OS) says the disk it wrote to is full."""
     if isinstance(exc, OSError):

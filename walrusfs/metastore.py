@@ -31,6 +31,7 @@ from walrusfs.journal import Journal, drop_history
 from walrusfs.metadata import Metadata
 from walrusfs.recovery import recover
 from walrusfs.sliverfile import header_size
+from walrusfs.statelock import lock_state_dir
 from walrusfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class MetaStore:
         self.journal = journal
         self.superblock = superblock
         self._checkpointing = trio.Lock()
+        self._state_lock: int | None = None  # holds the state directory (statelock)
         self._tried_at: float | None = None  # when the last checkpoint ended (trio time)
         self._took = 0.0  # and how long it took
         vol.nodes.reserve_extra = checkpoint_footprint(vol, superblock.size)
@@ -119,9 +121,11 @@ class MetaStore:
 
     @classmethod
     async def open(cls, vol: Volume, state_dir: str) -> MetaStore:
-        """Recover the metadata from the nodes into `state_dir` and start a new epoch.
+        """Recover the metadata from the nodes into `state_dir`, held for this mount alone
+        until `close` (walrusfs.statelock), and start a new epoch.
 
-        Raises RecoveryError (never formatted, or not recoverable) or StorageUnavailable.
+        Raises RecoveryError (never formatted, or not recoverable), StorageUnavailable,
+        or StateInUse (another mount holds `state_dir`).
         """
         sb = await read_superblock(vol)
         if sb is None:
@@ -129,6 +133,17 @@ class MetaStore:
                 "this volume has no metadata yet: was it created with `walrusfs mkfs`?"
             )
         await trio.to_thread.run_sync(make_state_dir, state_dir)
+        held = await trio.to_thread.run_sync(lock_state_dir, state_dir)
+        try:
+            store = await cls._open(vol, sb, state_dir)
+        except BaseException:
+            os.close(held)
+            raise
+        store._state_lock = held
+        return store
+
+    @classmethod
+    async def _open(cls, vol: Volume, sb: Superblock, state_dir: str) -> MetaStore:
         path = db_path(state_dir)
         got = await recover(vol, sb, path)
         md, seq, prev = got.metadata, got.seq, got.prev
@@ -246,6 +261,9 @@ class MetaStore:
                 )
         finally:
             self.metadata.close()
+            if self._state_lock is not None:
+                os.close(self._state_lock)
+                self._state_lock = None
 
 
 async def _write_checkpoint(vol: Volume, path: str, **where: Any) -> Superblock:

@@ -265,6 +265,36 @@ def test_mount_over_a_live_walrusfs_mount_is_refused(vol: Vol, tmp_path: Path) -
     assert not mounted(vol.mnt)
 
 
+def test_two_mounts_cannot_share_a_state_directory(vol: Vol, tmp_path: Path) -> None:
+    """Another volume mounted with this mount's --state-dir replaced its database under
+    it, and this volume's next checkpoint then stored the other's tree as its own: on
+    remount it showed the other volume's files. The second mount is refused now."""
+    vol.mount()
+    (vol.mnt / "mine").write_bytes(b"A")
+    others = [tmp_path / "other" / f"node{i}" for i in range(4)]
+    run("mkfs", *others)
+    mnt2 = tmp_path / "mnt2"
+    mnt2.mkdir()
+    res = run("mount", "--state-dir", vol.state, others[0], mnt2, check=False)
+    if mounted(mnt2):  # the defect: leave no mount behind
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt2)], check=False)
+    assert res.returncode == 1 and not mounted(mnt2)
+    pid = server_pid(vol.mnt)
+    assert (
+        f"state directory {vol.state} is in use by another walrusfs mount (server pid {pid})"
+        in (res.stderr)
+    )
+    assert "give each mount its own --state-dir" in res.stderr
+    (vol.mnt / "later").write_bytes(b"A2")
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+    fresh = tmp_path / "fresh-state"
+    vol.mount("--state-dir", fresh)  # from the nodes alone: this volume's own tree
+    assert sorted(p.name for p in vol.mnt.iterdir()) == ["later", "mine"]
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+    vol.mount()  # the state directory is free again once its mount has ended
+    assert (vol.mnt / "mine").read_bytes() == b"A"
+
+
 def test_remount_with_empty_local_state(vol: Vol, tmp_path: Path) -> None:
     vol.mount()
     files = {f"d{i}/f{j}": os.urandom(1000 * i + j) for i in range(3) for j in range(4)}
