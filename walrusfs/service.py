@@ -302,6 +302,14 @@ class Mounted:
         raise CommandError(f"unknown command {cmd!r}")
 
 
+def _placed(a: str, b: str) -> str | None:
+    """How absolute path `a` lies to `b`: "is", "inside", "holds", or None (apart)."""
+    if a == b:
+        return "is"
+    common = os.path.commonpath([a, b])
+    return "inside" if common == b else "holds" if common == a else None
+
+
 def check_apart(
     mountpoint: str, dirs: dict[str, str], advice: str = "mount somewhere else"
 ) -> None:
@@ -310,25 +318,42 @@ def check_apart(
     Mounted over, the directory would be hidden, and the server's own I/O to it would
     come back through its own mount: a deadlock. Paths are compared as written and with
     the mountpoint's symlinks resolved, without a stat of the mountpoint itself
-    (real_mountpoint: once mounted, that stat would
-    ask this server); node paths are not resolved, since a hung node would hang that.
-    Blocking. Raises VolumeError.
+    (real_mountpoint: once mounted, that stat would ask this server); node paths are not
+    resolved, since a hung node would hang that. Blocking. Raises VolumeError.
     """
     mnts = {os.path.abspath(mountpoint), real_mountpoint(mountpoint)}
     for what, path in dirs.items():
-        p = os.path.abspath(path)
         for mnt in mnts:
-            if p == mnt:
+            how = _placed(mnt, os.path.abspath(path))
+            if how == "is":
                 raise VolumeError(f"the mountpoint {mountpoint} is {what}; {advice}")
-            if os.path.commonpath([p, mnt]) == mnt:
+            if how == "holds":
                 raise VolumeError(
                     f"{what} ({path}) is inside the mountpoint {mountpoint}: its I/O would "
                     f"come back through the mount itself; {advice}"
                 )
-            if os.path.commonpath([p, mnt]) == p:
+            if how == "inside":
                 raise VolumeError(
                     f"the mountpoint {mountpoint} is inside {what} ({path}); {advice}"
                 )
+
+
+def check_state_apart(state_dir: str, nodes: dict[str, str]) -> None:
+    """Refuse a state directory that is, holds, or lies inside a node's directory: the
+    node's loss, replacement or wipe would take this machine's working copy of the
+    metadata with it, and its files would be foreign entries among the node's. Paths as
+    written (resolving a hung node's would hang). Raises VolumeError."""
+    state = os.path.abspath(state_dir)
+    for what, path in nodes.items():
+        how = _placed(state, os.path.abspath(path))
+        if how is not None:
+            where = {"is": f"is {what}", "inside": f"is inside {what} ({path})"}.get(
+                how, f"holds {what} ({path})"
+            )
+            raise VolumeError(
+                f"the state directory {state_dir} {where}; give --state-dir a directory "
+                "apart from the node directories"
+            )
 
 
 async def open_for_mount(opts: MountOptions) -> Volume:
@@ -340,12 +365,11 @@ async def open_for_mount(opts: MountOptions) -> Volume:
         node_timeout=opts.node_timeout,
         straggler_grace=min(MOUNT_STRAGGLER_GRACE, opts.node_timeout),
     )
+    node_dirs = {f"node {n.index}'s directory": n.store.path for n in vol.nodes.nodes}
     await trio.to_thread.run_sync(
-        check_apart,
-        opts.mountpoint,
-        {f"node {n.index}'s directory": n.store.path for n in vol.nodes.nodes}
-        | {"the state directory": opts.state_dir},
+        check_apart, opts.mountpoint, node_dirs | {"the state directory": opts.state_dir}
     )
+    check_state_apart(opts.state_dir, node_dirs)
     bad = [n for n in vol.nodes.nodes if n.state is NodeState.DOWN]
     if len(bad) > vol.params.f:
         lines = "\n".join(f"  node {n.index} ({n.store.path}): {n.reason}" for n in bad)

@@ -265,6 +265,23 @@ def test_mount_over_a_live_walrusfs_mount_is_refused(vol: Vol, tmp_path: Path) -
     assert not mounted(vol.mnt)
 
 
+def test_a_state_directory_among_the_nodes_is_refused(vol: Vol) -> None:
+    """In a node's directory, the working copy of the metadata would go with that node
+    (lost, replaced, wiped), and be foreign files among its slivers."""
+    for state, says in (
+        (vol.nodes[1], f"the state directory {vol.nodes[1]} is node 1's directory;"),
+        (vol.nodes[2] / "state", f"is inside node 2's directory ({vol.nodes[2]});"),
+    ):
+        res = vol.mount("--state-dir", state, check=False)
+        assert res.returncode == 1 and says in res.stderr, res.stderr
+        assert "give --state-dir a directory apart from the node directories" in res.stderr
+        assert not mounted(vol.mnt)
+    assert not (vol.nodes[1] / "metadata.db").exists()
+    assert not (vol.nodes[2] / "state").exists()
+    vol.mount()
+    assert "all data and metadata stored" in run("umount", vol.mnt).stdout
+
+
 def test_two_mounts_cannot_share_a_state_directory(vol: Vol, tmp_path: Path) -> None:
     """Another volume mounted with this mount's --state-dir replaced its database under
     it, and this volume's next checkpoint then stored the other's tree as its own: on
