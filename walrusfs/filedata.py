@@ -184,7 +184,7 @@ def _copy_into(buf: bytearray, start: int, chunk: memoryview) -> None:
     """buf[start : start + len(chunk)] = chunk, for start <= len(buf). Slice assignment
     first copies anything but a bytearray into a new one: each 1 MiB write request was
     copied twice, in the thread that serves every request."""
-    inside = max(0, min(len(chunk), len(buf) - start))
+    inside = min(len(chunk), len(buf) - start)
     if inside:
         with memoryview(buf) as view:
             view[start : start + inside] = chunk[:inside]

@@ -48,7 +48,7 @@ from walrusfs.metadata import usage as metadata_usage
 from walrusfs.metastore import DEFAULT_COMMIT_S, MetaStore
 from walrusfs.nodeset import Node, NodeState
 from walrusfs.scrub import Scrubber
-from walrusfs.volume import Volume, VolumeError, open_volume
+from walrusfs.volume import Volume, VolumeError, open_volume, placed
 
 log = logging.getLogger(__name__)
 
@@ -302,14 +302,6 @@ class Mounted:
         raise CommandError(f"unknown command {cmd!r}")
 
 
-def _placed(a: str, b: str) -> str | None:
-    """How absolute path `a` lies to `b`: "is", "inside", "holds", or None (apart)."""
-    if a == b:
-        return "is"
-    common = os.path.commonpath([a, b])
-    return "inside" if common == b else "holds" if common == a else None
-
-
 def check_apart(
     mountpoint: str, dirs: dict[str, str], advice: str = "mount somewhere else"
 ) -> None:
@@ -324,7 +316,7 @@ def check_apart(
     mnts = {os.path.abspath(mountpoint), real_mountpoint(mountpoint)}
     for what, path in dirs.items():
         for mnt in mnts:
-            how = _placed(mnt, os.path.abspath(path))
+            how = placed(mnt, os.path.abspath(path))
             if how == "is":
                 raise VolumeError(f"the mountpoint {mountpoint} is {what}; {advice}")
             if how == "holds":
@@ -345,7 +337,7 @@ def check_state_apart(state_dir: str, nodes: dict[str, str]) -> None:
     written (resolving a hung node's would hang). Raises VolumeError."""
     state = os.path.abspath(state_dir)
     for what, path in nodes.items():
-        how = _placed(state, os.path.abspath(path))
+        how = placed(state, os.path.abspath(path))
         if how is not None:
             where = {"is": f"is {what}", "inside": f"is inside {what} ({path})"}.get(
                 how, f"holds {what} ({path})"

@@ -52,6 +52,14 @@ def _mount_of(path: str) -> str:
     return "" if p == "/" else p
 
 
+def placed(a: str, b: str) -> str | None:
+    """How absolute path `a` lies to `b`: "is", "inside", "holds", or None (apart)."""
+    if a == b:
+        return "is"
+    common = os.path.commonpath([a, b])
+    return "inside" if common == b else "holds" if common == a else None
+
+
 def nested(paths: list[str]) -> tuple[str, str] | None:
     """Two of `paths` (absolute, resolved) of which the first lies inside the second.
 
@@ -60,7 +68,7 @@ def nested(paths: list[str]) -> tuple[str, str] | None:
     """
     for inner in paths:
         for outer in paths:
-            if inner != outer and os.path.commonpath([inner, outer]) == outer:
+            if placed(inner, outer) == "inside":
                 return inner, outer
     return None
 
